@@ -1,0 +1,11 @@
+"""fastclt: sparse dictionaries (SAEs, per-layer and cross-layer transcoders) at the speed limit
+of the GPU. See SPEC §8 for the public API."""
+from fastclt.codes import SparseCodes
+from fastclt.config import CLTConfig, SAEConfig
+from fastclt.models import CrossLayerTranscoder, LossOutput, SparseAutoencoder
+from fastclt import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["SparseCodes", "CLTConfig", "SAEConfig", "CrossLayerTranscoder", "SparseAutoencoder", "LossOutput",
+           "ops", "__version__"]

@@ -1,0 +1,179 @@
+"""Model configurations (SPEC §8): ``CLTConfig`` and ``SAEConfig``.
+
+Both are plain dataclasses validated on construction; every error names the field and what was
+expected. ``to_dict`` / ``from_dict`` round-trip through JSON (``config.json`` of a saved model).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["CLTConfig", "SAEConfig", "ACTIVATIONS", "TYINGS", "NORMALIZATIONS"]
+
+ACTIVATIONS = ("jumprelu", "relu", "topk", "batchtopk")
+TYINGS = ("none", "per_source", "per_target")
+NORMALIZATIONS = ("none", "mean_std", "sqrt_d")
+SPARSITY = ("tanh", "l1")
+THRESHOLD_PARAMS = ("raw", "log")
+RECONSTRUCTION = ("mse", "fvu")
+NONFINITE = ("error", "skip", "ignore")
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+def _choice(name: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def _nonneg_float(name: str, value: Any, strictly_positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if value != value or value < 0 or (strictly_positive and value == 0):
+        raise ValueError(f"{name}: expected a {'positive' if strictly_positive else 'non-negative'} number, got {value}")
+
+
+@dataclass
+class _DictionaryConfig:
+    """Fields shared by every dictionary (see CLTConfig for their meaning)."""
+
+    activation: str = "jumprelu"
+    k: int = 16
+    normalization: str = "none"
+    threshold_init: float = 0.05
+    threshold_param: str = "raw"
+    jumprelu_bandwidth: float = 0.05
+    sparsity: str = "tanh"
+    sparsity_coef: float = 1e-3
+    sparsity_c: float = 1.0
+    preact_coef: float = 0.0
+    reconstruction_loss: str = "mse"
+    k_aux: Optional[int] = None
+    auxk_coef: float = 1 / 32
+    nonfinite: str = "error"
+    dtype: str = "float32"
+
+    def _validate_common(self, n_features: int, d_for_kaux: int) -> None:
+        _positive_int("n_features", n_features)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _positive_int("k", self.k)
+        if self.activation in ("topk", "batchtopk") and self.k > n_features:
+            raise ValueError(f"k: expected 1 <= k <= n_features={n_features}, got {self.k}")
+        _choice("normalization", self.normalization, NORMALIZATIONS)
+        _nonneg_float("threshold_init", self.threshold_init, strictly_positive=self.threshold_param == "log")
+        _choice("threshold_param", self.threshold_param, THRESHOLD_PARAMS)
+        _nonneg_float("jumprelu_bandwidth", self.jumprelu_bandwidth, strictly_positive=True)
+        _choice("sparsity", self.sparsity, SPARSITY)
+        _nonneg_float("sparsity_coef", self.sparsity_coef)
+        _nonneg_float("sparsity_c", self.sparsity_c, strictly_positive=True)
+        _nonneg_float("preact_coef", self.preact_coef)
+        _choice("reconstruction_loss", self.reconstruction_loss, RECONSTRUCTION)
+        if self.k_aux is not None:
+            _positive_int("k_aux", self.k_aux)
+            if self.k_aux > n_features:
+                raise ValueError(f"k_aux: expected 1 <= k_aux <= n_features={n_features}, got {self.k_aux}")
+        _nonneg_float("auxk_coef", self.auxk_coef)
+        _choice("nonfinite", self.nonfinite, NONFINITE)
+        _choice("dtype", self.dtype, DTYPES)
+
+    @property
+    def effective_k_aux(self) -> int:
+        """k_aux, defaulting to half the output width (at most n_features)."""
+        if self.k_aux is not None:
+            return self.k_aux
+        return max(1, min(self._aux_width() // 2, self.n_features))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise TypeError(f"config: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class CLTConfig(_DictionaryConfig):
+    """Cross-layer transcoder (``n_layers=1``: a per-layer transcoder). SPEC §2–§5, §8.
+
+    n_layers, d_in, d_out, n_features (per layer): sizes.
+    activation: "jumprelu" | "relu" | "topk" | "batchtopk"; k: active features per token per layer
+        (TopK), or their batch average (BatchTopK); batchtopk_across_layers: select k·B·L over all layers.
+    decoder_tying: "none" (one decoder per source→target pair) | "per_source" | "per_target".
+    feature_affine: per-target offset/scale g_t of tied decoders. skip_connection: W_skip per layer.
+    normalization: "none" | "mean_std" | "sqrt_d" (statistics from ``initialize_from_data``).
+    threshold_init / threshold_param ("raw" θ ≥ 0 or "log θ") / jumprelu_bandwidth ε: JumpReLU.
+    sparsity ("tanh" | "l1"), sparsity_coef λ, sparsity_c c: the sparsity penalty (ReLU/JumpReLU).
+    preact_coef λ_p: the pre-activation loss (JumpReLU). reconstruction_loss: Σ_l "mse" or "fvu".
+    k_aux (default d_out/2), auxk_coef: AuxK (TopK/BatchTopK, when a dead mask is given).
+    nonfinite: NaN/Inf in x or y → "error", "skip" (drop those tokens, counted) or "ignore".
+    dtype: parameter dtype.
+    """
+
+    n_layers: int = 1
+    d_in: int = 768
+    d_out: int = 768
+    n_features: int = 4096
+    decoder_tying: str = "none"
+    batchtopk_across_layers: bool = False
+    feature_affine: bool = False
+    skip_connection: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int("n_layers", self.n_layers)
+        _positive_int("d_in", self.d_in)
+        _positive_int("d_out", self.d_out)
+        self._validate_common(self.n_features, self.d_out)
+        _choice("decoder_tying", self.decoder_tying, TYINGS)
+        for name in ("batchtopk_across_layers", "feature_affine", "skip_connection"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.feature_affine and self.decoder_tying == "none":
+            raise ValueError("feature_affine: only tied decoders (decoder_tying 'per_source' or 'per_target') take it")
+        if self.batchtopk_across_layers and self.activation != "batchtopk":
+            raise ValueError(f"batchtopk_across_layers: needs activation 'batchtopk', got {self.activation!r}")
+
+    def _aux_width(self) -> int:
+        return self.d_out
+
+
+@dataclass
+class SAEConfig(_DictionaryConfig):
+    """Sparse autoencoder (SPEC §2): ``a = act(W_enc (x − b_dec) + b_enc)``, ``x̂ = W_decᵀ a + b_dec``.
+
+    Fields as CLTConfig; d_in is both input and output width. The decoder rows are kept at unit
+    norm by ``post_step()`` when ``unit_norm_decoder``. b_dec_init: "geometric_median" | "mean" |
+    "zeros" (used by ``initialize_from_data``).
+    """
+
+    d_in: int = 768
+    n_features: int = 16384
+    activation: str = "topk"
+    k: int = 32
+    unit_norm_decoder: bool = True
+    b_dec_init: str = "geometric_median"
+
+    def __post_init__(self) -> None:
+        _positive_int("d_in", self.d_in)
+        self._validate_common(self.n_features, self.d_in)
+        _choice("b_dec_init", self.b_dec_init, ("geometric_median", "mean", "zeros"))
+        if not isinstance(self.unit_norm_decoder, bool):
+            raise TypeError(f"unit_norm_decoder: expected a bool, got {self.unit_norm_decoder!r}")
+
+    def _aux_width(self) -> int:
+        return self.d_in

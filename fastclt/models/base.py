@@ -1,0 +1,488 @@
+"""What every sparse dictionary shares: input checks, normalisation, the loss of SPEC §4, the
+BatchTopK → JumpReLU statistics, and safetensors save/load.
+
+Internally every dictionary is *layered*: inputs are [B, L, d_in], targets [B, L, d_out], encoder
+weights [L, F, d_in]. An SAE is the case L = 1 whose public methods take [B, d_in].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from fastclt import ops
+from fastclt.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, write_json
+from fastclt.codes import SparseCodes
+
+__all__ = ["LossOutput", "SparseDictionary", "geometric_median"]
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class LossOutput:
+    """What ``model.loss`` returns.
+
+    loss: scalar tensor to backpropagate. codes: per-layer SparseCodes. y_hat: [B, L, d_out]
+    reconstruction in normalised space. fired: [L, F] bool, features active in this batch.
+    n_tokens: tokens used (after skipping non-finite ones). ``metrics``: dict of floats (computed
+    once, on first access: reading them synchronises with the device).
+    """
+
+    loss: torch.Tensor
+    codes: list
+    y_hat: torch.Tensor
+    fired: torch.Tensor
+    n_tokens: int
+    skipped_tokens: int
+    parts: dict = field(default_factory=dict)
+    per_layer: dict = field(default_factory=dict)
+    _metrics: Optional[dict] = None
+
+    @property
+    def metrics(self) -> dict:
+        if self._metrics is None:
+            names, vals = [], []
+            for key, t in self.parts.items():
+                names.append(key)
+                vals.append(t.detach().float().reshape(()))
+            for key, t in self.per_layer.items():
+                names.append(key)
+                vals.append(t.detach().float().mean())
+            per_layer_names = []
+            for key, t in self.per_layer.items():
+                for l in range(t.shape[0]):
+                    per_layer_names.append(f"layer{l}/{key}")
+                    vals.append(t.detach().float()[l])
+            floats = torch.stack(vals).cpu().tolist() if vals else []
+            metrics = dict(zip(names + per_layer_names, floats))
+            metrics["loss"] = float(self.loss.detach())
+            metrics["skipped_tokens"] = float(self.skipped_tokens)
+            self._metrics = metrics
+        return self._metrics
+
+
+def geometric_median(points: torch.Tensor, iters: int = 64, eps: float = 1e-6) -> torch.Tensor:
+    """points: [N, d] → [d], the geometric median by Weiszfeld's iterations (fp64 internally)."""
+    p = points.double()
+    m = p.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (p - m).norm(dim=1).clamp_min(eps)
+        new = (w[:, None] * p).sum(0) / w.sum()
+        if (new - m).norm() <= eps * (1 + m.norm()):
+            m = new
+            break
+        m = new
+    return m.to(points.dtype)
+
+
+class SparseDictionary(nn.Module):
+    """Base of CrossLayerTranscoder and SparseAutoencoder. Subclasses define the parameters and:
+
+    ``_enc_layers()`` → (W_enc [L, F, d_in], b_enc [L, F], threshold [L, F] or None),
+    ``_pre_bias()`` → [d_in] or None (an SAE's b_dec), ``_decode_n(codes, xn, bias)`` → [B, L, d_out],
+    ``decoder_norms()`` → [L, F], ``_layered(x, name)`` / ``_unlayered(t)`` (public ↔ [B, L, d]).
+    """
+
+    config_class = None  # set by subclasses
+    n_layers: int
+    d_in: int
+    d_out: int
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.impl = "auto"
+        L, F = self.n_layers, cfg.n_features
+        dt = _DTYPES[cfg.dtype]
+        # Normalisation statistics: xn = (x − mean) / scale (identity until fitted).
+        self.register_buffer("input_mean", torch.zeros(L, self.d_in, dtype=dt))
+        self.register_buffer("input_scale", torch.ones(L, self.d_in, dtype=dt))
+        self.register_buffer("output_mean", torch.zeros(L, self.d_out, dtype=dt))
+        self.register_buffer("output_scale", torch.ones(L, self.d_out, dtype=dt))
+        if cfg.activation in ("topk", "batchtopk"):
+            # Smallest kept value: a running mean per layer and per-feature sums, for to_jumprelu().
+            self.register_buffer("cut_mean", torch.zeros(L, dtype=torch.float32))
+            self.register_buffer("cut_steps", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("feature_cut_sum", torch.zeros(L, F, dtype=torch.float32))
+            self.register_buffer("feature_cut_count", torch.zeros(L, F, dtype=torch.int64))
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return _DTYPES[self.cfg.dtype]
+
+    @property
+    def device(self) -> torch.device:
+        return self.b_enc.device
+
+    def _make_threshold(self, shape: tuple) -> None:
+        """JumpReLU thresholds of ``shape``: raw θ (default) or log θ, per SPEC §3."""
+        if self.cfg.activation != "jumprelu":
+            return
+        init = torch.full(shape, float(self.cfg.threshold_init), dtype=self.param_dtype)
+        if self.cfg.threshold_param == "log":
+            self.log_threshold = nn.Parameter(init.log())
+        else:
+            self.threshold = nn.Parameter(init)
+
+    def _threshold_layers(self) -> Optional[torch.Tensor]:
+        if self.cfg.activation != "jumprelu":
+            return None
+        L, F = self.n_layers, self.cfg.n_features
+        if self.cfg.threshold_param == "log":
+            return self.log_threshold.exp().reshape(L, F)
+        return self._parameters["threshold"].reshape(L, F)
+
+    def __getattr__(self, name: str):
+        # ``threshold`` reads as θ for either parameterisation (raw θ, or exp of log θ).
+        if name == "threshold" and "log_threshold" in self._parameters:
+            return self._parameters["log_threshold"].exp()
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """Call after each optimizer step: keeps a raw JumpReLU threshold ≥ 0 (SPEC §3)."""
+        if self.cfg.activation == "jumprelu" and self.cfg.threshold_param == "raw":
+            self._parameters["threshold"].clamp_(min=0)
+
+    def _compute_dtype(self) -> torch.dtype:
+        dev = self.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return self.param_dtype
+
+    # ----------------------------------------------------------------- checks
+    def _check_tensor(self, t, name: str, width: int, rank_msg: str) -> torch.Tensor:
+        """t: [B, L, width] (after ``_layered``) → checked tensor; errors name ``name``."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor {rank_msg}, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if t.dim() != 3 or t.shape[1] != self.n_layers or t.shape[2] != width:
+            raise ValueError(f"{name}: expected shape {rank_msg}, got {tuple(self._unlayered_shape(t))}")
+        if t.device != self.device:
+            raise ValueError(f"{name}: is on {t.device} but the model's weights are on {self.device}")
+        if t.dtype != self.param_dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name}: dtype {t.dtype} does not match the model's {self.param_dtype} "
+                            f"(cast it, or run under torch.autocast)")
+        return t
+
+    def _finite_rows(self, *tensors: torch.Tensor, names: tuple, allow_skip: bool) -> Optional[torch.Tensor]:
+        """Apply cfg.nonfinite: None when every value is finite (or ignored), else the bool [B] mask
+        of finite rows ("skip", in the loss) — or a ValueError naming the tensor."""
+        policy = self.cfg.nonfinite
+        if policy == "ignore":
+            return None
+        good = None
+        for t, name in zip(tensors, names):
+            row_ok = torch.isfinite(t).flatten(1).all(1)
+            if policy == "error" or not allow_skip:
+                if not bool(row_ok.all()):
+                    bad = int((~row_ok).sum())
+                    raise ValueError(f"{name}: {bad} token(s) contain NaN or Inf (set nonfinite='skip' to drop "
+                                     f"them during training, or clean the activations)")
+            else:
+                good = row_ok if good is None else good & row_ok
+        if good is None or bool(good.all()):
+            return None
+        return good
+
+    # ----------------------------------------------------------- normalisation
+    def _normalize(self, t: torch.Tensor, which: str) -> torch.Tensor:
+        if self.cfg.normalization == "none":
+            return t
+        mean, scale = (self.input_mean, self.input_scale) if which == "in" else (self.output_mean, self.output_scale)
+        return (t - mean.to(t.dtype)) / scale.to(t.dtype)
+
+    def _denormalize_out(self, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg.normalization == "none":
+            return t
+        return t * self.output_scale.to(t.dtype) + self.output_mean.to(t.dtype)
+
+    @staticmethod
+    def _fit_stats(t: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [N, L, d] → (mean [L, d], scale [L, d]) for ``kind`` ("mean_std" or "sqrt_d")."""
+        t = t.double()
+        L, d = t.shape[1], t.shape[2]
+        if kind == "mean_std":
+            mean = t.mean(0)
+            std = t.std(0, unbiased=False)
+            floor = 1e-6 * std.mean(1, keepdim=True).clamp_min(1e-12)
+            return mean, torch.maximum(std, floor)
+        norm = t.norm(dim=2).mean(0)  # E‖x‖ per layer
+        scale = (norm / math.sqrt(d)).clamp_min(1e-12)
+        return torch.zeros(L, d, dtype=t.dtype, device=t.device), scale[:, None].expand(L, d).clone()
+
+    @torch.no_grad()
+    def _fit_normalization(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.cfg.normalization == "none":
+            return
+        for (mean_buf, scale_buf), t in (((self.input_mean, self.input_scale), x),
+                                         ((self.output_mean, self.output_scale), y)):
+            mean, scale = self._fit_stats(t, self.cfg.normalization)
+            mean_buf.copy_(mean)
+            scale_buf.copy_(scale)
+
+    # ------------------------------------------------------------ encode path
+    def _encode_n(self, xn: torch.Tensor, need_preacts: bool = False):
+        """xn: [B, L, d_in] normalised → (codes: L SparseCodes, preacts: L × [B, F] or None)."""
+        cfg = self.cfg
+        cdt = self._compute_dtype()
+        W_enc, b_enc, theta = self._enc_layers()
+        pre_bias = self._pre_bias()
+        pre_bias = None if pre_bias is None else pre_bias.to(cdt)
+        x_c = xn.to(cdt)
+        W_c, b_c = W_enc.to(cdt), b_enc.to(cdt)
+        L = self.n_layers
+        if cfg.activation == "batchtopk" and cfg.batchtopk_across_layers:
+            h = torch.stack([ops.preacts(x_c[:, l], W_c[l], b_c[l], pre_bias) for l in range(L)])
+            codes = ops.batch_topk_layers(h, cfg.k, impl=self.impl)
+            return codes, (list(h.unbind(0)) if need_preacts else None)
+        codes, hs = [], []
+        for l in range(L):
+            out = ops.encode(x_c[:, l], W_c[l], b_c[l], activation=cfg.activation, k=cfg.k,
+                             threshold=None if theta is None else theta[l].to(cdt),
+                             bandwidth=cfg.jumprelu_bandwidth, pre_bias=pre_bias,
+                             return_preacts=need_preacts, impl=self.impl)
+            if need_preacts:
+                codes.append(out[0])
+                hs.append(out[1])
+            else:
+                codes.append(out)
+        return codes, (hs if need_preacts else None)
+
+    # ------------------------------------------------------------- public API
+    def encode(self, x: torch.Tensor) -> Union[list, SparseCodes]:
+        """x → sparse codes (see the subclass for shapes)."""
+        xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
+        self._finite_rows(xl, names=("x",), allow_skip=False)
+        codes, _ = self._encode_n(self._normalize(xl, "in"))
+        return self._unlayered_codes(codes)
+
+    def decode(self, codes, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """codes (from ``encode``) → reconstruction in the data's space (x only for a skip term)."""
+        codes = self._layered_codes(codes)
+        xn = None
+        if x is not None:
+            xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
+            xn = self._normalize(xl, "in")
+        y = self._denormalize_out(self._decode_n(codes, xn, bias=True))
+        return self._unlayered(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x → reconstruction ŷ (encode, then decode)."""
+        xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
+        self._finite_rows(xl, names=("x",), allow_skip=False)
+        xn = self._normalize(xl, "in")
+        codes, _ = self._encode_n(xn)
+        return self._unlayered(self._denormalize_out(self._decode_n(codes, xn, bias=True)))
+
+    def loss(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, dead_mask: Optional[torch.Tensor] = None, *,
+             sparsity_coef: Optional[float] = None, preact_coef: Optional[float] = None) -> LossOutput:
+        """The training loss of SPEC §4 on a batch (in normalised space).
+
+        sparsity_coef / preact_coef override the config's λ / λ_p (the trainer ramps λ).
+        dead_mask: [L, F] bool (SAE: [F]) — adds AuxK for TopK/BatchTopK dictionaries.
+        """
+        cfg = self.cfg
+        xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
+        yl = xl if y is None else self._check_tensor(self._layered(y, "y"), "y", self.d_out, self._shape_msg(self.d_out))
+        if yl.shape[0] != xl.shape[0]:
+            raise ValueError(f"y: expected {xl.shape[0]} tokens like x, got {yl.shape[0]}")
+        B0 = xl.shape[0]
+        good = self._finite_rows(xl, yl, names=("x", "y"), allow_skip=True)
+        if good is not None:
+            xl, yl = xl[good], yl[good]
+        skipped = B0 - xl.shape[0]
+        xn, yn = self._normalize(xl, "in"), self._normalize(yl, "out")
+
+        lam = cfg.sparsity_coef if sparsity_coef is None else sparsity_coef
+        lam_p = cfg.preact_coef if preact_coef is None else preact_coef
+        need_pre = cfg.activation == "jumprelu" and lam_p > 0
+        codes, hs = self._encode_n(xn, need_preacts=need_pre)
+        y_hat = self._decode_n(codes, xn, bias=True)
+
+        sq = ops.losses.squared_error(yn, y_hat)  # [L]
+        tv = ops.losses.total_variance(yn).clamp_min(1e-12)
+        B = max(xn.shape[0], 1)
+        mse_l, fvu_l = sq / B, sq / tv
+        recon = (fvu_l if cfg.reconstruction_loss == "fvu" else mse_l).sum()
+        parts = {"reconstruction": recon}
+        total = recon
+        norms = None
+        if cfg.activation in ("relu", "jumprelu") and lam > 0:
+            norms = self.decoder_norms()
+            sp = ops.sparsity_loss(codes, norms, cfg.sparsity, cfg.sparsity_c)
+            parts["sparsity"] = sp
+            total = total + lam * sp
+        if need_pre:
+            norms = self.decoder_norms() if norms is None else norms
+            _, _, theta = self._enc_layers()
+            pre = sum(ops.preact_loss(hs[l], theta[l], norms[l]) for l in range(self.n_layers))
+            parts["preact"] = pre
+            total = total + lam_p * pre
+        if dead_mask is not None and cfg.activation in ("topk", "batchtopk"):
+            dead = self._layered_mask(dead_mask)
+            aux = self._auxk(xn, yn, y_hat, dead)
+            parts["auxk"] = aux
+            parts["dead_fraction"] = dead.float().mean()
+            total = total + cfg.auxk_coef * aux
+
+        fired = torch.stack([c.active_features(cfg.n_features) for c in codes])
+        if self.training and cfg.activation in ("topk", "batchtopk"):
+            self._update_cut_stats(codes)
+        l0 = torch.stack([c.l0() for c in codes])
+        return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
+                          skipped_tokens=skipped, parts=parts,
+                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
+
+    def _auxk(self, xn, yn, y_hat, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK (SPEC §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip."""
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return y_hat.new_zeros((), dtype=torch.float32)
+        cdt = self._compute_dtype()
+        W_enc, b_enc, _ = self._enc_layers()
+        pre_bias = self._pre_bias()
+        # b_dec enters an SAE's encoder as a pre-bias; AuxK must not train it through that path either.
+        pre_bias = None if pre_bias is None else pre_bias.detach().to(cdt)
+        k_aux = self.cfg.effective_k_aux
+        aux_codes = [ops.auxk_select(xn[:, l].to(cdt), W_enc[l].to(cdt), b_enc[l].to(cdt), dead[l], k_aux,
+                                     pre_bias, impl=self.impl) for l in range(self.n_layers)]
+        e_hat = self._decode_n(aux_codes, None, bias=False)
+        residual = (yn - y_hat).detach()
+        return ops.auxk_loss(e_hat, residual, yn, n_dead / self.n_layers, k_aux)
+
+    def _layered_mask(self, dead_mask: torch.Tensor) -> torch.Tensor:
+        L, F = self.n_layers, self.cfg.n_features
+        if not isinstance(dead_mask, torch.Tensor) or dead_mask.dtype != torch.bool:
+            raise TypeError(f"dead_mask: expected a bool tensor, got {getattr(dead_mask, 'dtype', type(dead_mask))}")
+        m = dead_mask.reshape(L, F) if dead_mask.numel() == L * F else None
+        if m is None:
+            raise ValueError(f"dead_mask: expected {self._mask_shape_msg()}, got {tuple(dead_mask.shape)}")
+        if m.device != self.device:
+            raise ValueError(f"dead_mask: is on {m.device} but the model is on {self.device}")
+        return m
+
+    # ------------------------------------------------- BatchTopK → JumpReLU
+    @torch.no_grad()
+    def _update_cut_stats(self, codes: list, momentum: float = 0.99) -> None:
+        F = self.cfg.n_features
+        cuts = []
+        for l, c in enumerate(codes):
+            v = c.value.detach().float()
+            pos = v > 0
+            cuts.append(v[pos].min() if bool(pos.any()) else v.new_zeros(()))
+            fmin = torch.full((F,), float("inf"), device=v.device)
+            fmin.scatter_reduce_(0, c.index.long()[pos], v[pos], reduce="amin")
+            seen = torch.isfinite(fmin)
+            self.feature_cut_sum[l] += torch.where(seen, fmin, torch.zeros_like(fmin))
+            self.feature_cut_count[l] += seen.long()
+        cut = torch.stack(cuts)
+        first = self.cut_steps == 0
+        self.cut_mean.copy_(torch.where(first, cut, momentum * self.cut_mean + (1 - momentum) * cut))
+        self.cut_steps += 1
+
+    @torch.no_grad()
+    def jumprelu_thresholds(self, min_count: int = 100) -> torch.Tensor:
+        """[L, F] thresholds for inference: per feature (mean of its smallest kept values) where the
+        feature was seen in at least ``min_count`` steps, else the layer's running cut."""
+        if self.cfg.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"activation: only a TopK/BatchTopK dictionary converts to JumpReLU, not {self.cfg.activation!r}")
+        if int(self.cut_steps) == 0:
+            raise ValueError("jumprelu_thresholds: no training batches seen yet (statistics are collected by loss() in train mode)")
+        per_feature = self.feature_cut_sum / self.feature_cut_count.clamp_min(1)
+        layer = self.cut_mean[:, None].expand_as(per_feature)
+        return torch.where(self.feature_cut_count >= min_count, per_feature, layer)
+
+    def to_jumprelu(self, min_count: int = 100):
+        """A JumpReLU copy of this TopK/BatchTopK dictionary (SPEC §3), for inference."""
+        theta = self.jumprelu_thresholds(min_count)
+        changes = {"activation": "jumprelu", "threshold_param": "raw"}
+        if hasattr(self.cfg, "batchtopk_across_layers"):
+            changes["batchtopk_across_layers"] = False
+        new = type(self)(self.cfg.replace(**changes))
+        new.to(self.device)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(("cut_", "feature_cut"))}
+        new.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            new._parameters["threshold"].copy_(theta.reshape(new._parameters["threshold"].shape))
+        return new
+
+    # ---------------------------------------------------------- save / load
+    def save_pretrained(self, path: Union[str, Path]) -> None:
+        """Write ``config.json`` + ``model.safetensors`` into folder ``path`` (atomically; no pickle)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        digest = save_tensors(path / WEIGHTS_FILE, dict(self.state_dict()),
+                              metadata={"format": "pt", "model_type": type(self).__name__})
+        write_json(path / CONFIG_FILE, {"model_type": type(self).__name__, "format_version": FORMAT_VERSION,
+                                        "config": self.cfg.to_dict(), "weights": WEIGHTS_FILE,
+                                        "weights_sha256": digest})
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu", verify: bool = True):
+        """Load a model written by ``save_pretrained``; a missing, corrupt or mismatched file is a
+        clear error (CheckpointError, a ValueError), never silently used."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"path: {path} is not a folder written by save_pretrained")
+        meta = read_json(path / CONFIG_FILE, "config.json")
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise CheckpointError(f"config.json: {path / CONFIG_FILE} has no 'config' object")
+        if meta.get("model_type") != cls.__name__:
+            raise CheckpointError(f"config.json: model_type {meta.get('model_type')!r} cannot be loaded as {cls.__name__}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"config.json: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
+        cfg = cls.config_class.from_dict(meta["config"])
+        weights = path / meta.get("weights", WEIGHTS_FILE)
+        tensors = load_tensors(weights, meta.get("weights_sha256") if verify else None, device=device)
+        model = cls(cfg).to(device)
+        model.load_checked_state(tensors, source=str(weights))
+        return model
+
+    def load_checked_state(self, tensors: dict, source: str = "state") -> None:
+        """Load ``tensors`` after checking names, shapes and dtypes against this model's config."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{source}: does not match the config: missing {missing}, unexpected {unexpected}")
+        for name, ref in expected.items():
+            got = tensors[name]
+            if tuple(got.shape) != tuple(ref.shape):
+                raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(got.shape)}, the config "
+                                      f"implies {tuple(ref.shape)}")
+            if got.dtype != ref.dtype:
+                raise CheckpointError(f"{source}: tensor {name!r} has dtype {got.dtype}, the config implies {ref.dtype}")
+        self.load_state_dict(tensors, strict=True)
+
+    # ------------------------------------------------------------ overrides
+    def _shape_msg(self, width: int) -> str:
+        return f"[B, {self.n_layers}, {width}]"
+
+    def _mask_shape_msg(self) -> str:
+        return f"[{self.n_layers}, {self.cfg.n_features}]"
+
+    def _unlayered_shape(self, t: torch.Tensor):
+        return t.shape
+
+    def _layered(self, t, name: str):
+        return t
+
+    def _unlayered(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _layered_codes(self, codes):
+        return codes
+
+    def _unlayered_codes(self, codes):
+        return codes

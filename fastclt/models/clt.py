@@ -1,0 +1,208 @@
+"""Cross-layer transcoder (SPEC §2, §8); ``n_layers=1`` is a per-layer transcoder (PLT).
+
+    a_s = act(W_enc[s] x_s + b_enc[s])                      x: [B, L, d_in] → L sparse codes over F
+    ŷ_t = Σ_{s ≤ t} D^{s→t}(a_s) + b_dec[t] (+ W_skip[t] x_t)  → [B, L, d_out]
+
+Parameters (all readable attributes):
+    W_enc [L, F, d_in], b_enc [L, F], b_dec [L, d_out], threshold [L, F] (JumpReLU),
+    W_dec: "none" → ParameterList of L tensors [F, L − s, d_out]; "per_source" / "per_target" → [L, F, d_out],
+    feature_offset / feature_scale [L, F] (feature_affine), W_skip [L, d_out, d_in] (skip_connection).
+``decoder_weight(s)`` is the expanded [F, L − s, d_out] view for any tying.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastclt import ops
+from fastclt.codes import SparseCodes
+from fastclt.config import CLTConfig
+from fastclt.models.base import SparseDictionary
+
+__all__ = ["CrossLayerTranscoder"]
+
+
+class CrossLayerTranscoder(SparseDictionary):
+    config_class = CLTConfig
+
+    def __init__(self, cfg: CLTConfig) -> None:
+        if not isinstance(cfg, CLTConfig):
+            raise TypeError(f"cfg: expected a CLTConfig, got {type(cfg).__name__}")
+        self.n_layers, self.d_in, self.d_out = cfg.n_layers, cfg.d_in, cfg.d_out
+        super().__init__(cfg)
+        L, F, d_in, d_out = cfg.n_layers, cfg.n_features, cfg.d_in, cfg.d_out
+        dt = self.param_dtype
+        self.W_enc = nn.Parameter(torch.empty(L, F, d_in, dtype=dt))
+        self.b_enc = nn.Parameter(torch.zeros(L, F, dtype=dt))
+        self.b_dec = nn.Parameter(torch.zeros(L, d_out, dtype=dt))
+        if cfg.decoder_tying == "none":
+            self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(F, L - s, d_out, dtype=dt)) for s in range(L)])
+        else:
+            self.W_dec = nn.Parameter(torch.empty(L, F, d_out, dtype=dt))
+        if cfg.feature_affine:
+            self.feature_offset = nn.Parameter(torch.zeros(L, F, dtype=dt))
+            scale = torch.full((L, F), 0.1, dtype=dt)
+            scale[0] = 1.0
+            self.feature_scale = nn.Parameter(scale)
+        if cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(L, d_out, d_in, dtype=dt))
+        self._make_threshold((L, F))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """SPEC §5: encoder rows random unit directions (pre-activations O(1) on data with
+        E‖x‖ = √d); decoders small, uniform ±1/√(L·F); biases zero."""
+        cfg = self.cfg
+        W = torch.randn(self.W_enc.shape, dtype=torch.float32)
+        self.W_enc.copy_(W / W.norm(dim=-1, keepdim=True))
+        bound = 1.0 / math.sqrt(cfg.n_layers * cfg.n_features)
+        for W_dec in self._decoder_params():
+            W_dec.uniform_(-bound, bound)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def _decoder_params(self) -> list:
+        return list(self.W_dec) if self.cfg.decoder_tying == "none" else [self.W_dec]
+
+    # ------------------------------------------------------------ structure
+    def _enc_layers(self):
+        return self.W_enc, self.b_enc, self._threshold_layers()
+
+    def _pre_bias(self):
+        return None
+
+    def decoder_weight(self, s: int) -> torch.Tensor:
+        """[F, L − s, d_out]: the decoder rows of source s for targets s..L−1 (a view; for tied
+        decoders an expansion; the feature affine is not applied)."""
+        L = self.n_layers
+        if not 0 <= s < L:
+            raise ValueError(f"s: expected a source layer in [0, {L}), got {s}")
+        tying = self.cfg.decoder_tying
+        if tying == "none":
+            return self.W_dec[s]
+        if tying == "per_source":
+            return self.W_dec[s].unsqueeze(1).expand(-1, L - s, -1)
+        return self.W_dec[s:].permute(1, 0, 2)
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[L, F] fp32: ‖W_dec,i^s‖ = sqrt(Σ_{t≥s} ‖W^{s→t}[i]‖²), the concatenated norm of SPEC §4
+        (including the per-target scale when the feature affine is on)."""
+        tying, L = self.cfg.decoder_tying, self.n_layers
+        if tying == "none":
+            return torch.stack([W.float().pow(2).sum((1, 2)) for W in self.W_dec]).sqrt()
+        row_sq = self.W_dec.float().pow(2).sum(-1)  # [L, F]
+        scale_sq = self.feature_scale.float().pow(2) if self.cfg.feature_affine else torch.ones_like(row_sq)
+        if tying == "per_source":  # feature (s, i) writes W_dec[s][i]·scale_t[i] to every t ≥ s
+            tail = scale_sq.flip(0).cumsum(0).flip(0)  # Σ_{t≥s} scale_t²
+            return (row_sq * tail).sqrt()
+        # per_target: feature (s, i) writes W_dec[t][i]·scale_t[i] to t ≥ s
+        return (row_sq * scale_sq).flip(0).cumsum(0).flip(0).sqrt()
+
+    def _decode_n(self, codes: list, xn: Optional[torch.Tensor], bias: bool) -> torch.Tensor:
+        """L codes → [B, L, d_out] in normalised space (bias=False: no b_dec and no skip, for AuxK)."""
+        cfg = self.cfg
+        if len(codes) != self.n_layers:
+            raise ValueError(f"codes: expected {self.n_layers} per-layer SparseCodes, got {len(codes)}")
+        cdt = self._compute_dtype()
+        if cfg.decoder_tying == "none":
+            W_dec = [W.to(cdt) for W in self.W_dec]
+        else:
+            W_dec = self.W_dec.to(cdt)
+        off = self.feature_offset if cfg.feature_affine else None
+        scale = self.feature_scale if cfg.feature_affine else None
+        y = ops.clt_decode(codes, W_dec, cfg.decoder_tying, self.b_dec.to(cdt) if bias else None, off, scale,
+                           impl=self.impl)
+        if bias and cfg.skip_connection:
+            if xn is None:
+                raise ValueError("x: this model has a skip connection; decode(codes, x=x) needs x")
+            y = y + torch.einsum("bli,loi->blo", xn.to(cdt), self.W_skip.to(cdt))
+        return y
+
+    # ------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def initialize_from_data(self, x: torch.Tensor, y: torch.Tensor, fire_rate: Optional[float] = None) -> None:
+        """SPEC §5 from a data sample x: [N, L, d_in], y: [N, L, d_out]: fit the normalisation
+        statistics, set b_dec to the mean of (normalised) y, and for JumpReLU with ``fire_rate``
+        set b_enc so that each feature fires on that fraction of the sample."""
+        xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
+        yl = self._check_tensor(self._layered(y, "y"), "y", self.d_out, self._shape_msg(self.d_out))
+        self._finite_rows(xl, yl, names=("x", "y"), allow_skip=False)
+        self._fit_normalization(xl, yl)
+        xn, yn = self._normalize(xl, "in"), self._normalize(yl, "out")
+        self.b_dec.copy_(yn.double().mean(0))
+        if fire_rate is not None:
+            _set_fire_rate(self, xn, fire_rate)
+
+    @torch.no_grad()
+    def fold_normalization(self) -> "CrossLayerTranscoder":
+        """An equivalent model with normalization="none": the statistics folded into the weights."""
+        cfg = self.cfg
+        new = CrossLayerTranscoder(cfg.replace(normalization="none")).to(self.device)
+        new.load_state_dict(self.state_dict())
+        if cfg.normalization == "none":
+            return new
+        mi, si, mo, so = (t.double() for t in (self.input_mean, self.input_scale, self.output_mean, self.output_scale))
+        W_enc = self.W_enc.double() / si[:, None, :]
+        new.W_enc.copy_(W_enc)
+        new.b_enc.copy_(self.b_enc.double() - torch.einsum("lfd,ld->lf", W_enc, mi))
+        b_dec = self.b_dec.double() * so + mo
+        if cfg.decoder_tying == "none":
+            for s, W in enumerate(self.W_dec):
+                new.W_dec[s].copy_(W.double() * so[s:][None])
+        elif cfg.decoder_tying == "per_target":
+            new.W_dec.copy_(self.W_dec.double() * so[:, None, :])
+        else:
+            if not torch.allclose(so, so[:1].expand_as(so)):
+                raise ValueError("normalization: a per_source tied decoder shares rows across target layers, "
+                                 "so output scales that differ per layer cannot be folded into it")
+            new.W_dec.copy_(self.W_dec.double() * so[0])
+        if cfg.skip_connection:
+            W_skip = self.W_skip.double() * so[:, :, None] / si[:, None, :]
+            new.W_skip.copy_(W_skip)
+            b_dec = b_dec - torch.einsum("loi,li->lo", W_skip, mi)
+        new.b_dec.copy_(b_dec)
+        for name in ("input_mean", "output_mean"):
+            getattr(new, name).zero_()
+        for name in ("input_scale", "output_scale"):
+            getattr(new, name).fill_(1.0)
+        return new
+
+    # ---------------------------------------------------------- public shapes
+    def _layered(self, t, name: str):
+        # A PLT (n_layers=1) also takes [B, d]; its outputs then drop the layer axis.
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and self.n_layers == 1:
+            return t.unsqueeze(1)
+        return t
+
+    def encode(self, x: torch.Tensor) -> list:
+        """x: [B, L, d_in] → list of L SparseCodes (token-major CSR over F features)."""
+        return super().encode(x)
+
+    def decode(self, codes: list, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """codes: L SparseCodes → ŷ: [B, L, d_out] (x: [B, L, d_in], needed only for the skip term)."""
+        return super().decode(codes, x)
+
+    def _layered_codes(self, codes):
+        if isinstance(codes, SparseCodes):
+            codes = [codes]
+        if not isinstance(codes, (list, tuple)) or not all(isinstance(c, SparseCodes) for c in codes):
+            raise TypeError(f"codes: expected a list of {self.n_layers} SparseCodes, got {type(codes).__name__}")
+        return list(codes)
+
+
+def _set_fire_rate(model: SparseDictionary, xn: torch.Tensor, fire_rate: float) -> None:
+    """Set b_enc so that h = W_enc x + b_enc exceeds θ on ``fire_rate`` of the sample (JumpReLU)."""
+    if model.cfg.activation != "jumprelu":
+        raise ValueError(f"fire_rate: only JumpReLU dictionaries use it, not {model.cfg.activation!r}")
+    if not 0 < fire_rate < 1:
+        raise ValueError(f"fire_rate: expected a fraction in (0, 1), got {fire_rate}")
+    W_enc, b_enc, theta = model._enc_layers()
+    pre_bias = model._pre_bias()
+    for l in range(model.n_layers):
+        h = ops.preacts(xn[:, l].to(W_enc.dtype), W_enc[l], None, pre_bias)
+        q = torch.quantile(h.float(), 1 - fire_rate, dim=0)
+        b_enc[l].copy_(theta[l].float() - q)

@@ -1,0 +1,102 @@
+"""fastclt ops (SPEC §7): functional entry points with ``impl="auto"|"cuda"|"triton"|"cpu"|"reference"``.
+
+Each entry point validates its arguments, picks an implementation through ``_dispatch.resolve``
+(env ``FASTCLT_IMPL`` overrides "auto") and calls it. The pure-PyTorch references live in
+``activation``, ``select``, ``encode``, ``decode``, ``auxk`` and ``losses``: they are the test
+oracle and the eager baseline of every benchmark.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from fastclt.codes import SparseCodes
+from fastclt.ops import _dispatch
+from fastclt.ops._dispatch import implementations, resolve
+from fastclt.ops.activation import band_mask, jumprelu_dense, jumprelu_step
+from fastclt.ops.decode import TYINGS, feature_affine
+from fastclt.ops.encode import ACTIVATIONS, preacts
+from fastclt.ops.losses import auxk_loss, fvu, mse, preact_loss, sparsity_loss
+
+__all__ = [
+    "SparseCodes", "ACTIVATIONS", "TYINGS",
+    "encode", "relu", "jumprelu", "topk", "batch_topk", "batch_topk_layers",
+    "sparse_decode", "clt_decode", "auxk_select",
+    "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts",
+    "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss",
+    "implementations", "resolve",
+]
+
+_REFERENCE = {
+    "encode": "fastclt.ops.encode:encode",
+    "relu": "fastclt.ops.activation:relu",
+    "jumprelu": "fastclt.ops.activation:jumprelu",
+    "topk": "fastclt.ops.select:topk",
+    "batch_topk": "fastclt.ops.select:batch_topk",
+    "batch_topk_layers": "fastclt.ops.select:batch_topk_layers",
+    "sparse_decode": "fastclt.ops.decode:sparse_decode",
+    "clt_decode": "fastclt.ops.decode:clt_decode",
+    "auxk_select": "fastclt.ops.auxk:auxk_select",
+}
+for _op, _target in _REFERENCE.items():
+    _dispatch.register(_op, "reference", _target)
+
+
+def _call(op: str, impl: str, device: torch.device, *args, **kwargs):
+    _, fn = resolve(op, impl, device)
+    return fn(*args, **kwargs)
+
+
+def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], *, activation: str,
+           k: Optional[int] = None, threshold: Optional[torch.Tensor] = None, bandwidth: float = 0.01,
+           pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False, impl: str = "auto"):
+    """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → SparseCodes of ``act(W_enc (x − pre_bias) + b_enc)``
+    (and the dense h: [B, F] when ``return_preacts``; fused kernels then fall back to writing it)."""
+    return _call("encode", impl, x.device, x, W_enc, b_enc, activation=activation, k=k, threshold=threshold,
+                 bandwidth=bandwidth, pre_bias=pre_bias, return_preacts=return_preacts)
+
+
+def relu(h: torch.Tensor, *, impl: str = "auto") -> SparseCodes:
+    """h: [B, F] → SparseCodes of the positive entries."""
+    return _call("relu", impl, h.device, h)
+
+
+def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float, *, impl: str = "auto") -> SparseCodes:
+    """h: [B, F], threshold: [F] → SparseCodes of the active and threshold-band entries (SPEC §3)."""
+    return _call("jumprelu", impl, h.device, h, threshold, bandwidth)
+
+
+def topk(h: torch.Tensor, k: int, *, impl: str = "auto") -> SparseCodes:
+    """h: [B, F] → SparseCodes with the k largest entries of each row, ReLU applied."""
+    return _call("topk", impl, h.device, h, k)
+
+
+def batch_topk(h: torch.Tensor, k: int, *, impl: str = "auto") -> SparseCodes:
+    """h: [B, F] → SparseCodes with exactly k·B entries, the largest of the batch, ReLU applied."""
+    return _call("batch_topk", impl, h.device, h, k)
+
+
+def batch_topk_layers(h: torch.Tensor, k: int, *, impl: str = "auto") -> list[SparseCodes]:
+    """h: [L, B, F] → L SparseCodes with exactly k·B·L entries over all layers together."""
+    return _call("batch_topk_layers", impl, h.device, h, k)
+
+
+def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor] = None, *,
+                  impl: str = "auto") -> torch.Tensor:
+    """codes over B rows, W_dec: [F, D] (or [F, T, d]) → y: [B, D] (or [B, T, d])."""
+    return _call("sparse_decode", impl, W_dec.device, codes, W_dec, b_dec)
+
+
+def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
+               b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
+               feature_scale: Optional[torch.Tensor] = None, *, impl: str = "auto") -> torch.Tensor:
+    """L codes (one per source layer) → ŷ: [B, L, d_out]; see ``fastclt.ops.decode.clt_decode``."""
+    device = codes[0].device if len(codes) else torch.device("cpu")
+    return _call("clt_decode", impl, device, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+
+
+def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
+                k_aux: int, pre_bias: Optional[torch.Tensor] = None, *, impl: str = "auto") -> SparseCodes:
+    """Top k_aux of the dead features' pre-activations per row → SparseCodes with global indices."""
+    return _call("auxk_select", impl, x.device, x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
