@@ -23,17 +23,22 @@ __all__ = ["squared_error", "total_variance", "mse", "fvu", "sparsity_loss", "pr
 SPARSITY_KINDS = ("tanh", "l1")
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulate in fp32, or fp64 for fp64 inputs (the oracle's precision)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def squared_error(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
     """y, y_hat: [B, ..., d] → Σ_b ‖y − ŷ‖² per middle index: [...] in fp32."""
     if y.shape != y_hat.shape:
         raise ValueError(f"y_hat: expected the shape of y {tuple(y.shape)}, got {tuple(y_hat.shape)}")
-    diff = y.float() - y_hat.float()
+    diff = _acc(y) - _acc(y_hat)
     return diff.pow(2).sum(-1).sum(0)
 
 
 def total_variance(y: torch.Tensor) -> torch.Tensor:
     """y: [B, ..., d] → Σ_b ‖y − ȳ‖² per middle index: [...] in fp32 (ȳ: the batch mean)."""
-    yf = y.float()
+    yf = _acc(y)
     return (yf - yf.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)
 
 
@@ -52,11 +57,11 @@ def sparsity_loss(codes: Sequence[SparseCodes], decoder_norms: torch.Tensor, kin
     """codes: L SparseCodes over B rows; decoder_norms: [L, F] → scalar Σ_s mean_b Σ_i penalty(a·‖W‖)."""
     if kind not in SPARSITY_KINDS:
         raise ValueError(f"sparsity: expected one of {SPARSITY_KINDS}, got {kind!r}")
-    total = decoder_norms.new_zeros((), dtype=torch.float32)
+    total = _acc(decoder_norms).new_zeros(())
     for s, cs in enumerate(codes):
         if cs.batch_size == 0:
             continue
-        scaled = cs.value.float() * decoder_norms[s].float()[cs.index.long()]
+        scaled = _acc(cs.value) * _acc(decoder_norms[s])[cs.index.long()]
         pen = torch.tanh(c * scaled) if kind == "tanh" else scaled
         total = total + pen.sum() / cs.batch_size
     return total
@@ -66,8 +71,8 @@ def preact_loss(h: torch.Tensor, threshold: torch.Tensor, decoder_norms: torch.T
     """h: [B, F] (one layer), threshold: [F], decoder_norms: [F] → scalar mean_b Σ_i ReLU(θ − h)·‖W‖."""
     if h.shape[0] == 0:
         return h.new_zeros((), dtype=torch.float32)
-    gap = torch.relu(threshold.float() - h.float())
-    return (gap * decoder_norms.float()).sum() / h.shape[0]
+    gap = torch.relu(_acc(threshold) - _acc(h))
+    return (gap * _acc(decoder_norms)).sum() / h.shape[0]
 
 
 def auxk_loss(aux_recon: torch.Tensor, residual: torch.Tensor, y: torch.Tensor, n_dead: int, k_aux: int,
