@@ -1,0 +1,68 @@
+// fastclt._C: schemas of the fastclt ops (implementations register per device in cpu/ and cuda/)
+// and build_info() for the Python side. Op semantics: csrc/README.md.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastclt, m) {
+  // h [B, F] -> index int32 [B, k] (ascending per row), value [B, k] = relu(h[b, index]).
+  m.def("topk(Tensor h, int k) -> (Tensor index, Tensor value)");
+  // h [...] -> int64 [2^digit_bits + 1]: histogram of the next digit_bits of the order-preserving
+  // uint32 key of every entry whose top prefix_bits equal prefix; last bin = NaN count.
+  m.def("batch_topk_histogram(Tensor h, int prefix, int prefix_bits, int digit_bits) -> Tensor");
+  // h [..., F] -> CSR over the numel/F rows: entries with key > threshold_key, plus the threshold-
+  // equal entries of flat rank in [equal_skip, equal_skip + equal_take); nnz must match.
+  m.def("batch_topk_compact(Tensor h, int threshold_key, int equal_skip, int equal_take, int nnz)"
+        " -> (Tensor row_ptr, Tensor index, Tensor value)");
+  // y [B, D] = sum_j value[j] * weight[index[j]] (+ bias).
+  m.def("sparse_decode(Tensor row_ptr, Tensor index, Tensor value, Tensor weight, Tensor? bias)"
+        " -> Tensor");
+  // out [nnz]: out[j] = <grad[row(j)], weight[index[j]]>.
+  m.def("sparse_dot(Tensor row_ptr, Tensor index, Tensor grad, Tensor weight) -> Tensor");
+  // out [n_features, D]: out[f] = sum_{j: index[j]=f} coef[j] * x[row(j)]; coef_sum fp32 [n_features].
+  m.def("feature_scatter(Tensor row_ptr, Tensor index, Tensor coef, Tensor x, int n_features)"
+        " -> (Tensor out, Tensor coef_sum)");
+}
+
+#include <atomic>
+
+namespace fastclt {
+std::atomic<bool> g_poison_outputs{false};
+}  // namespace fastclt
+
+#define FASTCLT_STR_(x) #x
+#define FASTCLT_STR(x) FASTCLT_STR_(x)
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef FASTCLT_WITH_CPU
+  info["cpu"] = true;
+#else
+  info["cpu"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#ifdef FASTCLT_WITH_CUDA
+  info["cuda"] = true;
+  // Compute capabilities joined by "_" (e.g. "80_90a"), set by setup.py from FASTCLT_CUDA_ARCH_LIST.
+  info["cuda_arch_list"] = FASTCLT_STR(FASTCLT_CUDA_ARCHS);
+#else
+  info["cuda"] = false;
+  info["cuda_arch_list"] = "";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastclt C++/CUDA kernels; ops are registered under torch.ops.fastclt";
+  m.def("build_info", &build_info,
+        "dict: what this build holds (cpu, openmp, cuda, cuda_arch_list)");
+  m.def("set_poison_outputs", [](bool on) { fastclt::g_poison_outputs.store(on); },
+        "Testing hook: when on, op outputs start as NaN (floats) / -1 (integers) before the kernels write them");
+}

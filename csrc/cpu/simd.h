@@ -1,0 +1,129 @@
+// Hot inner loops of the CPU kernels over one row of D columns, accumulating in fp32.
+//
+// On x86-64 Linux with GCC each is compiled twice (AVX2+FMA, and baseline x86-64) and the loader
+// picks one for the machine (target_clones / ifunc), so a source build stays portable without
+// -march=native.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTCLT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTCLT_SIMD_CLONES
+#endif
+// The loop bodies are templates inlined into each clone; out of line they would be compiled once,
+// for the baseline, and the AVX2 clone would call that.
+#if defined(__GNUC__)
+#define FASTCLT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTCLT_ALWAYS_INLINE inline
+#endif
+
+namespace fastclt {
+namespace simd {
+
+FASTCLT_ALWAYS_INLINE float bf16_bits_to_f32(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// acc[d] += sum_j coef[j] * W[rows[j] * D + d] for d < D: the gather-sum of both decode (rows =
+// feature indices) and the scatter by feature (rows = token rows). Four rows per sweep over acc:
+// one read-modify-write of acc per four gathered rows, and four independent row streams in flight
+// (measured 1.5-2x faster than one row per sweep; a register-blocked column-slice loop was slower).
+template <typename W_t, typename Load>
+FASTCLT_ALWAYS_INLINE void gather_axpy_rows(float* __restrict__ acc, const W_t* __restrict__ W, const int64_t* __restrict__ rows,
+                             const float* __restrict__ coef, int64_t n, int64_t D, Load load) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const W_t* __restrict__ w0 = W + rows[j] * D;
+    const W_t* __restrict__ w1 = W + rows[j + 1] * D;
+    const W_t* __restrict__ w2 = W + rows[j + 2] * D;
+    const W_t* __restrict__ w3 = W + rows[j + 3] * D;
+    const float c0 = coef[j], c1 = coef[j + 1], c2 = coef[j + 2], c3 = coef[j + 3];
+    for (int64_t d = 0; d < D; ++d)
+      acc[d] += c0 * load(w0[d]) + c1 * load(w1[d]) + c2 * load(w2[d]) + c3 * load(w3[d]);
+  }
+  for (; j < n; ++j) {
+    const W_t* __restrict__ w = W + rows[j] * D;
+    const float c = coef[j];
+    for (int64_t d = 0; d < D; ++d) acc[d] += c * load(w[d]);
+  }
+}
+
+FASTCLT_SIMD_CLONES static void gather_axpy(float* __restrict__ acc, const float* __restrict__ W,
+                                            const int64_t* __restrict__ rows, const float* __restrict__ coef,
+                                            int64_t n, int64_t D) {
+  gather_axpy_rows(acc, W, rows, coef, n, D, [](float x) { return x; });
+}
+
+FASTCLT_SIMD_CLONES static void gather_axpy_bf16(float* __restrict__ acc, const uint16_t* __restrict__ W,
+                                                 const int64_t* __restrict__ rows, const float* __restrict__ coef,
+                                                 int64_t n, int64_t D) {
+  gather_axpy_rows(acc, W, rows, coef, n, D, bf16_bits_to_f32);
+}
+
+inline void gather_axpy(float* acc, const at::BFloat16* W, const int64_t* rows, const float* coef, int64_t n,
+                        int64_t D) {
+  gather_axpy_bf16(acc, reinterpret_cast<const uint16_t*>(W), rows, coef, n, D);
+}
+
+// out[j] = sum_d g[d] * W[rows[j] * D + d] for j < n: the latent gradient of one token row. Four rows
+// per sweep, as in gather_axpy (g is read once per four rows; four row streams in flight).
+template <typename W_t, typename Load>
+FASTCLT_ALWAYS_INLINE void gather_dot_rows(const W_t* __restrict__ g, const W_t* __restrict__ W, const int64_t* __restrict__ rows,
+                            float* __restrict__ out, int64_t n, int64_t D, Load load) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const W_t* __restrict__ w0 = W + rows[j] * D;
+    const W_t* __restrict__ w1 = W + rows[j + 1] * D;
+    const W_t* __restrict__ w2 = W + rows[j + 2] * D;
+    const W_t* __restrict__ w3 = W + rows[j + 3] * D;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < D; ++d) {
+      const float x = load(g[d]);
+      s0 += x * load(w0[d]);
+      s1 += x * load(w1[d]);
+      s2 += x * load(w2[d]);
+      s3 += x * load(w3[d]);
+    }
+    out[j] = s0;
+    out[j + 1] = s1;
+    out[j + 2] = s2;
+    out[j + 3] = s3;
+  }
+  for (; j < n; ++j) {
+    const W_t* __restrict__ w = W + rows[j] * D;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; ++d) s += load(g[d]) * load(w[d]);
+    out[j] = s;
+  }
+}
+
+FASTCLT_SIMD_CLONES static void gather_dot(const float* __restrict__ g, const float* __restrict__ W,
+                                           const int64_t* __restrict__ rows, float* __restrict__ out, int64_t n,
+                                           int64_t D) {
+  gather_dot_rows(g, W, rows, out, n, D, [](float x) { return x; });
+}
+
+FASTCLT_SIMD_CLONES static void gather_dot_bf16(const uint16_t* __restrict__ g, const uint16_t* __restrict__ W,
+                                                const int64_t* __restrict__ rows, float* __restrict__ out, int64_t n,
+                                                int64_t D) {
+  gather_dot_rows(g, W, rows, out, n, D, bf16_bits_to_f32);
+}
+
+inline void gather_dot(const at::BFloat16* g, const at::BFloat16* W, const int64_t* rows, float* out, int64_t n,
+                       int64_t D) {
+  gather_dot_bf16(reinterpret_cast<const uint16_t*>(g), reinterpret_cast<const uint16_t*>(W), rows, out, n, D);
+}
+
+}  // namespace simd
+}  // namespace fastclt

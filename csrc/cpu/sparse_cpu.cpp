@@ -1,0 +1,205 @@
+// CPU kernels of the three sparse shapes of the hot path (csrc/README.md):
+//   sparse_decode    y[b]   = sum_j value[j] * W[index[j]] (+ bias)       gather by row
+//   sparse_dot       out[j] = <G[row(j)], W[index[j]]>                     dot at sparse indices
+//   feature_scatter  out[f] = sum_{j: index[j]=f} coef[j] * X[row(j)]      scatter by feature
+// All accumulate in fp32; feature_scatter groups entries by feature (counting sort) so that one
+// task owns one output row: deterministic, no atomics.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "simd.h"
+
+namespace fastclt {
+namespace {
+
+// Checks row_ptr (0 = row_ptr[0] <= ... <= row_ptr[B] = nnz) and 0 <= index < n_features: O(B + nnz),
+// small next to the O(nnz * D) work of every op that calls it.
+void check_codes_content(const at::Tensor& row_ptr, const at::Tensor& index, int64_t n_features,
+                         const char* op, const char* bound_name) {
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t B = row_ptr.size(0) - 1, nnz = index.size(0);
+  TORCH_CHECK(rp[0] == 0 && rp[B] == nnz, "fastclt::", op,
+              ": row_ptr must start at 0 and end at nnz=", nnz, ", got ", rp[0], " and ", rp[B]);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(rp[b] <= rp[b + 1], "fastclt::", op, ": row_ptr must be non-decreasing (row ", b, ")");
+  const int32_t* idx = index.data_ptr<int32_t>();
+  bool bad = false;
+#pragma omp parallel for reduction(|| : bad) schedule(static)
+  for (int64_t j = 0; j < nnz; ++j) bad = bad || idx[j] < 0 || idx[j] >= n_features;
+  TORCH_CHECK(!bad, "fastclt::", op, ": index must lie in [0, ", bound_name, "=", n_features, ")");
+}
+
+template <typename T>
+void decode_impl(const int64_t* rp, const int32_t* idx, const T* val, const T* W, const T* bias,
+                 int64_t B, int64_t D, T* y) {
+#pragma omp parallel
+  {
+    std::vector<float> acc(D), coef;
+    std::vector<int64_t> rows;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t start = rp[b], n = rp[b + 1] - rp[b];
+      rows.resize(n);
+      coef.resize(n);
+      for (int64_t j = 0; j < n; ++j) {
+        rows[j] = idx[start + j];
+        coef[j] = static_cast<float>(val[start + j]);
+      }
+      for (int64_t d = 0; d < D; ++d) acc[d] = bias ? static_cast<float>(bias[d]) : 0.f;
+      simd::gather_axpy(acc.data(), W, rows.data(), coef.data(), n, D);
+      T* out = y + b * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = T(acc[d]);
+    }
+  }
+}
+
+at::Tensor sparse_decode_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
+                             const at::Tensor& value, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias) {
+  const char* op = "sparse_decode";
+  const int64_t B = check_codes(row_ptr, index, value, op, "value");
+  check_matrix(weight, row_ptr, op, "weight");
+  check_same_dtype(value, weight, op, "value", "weight");
+  const int64_t F = weight.size(0), D = weight.size(1);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D, "fastclt::sparse_decode: bias must have "
+                "shape [D=", D, "], got ", bias->sizes());
+    check_float_tensor(*bias, op, "bias");
+    check_same_dtype(*bias, weight, op, "bias", "weight");
+    check_device(*bias, row_ptr, op, "bias", "row_ptr");
+  }
+  TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::sparse_decode: CPU kernel called on ", row_ptr.device());
+  check_codes_content(row_ptr, index, F, op, "weight.size(0)");
+  auto y = new_output({B, D}, weight.options());
+  dispatch_float(weight.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    decode_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), value.data_ptr<T>(),
+                   weight.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr, B, D,
+                   y.data_ptr<T>());
+  });
+  return y;
+}
+
+template <typename T>
+void dot_impl(const int64_t* rp, const int32_t* idx, const T* G, const T* W, int64_t B, int64_t D,
+              T* out) {
+#pragma omp parallel
+  {
+    std::vector<int64_t> rows;
+    std::vector<float> dots;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t start = rp[b], n = rp[b + 1] - rp[b];
+      rows.resize(n);
+      dots.resize(n);
+      for (int64_t j = 0; j < n; ++j) rows[j] = idx[start + j];
+      simd::gather_dot(G + b * D, W, rows.data(), dots.data(), n, D);
+      for (int64_t j = 0; j < n; ++j) out[start + j] = T(dots[j]);
+    }
+  }
+}
+
+at::Tensor sparse_dot_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
+                          const at::Tensor& grad, const at::Tensor& weight) {
+  const char* op = "sparse_dot";
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) >= 1 &&
+              row_ptr.is_contiguous(), "fastclt::sparse_dot: row_ptr must be a contiguous 1-D "
+              "int64 tensor of length B+1 >= 1, got ", row_ptr.scalar_type(), " ", row_ptr.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kInt && index.dim() == 1 && index.is_contiguous(),
+              "fastclt::sparse_dot: index must be a contiguous 1-D int32 tensor, got ",
+              index.scalar_type(), " ", index.sizes());
+  check_device(index, row_ptr, op, "index", "row_ptr");
+  check_matrix(grad, row_ptr, op, "grad");
+  check_matrix(weight, row_ptr, op, "weight");
+  check_same_dtype(grad, weight, op, "grad", "weight");
+  const int64_t B = row_ptr.size(0) - 1, D = weight.size(1);
+  TORCH_CHECK(grad.size(0) == B && grad.size(1) == D, "fastclt::sparse_dot: grad must have shape "
+              "[B=", B, ", D=", D, "], got ", grad.sizes());
+  TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::sparse_dot: CPU kernel called on ", row_ptr.device());
+  check_codes_content(row_ptr, index, weight.size(0), op, "weight.size(0)");
+  auto out = new_output({index.size(0)}, weight.options());
+  dispatch_float(weight.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dot_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), grad.data_ptr<T>(),
+                weight.data_ptr<T>(), B, D, out.data_ptr<T>());
+  });
+  return out;
+}
+
+template <typename T>
+void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T* X, int64_t B,
+                  int64_t nnz, int64_t F, int64_t D, T* out, float* coef_sum) {
+  // Group entries by feature with a stable counting sort (entries of a feature stay in flat order,
+  // so every sum below has a fixed order: deterministic).
+  std::vector<int64_t> feat_ptr(F + 1, 0), order(nnz), row_of(nnz);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = rp[b]; j < rp[b + 1]; ++j) row_of[j] = b;
+  for (int64_t j = 0; j < nnz; ++j) ++feat_ptr[idx[j] + 1];
+  for (int64_t f = 0; f < F; ++f) feat_ptr[f + 1] += feat_ptr[f];
+  {
+    std::vector<int64_t> fill(feat_ptr.begin(), feat_ptr.end() - 1);
+    for (int64_t j = 0; j < nnz; ++j) order[fill[idx[j]]++] = j;
+  }
+  // One task per feature; dynamic scheduling because hot features own many more entries.
+#pragma omp parallel
+  {
+    std::vector<float> acc(D), c;
+    std::vector<int64_t> rows;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t f = 0; f < F; ++f) {
+      const int64_t start = feat_ptr[f], n = feat_ptr[f + 1] - feat_ptr[f];
+      rows.resize(n);
+      c.resize(n);
+      float s = 0.f;
+      for (int64_t p = 0; p < n; ++p) {
+        const int64_t j = order[start + p];
+        rows[p] = row_of[j];
+        c[p] = static_cast<float>(coef[j]);
+        s += c[p];
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      simd::gather_axpy(acc.data(), X, rows.data(), c.data(), n, D);
+      T* o = out + f * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = T(acc[d]);
+      coef_sum[f] = s;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_scatter_cpu(const at::Tensor& row_ptr,
+                                                       const at::Tensor& index,
+                                                       const at::Tensor& coef, const at::Tensor& x,
+                                                       int64_t n_features) {
+  const char* op = "feature_scatter";
+  const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
+  check_matrix(x, row_ptr, op, "x");
+  check_same_dtype(coef, x, op, "coef", "x");
+  TORCH_CHECK(x.size(0) == B, "fastclt::feature_scatter: x must have B=", B, " rows, got ", x.size(0));
+  TORCH_CHECK(n_features >= 0 && n_features <= INT32_MAX, "fastclt::feature_scatter: n_features "
+              "must be in [0, 2^31), got ", n_features);
+  TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::feature_scatter: CPU kernel called on ", row_ptr.device());
+  check_codes_content(row_ptr, index, n_features, op, "n_features");
+  const int64_t D = x.size(1);
+  auto out = new_output({n_features, D}, x.options());
+  auto coef_sum = new_output({n_features}, x.options().dtype(at::kFloat));
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    scatter_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), coef.data_ptr<T>(),
+                    x.data_ptr<T>(), B, index.size(0), n_features, D, out.data_ptr<T>(),
+                    coef_sum.data_ptr<float>());
+  });
+  return {out, coef_sum};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
+  m.impl("sparse_decode", &sparse_decode_cpu);
+  m.impl("sparse_dot", &sparse_dot_cpu);
+  m.impl("feature_scatter", &feature_scatter_cpu);
+}
+
+}  // namespace fastclt

@@ -1,0 +1,89 @@
+"""The optional C++/CUDA extension ``fastclt._C``: what was built, and fake impls for tracing.
+
+``fastclt._C`` registers the ops ``torch.ops.fastclt.*`` (schemas in csrc/bindings.cpp, math in
+csrc/README.md). fastclt works without it: every op also has a PyTorch reference implementation.
+Importing this module never fails; ``build_info()`` says what is there and how to build the rest.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "OPS"]
+
+# Op names under torch.ops.fastclt.
+OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "sparse_decode", "sparse_dot", "feature_scatter")
+
+BUILD_HINT = {
+    "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
+           "`FASTCLT_BUILD_CPU=1 pip install --no-build-isolation -e .` (or "
+           "`python setup.py build_ext --inplace`)",
+    "cuda": "the CUDA kernels of fastclt._C are not built: on a machine with nvcc and a CUDA build of "
+            "PyTorch, run `FASTCLT_BUILD_CUDA=1 pip install --no-build-isolation -e .`",
+}
+
+try:
+    from fastclt import _C  # noqa: F401  (loading it registers torch.ops.fastclt.*)
+
+    _INFO = dict(_C.build_info())
+    _IMPORT_ERROR = None
+except (ImportError, OSError) as e:  # not built, or built against another torch
+    _C = None
+    _INFO = {"cpu": False, "openmp": False, "cuda": False, "cuda_arch_list": ""}
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def has_cpu_ext() -> bool:
+    """True when fastclt._C holds the C++ (CPU) kernels."""
+    return bool(_INFO["cpu"])
+
+
+def has_cuda_ext() -> bool:
+    """True when fastclt._C holds the CUDA kernels."""
+    return bool(_INFO["cuda"])
+
+
+def build_info() -> dict:
+    """dict: ``loaded``, ``cpu``, ``openmp``, ``cuda``, ``cuda_arch_list`` ("80_90a" = sm_80, sm_90a),
+    ``torch_version`` (the running torch), ``import_error`` (why loading failed, else None)."""
+    return {"loaded": _C is not None, **_INFO, "torch_version": torch.__version__, "import_error": _IMPORT_ERROR}
+
+
+def missing_message(part: str) -> str:
+    """How to build the missing ``part`` ("cpu" or "cuda"), with the load error if there was one."""
+    msg = BUILD_HINT[part]
+    if _IMPORT_ERROR is not None:
+        msg += f" (importing fastclt._C failed: {_IMPORT_ERROR})"
+    return msg
+
+
+def _register_fakes() -> None:
+    """Shape/dtype functions so that the ops trace under torch.compile (FakeTensor / meta)."""
+
+    @torch.library.register_fake("fastclt::topk")
+    def _(h, k):
+        return h.new_empty(h.shape[0], k, dtype=torch.int32), h.new_empty(h.shape[0], k)
+
+    @torch.library.register_fake("fastclt::batch_topk_histogram")
+    def _(h, prefix, prefix_bits, digit_bits):
+        return h.new_empty((1 << digit_bits) + 1, dtype=torch.int64)
+
+    @torch.library.register_fake("fastclt::batch_topk_compact")
+    def _(h, threshold_key, equal_skip, equal_take, nnz):
+        rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+        return (h.new_empty(rows + 1, dtype=torch.int64), h.new_empty(nnz, dtype=torch.int32), h.new_empty(nnz))
+
+    @torch.library.register_fake("fastclt::sparse_decode")
+    def _(row_ptr, index, value, weight, bias):
+        return weight.new_empty(row_ptr.shape[0] - 1, weight.shape[1])
+
+    @torch.library.register_fake("fastclt::sparse_dot")
+    def _(row_ptr, index, grad, weight):
+        return weight.new_empty(index.shape[0])
+
+    @torch.library.register_fake("fastclt::feature_scatter")
+    def _(row_ptr, index, coef, x, n_features):
+        return x.new_empty(n_features, x.shape[1]), x.new_empty(n_features, dtype=torch.float32)
+
+
+if _C is not None:
+    _register_fakes()

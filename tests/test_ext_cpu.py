@@ -1,0 +1,458 @@
+"""fastclt._C kernels on the CPU against brute force (float64) and, when present, the reference ops.
+
+``ExtCases`` holds every case with the device as a class attribute; tests/test_ext_cuda.py runs the
+same cases on CUDA. Outputs are NaN-poisoned (fastclt._C.set_poison_outputs) so that an element a
+kernel forgot to write fails the test.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+
+import pytest
+import torch
+
+from fastclt import _ext
+from fastclt.codes import SparseCodes
+from fastclt.ops import ext_ops
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def reference_module(name: str):
+    """The lead's reference ops module (fastclt.ops.select / .decode), or None while it is absent."""
+    try:
+        return importlib.import_module(f"fastclt.ops.{name}")
+    except ImportError:
+        return None
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMSE over the reference's RMS (absolute floor 1e-6): robust for long reductions."""
+    out, ref = out.double(), ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-6)).item()
+
+
+def assert_close_rel(out, ref, tol, what):
+    err = rel_err(out, ref)
+    if err > tol:
+        diff = (out.double() - ref.double()).abs()
+        worst = diff.flatten().topk(min(5, diff.numel())).indices.tolist()
+        raise AssertionError(f"{what}: relative error {err:.3g} > {tol:.3g}; worst flat positions {worst}: "
+                             f"{out.flatten()[worst].tolist()} vs {ref.flatten()[worst].tolist()}")
+
+
+def brute_topk_mask(h: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [B, F]: the k largest per row, ties to the lowest index (stable descending sort)."""
+    order = torch.sort(h.double(), dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros(h.shape, dtype=torch.bool).scatter_(1, order.cpu(), True)
+
+
+def brute_batch_topk_mask(h: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [h.shape]: the n largest of the whole tensor, ties to the lowest flat index."""
+    order = torch.sort(h.double().flatten(), descending=True, stable=True).indices[:n]
+    return torch.zeros(h.numel(), dtype=torch.bool).scatter_(0, order.cpu(), True).view(h.shape)
+
+
+def check_codes_wellformed(codes: SparseCodes, B: int, F: int):
+    rp, idx = codes.row_ptr.cpu(), codes.index.cpu()
+    assert rp.shape == (B + 1,) and rp[0] == 0 and rp[-1] == codes.nnz and bool((rp.diff() >= 0).all())
+    assert bool(((idx >= 0) & (idx < F)).all()), "index out of range (unwritten output?)"
+    assert not bool(codes.value.isnan().any()), "NaN in value (unwritten output?)"
+
+
+def kept_mask(codes: SparseCodes, B: int, F: int) -> torch.Tensor:
+    """bool [B, F]: the stored entries (including stored zeros)."""
+    mask = torch.zeros(B, F, dtype=torch.bool)
+    mask[codes.row_ids().cpu(), codes.index.long().cpu()] = True
+    return mask
+
+
+def make_h(B, F, dtype, device, kind="randn", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        h = torch.randn(B, F, generator=g)
+    elif kind == "ties":  # few distinct values: many ties, zeros and negatives
+        h = torch.randint(-3, 4, (B, F), generator=g).float() / 2
+    elif kind == "equal":
+        h = torch.full((B, F), 0.75)
+    elif kind == "negties":  # all negative, few distinct values: the cut falls inside a tie group
+        h = -torch.randint(1, 5, (B, F), generator=g).float() / 2
+    elif kind == "negative":
+        h = -torch.rand(B, F, generator=g) - 0.1
+    elif kind == "inf":
+        h = torch.randn(B, F, generator=g)
+        h[:, ::5] = float("inf")
+        h[:, 1::7] = float("-inf")
+        h[:, 2::9] = 0.0
+        h[:, 3::9] = -0.0
+    else:
+        raise ValueError(kind)
+    return h.to(dtype).to(device)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    if _ext.build_info()["loaded"]:
+        _ext._C.set_poison_outputs(True)
+        yield
+        _ext._C.set_poison_outputs(False)
+    else:
+        yield
+
+
+class ExtCases:
+    device = "cpu"
+
+    # ------------------------------------------------------------------------------- topk
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("B,F,k,kind", [
+        (7, 37, 5, "randn"), (5, 1001, 32, "randn"), (4, 37, 1, "randn"), (4, 37, 37, "randn"),
+        (6, 40, 9, "ties"), (3, 16, 4, "equal"), (5, 23, 6, "negative"), (6, 45, 12, "inf"),
+        (0, 37, 3, "randn"), (3, 300, 100, "randn"), (5, 64, 10, "negties"),
+    ])
+    def test_topk_forward(self, B, F, k, kind, dtype):
+        h = make_h(B, F, dtype, self.device, kind)
+        codes = ext_ops.topk(h, k)
+        check_codes_wellformed(codes, B, F)
+        assert codes.k == k and codes.nnz == B * k
+        idx = codes.index.view(B, k).cpu()
+        assert bool((idx[:, 1:] > idx[:, :-1]).all()), "indices must be ascending and distinct per row"
+        mask = brute_topk_mask(h.cpu(), k)
+        assert torch.equal(kept_mask(codes, B, F), mask)
+        expected = torch.where(mask, h.cpu().float().clamp_min(0), torch.zeros(()))
+        assert torch.equal(codes.to_dense(F).cpu().float(), expected)
+        assert codes.value.dtype == dtype
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_topk_backward(self, dtype):
+        B, F, k = 9, 101, 7
+        h = make_h(B, F, dtype, self.device, "ties", seed=3).requires_grad_()
+        G = torch.randn(B, F).to(dtype).to(self.device)
+        (ext_ops.topk(h, k).to_dense(F) * G).sum().backward()
+        mask = brute_topk_mask(h.detach().cpu(), k) & (h.detach().cpu() > 0)
+        assert torch.equal(h.grad.cpu(), torch.where(mask, G.cpu(), torch.zeros((), dtype=dtype)))
+
+    def test_topk_matches_reference_op(self):
+        select = reference_module("select")
+        if select is None or not hasattr(select, "topk"):
+            pytest.skip("fastclt.ops.select.topk (reference) not present yet")
+        h = make_h(16, 257, torch.float32, self.device)
+        assert torch.equal(ext_ops.topk(h, 11).to_dense(257), select.topk(h, 11).to_dense(257))
+
+    # -------------------------------------------------------------------------- batch_topk
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("B,F,k,kind", [
+        (8, 37, 5, "randn"), (16, 1001, 8, "randn"), (4, 37, 1, "randn"), (4, 37, 37, "randn"),
+        (6, 40, 9, "ties"), (3, 16, 4, "equal"), (5, 23, 6, "negative"), (6, 45, 12, "inf"), (0, 37, 3, "randn"),
+        (7, 50, 9, "negties"),
+    ])
+    def test_batch_topk_forward(self, B, F, k, kind, dtype):
+        h = make_h(B, F, dtype, self.device, kind)
+        codes = ext_ops.batch_topk(h, k)
+        check_codes_wellformed(codes, B, F)
+        assert codes.nnz == k * B and codes.n_features == F
+        mask = brute_batch_topk_mask(h.cpu(), k * B)
+        assert torch.equal(kept_mask(codes, B, F), mask)
+        expected = torch.where(mask, h.cpu().float().clamp_min(0), torch.zeros(()))
+        assert torch.equal(codes.to_dense(F).cpu().float(), expected)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_batch_topk_backward(self, dtype):
+        B, F, k = 12, 53, 4
+        h = make_h(B, F, dtype, self.device, "ties", seed=5).requires_grad_()
+        G = torch.randn(B, F).to(dtype).to(self.device)
+        (ext_ops.batch_topk(h, k).to_dense(F) * G).sum().backward()
+        mask = brute_batch_topk_mask(h.detach().cpu(), k * B) & (h.detach().cpu() > 0)
+        assert torch.equal(h.grad.cpu(), torch.where(mask, G.cpu(), torch.zeros((), dtype=dtype)))
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("L,B,F,k,kind", [(3, 8, 37, 5, "randn"), (2, 5, 40, 7, "ties"), (4, 0, 11, 2, "randn")])
+    def test_batch_topk_layers(self, L, B, F, k, kind, dtype):
+        h = torch.stack([make_h(B, F, dtype, self.device, kind, seed=s) for s in range(L)])
+        h.requires_grad_()
+        codes = ext_ops.batch_topk_layers(h, k)
+        assert len(codes) == L and sum(c.nnz for c in codes) == k * B * L
+        for c in codes:
+            check_codes_wellformed(c, B, F)
+        mask = brute_batch_topk_mask(h.detach().cpu(), k * B * L)
+        got = torch.stack([kept_mask(c, B, F) for c in codes])
+        assert torch.equal(got, mask)
+        G = torch.randn(L, B, F).to(dtype).to(self.device)
+        sum((c.to_dense(F) * G[i]).sum() for i, c in enumerate(codes)).backward()
+        live = mask & (h.detach().cpu() > 0)
+        assert torch.equal(h.grad.cpu(), torch.where(live, G.cpu(), torch.zeros((), dtype=dtype)))
+
+    def test_batch_topk_matches_reference_op(self):
+        select = reference_module("select")
+        if select is None or not hasattr(select, "batch_topk"):
+            pytest.skip("fastclt.ops.select.batch_topk (reference) not present yet")
+        h = make_h(32, 129, torch.float32, self.device)
+        assert torch.equal(ext_ops.batch_topk(h, 6).to_dense(129), select.batch_topk(h, 6).to_dense(129))
+        if hasattr(select, "batch_topk_layers"):
+            hl = torch.randn(3, 16, 129, device=self.device)
+            ours = ext_ops.batch_topk_layers(hl, 6)
+            ref = select.batch_topk_layers(hl, 6)
+            for a, b in zip(ours, ref):
+                assert torch.equal(a.to_dense(129), b.to_dense(129))
+
+    def test_batch_topk_threshold_sharded(self):
+        """Feature shards that all-reduce their histograms find the single-device threshold exactly.
+
+        Two threads stand in for two tensor-parallel ranks; the all-reduce is a barrier + sum."""
+        h = make_h(16, 90, torch.float32, self.device, "ties", seed=7)
+        k_total = 16 * 5
+        full = ext_ops.batch_topk_threshold(h, k_total)
+        shards = [h[:, :40].contiguous(), h[:, 40:].contiguous()]
+        slots, barrier = [None, None], threading.Barrier(2)
+
+        def run(rank, out):
+            def all_reduce(counts):
+                slots[rank] = counts
+                barrier.wait()
+                total = slots[0] + slots[1]
+                barrier.wait()
+                return total
+            out[rank] = ext_ops.batch_topk_threshold(shards[rank], k_total, all_reduce=all_reduce)
+
+        found = [None, None]
+        threads = [threading.Thread(target=run, args=(r, found)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        for t in found:
+            assert (t.key, t.n_greater, t.n_take) == (full.key, full.n_greater, full.n_take)
+        offset, kept = 0, []
+        for shard, t in zip(shards, found):
+            row_ptr, index, value = ext_ops.batch_topk_compact(shard, t, equal_offset=offset)
+            offset += t.n_equal_local
+            kept.append(torch.zeros(shard.shape, dtype=torch.bool))
+            kept[-1][torch.repeat_interleave(torch.arange(16), row_ptr.diff().cpu()), index.long().cpu()] = True
+        assert int(torch.cat(kept, 1).sum()) == k_total
+        # Ties go to the lower rank first, so the union is the single-device top-k up to tie order.
+        full_mask = brute_batch_topk_mask(h.cpu(), k_total)
+        key_value = ext_ops.key_to_float(full.key)
+        strict = h.cpu() > key_value
+        assert torch.equal(torch.cat(kept, 1) & strict, full_mask & strict)
+
+    # ------------------------------------------------------------------------ sparse_decode
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("B,F,D,bias", [(9, 37, 24, True), (13, 101, 7, False), (0, 11, 5, True), (6, 5, 33, True)])
+    def test_sparse_decode(self, B, F, D, bias, dtype):
+        g = torch.Generator().manual_seed(1)
+        lengths = torch.randint(0, 6, (B,), generator=g)
+        lengths[: min(B, 1)] = 0  # an empty row
+        row_ptr = torch.zeros(B + 1, dtype=torch.int64)
+        row_ptr[1:] = lengths.cumsum(0)
+        nnz = int(row_ptr[-1])
+        index = torch.randint(0, F, (nnz,), generator=g, dtype=torch.int32)
+        if nnz > 3:
+            index[1] = index[0]  # a repeated feature, within a row or across rows
+        value = torch.randn(nnz, generator=g)
+        W = torch.randn(F, D, generator=g)
+        W[F // 2] = 0.0  # (irrelevant values stay finite)
+        b = torch.randn(D, generator=g) if bias else None
+        G = torch.randn(B, D, generator=g)
+
+        dev = self.device
+        value_t = value.to(dtype).to(dev).requires_grad_()
+        W_t = W.to(dtype).to(dev).requires_grad_()
+        b_t = b.to(dtype).to(dev).requires_grad_() if bias else None
+        codes = SparseCodes(row_ptr.to(dev), index.to(dev), value_t, F)
+        y = ext_ops.sparse_decode(codes, W_t, b_t)
+        assert y.shape == (B, D) and y.dtype == dtype and not bool(y.isnan().any())
+        (y * G.to(dtype).to(dev)).sum().backward()
+
+        # float64 reference through autograd, from the same (rounded) inputs
+        v64 = value_t.detach().double().cpu().requires_grad_()
+        W64 = W_t.detach().double().cpu().requires_grad_()
+        b64 = b_t.detach().double().cpu().requires_grad_() if bias else None
+        rows = torch.repeat_interleave(torch.arange(B), lengths)
+        dense = torch.zeros(B, F, dtype=torch.float64).index_put((rows, index.long()), v64, accumulate=True)
+        y64 = dense @ W64 + (b64 if bias else 0)
+        (y64 * G.to(dtype).double()).sum().backward()
+
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert_close_rel(y.detach().cpu(), y64.detach(), tol, "y")
+        assert_close_rel(value_t.grad.cpu(), v64.grad, tol, "dvalue")
+        assert_close_rel(W_t.grad.cpu(), W64.grad, tol, "dW")
+        untouched = torch.ones(F, dtype=torch.bool)
+        untouched[index.long()] = False
+        assert bool((W_t.grad.cpu()[untouched] == 0).all()), "rows of unused features must be zero"
+        if bias:
+            assert_close_rel(b_t.grad.cpu(), b64.grad, tol, "db")
+
+    def test_sparse_decode_matches_reference_op(self):
+        decode = reference_module("decode")
+        if decode is None or not hasattr(decode, "sparse_decode"):
+            pytest.skip("fastclt.ops.decode.sparse_decode (reference) not present yet")
+        h = torch.randn(24, 77, device=self.device)
+        codes = ext_ops.topk(h, 5)
+        W, b = torch.randn(77, 19, device=self.device), torch.randn(19, device=self.device)
+        assert_close_rel(ext_ops.sparse_decode(codes, W, b), decode.sparse_decode(codes, W, b), 1e-5, "y")
+
+    def test_topk_decode_end_to_end_grad(self):
+        """TopK -> decode: gradients reach h, W_dec, b_dec as in dense float64 math."""
+        B, F, D, k = 10, 64, 12, 6
+        h = torch.randn(B, F, dtype=torch.float64)
+        W = torch.randn(F, D, dtype=torch.float64)
+        b = torch.randn(D, dtype=torch.float64)
+        G = torch.randn(B, D, dtype=torch.float64)
+        hs, Ws, bs = (t.float().to(self.device).requires_grad_() for t in (h, W, b))
+        (ext_ops.sparse_decode(ext_ops.topk(hs, k), Ws, bs) * G.float().to(self.device)).sum().backward()
+        hr, Wr, br = (t.clone().requires_grad_() for t in (h, W, b))
+        a = torch.where(brute_topk_mask(h, k), hr.clamp_min(0), torch.zeros((), dtype=torch.float64))
+        ((a @ Wr + br) * G).sum().backward()
+        for got, ref, name in ((hs.grad, hr.grad, "dh"), (Ws.grad, Wr.grad, "dW"), (bs.grad, br.grad, "db")):
+            assert_close_rel(got.cpu(), ref, 1e-5, name)
+
+    def test_sparse_decode_3d_decoder(self):
+        """A [F, T, d] decoder decodes as [F, T*d] and returns [B, T, d]; b_dec may be [T, d]."""
+        codes = ext_ops.topk(torch.randn(7, 30, device=self.device), 4)
+        W = torch.randn(30, 3, 5, device=self.device)
+        b = torch.randn(3, 5, device=self.device)
+        y = ext_ops.sparse_decode(codes, W, b)
+        assert y.shape == (7, 3, 5)
+        ref = (codes.to_dense(30).double() @ W.double().reshape(30, 15) + b.double().reshape(15)).view(7, 3, 5)
+        assert_close_rel(y.cpu(), ref.cpu(), 1e-6, "y")
+
+    def test_other_dtypes_use_the_reference(self):
+        h = torch.randn(5, 21, dtype=torch.float64, device=self.device)
+        assert ext_ops.topk(h, 3).value.dtype == torch.float64
+        assert ext_ops.batch_topk(h, 3).nnz == 15
+        codes = ext_ops.topk(h.float(), 3)
+        W = torch.randn(21, 4, dtype=torch.float64, device=self.device)
+        assert ext_ops.sparse_decode(codes, W).dtype == torch.float64
+
+    # ------------------------------------------------------------------ encoder backward
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_sparse_encode_backward(self, dtype):
+        B, F, d_in, k = 11, 57, 20, 4
+        x = torch.randn(B, d_in).to(dtype).to(self.device)
+        W_enc = torch.randn(F, d_in).to(dtype).to(self.device)
+        codes = ext_ops.topk(torch.randn(B, F).to(self.device), k)
+        dh = torch.randn(codes.nnz).to(dtype).to(self.device)
+        dx, dW, db = ext_ops.sparse_encode_backward(codes, dh, x, W_enc)
+        dense = torch.zeros(B, F, dtype=torch.float64)
+        dense[codes.row_ids().cpu(), codes.index.long().cpu()] = dh.double().cpu()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert_close_rel(dW.cpu(), dense.T @ x.double().cpu(), tol, "dW_enc")
+        assert_close_rel(db.cpu(), dense.sum(0), tol, "db_enc")
+        assert_close_rel(dx.cpu(), dense @ W_enc.double().cpu(), tol, "dx")
+        assert dW.dtype == dtype and db.dtype == dtype and dx.dtype == dtype
+
+    # ------------------------------------------------------------------- torch.library
+    def test_opcheck(self):
+        """Schemas, fake (meta) impls and dispatch registrations are consistent (torch.compile-ready)."""
+        ops = torch.ops.fastclt
+        h = torch.randn(8, 37, device=self.device)
+        codes = ext_ops.topk(h, 4)
+        W, G = torch.randn(37, 6, device=self.device), torch.randn(8, 6, device=self.device)
+        thr = ext_ops.batch_topk_threshold(h, 32)
+        value = codes.value.detach()
+        cases = [
+            (ops.topk, (h, 4)),
+            (ops.batch_topk_histogram, (h, 0, 0, 8)),
+            (ops.batch_topk_compact, (h, thr.key, 0, thr.n_take, 32)),
+            (ops.sparse_decode, (codes.row_ptr, codes.index, value, W, None)),
+            (ops.sparse_dot, (codes.row_ptr, codes.index, G, W)),
+            (ops.feature_scatter, (codes.row_ptr, codes.index, value, G, 37)),
+        ]
+        for op, args in cases:
+            torch.library.opcheck(op, args)
+
+    # ----------------------------------------------------------------------- bad input
+    def test_nan_input_is_an_error(self):
+        h = torch.randn(4, 37, device=self.device)
+        h[2, 5] = float("nan")
+        with pytest.raises((RuntimeError, ValueError), match="NaN"):
+            ext_ops.topk(h, 3)
+        with pytest.raises((RuntimeError, ValueError), match="NaN"):
+            ext_ops.batch_topk(h, 3)
+        with pytest.raises((RuntimeError, ValueError), match="NaN"):
+            ext_ops.batch_topk_layers(h.view(1, 4, 37), 3)
+
+    def test_bad_input_messages(self):
+        dev = self.device
+        ops = torch.ops.fastclt
+        h = torch.randn(4, 37, device=dev)
+        for k in (0, 38, -1):
+            with pytest.raises(RuntimeError, match="k must be"):
+                ops.topk(h, k)
+            with pytest.raises(ValueError, match="k: expected"):
+                ext_ops.batch_topk(h, k)
+        with pytest.raises(TypeError, match="k: expected an int"):
+            ext_ops.topk(h, 2.0)
+        with pytest.raises(RuntimeError, match="h must be float32 or bfloat16"):
+            ops.topk(h.double(), 3)
+        with pytest.raises(RuntimeError, match="h must be 2-D"):
+            ops.topk(h.view(-1), 3)
+        with pytest.raises(RuntimeError, match="h must be contiguous"):
+            ops.topk(h.t(), 3)
+        with pytest.raises(RuntimeError, match="digit_bits"):
+            ops.batch_topk_histogram(h, 0, 0, 17)
+        with pytest.raises(RuntimeError, match="prefix"):
+            ops.batch_topk_histogram(h, 5, 2, 8)
+        with pytest.raises(RuntimeError, match="nnz"):
+            ops.batch_topk_compact(h, 0x80000000, 0, 0, 3)
+        with pytest.raises(ValueError, match=r"h: expected \[B, F\]"):
+            ext_ops.topk(h.view(2, 2, 37), 3)
+        with pytest.raises(TypeError, match="h: expected a floating-point"):
+            ext_ops.batch_topk(h.int(), 3)
+
+        codes = ext_ops.topk(h, 3)
+        W = torch.randn(37, 8, device=dev)
+        rp, idx, val = codes.row_ptr, codes.index, codes.value
+        with pytest.raises(RuntimeError, match="index must be a 1-D int32"):
+            ops.sparse_decode(rp, idx.long(), val, W, None)
+        with pytest.raises(RuntimeError, match="row_ptr must be a 1-D int64"):
+            ops.sparse_decode(rp.int(), idx, val, W, None)
+        with pytest.raises(RuntimeError, match="weight must be 2-D"):
+            ops.sparse_decode(rp, idx, val, W.view(-1), None)
+        with pytest.raises(RuntimeError, match="weight must be contiguous"):
+            ops.sparse_decode(rp, idx, val, torch.randn(8, 37, device=dev).t(), None)
+        with pytest.raises(RuntimeError, match="same dtype"):
+            ops.sparse_decode(rp, idx, val, W.bfloat16(), None)
+        with pytest.raises(RuntimeError, match="bias must have shape"):
+            ops.sparse_decode(rp, idx, val, W, torch.zeros(9, device=dev))
+        with pytest.raises(RuntimeError, match="value must be 1-D"):
+            ops.sparse_decode(rp, idx, val[:-1], W, None)
+        with pytest.raises(RuntimeError, match="grad must have shape"):
+            ops.sparse_dot(rp, idx, torch.zeros(3, 8, device=dev), W)
+        with pytest.raises(RuntimeError, match="x must have B="):
+            ops.feature_scatter(rp, idx, val, torch.zeros(3, 8, device=dev), 37)
+        with pytest.raises(ValueError, match="W_dec: expected"):
+            ext_ops.sparse_decode(codes, W.view(-1))
+        with pytest.raises(ValueError, match="n_features=37"):
+            ext_ops.sparse_decode(codes, W[:10])
+        if dev == "cpu":  # content checks (the CUDA path does not scan codes on the host)
+            with pytest.raises(RuntimeError, match="index must lie in"):
+                ops.sparse_decode(rp, idx, val, W[:10].contiguous(), None)
+            with pytest.raises(RuntimeError, match="row_ptr must start at 0"):
+                ops.sparse_decode(rp + 1, idx, val, W, None)
+            with pytest.raises(RuntimeError, match="index must lie in"):
+                ops.feature_scatter(rp, idx, val, torch.zeros(4, 8, device=dev), 10)
+
+    def test_device_mismatch(self):
+        if self.device == "cpu" or not torch.cuda.is_available():
+            pytest.skip("needs a second device type")
+        h = torch.randn(4, 37, device=self.device)
+        codes = ext_ops.topk(h, 3)
+        with pytest.raises(RuntimeError, match="weight is on"):
+            torch.ops.fastclt.sparse_decode(codes.row_ptr, codes.index, codes.value, torch.randn(37, 8), None)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+class TestExtCPU(ExtCases):
+    device = "cpu"
+
+
+def test_build_info_and_availability():
+    """build_info() has its documented keys, and availability follows what was built."""
+    info = _ext.build_info()
+    assert set(info) >= {"loaded", "cpu", "cuda", "openmp", "cuda_arch_list", "torch_version", "import_error"}
+    assert ext_ops._cpu_available(torch.device("cpu")) == _ext.has_cpu_ext()
+    assert not ext_ops._cuda_available(torch.device("cpu"))
