@@ -1,0 +1,45 @@
+"""Triton kernels for fastclt ops (see README.md in this folder).
+
+One module per op (kernel + launcher + ``autograd.Function``), imported lazily by the dispatcher:
+``import fastclt.ops.triton`` does not import Triton. Kernels run on CUDA tensors, or on the CPU
+under ``TRITON_INTERPRET=1`` (set before the op modules are imported) for testing.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+__all__ = ["TRITON_IMPLS", "available", "register_triton_impls"]
+
+# (op, "module:attribute") of every Triton implementation; add new ops here.
+TRITON_IMPLS = [
+    ("sparse_decode", "fastclt.ops.triton.sparse_decode:sparse_decode"),
+    ("clt_decode", "fastclt.ops.triton.clt_decode:clt_decode"),
+]
+
+
+@lru_cache(maxsize=None)
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def available(device: torch.device) -> bool:
+    """True when Triton imports and ``device`` is CUDA (or TRITON_INTERPRET=1 is set, for the CPU)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return _triton_imports()
+
+
+def register_triton_impls() -> None:
+    """Register every entry of ``TRITON_IMPLS`` as impl "triton" with the dispatcher."""
+    from fastclt.ops import _dispatch
+
+    for op, target in TRITON_IMPLS:
+        _dispatch.register(op, "triton", target, available=available)

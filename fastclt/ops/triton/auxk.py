@@ -1,0 +1,59 @@
+"""Fused AuxK selection (SPEC §4): the top k_aux of the *dead* features' pre-activations per token.
+
+    x: [B, d_in] fp32|bf16|fp16, W_enc: [F, d_in] (x's dtype), b_enc: [F] or None,
+    dead_mask: [F] bool, pre_bias: [d_in] or None
+    → SparseCodes over all F features (global feature ids), k = min(k_aux, n_dead) per row, ReLU applied
+
+Only the dead rows of W_enc are multiplied: they are gathered into a compact [n_dead, d_in] matrix,
+and the fused encode GEMM (``fastclt.ops.triton.encode``) runs over it in its TopK candidate mode
+(speculative threshold, exact per-row selection, dense recompute of the rows it missed). The dense
+[B, n_dead] pre-activations are never written. Identical to ``fastclt.ops.auxk.auxk_select`` up to
+ties at the cut.
+
+Backward: the sparse encoder backward of ``encode`` at the selected entries, with global ids, so
+``dW_enc`` is non-zero on dead rows only; gradients also reach b_enc, x and pre_bias. Decode the
+result WITHOUT b_dec (the caller's job, with the decode op).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastclt.codes import SparseCodes
+from fastclt.ops.triton.encode import (_check_inputs, _codes, _folded_bias, _inner_contiguous, _Pattern,
+                                       _topk_pattern, _w_key, available)
+
+__all__ = ["auxk_select", "available"]
+
+
+def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
+                k_aux: int, pre_bias: Optional[torch.Tensor] = None) -> SparseCodes:
+    """See the module docstring. Rows with no dead feature (or B = 0) give empty codes."""
+    _check_inputs(x, W_enc, b_enc, None, pre_bias)
+    F = W_enc.shape[0]
+    if not isinstance(dead_mask, torch.Tensor) or dead_mask.shape != (F,) or dead_mask.dtype != torch.bool:
+        got = (f"{dead_mask.dtype} {tuple(dead_mask.shape)}" if isinstance(dead_mask, torch.Tensor)
+               else type(dead_mask).__name__)
+        raise ValueError(f"dead_mask: expected a bool [{F}] tensor, got {got}")
+    if dead_mask.device != x.device:
+        raise ValueError(f"dead_mask: expected a tensor on {x.device} (x's device), got {dead_mask.device}")
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int):
+        raise TypeError(f"k_aux: expected an int, got {type(k_aux).__name__}")
+    if k_aux < 1:
+        raise ValueError(f"k_aux: expected >= 1, got {k_aux}")
+    B = x.shape[0]
+    dead = dead_mask.nonzero().squeeze(1)
+    n_dead = dead.numel()
+    if n_dead == 0 or B == 0:
+        return SparseCodes(torch.zeros(B + 1, dtype=torch.int64, device=x.device),
+                           torch.zeros(0, dtype=torch.int32, device=x.device), x.new_zeros(0), F)
+    k = min(k_aux, n_dead)
+    x, W_enc = _inner_contiguous(x), _inner_contiguous(W_enc)
+    with torch.no_grad():
+        W_dead = W_enc.detach().index_select(0, dead)  # compact [n_dead, d_in]
+        b_dead = None if b_enc is None else b_enc.detach().index_select(0, dead)
+        bias = _folded_bias(W_dead, b_dead, pre_bias)
+        local = _topk_pattern(x.detach(), W_dead, bias, k, _w_key(W_enc, "auxk", k, n_dead))
+        pattern = _Pattern(local.row, dead[local.col.long()].to(torch.int32), local.h)  # global ids, sorted
+    return _codes(x, W_enc, b_enc, None, pre_bias, pattern, "topk", 0.01, k)

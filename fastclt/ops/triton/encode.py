@@ -1,0 +1,739 @@
+"""Fused encode (SPEC §3, §7): ``h = W_enc (x − pre_bias) + b_enc`` as a tiled Triton GEMM with the
+activation in the epilogue, returning SparseCodes. The training path never writes a dense [B, F] h.
+
+    x: [B, d_in] fp32|bf16|fp16, W_enc: [F, d_in] (x's dtype), b_enc: [F] or None,
+    threshold: [F] (JumpReLU), pre_bias: [d_in] or None  →  SparseCodes over F features
+    (values in x's dtype, token-major CSR sorted by (row, feature))
+
+Epilogue modes of ``_encode_kernel`` (one program = one BLOCK_M × BLOCK_N tile of h):
+    relu       emit (row, col, h) where h > 0
+    jumprelu   emit where h > θ or |h − θ| < ε/2 (band entries, value 0)
+    candidates emit where h > τ (a speculative threshold, for TopK / BatchTopK)
+    dense      store the tile of h (fallbacks, samples, ``return_preacts``)
+Emitted entries go to a preallocated COO buffer at ``atomic_add(counter, tile_count)`` offsets; a
+counter above the capacity means the buffer was too small, and the launcher reruns (never
+truncates). The COO is then sorted by ``row·F + col`` (unique keys: deterministic).
+
+TopK / BatchTopK select exactly among the candidates; see README_encode.md for the speculative
+threshold τ and its fallbacks, which make the result identical to the reference in every case.
+Backward (``_EncodeValue``): ``dh = dvalue·act'(h)`` at the entries, then
+``dW_enc = feature_scatter(index, row, dh, x − pre_bias)``, ``db_enc[f] = Σ dh``,
+``dx = sparse_decode(codes with value dh, W_enc)``, ``dθ[f] = Σ dvalue·(−θ/ε)·rect((h − θ)/ε)``,
+``d pre_bias = −W_encᵀ db_enc``. Only what needs a gradient is computed.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter, OrderedDict
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastclt.codes import SparseCodes
+from fastclt.ops.encode import ACTIVATIONS, activate
+from fastclt.ops.select import check_k
+from fastclt.ops.triton.sparse_decode import feature_scatter, feature_segments, gather_decode
+
+__all__ = ["encode", "encode_layers", "available"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+MODE_RELU, MODE_JUMPRELU, MODE_CANDIDATES, MODE_DENSE = 0, 1, 2, 3
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def available(device: torch.device) -> bool:
+    """True when Triton kernels can run on ``device`` (a CUDA device, or the interpreter on the CPU)."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# ---------------------------------------------------------------------------------------- kernel
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
+    cfgs = []
+    # all fit an H100's 227 KB of shared memory with the split epilogue (checked by compiling for sm_90)
+    for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
+                             (64, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 256, 32, 4, 8)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_stages=s, num_warps=w))
+    return cfgs
+
+
+@triton.autotune(configs=_configs(), key=["N", "K", "MODE"], reset_to_zero=["counter_ptr"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                    "SPLIT_N": lambda args: 2 if args["BLOCK_N"] >= 128 or _INTERPRET else 1})
+@triton.jit
+def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr,
+                   rows_ptr, cols_ptr, vals_ptr, counter_ptr, dense_ptr,
+                   M, N, K,
+                   stride_xm, stride_xk, stride_wn, stride_wk, stride_dm,
+                   tau, half_band, capacity,
+                   MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+                   SPLIT_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped tile order: GROUP_M row-tiles share the W_enc column tiles while they are in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % size_m)
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # rows/features past the edge read a valid row (modulo) instead of a masked load, so the main
+    # loop loads are unmasked when K % BLOCK_K == 0; their results are dropped by ``valid`` below
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    x_tile = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_tile = w_ptr + rn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_tile)
+            b = tl.load(w_tile)
+        else:
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(x_tile, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_tile, mask=k_ok[:, None], other=0.0)
+        if UPCAST:  # the interpreter's bf16/fp16 dot is wrong (Triton 3.9); fp32 is exact here
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_tile += BLOCK_K * stride_xk
+        w_tile += BLOCK_K * stride_wk
+
+    h = acc
+    if HAS_BIAS:
+        h += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    # round to the output dtype first, so that the kept set is decided on the stored value
+    if UPCAST and ROUND_DTYPE == tl.bfloat16:
+        # round-to-nearest-even by hand: the interpreter's fp32 → bf16 cast truncates (Triton 3.9)
+        bits = h.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        h = bits.to(tl.float32, bitcast=True)
+    else:
+        h = h.to(ROUND_DTYPE).to(tl.float32)
+    if SPLIT_N == 1:
+        _epilogue(h, offs_m, offs_n, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, counter_ptr, dense_ptr,
+                  stride_dm, tau, half_band, capacity, MODE, BLOCK_M, BLOCK_N)
+    else:
+        # two column halves, one after the other: the epilogue's layout conversions then need half
+        # the shared memory (a 128×256 tile of 64-bit store pointers alone would be 256 KB)
+        h0, h1 = tl.split(tl.permute(tl.reshape(h, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        _epilogue(h0, offs_m, n0, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, counter_ptr, dense_ptr,
+                  stride_dm, tau, half_band, capacity, MODE, BLOCK_M, BLOCK_N // 2)
+        _epilogue(h1, offs_m, n0 + BLOCK_N // 2, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, counter_ptr,
+                  dense_ptr, stride_dm, tau, half_band, capacity, MODE, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _epilogue(h, offs_m, offs_n, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, counter_ptr, dense_ptr,
+              stride_dm, tau, half_band, capacity, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """One [BM, BN] (sub-)tile of h (fp32, already rounded): store it (dense mode) or emit its entries."""
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    valid = m_ok[:, None] & n_ok[None, :]
+    if MODE == 3:
+        d_ptrs = dense_ptr + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :]
+        tl.store(d_ptrs, h, mask=valid)
+    else:
+        if MODE == 0:
+            keep = h > 0.0
+        elif MODE == 1:
+            thr = tl.load(thr_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+            keep = (h > thr) | (tl.abs(h - thr) < half_band)
+        else:
+            keep = h > tau
+        keep = keep & valid
+        ki = keep.to(tl.int32)
+        row_cnt = tl.sum(ki, axis=1)
+        total = tl.sum(row_cnt, axis=0)
+        base = tl.atomic_add(counter_ptr, total.to(tl.int64))
+        # positions inside the tile stay int32 (registers); the int64 base goes into the pointers
+        room = tl.minimum(tl.maximum(capacity - base, 0), BM * BN).to(tl.int32)
+        row_off = tl.cumsum(row_cnt, axis=0) - row_cnt
+        rel = row_off[:, None] + tl.cumsum(ki, axis=1) - 1  # inclusive scan − 1: valid where keep
+        ok = keep & (rel < room)
+        rows = tl.zeros((BM, BN), dtype=tl.int32) + offs_m[:, None]
+        cols = tl.zeros((BM, BN), dtype=tl.int32) + offs_n[None, :]
+        tl.store(rows_ptr + base + rel, rows, mask=ok)
+        tl.store(cols_ptr + base + rel, cols, mask=ok)
+        tl.store(vals_ptr + base + rel, h, mask=ok)
+
+
+# ------------------------------------------------------------------------------------- launchers
+def _poison() -> bool:
+    return os.environ.get("FASTCLT_POISON") == "1"
+
+
+def _alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer; NaN-filled (or -1 for integers) under FASTCLT_POISON=1, so that an element
+    a kernel forgot to write fails a test instead of passing as zero."""
+    if not _poison():
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul setting, so that codes match F.linear on the same GPU
+    if dtype == torch.float32 and not _INTERPRET and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _launch(x, W, bias, mode, *, threshold=None, half_band=0.0, tau=0.0, capacity=0, dense_dtype=torch.float32):
+    """One launch of ``_encode_kernel``. Returns (rows int32, cols int32, h fp32, count) for the
+    emitting modes (only the first min(count, capacity) entries are valid) or the dense h [M, N]."""
+    M, K = x.shape
+    N = W.shape[0]
+    dev = x.device
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    counter = torch.zeros(1, dtype=torch.int64, device=dev)
+    if mode == MODE_DENSE:
+        dense = _alloc((M, N), dense_dtype, dev)
+        rows = cols = vals = dummy
+    else:
+        dense = dummy
+        rows = _alloc((max(capacity, 1),), torch.int32, dev)
+        cols = _alloc((max(capacity, 1),), torch.int32, dev)
+        vals = _alloc((max(capacity, 1),), torch.float32, dev)
+    if M > 0 and N > 0:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _encode_kernel[grid](
+            x, W, bias if bias is not None else dummy, threshold if threshold is not None else dummy,
+            rows, cols, vals, counter, dense,
+            M, N, K, x.stride(0), x.stride(1), W.stride(0), W.stride(1),
+            dense.stride(0) if mode == MODE_DENSE else 0,
+            float(tau), float(half_band), int(capacity),
+            MODE=mode, HAS_BIAS=bias is not None, ROUND_DTYPE=_TL_DTYPE[x.dtype],
+            INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_INTERPRET and x.dtype != torch.float32)
+    if mode == MODE_DENSE:
+        return dense
+    return rows, cols, vals, int(counter.item())
+
+
+class _Pattern:
+    """Emitted entries sorted by (row, col): row int64, col int32, h fp32 (rounded to x's dtype)."""
+
+    def __init__(self, row: torch.Tensor, col: torch.Tensor, h: torch.Tensor):
+        self.row, self.col, self.h = row, col, h
+
+    @staticmethod
+    def empty(device) -> "_Pattern":
+        return _Pattern(torch.zeros(0, dtype=torch.int64, device=device),
+                        torch.zeros(0, dtype=torch.int32, device=device),
+                        torch.zeros(0, dtype=torch.float32, device=device))
+
+    @staticmethod
+    def sorted(row: torch.Tensor, col: torch.Tensor, h: torch.Tensor, n_features: int) -> "_Pattern":
+        row = row.long()
+        key = row * n_features + col.long()
+        key, perm = torch.sort(key)  # keys are unique: deterministic
+        return _Pattern(row[perm], col[perm].to(torch.int32), h[perm])
+
+    def take(self, idx: torch.Tensor) -> "_Pattern":
+        return _Pattern(self.row[idx], self.col[idx], self.h[idx])
+
+    @property
+    def nnz(self) -> int:
+        return self.row.shape[0]
+
+    def row_ptr(self, B: int) -> torch.Tensor:
+        bounds = torch.arange(B + 1, device=self.row.device, dtype=torch.int64)
+        return torch.searchsorted(self.row, bounds).to(torch.int64)
+
+
+def _emit(x, W, bias, mode, *, capacity: int, max_count: Optional[int] = None, threshold=None,
+          half_band=0.0, tau=0.0):
+    """Emit the entries of ``mode`` as a sorted _Pattern and the exact count. With ``max_count``, an
+    overflow beyond it returns (None, count) instead of a rerun (the caller changes τ)."""
+    F = W.shape[0]
+    capacity = max(int(capacity), 1)
+    rows, cols, vals, count = _launch(x, W, bias, mode, threshold=threshold, half_band=half_band, tau=tau,
+                                      capacity=capacity)
+    if count > capacity:
+        if max_count is not None and count > max_count:
+            return None, count
+        # the buffer was too small: rerun with the exact count, never truncate
+        STATS["overflow_rerun"] += 1
+        rows, cols, vals, count2 = _launch(x, W, bias, mode, threshold=threshold, half_band=half_band,
+                                           tau=tau, capacity=count)
+        assert count2 == count, f"encode: nondeterministic entry count ({count} then {count2})"
+    return _Pattern.sorted(rows[:count], cols[:count], vals[:count], F), count
+
+
+# ----------------------------------------------------------- speculative state (small LRU caches)
+class _LRU(OrderedDict):
+    def __init__(self, size: int = 64):
+        super().__init__()
+        self.size = size
+
+    def get_(self, key):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return None
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+_DENSITY = _LRU()  # (W ptr, shape, mode) → entries per (row·feature) of the previous call
+_TAU = _LRU()      # (W ptr, shape, tag, k) → speculative threshold τ for the next call
+_CAP = _LRU()      # (W ptr, shape, tag, k) → candidate buffer capacity for the next call
+# How often each fallback ran (tests check that they are exercised; a benchmark can report them).
+STATS: Counter = Counter()
+
+
+def clear_caches() -> None:
+    """Forget the speculative thresholds and capacities (tests; a new model)."""
+    _DENSITY.clear()
+    _TAU.clear()
+    _CAP.clear()
+
+
+def _w_key(W: torch.Tensor, *extra):
+    return (W.data_ptr(), tuple(W.shape), W.dtype, str(W.device)) + extra
+
+
+# ---------------------------------------------------------------------------- autograd Function
+class _EncodeValue(torch.autograd.Function):
+    """values = act(h) at fixed entries (row, col), differentiable in x, W_enc, b_enc, θ, pre_bias.
+
+    ``h`` (fp32, the kernel's pre-activations at the entries) is an input without gradient: the
+    Function's backward is the sparse encoder backward of SPEC §7."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth):
+        if act == "jumprelu":
+            value = h * (h > threshold.float()[col.long()]).float()
+        elif act == "relu":
+            value = h
+        else:  # topk / batchtopk: ReLU applied to the kept values
+            value = torch.relu(h)
+        ctx.save_for_backward(x, W, threshold, pre_bias, row_ptr, row, col, h)
+        ctx.act, ctx.bandwidth = act, bandwidth
+        ctx.b_dtype = None if b is None else b.dtype
+        return value.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dvalue):
+        x, W, threshold, pre_bias, row_ptr, row, col, h = ctx.saved_tensors
+        need_x, need_W, need_b, need_t, need_p = ctx.needs_input_grad[:5]
+        F = W.shape[0]
+        dv = dvalue.float()
+        dx = dW = db = dt = dp = None
+        seg = feature_segments(col, F) if (need_W or need_b or need_t or need_p) else None  # one sort
+        sums = []  # per-feature sums, computed together in one grouped pass: [dh] and/or [dθ terms]
+        if ctx.act == "jumprelu":
+            theta = threshold.float()[col.long()]
+            dh = dv * (h > theta).float()
+        elif ctx.act == "relu":
+            dh = dv
+        else:
+            dh = dv * (h > 0).float()
+        if need_b or need_p:
+            sums.append(dh)
+        if need_t:
+            eps = ctx.bandwidth
+            rect = (((h - theta) / eps).abs() < 0.5).float()
+            sums.append(dv * (-(theta / eps)) * rect)
+        if sums:
+            nnz = col.shape[0]
+            ones = torch.ones(nnz, dtype=torch.float32, device=col.device)
+            entry = torch.arange(nnz, device=col.device)
+            S = feature_scatter(col, entry, ones, torch.stack(sums, 1), F, segments=seg)  # fp32 [F, 1|2]
+            if need_t:
+                dt = S[:, -1].to(threshold.dtype)
+            if need_b or need_p:
+                s_dh = S[:, 0].contiguous()
+                if need_b:
+                    db = s_dh.to(ctx.b_dtype)
+                if need_p:
+                    # the pre-bias trick: reduce over the batch first, then one mat-vec
+                    dp = (-_vecmat_f32(s_dh, W)).to(pre_bias.dtype)
+        if need_x:
+            dx = gather_decode(row_ptr, col, dh, W, out_dtype=x.dtype)
+        if need_W:
+            G = x if pre_bias is None else x.float() - pre_bias.float()
+            dW = feature_scatter(col, row, dh, _inner_contiguous(G), F, segments=seg).to(W.dtype)
+        return dx, dW, db, dt, dp, None, None, None, None, None, None
+
+
+def _codes(x, W, b, threshold, pre_bias, pattern: _Pattern, act: str, bandwidth: float, k=None) -> SparseCodes:
+    B, F = x.shape[0], W.shape[0]
+    row_ptr = pattern.row_ptr(B)
+    value = _EncodeValue.apply(x, W, b, threshold, pre_bias, row_ptr, pattern.row, pattern.col, pattern.h,
+                               act, bandwidth)
+    return SparseCodes(row_ptr, pattern.col, value, F, k)
+
+
+# --------------------------------------------------------------------------- dense pre-activations
+class _DensePreacts(torch.autograd.Function):
+    """h = W (x − p) + b written densely ([B, F], x's dtype) — the documented ``return_preacts``
+    fallback; its backward is dense (it is what a loss on h needs)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, pre_bias, bias32):
+        ctx.save_for_backward(x, W, pre_bias)
+        ctx.b_dtype = None if b is None else b.dtype
+        return _launch(x, W, bias32, MODE_DENSE, dense_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, W, pre_bias = ctx.saved_tensors
+        need_x, need_W, need_b, need_p = ctx.needs_input_grad[:4]
+        dx = dW = db = dp = None
+        g = dh.to(x.dtype)  # dense GEMMs in the input dtype, as eager autograd does
+        if need_x:
+            dx = g @ W
+        if need_W:
+            xc = x if pre_bias is None else x - pre_bias.to(x.dtype)
+            dW = (g.t() @ xc).to(W.dtype)
+        if need_b or need_p:
+            s = dh.float().sum(0)
+            db = s.to(ctx.b_dtype) if need_b else None
+            dp = (-_vecmat_f32(s, W)).to(pre_bias.dtype) if need_p else None
+        return dx, dW, db, dp, None
+
+
+# ------------------------------------------------------------------------------------ validation
+def _check_tensor(name, t, device, ndim, shape=None, floating=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (x's device), got {t.device}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if t.dim() != ndim or (shape is not None and tuple(t.shape) != tuple(shape)):
+        want = "x".join(str(s) for s in shape) if shape is not None else f"{ndim}-D"
+        raise ValueError(f"{name}: expected shape [{want}], got {tuple(t.shape)}")
+
+
+def _check_inputs(x, W, b, threshold=None, pre_bias=None, *, x_dims=2, w_dims=2):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    device = x.device
+    if not available(device):
+        raise RuntimeError(f"x: the Triton encode needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
+                           f"fastclt is imported, for CPU tensors); got a tensor on {device}")
+    _check_tensor("x", x, device, x_dims)
+    if x.dtype not in _TL_DTYPE:
+        raise TypeError(f"x: expected float32, bfloat16 or float16, got {x.dtype}")
+    _check_tensor("W_enc", W, device, w_dims)
+    if W.dtype != x.dtype:
+        raise TypeError(f"W_enc: expected x's dtype {x.dtype}, got {W.dtype}")
+    if W.shape[-1] != x.shape[-1]:
+        raise ValueError(f"W_enc: expected [..., F, d_in={x.shape[-1]}], got {tuple(W.shape)}")
+    fshape = W.shape[:-1]
+    if b is not None:
+        _check_tensor("b_enc", b, device, len(fshape), fshape)
+    if threshold is not None:
+        _check_tensor("threshold", threshold, device, len(fshape), fshape)
+    if pre_bias is not None:
+        _check_tensor("pre_bias", pre_bias, device, 1, (x.shape[-1],))
+
+
+def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+_CHUNK = 8192  # rows of W_enc converted to fp32 at a time (bounds the temporary to 8192·d_in floats)
+
+
+def _matvec_f32(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """W: [F, d] @ v: [d] → fp32 [F], without an fp32 copy of all of W."""
+    v = v.detach().float()
+    return torch.cat([W[i:i + _CHUNK].detach().float() @ v for i in range(0, W.shape[0], _CHUNK)]) \
+        if W.shape[0] > 0 else v.new_zeros(0)
+
+
+def _vecmat_f32(s: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """s: [F] @ W: [F, d] → fp32 [d] (chunks summed in a fixed order: deterministic)."""
+    out = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
+    for i in range(0, W.shape[0], _CHUNK):
+        out += s[i:i + _CHUNK].float() @ W[i:i + _CHUNK].float()
+    return out
+
+
+def _folded_bias(W, b, pre_bias) -> Optional[torch.Tensor]:
+    """b_enc − W_enc·pre_bias in fp32, computed once per call (None when both are absent)."""
+    with torch.no_grad():
+        bias = None if b is None else b.detach().float()
+        if pre_bias is not None:
+            wp = _matvec_f32(W, pre_bias)
+            bias = -wp if bias is None else bias - wp
+        return None if bias is None else bias.contiguous()
+
+
+# ------------------------------------------------------------------------- pattern finders (no grad)
+def _capacity(key, B, F) -> int:
+    dens = _DENSITY.get_(key)
+    if dens is None:
+        return max(B * F // 8, 256)
+    return int(math.ceil(1.25 * dens * B * F)) + 256
+
+
+def _pattern_threshold_act(x, W, bias, mode, threshold, half_band) -> _Pattern:
+    B, F = x.shape[0], W.shape[0]
+    key = _w_key(W, mode, "density")
+    pattern, count = _emit(x, W, bias, mode, capacity=_capacity(key, B, F), threshold=threshold,
+                           half_band=half_band)
+    if B * F > 0:
+        _DENSITY.put(key, count / (B * F))
+    return pattern
+
+
+def _dense_rows(x, W, bias) -> torch.Tensor:
+    """h for the given rows, fp32 [M, F], from the same kernel (so values match the fused path)."""
+    return _launch(x, W, bias, MODE_DENSE)
+
+
+def _sample_rows(B: int, n: int, device) -> torch.Tensor:
+    n = min(B, n)
+    return torch.linspace(0, B - 1, n, device=device).round().long().unique()
+
+
+def _kth_largest(v: torch.Tensor, m: int) -> float:
+    m = max(1, min(int(m), v.numel()))
+    return float(torch.kthvalue(-v.reshape(-1), m).values.neg())
+
+
+def _dense_topk_rows(x, W, bias, rows, k, chunk: int = 1024):
+    """Exact top-k of h for the given rows, recomputed densely by the same kernel in chunks of rows
+    (so that the temporary is chunk·F, not len(rows)·F) → (values fp32 [n, k], cols int64 [n, k])."""
+    vals, idx = [], []
+    for i in range(0, rows.numel(), chunk):
+        v, j = torch.topk(_dense_rows(x[rows[i:i + chunk]], W, bias), k, dim=1)
+        vals.append(v)
+        idx.append(j)
+    return torch.cat(vals), torch.cat(idx)
+
+
+def _topk_pattern(x, W, bias, k, key) -> _Pattern:
+    """Exactly k entries per row (the k largest of h), via candidates h > τ; rows with fewer than k
+    candidates are recomputed densely. Identical to ``select.topk`` up to ties at the cut.
+    ``key``: where the speculative τ of this call site lives (``_w_key(W_enc, ...)``)."""
+    B, F = x.shape[0], W.shape[0]
+    dev = x.device
+    if B == 0:
+        return _Pattern.empty(dev)
+    def sample_tau():
+        # τ from 64 evenly spaced rows computed densely (first call, or a cached τ far too low)
+        STATS["sample_tau"] += 1
+        hs = _dense_rows(x[_sample_rows(B, 64, dev)], W, bias)
+        kth = torch.topk(hs, k, dim=1).values[:, -1]
+        lo, mid = float(kth.min()), float(kth.median())
+        return lo - 0.5 * (mid - lo) - 1e-6 * abs(lo)
+
+    tau = _TAU.get_(key)
+    sampled = tau is None
+    if k == F:
+        tau = -math.inf
+    elif tau is None:
+        tau = sample_tau()
+    cap_key = key + ("cap",)
+    cap = _CAP.get_(cap_key) or 2 * k * B + 64
+    # more candidates than 16·k·B (+64) means τ is far too low: do not hold a huge COO
+    max_count = None if k == F else 16 * k * B + 64
+    cand, count = _emit(x, W, bias, MODE_CANDIDATES, capacity=cap, max_count=max_count, tau=tau)
+    if cand is None:
+        STATS["topk_tau_too_low"] += 1
+        if not sampled:  # the cached τ was far too low (the data changed): one retry with a fresh one
+            tau = sample_tau()
+            cand, count = _emit(x, W, bias, MODE_CANDIDATES, capacity=cap, max_count=max_count, tau=tau)
+        if cand is None:  # still too low: every row goes through the exact dense-rows path below
+            cand, count = _Pattern.empty(dev), 0
+    _CAP.put(cap_key, int(1.25 * count) + 64)
+
+    # rank the candidates inside each row by value (descending, stable), then keep the first k
+    n = cand.nnz
+    order = torch.argsort(cand.h, descending=True, stable=True)
+    order = order[torch.argsort(cand.row[order], stable=True)]
+    starts = torch.searchsorted(cand.row, torch.arange(B + 1, device=dev))
+    counts = starts[1:] - starts[:-1]
+    rank = torch.arange(n, device=dev) - starts[:-1][cand.row[order]]
+    kept_pos, _ = torch.sort(order[rank < k])  # back to (row, col) order
+    good = counts >= k
+    kept = cand.take(kept_pos)
+    kept = kept.take(good[kept.row])
+    kth_good = cand.h[order[rank == k - 1]]  # the k-th value of every good row, in row order
+
+    bad = (~good).nonzero().squeeze(1)
+    kth = kth_good
+    if bad.numel() > 0:
+        STATS["topk_dense_rows"] += bad.numel()
+        vals, idx = _dense_topk_rows(x, W, bias, bad, k)
+        kth = torch.cat([kth_good, vals[:, -1]])
+        rb = bad[:, None].expand(-1, k).reshape(-1)
+        extra = _Pattern(rb, idx.reshape(-1).to(torch.int32), vals.reshape(-1))
+        kept = _Pattern.sorted(torch.cat([kept.row, extra.row]), torch.cat([kept.col, extra.col]),
+                               torch.cat([kept.h, extra.h]), F)
+    if k < F:
+        # a low quantile, not the minimum: one outlier row (padding, a BOS token) must not drag τ
+        # down for every row; the ~1 % of rows below it take the dense-rows path
+        lo, mid = torch.quantile(kth.float(), torch.tensor([0.01, 0.5], device=dev)).tolist()
+        tau_next = lo - 0.1 * (mid - lo) - 1e-6 * abs(lo)
+        if math.isfinite(tau_next):  # NaN/inf in h: keep the old τ (the fallbacks stay exact)
+            _TAU.put(key, tau_next)
+    return kept
+
+
+def _batch_topk_pattern(xs, Ws, biases, k, tag) -> list[_Pattern]:
+    """Exactly k·B·L entries over all L layers together, the largest values of h; identical to
+    ``select.batch_topk_layers`` up to ties at the cut. xs[l]: [B, d], Ws[l]: [F, d]."""
+    L = len(xs)
+    B, F = xs[0].shape[0], Ws[0].shape[0]
+    dev = xs[0].device
+    if B == 0:
+        return [_Pattern.empty(dev) for _ in range(L)]
+    want = k * B * L
+    key = _w_key(Ws[0], tag, k, L)
+    cap_key = _w_key(Ws[0], tag, k, L, "cap")
+
+    def sample_tau(factor):
+        rows = _sample_rows(B, 64, dev)
+        hs = torch.cat([_dense_rows(xs[l][rows], Ws[l], biases[l]).reshape(-1) for l in range(L)])
+        return _kth_largest(hs, factor * k * rows.numel() * L + 1) if factor * k < F else -math.inf
+
+    taus = []
+    if k == F:
+        taus = [-math.inf]
+    else:
+        cached = _TAU.get_(key)
+        if cached is not None:
+            taus.append(cached)
+        taus += [("sample", 1.5), ("sample", 4.0)]
+    for attempt, tau in enumerate(taus):
+        if attempt > 0:
+            STATS["batchtopk_retry"] += 1
+        if isinstance(tau, tuple):
+            STATS["sample_tau"] += 1
+            tau = sample_tau(tau[1])
+        cap = _CAP.get_(cap_key) or 2 * want + 64
+        pats, total = [], 0
+        for l in range(L):
+            p, c = _emit(xs[l], Ws[l], biases[l], MODE_CANDIDATES, capacity=cap // L + 64,
+                         max_count=None if k == F else 8 * want + 64, tau=tau)
+            total += c
+            if p is None:
+                break
+            pats.append(p)
+        if len(pats) < L or total < want:
+            continue  # τ too low (too many candidates) or too high (too few): next estimate
+        _CAP.put(cap_key, int(1.25 * total) + 64)
+        return _select_largest(pats, want, key, tau)
+    # exact dense path (rare): h of every layer written densely, one top-k over all of them
+    STATS["batchtopk_dense"] += 1
+    h = torch.cat([_dense_rows(xs[l], Ws[l], biases[l]).reshape(-1) for l in range(L)])
+    vals, idx = torch.topk(h, want, sorted=False)
+    if h.numel() > int(1.5 * want):
+        _TAU.put(key, _kth_largest(h, int(1.5 * want) + 1))
+    del h
+    idx, perm = torch.sort(idx)  # layer-major, then (row, col): CSR order
+    vals = vals[perm]
+    layer, within = idx // (B * F), idx % (B * F)
+    bounds = torch.searchsorted(layer, torch.arange(L + 1, device=dev)).tolist()
+    return [_Pattern(within[bounds[l]:bounds[l + 1]] // F, (within[bounds[l]:bounds[l + 1]] % F).to(torch.int32),
+                     vals[bounds[l]:bounds[l + 1]]) for l in range(L)]
+
+
+def _select_largest(pats, want, key, tau_used: float) -> list[_Pattern]:
+    h = torch.cat([p.h for p in pats])
+    sizes = [p.nnz for p in pats]
+    _, idx = torch.topk(h, want, sorted=False)
+    idx, _ = torch.sort(idx)  # layer-major, then (row, col): CSR order
+    # next τ: the value at rank 1.5·want among this call's candidates when there were that many,
+    # else the τ that worked
+    m = int(1.5 * want)
+    if h.numel() > m:
+        tau_next = _kth_largest(h, m + 1)
+        if math.isfinite(tau_next):
+            _TAU.put(key, tau_next)
+    elif math.isfinite(tau_used):
+        _TAU.put(key, tau_used)
+    out, start = [], 0
+    bounds = torch.tensor([0] + sizes, device=h.device).cumsum(0)
+    for l, p in enumerate(pats):
+        lo, hi = torch.searchsorted(idx, bounds[l:l + 2]).tolist()
+        out.append(p.take(idx[lo:hi] - start))
+        start += sizes[l]
+    return out
+
+
+# ---------------------------------------------------------------------------------- entry points
+def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], *, activation: str,
+           k: Optional[int] = None, threshold: Optional[torch.Tensor] = None, bandwidth: float = 0.01,
+           pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False):
+    """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → SparseCodes of ``act(W_enc (x − pre_bias) + b_enc)``
+    (values in x's dtype), identical to ``fastclt.ops.encode.encode``; with ``return_preacts`` also
+    the dense h: [B, F] (written densely: the documented fallback)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    _check_inputs(x, W_enc, b_enc, threshold, pre_bias)
+    F = W_enc.shape[0]
+    if activation in ("topk", "batchtopk"):
+        if k is None:
+            raise ValueError(f"k: activation {activation!r} needs k")
+        check_k(k, F)
+    if activation == "jumprelu":
+        if threshold is None:
+            raise ValueError(f"threshold: expected [{F}] for 'jumprelu', got None")
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth: expected a positive JumpReLU bandwidth ε, got {bandwidth}")
+    x, W_enc = _inner_contiguous(x), _inner_contiguous(W_enc)
+    bias = _folded_bias(W_enc, b_enc, pre_bias)
+    Wd = W_enc.detach()
+    if return_preacts:
+        h = _DensePreacts.apply(x, W_enc, b_enc, pre_bias, bias)
+        return activate(h, activation, k=k, threshold=threshold, bandwidth=bandwidth), h
+    with torch.no_grad():
+        xd = x.detach()
+        if activation == "relu":
+            pattern = _pattern_threshold_act(xd, Wd, bias, MODE_RELU, None, 0.0)
+        elif activation == "jumprelu":
+            thr = threshold.detach().float().contiguous()
+            pattern = _pattern_threshold_act(xd, Wd, bias, MODE_JUMPRELU, thr, 0.5 * bandwidth)
+        elif activation == "topk":
+            pattern = _topk_pattern(xd, Wd, bias, k, _w_key(Wd, "topk", k))
+        else:
+            pattern = _batch_topk_pattern([xd], [Wd], [bias], k, "batchtopk")[0]
+    return _codes(x, W_enc, b_enc, threshold, pre_bias, pattern, activation, bandwidth,
+                  k if activation == "topk" else None)
+
+
+def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], k: int,
+                  pre_bias: Optional[torch.Tensor] = None) -> list[SparseCodes]:
+    """BatchTopK across layers (CLTs): x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L
+    SparseCodes holding exactly k·B·L entries over all layers together (the largest h, ReLU applied);
+    identical to ``select.batch_topk_layers`` on the stacked h. pre_bias: [d_in] or None."""
+    _check_inputs(x, W_enc, b_enc, None, pre_bias, x_dims=3, w_dims=3)
+    B, L, d = x.shape
+    if W_enc.shape[0] != L:
+        raise ValueError(f"W_enc: expected [L={L}, F, d_in={d}], got {tuple(W_enc.shape)}")
+    F = W_enc.shape[1]
+    check_k(k, F)
+    xs = [_inner_contiguous(x[:, l]) for l in range(L)]
+    Ws = [_inner_contiguous(W_enc[l]) for l in range(L)]
+    bs = [None if b_enc is None else b_enc[l] for l in range(L)]
+    biases = [_folded_bias(Ws[l], bs[l], pre_bias) for l in range(L)]
+    with torch.no_grad():
+        pats = _batch_topk_pattern([t.detach() for t in xs], [w.detach() for w in Ws], biases, k, "layers")
+    return [_codes(xs[l], Ws[l], bs[l], None, pre_bias, pats[l], "batchtopk", 0.01) for l in range(L)]
