@@ -100,6 +100,10 @@ class SparseDictionary(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.impl = "auto"
+        # Tensor parallelism (fastclt.training.parallel.TensorParallel, or None): this module then
+        # holds F/tp features of every layer; selections, partial decodes and feature sums go
+        # through ``self.tp`` so that the result equals the unsharded model's.
+        self.tp = None
         L, F = self.n_layers, cfg.n_features
         dt = _DTYPES[cfg.dtype]
         # Normalisation statistics: xn = (x − mean) / scale (identity until fitted).
@@ -242,7 +246,19 @@ class SparseDictionary(nn.Module):
         x_c = xn.to(cdt)
         W_c, b_c = W_enc.to(cdt), b_enc.to(cdt)
         L = self.n_layers
-        if cfg.activation == "batchtopk" and cfg.batchtopk_across_layers:
+        tp = self.tp
+        if tp is not None and pre_bias is not None:
+            # The pre-bias is replicated; its gradient through the sharded encoder is a partial sum.
+            x_c = tp.copy_in(x_c - pre_bias)
+            pre_bias = None
+        if tp is not None and cfg.activation in ("topk", "batchtopk"):
+            h = torch.stack([ops.preacts(x_c[:, l], W_c[l], b_c[l], pre_bias) for l in range(L)])
+            if cfg.activation == "topk":
+                codes = [tp.topk(h[l], cfg.k) for l in range(L)]
+            else:
+                codes = tp.batch_topk(h, cfg.k, across_layers=getattr(cfg, "batchtopk_across_layers", False))
+            return codes, (list(h.unbind(0)) if need_preacts else None)
+        if cfg.activation == "batchtopk" and getattr(cfg, "batchtopk_across_layers", False):
             h = torch.stack([ops.preacts(x_c[:, l], W_c[l], b_c[l], pre_bias) for l in range(L)])
             codes = ops.batch_topk_layers(h, cfg.k, impl=self.impl)
             return codes, (list(h.unbind(0)) if need_preacts else None)
@@ -318,35 +334,46 @@ class SparseDictionary(nn.Module):
         parts = {"reconstruction": recon}
         total = recon
         norms = None
+        tp = self.tp
         if cfg.activation in ("relu", "jumprelu") and lam > 0:
             norms = self.decoder_norms()
             sp = ops.sparsity_loss(codes, norms, cfg.sparsity, cfg.sparsity_c)
+            if tp is not None:  # a sum over features: add the other shards' parts
+                sp = tp.sum_loss(sp)
             parts["sparsity"] = sp
             total = total + lam * sp
         if need_pre:
             norms = self.decoder_norms() if norms is None else norms
             _, _, theta = self._enc_layers()
             pre = sum(ops.preact_loss(hs[l], theta[l], norms[l]) for l in range(self.n_layers))
+            if tp is not None:
+                pre = tp.sum_loss(pre)
             parts["preact"] = pre
             total = total + lam_p * pre
         if dead_mask is not None and cfg.activation in ("topk", "batchtopk"):
             dead = self._layered_mask(dead_mask)
             aux = self._auxk(xn, yn, y_hat, dead)
             parts["auxk"] = aux
-            parts["dead_fraction"] = dead.float().mean()
+            if tp is not None:
+                parts["dead_fraction"] = tp.sum_detached(dead.float().sum()) / (dead.numel() * tp.size)
+            else:
+                parts["dead_fraction"] = dead.float().mean()
             total = total + cfg.auxk_coef * aux
 
         fired = torch.stack([c.active_features(cfg.n_features) for c in codes])
         if self.training and cfg.activation in ("topk", "batchtopk"):
             self._update_cut_stats(codes)
         l0 = torch.stack([c.l0() for c in codes])
+        if tp is not None:
+            l0 = tp.sum_detached(l0)
         return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
                           skipped_tokens=skipped, parts=parts,
                           per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
 
     def _auxk(self, xn, yn, y_hat, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (SPEC §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip."""
-        n_dead = int(dead.sum())
+        tp = self.tp
+        n_dead = int(dead.sum()) if tp is None else int(tp.sum_detached(dead.sum()))
         if n_dead == 0:
             return y_hat.new_zeros((), dtype=torch.float32)
         cdt = self._compute_dtype()
@@ -355,8 +382,10 @@ class SparseDictionary(nn.Module):
         # b_dec enters an SAE's encoder as a pre-bias; AuxK must not train it through that path either.
         pre_bias = None if pre_bias is None else pre_bias.detach().to(cdt)
         k_aux = self.cfg.effective_k_aux
-        aux_codes = [ops.auxk_select(xn[:, l].to(cdt), W_enc[l].to(cdt), b_enc[l].to(cdt), dead[l], k_aux,
-                                     pre_bias, impl=self.impl) for l in range(self.n_layers)]
+        select = ops.auxk_select if tp is None else tp.auxk_select
+        kw = {"impl": self.impl} if tp is None else {}
+        aux_codes = [select(xn[:, l].to(cdt), W_enc[l].to(cdt), b_enc[l].to(cdt), dead[l], k_aux, pre_bias, **kw)
+                     for l in range(self.n_layers)]
         e_hat = self._decode_n(aux_codes, None, bias=False)
         residual = (yn - y_hat).detach()
         return ops.auxk_loss(e_hat, residual, yn, n_dead / self.n_layers, k_aux)
@@ -380,13 +409,16 @@ class SparseDictionary(nn.Module):
         for l, c in enumerate(codes):
             v = c.value.detach().float()
             pos = v > 0
-            cuts.append(v[pos].min() if bool(pos.any()) else v.new_zeros(()))
+            cuts.append(v[pos].min() if bool(pos.any()) else v.new_full((), float("inf")))
             fmin = torch.full((F,), float("inf"), device=v.device)
             fmin.scatter_reduce_(0, c.index.long()[pos], v[pos], reduce="amin")
             seen = torch.isfinite(fmin)
             self.feature_cut_sum[l] += torch.where(seen, fmin, torch.zeros_like(fmin))
             self.feature_cut_count[l] += seen.long()
         cut = torch.stack(cuts)
+        if self.tp is not None:  # the smallest kept value over all shards
+            cut = self.tp.min_detached(cut)
+        cut = torch.where(torch.isfinite(cut), cut, torch.zeros_like(cut))
         first = self.cut_steps == 0
         self.cut_mean.copy_(torch.where(first, cut, momentum * self.cut_mean + (1 - momentum) * cut))
         self.cut_steps += 1
@@ -416,6 +448,15 @@ class SparseDictionary(nn.Module):
         with torch.no_grad():
             new._parameters["threshold"].copy_(theta.reshape(new._parameters["threshold"].shape))
         return new
+
+    # ------------------------------------------------------ tensor parallel
+    def feature_axes(self) -> dict:
+        """{state_dict key: the axis that indexes features, or None when replicated}: how a tensor-
+        parallel shard (F/tp features of every layer) slices and merges this model's state."""
+        return {name: self._feature_axis(name) for name in self.state_dict()}
+
+    def _feature_axis(self, name: str) -> Optional[int]:
+        raise NotImplementedError
 
     # ---------------------------------------------------------- save / load
     def save_pretrained(self, path: Union[str, Path]) -> None:

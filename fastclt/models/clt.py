@@ -114,13 +114,27 @@ class CrossLayerTranscoder(SparseDictionary):
             W_dec = self.W_dec.to(cdt)
         off = self.feature_offset if cfg.feature_affine else None
         scale = self.feature_scale if cfg.feature_affine else None
-        y = ops.clt_decode(codes, W_dec, cfg.decoder_tying, self.b_dec.to(cdt) if bias else None, off, scale,
-                           impl=self.impl)
+        if self.tp is None:
+            y = ops.clt_decode(codes, W_dec, cfg.decoder_tying, self.b_dec.to(cdt) if bias else None, off, scale,
+                               impl=self.impl)
+        else:  # this shard's features: a partial sum over features, then b_dec once
+            y = self.tp.reduce_partial(ops.clt_decode(codes, W_dec, cfg.decoder_tying, None, off, scale,
+                                                      impl=self.impl))
+            if bias:
+                y = y + self.b_dec.to(y.dtype)
         if bias and cfg.skip_connection:
             if xn is None:
                 raise ValueError("x: this model has a skip connection; decode(codes, x=x) needs x")
             y = y + torch.einsum("bli,loi->blo", xn.to(cdt), self.W_skip.to(cdt))
         return y
+
+    def _feature_axis(self, name: str) -> Optional[int]:
+        if name.startswith("W_dec."):  # untied: W_dec.{s} is [F, L − s, d_out]
+            return 0
+        if name in ("W_enc", "b_enc", "threshold", "log_threshold", "W_dec", "feature_offset", "feature_scale",
+                    "feature_cut_sum", "feature_cut_count"):
+            return 1
+        return None
 
     # ------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -181,6 +195,11 @@ class CrossLayerTranscoder(SparseDictionary):
     def encode(self, x: torch.Tensor) -> list:
         """x: [B, L, d_in] → list of L SparseCodes (token-major CSR over F features)."""
         return super().encode(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, d_in] → ŷ: [B, L, d_out] (a PLT also maps [B, d_in] → [B, d_out])."""
+        y = super().forward(x)
+        return y[:, 0] if x.dim() == 2 else y
 
     def decode(self, codes: list, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """codes: L SparseCodes → ŷ: [B, L, d_out] (x: [B, L, d_in], needed only for the skip term)."""

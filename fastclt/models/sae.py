@@ -72,8 +72,20 @@ class SparseAutoencoder(SparseDictionary):
         if len(codes) != 1:
             raise ValueError(f"codes: an SAE decodes one SparseCodes, got {len(codes)}")
         cdt = self._compute_dtype()
-        y = ops.sparse_decode(codes[0], self.W_dec.to(cdt), self.b_dec.to(cdt) if bias else None, impl=self.impl)
+        if self.tp is None:
+            y = ops.sparse_decode(codes[0], self.W_dec.to(cdt), self.b_dec.to(cdt) if bias else None, impl=self.impl)
+        else:  # this shard's features: a partial sum over features, then b_dec once
+            y = self.tp.reduce_partial(ops.sparse_decode(codes[0], self.W_dec.to(cdt), None, impl=self.impl))
+            if bias:
+                y = y + self.b_dec.to(y.dtype)
         return y.unsqueeze(1)
+
+    def _feature_axis(self, name: str) -> Optional[int]:
+        if name in ("W_enc", "b_enc", "W_dec", "threshold", "log_threshold"):
+            return 0
+        if name in ("feature_cut_sum", "feature_cut_count"):
+            return 1
+        return None
 
     # ---------------------------------------------------- training helpers
     @torch.no_grad()

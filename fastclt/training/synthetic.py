@@ -1,0 +1,75 @@
+"""Synthetic activations with planted features: a CLT-shaped generative model.
+
+Source layer s has ``n_true`` features. Feature (s, i) is active on a token with probability
+p = true_l0 / n_true, with magnitude m ~ Uniform(0.5, 1.5); it writes ``m · e_{s,i}`` to the input
+x_s and ``m · u_{s,i,t}`` to the target y_t of every layer t ≥ s:
+
+    x_s = Σ_i m_{s,i} e_{s,i} + noise            e_{s,i}: unit [d_in]
+    y_t = Σ_{s≤t} Σ_i m_{s,i} u_{s,i,t} + noise   u_{s,i}: [L − s, d_out], unit over all its targets
+
+so an untied CLT with a feature per planted one reconstructs y exactly. ``true_decoder(s)`` gives
+the planted u_{s,·} ([n_true, L − s, d_out]) and ``mmcs(model)`` the mean over planted features of
+the best cosine similarity with a learned decoder direction ``model.decoder_weight(s)`` (for an
+SAE — kind "sae" — x = y on one layer and the planted directions are e).
+
+Batch ``i`` of data-parallel rank ``r`` is a pure function of (seed, r, i): resuming needs only
+the batch counter, and every tensor-parallel rank of one dp group draws the same batch.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SyntheticActivations", "mmcs"]
+
+
+class SyntheticActivations:
+    def __init__(self, n_layers: int, d_in: int, d_out: int, n_true: int, true_l0: float, noise: float,
+                 seed: int = 0, kind: str = "clt") -> None:
+        self.L, self.d_in, self.d_out, self.n_true = n_layers, d_in, d_out, n_true
+        self.p = min(1.0, true_l0 / n_true)
+        self.noise, self.seed, self.kind = noise, seed, kind
+        g = torch.Generator().manual_seed(10_000_019 * seed + 17)
+        E = torch.randn(n_layers, n_true, d_in, generator=g)
+        self.E = E / E.norm(dim=-1, keepdim=True)
+        self.U = []
+        for s in range(n_layers):
+            U = torch.randn(n_true, n_layers - s, d_out, generator=g)
+            self.U.append(U / U.flatten(1).norm(dim=1)[:, None, None])
+
+    def batch(self, index: int, batch_size: int, dp_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (x [B, L, d_in], y [B, L, d_out]) fp32 on the CPU (y is x for kind "sae")."""
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + dp_rank) * 1_000_000_007 + index) % (2 ** 62))
+        B, L = batch_size, self.L
+        active = torch.rand(B, L, self.n_true, generator=g) < self.p
+        mag = 0.5 + torch.rand(B, L, self.n_true, generator=g)
+        a = active * mag
+        x = torch.einsum("bsi,sid->bsd", a, self.E)
+        x = x + self.noise * torch.randn(x.shape, generator=g)
+        if self.kind == "sae":
+            return x, x
+        y = torch.zeros(B, L, self.d_out)
+        for s in range(L):
+            y[:, s:] += torch.einsum("bi,itd->btd", a[:, s], self.U[s])
+        y = y + self.noise * torch.randn(y.shape, generator=g)
+        return x, y
+
+    def true_decoder(self, s: int) -> torch.Tensor:
+        """[n_true, L − s, d_out] planted decoder directions of source s (SAE: [n_true, 1, d_in])."""
+        if self.kind == "sae":
+            return self.E[s].unsqueeze(1)
+        return self.U[s]
+
+
+@torch.no_grad()
+def mmcs(model, source: SyntheticActivations) -> tuple[float, list]:
+    """Mean over planted features of max cosine similarity with the learned decoder rows →
+    (mean over all layers, per-layer list). The model must be the full (merged) one."""
+    per_layer = []
+    n_layers = 1 if source.kind == "sae" else source.L
+    for s in range(n_layers):
+        true = source.true_decoder(s).flatten(1).double()
+        learned = model.decoder_weight(s).detach().flatten(1).double().cpu()
+        true = true / true.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        learned = learned / learned.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        per_layer.append(float((true @ learned.T).max(1).values.mean()))
+    return sum(per_layer) / len(per_layer), per_layer
