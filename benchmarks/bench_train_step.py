@@ -1,0 +1,235 @@
+"""End-to-end training step: ``model.loss(x, y).loss.backward()`` then ``torch.optim.Adam.step()``,
+through the public API (SPEC §8), for
+
+    sae-topk                      fastclt.SparseAutoencoder, TopK            (shapes with "sae")
+    plt-jumprelu                  fastclt.CrossLayerTranscoder, n_layers=1   (shapes with "sae")
+    clt-<tying>-<activation>      tying none | per_source | per_target,
+                                  activation batchtopk | jumprelu            (shapes with "clt")
+
+Implementations are compared through the environment: ``FASTCLT_IMPL=reference`` (every op eager)
+against ``FASTCLT_IMPL=auto`` (the kernels), set and restored around each step by ``fastclt_impl``.
+``eai-sparsify``'s TopK SAE runs beside sae-topk when ``import sparsify`` works. Adam is fused on
+a GPU (``fused=True``), the default (foreach) implementation on a CPU.
+Parameters are fp32; on a GPU the loss runs under ``torch.autocast(bfloat16)`` (as sparsify's
+forward does itself), on a CPU in fp32. JumpReLU thresholds are set so that about k features per
+token fire on the benchmark's data, so that both activations do comparable sparse work.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from benchmarks.harness import Case
+from benchmarks.shapes import Shape
+
+__all__ = ["fastclt_impl", "train_cases", "sparsify_available", "TRAIN_IMPLS"]
+
+TRAIN_IMPLS = ("reference", "auto")
+SPARSIFY = "eai-sparsify"
+
+
+@contextlib.contextmanager
+def fastclt_impl(impl: str) -> Iterator[None]:
+    """Set ``FASTCLT_IMPL`` for the duration of the block and restore what was there before."""
+    old = os.environ.get("FASTCLT_IMPL")
+    os.environ["FASTCLT_IMPL"] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTCLT_IMPL", None)
+        else:
+            os.environ["FASTCLT_IMPL"] = old
+
+
+def _adam(params, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused on a GPU: one kernel, no full-size temporaries (the untied gpt2-clt has 2.3G
+    parameters). The same optimizer for every implementation and for eai-sparsify."""
+    return torch.optim.Adam(params, lr=1e-4, fused=device.type == "cuda")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _variants(s: Shape) -> list[tuple[str, str, str]]:
+    """(family, activation, tying) for the shape's model families."""
+    out = []
+    if "sae" in s.models:
+        out += [("sae", "topk", ""), ("plt", "jumprelu", "")]
+    if "clt" in s.models:
+        out += [("clt", act, tying) for tying in ("none", "per_source", "per_target") for act in ("batchtopk", "jumprelu")]
+    return out
+
+
+def _name(family: str, act: str, tying: str) -> str:
+    return f"{family}-{tying}-{act}" if tying else f"{family}-{act}"
+
+
+def _n_params(family: str, tying: str, s: Shape) -> int:
+    L = s.L if family == "clt" else 1
+    enc = L * s.F * s.d
+    dec = s.F * s.d * (L * (L + 1) // 2 if tying == "none" else L)
+    return enc + dec + L * (s.F + 2 * s.d)
+
+
+def _missing_api() -> Optional[str]:
+    try:
+        import fastclt
+    except Exception as e:  # the package itself is broken: every row says why
+        return f"import fastclt failed: {type(e).__name__}: {e}"
+    missing = [n for n in ("SAEConfig", "SparseAutoencoder", "CLTConfig", "CrossLayerTranscoder") if not hasattr(fastclt, n)]
+    return f"fastclt has no {', '.join(missing)} yet (fastclt.models)" if missing else None
+
+
+def sparsify_available(device: torch.device) -> Optional[str]:
+    """None when eai-sparsify imports, else the reason. On a CPU its Triton decoder is disabled
+    (SPARSIFY_DISABLE_TRITON=1, its own switch) so that it runs its eager embedding_bag path."""
+    if device.type != "cuda":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    try:
+        import sparsify  # noqa: F401
+    except Exception as e:
+        return f"eai-sparsify not importable ({type(e).__name__}: {str(e)[:80]})"
+    if device.type != "cuda":
+        import sparsify.sparse_coder as sc
+        import sparsify.utils as su
+        sc.decoder_impl = su.eager_decode  # in case sparsify was imported before the switch was set
+    return None
+
+
+def _calibrate_threshold(model, x: torch.Tensor, k: int, F: int) -> str:
+    """Set JumpReLU thresholds so that about k of F features fire per token on ``x``."""
+    with torch.no_grad():
+        W = model.W_enc
+        b = model.b_enc
+        if W.dim() == 2:
+            W, b, xs = W[None], b[None], x[:256, None, :]
+        else:
+            xs = x[:256]
+        thr = []
+        for l in range(W.shape[0]):
+            h = (xs[:, l].float() @ W[l].float().T + b[l].float()).flatten()
+            keep = max(1, int(h.numel() * k / F))
+            thr.append(h.topk(keep).values.min().clamp_min(1e-3))
+        thr = torch.stack(thr)
+        for name, log in (("threshold", False), ("log_threshold", True), ("theta", False)):
+            p = getattr(model, name, None)
+            if isinstance(p, torch.Tensor) and p.is_leaf:
+                val = thr.log() if log else thr
+                p.copy_(val.reshape(-1, 1).expand(p.reshape(len(thr), -1).shape).reshape(p.shape).to(p.dtype))
+                return ""
+    return "JumpReLU threshold not calibrated (no leaf threshold attribute)"
+
+
+def _build_fastclt(family: str, act: str, tying: str, s: Shape, device: torch.device, seed: int):
+    import fastclt
+    from benchmarks.bench_ops import _ensure_registered
+    _ensure_registered()
+    g = torch.Generator(device=device).manual_seed(seed)
+    if family == "sae":
+        with torch.device(device):  # initialise on the device: a 2G-parameter CLT is slow on a CPU
+            model = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=s.d, n_features=s.F, activation=act, k=s.k))
+        x = torch.randn(s.B, s.d, generator=g, device=device)
+        y = x
+    else:
+        L = s.L if family == "clt" else 1
+        with torch.device(device):
+            model = fastclt.CrossLayerTranscoder(fastclt.CLTConfig(
+                n_layers=L, d_in=s.d, d_out=s.d, n_features=s.F, activation=act, k=s.k,
+                decoder_tying=tying or "none", skip_connection=False, normalization="none"))
+        x = torch.randn(s.B, L, s.d, generator=g, device=device)
+        y = 0.5 * x + torch.randn(s.B, L, s.d, generator=g, device=device)
+    model = model.to(device)
+    note = _calibrate_threshold(model, x, s.k, s.F) if act == "jumprelu" else ""
+    return model, x, y, note
+
+
+def _resolved(device: torch.device) -> str:
+    """Which impl "auto" picks per op on this device, e.g. "auto: encode=triton, ...". """
+    try:
+        import fastclt.ops as ops
+        parts = []
+        for op in ("encode", "batch_topk", "sparse_decode", "clt_decode"):
+            with contextlib.suppress(Exception):
+                parts.append(f"{op}={ops.resolve(op, 'auto', device)[0]}")
+        return "auto: " + ", ".join(parts)
+    except Exception:
+        return ""
+
+
+def _make_fastclt(family, act, tying, s, device, impl) -> Callable[[int], Callable[[], None]]:
+    def make(seed: int):
+        model, x, y, _ = _build_fastclt(family, act, tying, s, device, seed)
+        opt = _adam(model.parameters(), device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with fastclt_impl(impl):
+                with _autocast(device):
+                    out = model.loss(x, y)
+                out.loss.backward()
+            opt.step()
+        return step
+    return make
+
+
+def _make_sparsify(s: Shape, device: torch.device) -> Callable[[int], Callable[[], None]]:
+    def make(seed: int):
+        import sparsify
+        torch.manual_seed(seed)
+        sae = sparsify.SparseCoder(s.d, sparsify.SparseCoderConfig(num_latents=s.F, k=s.k), device=device,
+                                   dtype=torch.float32)
+        x = torch.randn(s.B, s.d, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+        opt = _adam(sae.parameters(), device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = sae(x)  # its forward autocasts to bf16 on CUDA itself
+            out.fvu.backward()
+            opt.step()
+        return step
+    return make
+
+
+def train_cases(shape: Shape, device: torch.device, *, priority_of: Callable[..., int] = lambda *a: 1) -> list[Case]:
+    """One case per (model variant, impl) of the shape, plus eai-sparsify beside the TopK SAE."""
+    s = shape
+    missing = _missing_api()
+    if not missing:
+        from benchmarks.bench_ops import _ensure_registered
+        _ensure_registered()  # before _resolved() reports what "auto" picks
+    dname = "bf16-autocast" if device.type == "cuda" else "fp32"
+    e = 2 if device.type == "cuda" else 4
+    cases = []
+    for family, act, tying in _variants(s):
+        L = s.L if family == "clt" else 1
+        gather = {"": 1, "none": L * (L + 1) / 2, "per_source": L, "per_target": L * (L + 1) / 2}[tying] if family == "clt" else 1
+        P = _n_params(family, tying, s)
+        # encoder GEMM + sparse encoder backward per layer, decoder gathers fwd (2) + bwd (4)
+        flops = 2.0 * s.B * s.d * s.F * L + 4.0 * s.B * s.k * s.d * L + 6.0 * s.B * s.k * s.d * gather
+        byts = 28.0 * P + 3 * s.B * L * s.d * e
+        need = 16 * P + 16 * s.B * s.F * L  # fp32 param, grad, Adam m, v; ~4 dense [B, F] fp32 buffers per layer (eager)
+        variant = _name(family, act, tying)
+        for impl in TRAIN_IMPLS:
+            note = _resolved(device) if impl == "auto" and not missing else ""
+            cases.append(Case(suite="train", op="train_step", variant=variant, mode="fwd+bwd+adam", shape=s.name,
+                              impl=impl, dtype=dname, flops=flops, bytes=byts, need_bytes=need, rotate=False,
+                              make=None if missing else _make_fastclt(family, act, tying, s, device, impl),
+                              skip=missing, note=note, priority=priority_of("train_step", variant, "", s.name)))
+        if family == "sae":
+            why = sparsify_available(device)
+            P_sp = 2 * s.F * s.d + s.F + s.d
+            cases.append(Case(suite="train", op="train_step", variant=variant, mode="fwd+bwd+adam", shape=s.name,
+                              impl=SPARSIFY, dtype=dname, flops=flops, bytes=28.0 * P_sp + 3 * s.B * s.d * e,
+                              need_bytes=16 * P_sp + 16 * s.B * s.F, rotate=False,
+                              make=None if why else _make_sparsify(s, device), skip=why,
+                              note="" if why else "SparseCoder(num_latents=F, k) and loss = fvu",
+                              priority=priority_of("train_step", variant, "", s.name)))
+    return cases

@@ -1,0 +1,189 @@
+"""The performance goals of the kernel issues, evaluated from result rows.
+
+Each goal names its device type, shape and target; ``evaluate`` returns one dict per goal of the
+run's device type with the measured value (or "not yet measured" and why) and a verdict. A goal
+compares the fastest *kernel* row (impl cuda / triton / cpu) of an op, or the ``auto`` row of a
+training step, with its baseline row; a run without such rows measures nothing for that goal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+__all__ = ["GOALS", "evaluate", "goal_table"]
+
+KERNEL_IMPLS = ("cuda", "triton", "cpu")
+
+
+def _ok(rows, **want) -> list[dict]:
+    out = []
+    for r in rows:
+        if r["status"] != "ok" or not r.get("median_ms"):
+            continue
+        if all((r.get(k) or "").startswith(v[:-1]) if v.endswith("*") else r.get(k) == v for k, v in want.items()):
+            out.append(r)
+    return out
+
+
+def _one(rows, **want) -> Optional[dict]:
+    found = _ok(rows, **want)
+    return min(found, key=lambda r: r["median_ms"]) if found else None
+
+
+def _kernel(rows, **want) -> Optional[dict]:
+    found = [r for r in _ok(rows, **want) if r["impl"] in KERNEL_IMPLS]
+    return min(found, key=lambda r: r["median_ms"]) if found else None
+
+
+Result = tuple[Optional[str], Optional[bool], str]  # (measured, met, why not measured)
+
+
+def _ratio(num: Optional[dict], den: Optional[dict], need_num: str, need_den: str) -> Optional[float]:
+    if num is None or den is None:
+        return None
+    return den["median_ms"] / num["median_ms"]
+
+
+def _missing(*pairs) -> str:
+    return "; ".join(f"no {what} row" for row, what in pairs if row is None)
+
+
+def _encode_vs_gemm(rows, meta) -> Result:
+    k = _kernel(rows, suite="ops", op="encode", variant="topk", mode="fwd", shape="sae-2304")
+    g = _one(rows, suite="ops", op="encode", impl="torch-gemm", variant="topk", mode="fwd", shape="sae-2304")
+    if k is None or g is None:
+        return None, None, _missing((k, "encode kernel (cuda/triton)"), (g, "torch-gemm"))
+    r = g["median_ms"] / k["median_ms"]
+    mem = f", peak extra {k['peak_extra_mb']:.0f} MB" if k.get("peak_extra_mb") is not None else ""
+    return f"{r:.2f}× cuBLAS ({k['impl']} {k['median_ms']:.3g} ms vs {g['median_ms']:.3g} ms{mem})", r >= 0.9, ""
+
+
+def _decode_bw(rows, meta) -> Result:
+    k = _kernel(rows, suite="ops", op="sparse_decode", mode="fwd+bwd", shape="sae-2304")
+    if k is None or not k.get("gbps"):
+        return None, None, "no sparse_decode kernel (cuda/triton) row"
+    frac = k["gbps"] * 1e9 / meta["peak_bw"]
+    return f"{100 * frac:.0f}% of {meta['peak_bw'] / 1e9:.0f} GB/s ({k['impl']}, {k['gbps']:.0f} GB/s)", frac >= 0.7, ""
+
+
+def _step_speedup(variant: str, shape: str, target: float) -> Callable:
+    def f(rows, meta) -> Result:
+        a = _one(rows, suite="train", variant=variant, shape=shape, impl="auto")
+        ref = _one(rows, suite="train", variant=variant, shape=shape, impl="reference")
+        if a is None or ref is None:
+            return None, None, _missing((a, "auto train step"), (ref, "reference train step"))
+        if "=reference" in (a.get("note") or "") and not any(f"={i}" in (a.get("note") or "") for i in KERNEL_IMPLS):
+            return None, None, "auto resolves to the reference for every op here (no kernels registered)"
+        r = ref["median_ms"] / a["median_ms"]
+        return f"{r:.2f}× ({a['median_ms']:.3g} ms vs {ref['median_ms']:.3g} ms)", r >= target, ""
+    return f
+
+
+def _vs_sparsify_memory(rows, meta) -> Result:
+    a = _one(rows, suite="train", variant="sae-topk", shape="sae-2304", impl="auto")
+    sp = _one(rows, suite="train", variant="sae-topk", shape="sae-2304", impl="eai-sparsify")
+    if a is None or sp is None or a.get("peak_extra_mb") is None or sp.get("peak_extra_mb") is None:
+        return None, None, _missing((a, "auto train step"), (sp, "eai-sparsify train step")) or "no memory numbers"
+    tot = lambda r: r["peak_extra_mb"] + (r.get("mem_before_mb") or 0)  # noqa: E731
+    m = tot(a) / tot(sp)
+    t = sp["median_ms"] / a["median_ms"]
+    return (f"memory {m:.2f}× ({tot(a):.0f} vs {tot(sp):.0f} MB), speed {t:.2f}× sparsify",
+            m <= 0.3 and t > 1.0, "")
+
+
+def _topk_vs(op: str, shape: str, base_impl: str, target: float) -> Callable:
+    def f(rows, meta) -> Result:
+        k = _kernel(rows, suite="ops", op=op, shape=shape)
+        b = _one(rows, suite="ops", op=op, shape=shape, impl=base_impl)
+        if k is None or b is None:
+            return None, None, _missing((k, f"{op} kernel"), (b, base_impl))
+        r = b["median_ms"] / k["median_ms"]
+        return f"{r:.1f}× ({k['impl']} {k['median_ms']:.3g} ms vs {b['median_ms']:.3g} ms)", r >= target, ""
+    return f
+
+
+def _btk_vs_read(rows, meta) -> Result:
+    k = _kernel(rows, suite="ops", op="batch_topk", shape="btk-8192")
+    if k is None:
+        return None, None, "no batch_topk kernel row"
+    read_ms = 8192 * 131072 * 2 / meta["peak_bw"] * 1e3
+    r = k["median_ms"] / read_ms
+    return f"{r:.2f}× one read ({k['median_ms']:.3g} ms vs {read_ms:.3g} ms)", r <= 2.0, ""
+
+
+def _decode_vs(base_impl: str, target: float) -> Callable:
+    def f(rows, meta) -> Result:
+        k = _kernel(rows, suite="ops", op="sparse_decode", mode="fwd+bwd", shape="cpu-small")
+        b = _one(rows, suite="ops", op="sparse_decode", mode="fwd+bwd", shape="cpu-small", impl=base_impl)
+        if k is None or b is None:
+            return None, None, _missing((k, "sparse_decode kernel (cpu)"), (b, base_impl))
+        r = b["median_ms"] / k["median_ms"]
+        return f"{r:.1f}× ({k['median_ms']:.3g} ms vs {b['median_ms']:.3g} ms)", r >= target, ""
+    return f
+
+
+def _cpu_step_vs_sparsify(rows, meta) -> Result:
+    a = _one(rows, suite="train", variant="sae-topk", shape="cpu-small", impl="auto")
+    sp = _one(rows, suite="train", variant="sae-topk", shape="cpu-small", impl="eai-sparsify")
+    if a is None or sp is None:
+        return None, None, _missing((a, "auto train step"), (sp, "eai-sparsify train step"))
+    r = sp["median_ms"] / a["median_ms"]
+    return f"{r:.2f}× ({a['median_ms']:.4g} ms vs {sp['median_ms']:.4g} ms)", r >= 1.8, ""
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    device: str  # "cuda" | "cpu"
+    shape: str
+    target: str
+    check: Callable
+
+
+GOALS = [
+    Goal("fused encode fwd vs cuBLAS GEMM", "cuda", "sae-2304", "≥ 0.9× cuBLAS, peak extra memory O(nnz)", _encode_vs_gemm),
+    Goal("sparse decode fwd+bwd bandwidth", "cuda", "sae-2304", "≥ 70% of HBM bandwidth on gathered bytes", _decode_bw),
+    Goal("SAE TopK step vs eager", "cuda", "sae-2304", "≥ 4× eager", _step_speedup("sae-topk", "sae-2304", 4.0)),
+    Goal("SAE TopK step vs eai-sparsify", "cuda", "sae-2304", "≤ 0.3× its peak memory, and faster", _vs_sparsify_memory),
+    Goal("CLT step (untied, BatchTopK) vs eager", "cuda", "gpt2-clt", "≥ 20× eager",
+         _step_speedup("clt-none-batchtopk", "gpt2-clt", 20.0)),
+    Goal("BatchTopK 8192×131072 bf16 vs one read", "cuda", "btk-8192", "≤ 2× one read of h", _btk_vs_read),
+    Goal("BatchTopK 8192×131072 vs torch.topk flattened", "cuda", "btk-8192", "≥ 10× torch.topk",
+         _topk_vs("batch_topk", "btk-8192", "torch.topk-flat", 10.0)),
+    Goal("sparse decode fwd+bwd vs dense eager", "cpu", "cpu-small", "≥ 30× a_dense @ W", _decode_vs("dense-matmul", 30.0)),
+    Goal("sparse decode fwd+bwd vs embedding_bag", "cpu", "cpu-small", "≥ 1.5× embedding_bag",
+         _decode_vs("embedding_bag", 1.5)),
+    Goal("exact BatchTopK [2048, 16384] vs torch.topk flattened", "cpu", "cpu-small", "≥ 10× torch.topk",
+         _topk_vs("batch_topk", "cpu-small", "torch.topk-flat", 10.0)),
+    Goal("TopK SAE step vs eai-sparsify", "cpu", "cpu-small", "≥ 1.8× eai-sparsify", _cpu_step_vs_sparsify),
+]
+
+
+def goal_shapes() -> set[str]:
+    return {g.shape for g in GOALS}
+
+
+def evaluate(rows: list[dict], meta: dict, device_type: str) -> list[dict]:
+    out = []
+    shapes = {r["shape"] for r in rows}
+    for g in GOALS:
+        if g.device != device_type:
+            continue
+        if g.shape not in shapes:
+            measured, met, why = None, None, f"shape {g.shape} not in this run"
+        else:
+            try:
+                measured, met, why = g.check(rows, meta)
+            except Exception as e:  # a malformed row never breaks the report
+                measured, met, why = None, None, f"{type(e).__name__}: {e}"
+        out.append({"goal": g.name, "device": g.device, "shape": g.shape, "target": g.target,
+                    "measured": measured or "not yet measured", "status":
+                    ("met" if met else "not met") if measured else f"not yet measured ({why})"})
+    return out
+
+
+def goal_table(results: list[dict]) -> list[str]:
+    lines = ["| goal | shape | target | measured | status |", "|---|---|---|---|---|"]
+    for g in results:
+        lines.append(f"| {g['goal']} | {g['shape']} | {g['target']} | {g['measured']} | {g['status']} |")
+    return lines

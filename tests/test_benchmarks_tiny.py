@@ -1,0 +1,138 @@
+"""CI keeps the benchmark scripts alive: every suite runs at the ``tiny`` shape on the CPU (through
+``benchmarks.run``, into a temporary folder) and its outputs must exist and be well formed.
+No timing is asserted: this machine's numbers mean nothing here.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from benchmarks import goals
+from benchmarks.bench_ops import OPS
+from benchmarks.bench_train_step import fastclt_impl
+from benchmarks.harness import ROW_FIELDS, read_csv
+from benchmarks.run import main, run_suites
+from benchmarks.shapes import SHAPES, default_shapes, get_shapes
+
+STAMP = ("device", "device_name", "torch", "triton", "cuda", "commit", "date")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run of every suite at the tiny shape on the CPU (one thread: CI machines are shared)."""
+    from benchmarks import bench_ops
+    from fastclt.ops import _dispatch
+    out = tmp_path_factory.mktemp("bench_tiny")
+    threads = torch.get_num_threads()
+    registry = {op: dict(impls) for op, impls in _dispatch._REGISTRY.items()}
+    env = {k: os.environ.get(k) for k in ("FASTCLT_IMPL", "SPARSIFY_DISABLE_TRITON")}
+    torch.set_num_threads(1)
+    try:
+        res = run_suites(["ops", "train"], get_shapes("tiny"), out, device=torch.device("cpu"), quick=True,
+                         log=lambda line: None)
+    finally:  # leave no trace for the tests that run after: threads, registered kernels, environment
+        torch.set_num_threads(threads)
+        _dispatch._REGISTRY.clear()
+        _dispatch._REGISTRY.update(registry)
+        bench_ops._REGISTERED = False
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out, res
+
+
+def test_outputs_exist(tiny_run):
+    out, res = tiny_run
+    for name in ("results.csv", "results.md", "meta.json"):
+        assert (out / name).stat().st_size > 0, name
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for suite in ("ops", "train"):
+        png = out / f"{suite}_tiny.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_csv_well_formed(tiny_run):
+    out, res = tiny_run
+    with open(out / "results.csv", newline="") as f:
+        assert next(csv.reader(f)) == ROW_FIELDS
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == len(res["rows"]) > 0
+    errors = [(r["op"], r["variant"], r["mode"], r["impl"], r["note"]) for r in rows if r["status"] == "error"]
+    assert not errors, f"benchmark cases failed: {errors}"
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r
+        assert all(r[k] for k in STAMP), r
+        if r["status"] == "skipped":
+            assert r["note"], f"a skipped row must say why: {r}"
+            continue
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0, r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+        assert r["n_runs"] >= 1, r
+        if r["flops"] or r["bytes"]:
+            assert r["floor_ms"] > 0 and r["frac_roofline"] > 0, r
+        if r["impl"] == "reference":
+            assert r["speedup_vs_eager"] == pytest.approx(1.0), r
+
+
+def test_every_op_and_model_is_covered(tiny_run):
+    _, res = tiny_run
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    ops_done = {r["op"] for r in ok if r["suite"] == "ops" and r["impl"] == "reference"}
+    assert ops_done == set(OPS)
+    assert {r["impl"] for r in ok if r["op"] == "sparse_decode"} >= {"reference", "dense-matmul", "embedding_bag"}
+    assert {r["variant"] for r in ok if r["op"] == "clt_decode"} == {"none", "per_source", "per_target"}
+    train = {(r["variant"], r["impl"]) for r in ok if r["suite"] == "train"}
+    for variant in ("sae-topk", "plt-jumprelu", "clt-none-batchtopk", "clt-per_source-jumprelu",
+                    "clt-per_target-batchtopk"):
+        assert {(variant, "reference"), (variant, "auto")} <= train, variant
+
+
+def test_meta_and_markdown(tiny_run):
+    out, res = tiny_run
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["peak_flops"] > 0 and meta["peak_bw"] > 0
+    assert all(meta[k] for k in STAMP)
+    assert [g["goal"] for g in meta["goals"]] == [g.name for g in goals.GOALS if g.device == "cpu"]
+    md = (out / "results.md").read_text()
+    assert "## Goals" in md and "## ops — tiny" in md and "## train — tiny" in md
+    assert "% roofline" in md
+
+
+def test_budget_and_cli(tmp_path, capsys):
+    """A spent time budget turns every case into a skipped row with a note, through the CLI."""
+    assert main(["--suite", "ops", "--shapes", "tiny", "--quick", "--device", "cpu", "--budget-s", "0",
+                 "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert rows and all(r["status"] == "skipped" and "budget" in r["note"] for r in rows)
+    assert "| goal |" in capsys.readouterr().out
+
+
+def test_fastclt_impl_restores_env(monkeypatch):
+    monkeypatch.setenv("FASTCLT_IMPL", "auto")
+    with fastclt_impl("reference"):
+        assert os.environ["FASTCLT_IMPL"] == "reference"
+    assert os.environ["FASTCLT_IMPL"] == "auto"
+    monkeypatch.delenv("FASTCLT_IMPL")
+    with pytest.raises(RuntimeError):
+        with fastclt_impl("reference"):
+            raise RuntimeError
+    assert "FASTCLT_IMPL" not in os.environ
+
+
+def test_shapes_table():
+    assert [s.name for s in default_shapes("cpu")] == ["cpu-small"]
+    assert {"gpt2-clt", "sae-2304", "sae-4096"} <= {s.name for s in default_shapes("cuda")}
+    s = SHAPES["gpt2-clt"]
+    assert (s.L, s.d, s.F, s.k, s.B) == (12, 768, 32768, 16, 4096)
+    with pytest.raises(ValueError, match="unknown"):
+        get_shapes("tiny,nope")
