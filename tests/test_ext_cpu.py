@@ -327,23 +327,6 @@ class ExtCases:
         W = torch.randn(21, 4, dtype=torch.float64, device=self.device)
         assert ext_ops.sparse_decode(codes, W).dtype == torch.float64
 
-    # ------------------------------------------------------------------ encoder backward
-    @pytest.mark.parametrize("dtype", DTYPES)
-    def test_sparse_encode_backward(self, dtype):
-        B, F, d_in, k = 11, 57, 20, 4
-        x = torch.randn(B, d_in).to(dtype).to(self.device)
-        W_enc = torch.randn(F, d_in).to(dtype).to(self.device)
-        codes = ext_ops.topk(torch.randn(B, F).to(self.device), k)
-        dh = torch.randn(codes.nnz).to(dtype).to(self.device)
-        dx, dW, db = ext_ops.sparse_encode_backward(codes, dh, x, W_enc)
-        dense = torch.zeros(B, F, dtype=torch.float64)
-        dense[codes.row_ids().cpu(), codes.index.long().cpu()] = dh.double().cpu()
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        assert_close_rel(dW.cpu(), dense.T @ x.double().cpu(), tol, "dW_enc")
-        assert_close_rel(db.cpu(), dense.sum(0), tol, "db_enc")
-        assert_close_rel(dx.cpu(), dense @ W_enc.double().cpu(), tol, "dx")
-        assert dW.dtype == dtype and db.dtype == dtype and dx.dtype == dtype
-
     # ------------------------------------------------------------------- torch.library
     def test_opcheck(self):
         """Schemas, fake (meta) impls and dispatch registrations are consistent (torch.compile-ready)."""

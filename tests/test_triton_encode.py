@@ -11,9 +11,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastclt.ops.triton.encode as tenc  # noqa: E402
-from fastclt.ops.activation import jumprelu_dense  # noqa: E402
+from _encode_cases import (check_csr, check_kept_set, kwargs_for, leaves, make_inputs,  # noqa: E402
+                           oracle_on_set, pattern, rel_rmse, run)
+from _encode_cases import assert_close  # noqa: E402
+from _encode_cases import compare_fp32 as compare  # noqa: E402
 from fastclt.ops.encode import encode as ref_encode  # noqa: E402
-from fastclt.ops.encode import preacts  # noqa: E402
 from fastclt.ops.select import batch_topk_layers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,7 +23,10 @@ ON_GPU = DEVICE == "cuda"
 ODD = (13, 19, 37)  # B, d_in, F
 SIZES = [ODD] + ([(4096, 768, 16384)] if ON_GPU else [])
 ACTS = ["relu", "jumprelu", "topk", "batchtopk"]
-BW = 0.5  # a wide JumpReLU band, so that the tiny tests hold band entries
+
+
+def compare_fp32(act, k, inputs, upstream, allowed_flips=0, keep=()):
+    return compare(tenc.encode, act, k, inputs, upstream, allowed_flips, keep)
 
 
 @pytest.fixture(autouse=True)
@@ -29,108 +34,6 @@ def _fresh_caches():
     tenc.clear_caches()
     yield
     tenc.clear_caches()
-
-
-def make_inputs(B, d, F, dtype, seed=0, pre_bias=False, scale=1.0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g) * scale + shift
-    W = torch.randn(F, d, generator=g) / d ** 0.5
-    b = torch.randn(F, generator=g) * 0.1
-    thr = torch.rand(F, generator=g) * 0.8 + 0.1
-    p = torch.randn(d, generator=g) * 0.5 if pre_bias else None
-    out = dict(x=x, W_enc=W, b_enc=b, threshold=thr, pre_bias=p)
-    return {n: (None if t is None else t.to(DEVICE, dtype)) for n, t in out.items()}
-
-
-def leaves(inputs, dtype=None, keep=()):
-    """Fresh leaf copies of the inputs; the names in ``keep`` are used as they are (persistent
-    leaves, grads reset: the speculative τ is cached by W_enc's address, as for a parameter)."""
-    out = {}
-    for n, t in inputs.items():
-        if n in keep:
-            t.grad = None
-        elif t is not None:
-            t = t.detach().clone()
-            t = t.to(dtype) if dtype is not None else t
-            t.requires_grad_(True)
-        out[n] = t
-    return out
-
-
-def kwargs_for(act, k, inputs):
-    kw = dict(activation=act, pre_bias=inputs["pre_bias"])
-    if act == "jumprelu":
-        kw.update(threshold=inputs["threshold"], bandwidth=BW)
-    if act in ("topk", "batchtopk"):
-        kw.update(k=k)
-    return kw
-
-
-def run(fn, act, k, inputs, upstream):
-    F = inputs["W_enc"].shape[0]
-    codes = fn(inputs["x"], inputs["W_enc"], inputs["b_enc"], **kwargs_for(act, k, inputs))
-    dense = codes.to_dense(F)
-    (dense.double() * upstream).sum().backward()
-    grads = {n: t.grad for n, t in inputs.items() if t is not None and (n != "threshold" or act == "jumprelu")}
-    return codes, dense.detach(), grads
-
-
-def pattern(codes, F):
-    """bool [B, F]: stored entries (band entries included)."""
-    m = torch.zeros(codes.batch_size, F, dtype=torch.bool, device=codes.device)
-    m[codes.row_ids(), codes.index.long()] = True
-    return m
-
-
-def check_csr(codes, F):
-    assert codes.row_ptr[0] == 0 and codes.row_ptr[-1] == codes.nnz
-    assert bool((codes.row_ptr[1:] >= codes.row_ptr[:-1]).all())
-    key = codes.row_ids() * F + codes.index.long()
-    assert bool((key[1:] > key[:-1]).all()), "entries must be sorted by (row, feature), without duplicates"
-    assert not torch.isnan(codes.value).any()
-
-
-def rel_rmse(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
-
-
-def assert_close(name, got, want, tol):
-    err = rel_rmse(got, want)
-    if err > tol:
-        diff = (got.double() - want.double()).abs()
-        worst = diff.flatten().topk(min(5, diff.numel())).indices
-        raise AssertionError(f"{name}: relative RMSE {err:.3g} > {tol:.3g}; worst flat indices {worst.tolist()} "
-                             f"got {got.flatten()[worst].tolist()} want {want.flatten()[worst].tolist()}")
-
-
-def compare_fp32(act, k, inputs, upstream, allowed_flips=0, keep=()):
-    """fp32: the reference's kept set exactly, its values and every gradient. With ``allowed_flips``
-    (real sizes on a GPU, where the GEMMs sum in different orders), a few entries within rounding of
-    a cut may differ; the kernel is then checked against the fp64 reference on its own kept set."""
-    F = inputs["W_enc"].shape[0]
-    tc, td, tg = run(tenc.encode, act, k, leaves(inputs, keep=keep), upstream)
-    tg = {n: g.clone() for n, g in tg.items()}
-    rc, rd, rg = run(ref_encode, act, k, leaves(inputs), upstream)
-    check_csr(tc, F)
-    assert tc.value.dtype == rc.value.dtype
-    if act == "topk":
-        assert tc.k == k
-    assert set(tg) == set(rg)
-    for n in rg:
-        assert tg[n] is not None, f"{n}: no gradient"
-        assert tg[n].dtype == rg[n].dtype and tg[n].shape == rg[n].shape
-    t_set = pattern(tc, F)
-    flips = int((t_set != pattern(rc, F)).sum())
-    assert flips <= allowed_flips, f"{act}: {flips} entries differ from the reference's kept set"
-    if flips > 0:
-        rd, rg, h64 = oracle_on_set(act, inputs, t_set, upstream)
-        check_kept_set(act, k, t_set, h64, inputs["threshold"].double(), 1e-5 * float(h64.abs().max()))
-    assert tc.nnz == int(t_set.sum())
-    assert_close(f"{act} codes", td, rd, 1e-5)
-    for n in rg:
-        assert_close(f"{act} d{n}", tg[n], rg[n], 1e-4)
-    return tc
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -141,42 +44,6 @@ def test_encode_fp32_matches_reference(act, pre_bias, size):
     inputs = make_inputs(B, d, F, torch.float32, pre_bias=pre_bias)
     upstream = torch.randn(B, F, dtype=torch.float64, device=DEVICE)
     compare_fp32(act, 4, inputs, upstream, allowed_flips=0 if not ON_GPU else B * F // 10**5)
-
-
-def oracle_on_set(act, inputs, mask, upstream):
-    """The reference's values and gradients in fp64 on a given kept set ``mask: [B, F]`` (the set
-    itself is checked by ``check_kept_set``): separates rounding error from ties at the cut."""
-    t = leaves(inputs, torch.float64)
-    h = preacts(t["x"], t["W_enc"], t["b_enc"], t["pre_bias"])
-    rows, cols = mask.nonzero(as_tuple=True)
-    hv = h[rows, cols]
-    if act == "jumprelu":
-        v = jumprelu_dense(hv, t["threshold"][cols], BW)
-    else:
-        v = torch.relu(hv)
-    dense = torch.zeros_like(h).index_put((rows, cols), v)
-    (dense * upstream).sum().backward()
-    grads = {n: g.grad for n, g in t.items() if g is not None and (n != "threshold" or act == "jumprelu")}
-    return dense.detach(), grads, h.detach()
-
-
-def check_kept_set(act, k, mask, h, threshold, tol):
-    """mask is a valid kept set of ``act`` for the exact pre-activations h (fp64), up to ``tol``."""
-    B, F = h.shape
-    if act == "relu":
-        assert bool((h[mask] > -tol).all()) and bool((h[~mask] <= tol).all())
-    elif act == "jumprelu":
-        lo = (threshold - BW / 2).expand_as(h)
-        assert bool((h[mask] > lo[mask] - tol).all()) and bool((h[~mask] <= lo[~mask] + tol).all())
-    elif act == "topk":
-        assert bool((mask.sum(1) == k).all())
-        kept_min = h.masked_fill(~mask, float("inf")).min(1).values
-        rest_max = h.masked_fill(mask, float("-inf")).max(1).values
-        assert bool((kept_min >= rest_max - tol).all())
-    else:
-        assert int(mask.sum()) == k * B
-        if k * B < B * F:
-            assert float(h[mask].min()) >= float(h[~mask].max()) - tol
 
 
 @pytest.mark.parametrize("act", ACTS)

@@ -259,9 +259,11 @@ class SparseDictionary(nn.Module):
                 codes = tp.batch_topk(h, cfg.k, across_layers=getattr(cfg, "batchtopk_across_layers", False))
             return codes, (list(h.unbind(0)) if need_preacts else None)
         if cfg.activation == "batchtopk" and getattr(cfg, "batchtopk_across_layers", False):
+            if not need_preacts:  # fused: no dense [L, B, F] kept for autograd
+                return ops.encode_layers(x_c, W_c, b_c, cfg.k, pre_bias, impl=self.impl), None
             h = torch.stack([ops.preacts(x_c[:, l], W_c[l], b_c[l], pre_bias) for l in range(L)])
             codes = ops.batch_topk_layers(h, cfg.k, impl=self.impl)
-            return codes, (list(h.unbind(0)) if need_preacts else None)
+            return codes, list(h.unbind(0))
         codes, hs = [], []
         for l in range(L):
             out = ops.encode(x_c[:, l], W_c[l], b_c[l], activation=cfg.activation, k=cfg.k,

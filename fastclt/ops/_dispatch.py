@@ -2,8 +2,9 @@
 
 Every op registers its implementations here by name. Kernel modules are imported lazily, on the
 first call that needs them, so that ``import fastclt`` never pulls in Triton or the extension.
-``impl="auto"`` takes the first available implementation in the device's preference order;
-the environment variable ``FASTCLT_IMPL`` overrides "auto" (an unavailable choice is an error).
+``impl="auto"`` takes the first available implementation in the device's preference order that
+takes the call's dtype (kernels declare theirs; the references take every float dtype); the
+environment variable ``FASTCLT_IMPL`` overrides "auto" (an unavailable choice is an error).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ HOW_TO_GET = {
 class _Impl:
     target: str  # "module:attribute", imported on first use
     available: Callable[[torch.device], bool]
+    dtypes: Optional[tuple] = None  # the float dtypes it takes (None: all); "auto" skips it for others
     fn: Optional[Callable] = None
 
     def load(self) -> Callable:
@@ -54,11 +56,12 @@ def _always(device: torch.device) -> bool:
     return True
 
 
-def register(op: str, impl: str, target: str, available: Callable[[torch.device], bool] = _always) -> None:
-    """Register ``target`` ("module:attr") as implementation ``impl`` of ``op``."""
+def register(op: str, impl: str, target: str, available: Callable[[torch.device], bool] = _always,
+             dtypes: Optional[tuple] = None) -> None:
+    """Register ``target`` ("module:attr") as implementation ``impl`` of ``op`` (taking ``dtypes``)."""
     if impl not in IMPLS or impl == "auto":
         raise ValueError(f"impl: expected one of {IMPLS[1:]}, got {impl!r}")
-    _REGISTRY.setdefault(op, {})[impl] = _Impl(target, available)
+    _REGISTRY.setdefault(op, {})[impl] = _Impl(target, available, dtypes)
 
 
 def implementations(op: str) -> tuple[str, ...]:
@@ -66,8 +69,9 @@ def implementations(op: str) -> tuple[str, ...]:
     return tuple(_REGISTRY.get(op, {}))
 
 
-def resolve(op: str, impl: str, device: torch.device) -> tuple[str, Callable]:
-    """Return ``(impl_name, fn)`` for ``op`` on ``device``; raise a clear error when unavailable."""
+def resolve(op: str, impl: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> tuple[str, Callable]:
+    """Return ``(impl_name, fn)`` for ``op`` on ``device`` (for inputs of ``dtype``, when given);
+    raise a clear error when unavailable."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     impls = _REGISTRY.get(op)
@@ -82,7 +86,9 @@ def resolve(op: str, impl: str, device: torch.device) -> tuple[str, Callable]:
     if impl == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
             entry = impls.get(name)
-            if entry is not None and entry.available(device):
+            if entry is None or (dtype is not None and entry.dtypes is not None and dtype not in entry.dtypes):
+                continue
+            if entry.available(device):
                 return name, entry.load()
         raise RuntimeError(f"op {op!r}: no implementation available on {device}")
     entry = impls.get(impl)

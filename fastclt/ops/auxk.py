@@ -20,14 +20,25 @@ from fastclt.ops.select import topk
 __all__ = ["auxk_select"]
 
 
+def _check_auxk_args(x: torch.Tensor, W_enc: torch.Tensor, dead_mask: torch.Tensor, k_aux: int) -> None:
+    F = W_enc.shape[0]
+    if not isinstance(dead_mask, torch.Tensor) or dead_mask.shape != (F,) or dead_mask.dtype != torch.bool:
+        got = (f"{dead_mask.dtype} {tuple(dead_mask.shape)}" if isinstance(dead_mask, torch.Tensor)
+               else type(dead_mask).__name__)
+        raise ValueError(f"dead_mask: expected a bool [{F}] tensor, got {got}")
+    if dead_mask.device != x.device:
+        raise ValueError(f"dead_mask: expected a tensor on {x.device} (x's device), got {dead_mask.device}")
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int):
+        raise TypeError(f"k_aux: expected an int, got {type(k_aux).__name__}")
+    if k_aux < 1:
+        raise ValueError(f"k_aux: expected >= 1, got {k_aux}")
+
+
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
                 k_aux: int, pre_bias: Optional[torch.Tensor] = None) -> SparseCodes:
     """See the module docstring. Rows with no dead feature give empty codes."""
+    _check_auxk_args(x, W_enc, dead_mask, k_aux)
     F = W_enc.shape[0]
-    if dead_mask.shape != (F,) or dead_mask.dtype != torch.bool:
-        raise ValueError(f"dead_mask: expected a bool [{F}] tensor, got {dead_mask.dtype} {tuple(dead_mask.shape)}")
-    if k_aux < 1:
-        raise ValueError(f"k_aux: expected >= 1, got {k_aux}")
     dead = dead_mask.nonzero().squeeze(1)
     B = x.shape[0]
     if dead.numel() == 0 or B == 0:

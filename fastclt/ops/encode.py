@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from fastclt.codes import SparseCodes
 from fastclt.ops.activation import jumprelu, relu
-from fastclt.ops.select import batch_topk, check_k, topk
+from fastclt.ops.select import batch_topk, batch_topk_layers, check_k, topk
 
-__all__ = ["ACTIVATIONS", "encode", "preacts", "activate"]
+__all__ = ["ACTIVATIONS", "encode", "encode_layers", "preacts", "activate"]
 
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 
@@ -54,6 +54,32 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
     h = preacts(x, W_enc, b_enc, pre_bias)
     codes = activate(h, activation, k=k, threshold=threshold, bandwidth=bandwidth)
     return (codes, h) if return_preacts else codes
+
+
+def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], k: int,
+                  pre_bias: Optional[torch.Tensor] = None) -> list[SparseCodes]:
+    """BatchTopK across layers (a CLT option): x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F],
+    pre_bias: [d_in] or None → L SparseCodes holding exactly k·B·L entries over all layers together
+    (the largest h of the stacked [L, B, F] pre-activations, ReLU applied)."""
+    L, _ = _check_layers_args(x, W_enc, b_enc, k, pre_bias)
+    h = torch.stack([preacts(x[:, l], W_enc[l], None if b_enc is None else b_enc[l], pre_bias) for l in range(L)])
+    return batch_topk_layers(h, k)
+
+
+def _check_layers_args(x, W_enc, b_enc, k, pre_bias) -> tuple[int, int]:
+    """Shapes of ``encode_layers``' arguments → (L, F)."""
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [B, L, d_in], got shape {tuple(x.shape)}")
+    B, L, d = x.shape
+    if W_enc.dim() != 3 or W_enc.shape[0] != L or W_enc.shape[2] != d:
+        raise ValueError(f"W_enc: expected [L={L}, F, d_in={d}], got shape {tuple(W_enc.shape)}")
+    F = W_enc.shape[1]
+    if b_enc is not None and b_enc.shape != (L, F):
+        raise ValueError(f"b_enc: expected [{L}, {F}], got shape {tuple(b_enc.shape)}")
+    if pre_bias is not None and pre_bias.shape != (d,):
+        raise ValueError(f"pre_bias: expected [{d}], got shape {tuple(pre_bias.shape)}")
+    check_k(k, F)
+    return L, F
 
 
 def _check_encode_args(x, W_enc, b_enc, activation, k, threshold) -> None:

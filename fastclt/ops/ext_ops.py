@@ -1,8 +1,9 @@
 """fastclt._C kernels (C++ on the CPU, CUDA on GPUs) as functional ops with autograd.
 
 Same names, arguments and results as the reference ops (``fastclt.ops.select``,
-``fastclt.ops.decode``); ``register_ext_impls()`` registers them as impl "cpu" and "cuda" of
-"topk", "batch_topk", "batch_topk_layers" and "sparse_decode". The extension is imported on first
+``fastclt.ops.decode``, ``.encode``, ``.auxk``); ``register_ext_impls()`` registers them as impl "cpu"
+and "cuda" of "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "encode", "encode_layers"
+and "auxk_select". The extension is imported on first
 use, so this module imports (and registers) fine when it is not built.
 
 Kernel math and algorithms: csrc/README.md.
@@ -18,7 +19,8 @@ from torch.autograd.function import once_differentiable
 from fastclt.codes import SparseCodes
 
 __all__ = [
-    "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "sparse_encode_backward",
+    "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "encode", "encode_layers",
+    "auxk_select",
     "batch_topk_threshold", "batch_topk_compact", "BatchTopKThreshold", "key_to_float", "register_ext_impls",
 ]
 
@@ -289,23 +291,158 @@ def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch
     return y.view(codes.batch_size, *tail)
 
 
-def sparse_encode_backward(codes: SparseCodes, grad_value: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
-                           need_dx: bool = True):
-    """Encoder backward from sparse upstream gradients, with no dense [B, F] tensor.
+# ------------------------------------------------------------------------------------ encode
+class _ExtKernels:
+    """The sparse encoder backward's sums and gather as fastclt._C kernels (CPU or CUDA; see
+    ``fastclt.ops.sparse_encode.SparseKernels``): ``feature_scatter`` groups entries by feature
+    itself (counting sort, deterministic), so there is no reusable grouping."""
 
-    codes (B rows, pattern of h = x W_encᵀ + b_enc), grad_value: [nnz] dL/dh at the codes' entries,
-    x: [B, d_in], W_enc: [F, d_in] (fp32|bf16) -> (dx [B, d_in] or None, dW_enc [F, d_in], db_enc [F]):
-    dW_enc[f] = sum_{j: index=f} dh[j] x[row(j)], db_enc[f] = sum_{j: index=f} dh[j],
-    dx[b] = sum_j dh[j] W_enc[index[j]]; dW_enc and db_enc in W_enc's dtype, dx in x's."""
-    ops = _ops()
-    row_ptr, index = codes.row_ptr.contiguous(), codes.index.contiguous()
-    x = x.contiguous()
-    grad_w, grad_b = ops.feature_scatter(row_ptr, index, grad_value.to(x.dtype).contiguous(), x, W_enc.shape[0])
-    grad_x = None
-    if need_dx:
-        W = W_enc.contiguous()
-        grad_x = ops.sparse_decode(row_ptr, index, grad_value.to(W.dtype).contiguous(), W, None).to(x.dtype)
-    return grad_x, grad_w.to(W_enc.dtype), grad_b.to(W_enc.dtype)
+    @staticmethod
+    def segments(col, n_features):
+        return None
+
+    @staticmethod
+    def feature_sums(col, coef, n_features, segments):
+        nnz = col.shape[0]
+        per_entry = torch.arange(nnz + 1, dtype=torch.int64, device=col.device)  # each entry its own row
+        ones = torch.ones(nnz, dtype=torch.float32, device=col.device)
+        return _ops().feature_scatter(per_entry, col.contiguous(), ones, coef.float().contiguous(), n_features)[0]
+
+    @staticmethod
+    def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
+        # G in fp32: the kernel takes coef in G's dtype, and dh must not be rounded to bf16 here
+        return _ops().feature_scatter(row_ptr.contiguous(), col.contiguous(), coef.float().contiguous(),
+                                      G.float().contiguous(), n_features)[0]
+
+    @staticmethod
+    def gather(row_ptr, col, coef, W, out_dtype):
+        W = W.detach().contiguous()
+        return _ops().sparse_decode(row_ptr.contiguous(), col.contiguous(), coef.to(W.dtype).contiguous(), W,
+                                    None).to(out_dtype)
+
+
+EXT_KERNELS = _ExtKernels()
+
+
+def _check_encode_weights(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
+                          threshold: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor]) -> None:
+    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("threshold", threshold), ("pre_bias", pre_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got {t.device}")
+    if W_enc.dtype != x.dtype:
+        raise TypeError(f"W_enc: expected x's dtype {x.dtype}, got {W_enc.dtype}")
+
+
+def _pattern(h: torch.Tensor, activation: str, k: Optional[int], threshold: Optional[torch.Tensor],
+             bandwidth: float):
+    """Dense h: [B, F] (no grad) → (row_ptr, row int64, col int32, h fp32 at the entries), sorted by (row, col)."""
+    from fastclt.ops.activation import band_mask
+    from fastclt.ops.sparse_encode import entry_rows
+
+    if activation in ("relu", "jumprelu"):
+        mask = h > 0 if activation == "relu" else band_mask(h, threshold.to(h.dtype), bandwidth)
+        row_ptr, row, col = SparseCodes.pattern_from_mask(mask)
+    else:
+        c = topk(h, k) if activation == "topk" else batch_topk(h, k)
+        row_ptr, col = c.row_ptr, c.index.long()
+        row = entry_rows(row_ptr, col.shape[0])
+    return row_ptr, row, col.to(torch.int32), h[row, col].float()
+
+
+def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], *, activation: str,
+           k: Optional[int] = None, threshold: Optional[torch.Tensor] = None, bandwidth: float = 0.01,
+           pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False):
+    """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → SparseCodes of ``act(W_enc (x − pre_bias) + b_enc)``.
+
+    The encoder GEMM is dense (cuBLAS / the CPU BLAS, outside autograd), the selection is the
+    extension's (exact TopK / BatchTopK), and the backward is the sparse encoder backward
+    (``fastclt.ops.sparse_encode``): no dense [B, F] gradient and no backward GEMM. The dense h is
+    freed once the entries are found. ``return_preacts`` (a loss on h needs it) keeps h in autograd
+    and returns it too. fp16/fp64 inputs go to the reference op. Same codes as the reference."""
+    from fastclt.ops.encode import _check_encode_args, activate, preacts
+    from fastclt.ops.sparse_encode import encode_codes
+
+    _check_encode_args(x, W_enc, b_enc, activation, k, threshold)
+    _check_encode_weights(x, W_enc, b_enc, threshold, pre_bias)
+    if x.dtype not in KERNEL_DTYPES:
+        return _reference("encode", "encode")(x, W_enc, b_enc, activation=activation, k=k, threshold=threshold,
+                                              bandwidth=bandwidth, pre_bias=pre_bias, return_preacts=return_preacts)
+    if activation == "jumprelu" and not bandwidth > 0:
+        raise ValueError(f"bandwidth: expected a positive JumpReLU bandwidth ε, got {bandwidth}")
+    if return_preacts:
+        h = preacts(x, W_enc, b_enc, pre_bias)
+        if activation in ("topk", "batchtopk"):
+            codes = topk(h, k) if activation == "topk" else batch_topk(h, k)
+        else:
+            codes = activate(h, activation, threshold=threshold, bandwidth=bandwidth)
+        return codes, h
+    with torch.no_grad():
+        h = preacts(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
+                    None if pre_bias is None else pre_bias.detach())
+        row_ptr, row, col, h_e = _pattern(h, activation, k, None if threshold is None else threshold.detach(),
+                                          bandwidth)
+        del h
+    return encode_codes(x, W_enc, b_enc, threshold, pre_bias, row_ptr, row, col, h_e, activation, bandwidth,
+                        EXT_KERNELS, k if activation == "topk" else None)
+
+
+def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], k: int,
+                  pre_bias: Optional[torch.Tensor] = None) -> list[SparseCodes]:
+    """BatchTopK across layers: x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L SparseCodes
+    with exactly k·B·L entries over all layers together; one exact radix select over the stacked
+    h (no grad), then the sparse encoder backward per layer. Same codes as the reference."""
+    from fastclt.ops.encode import _check_layers_args, encode_layers as reference, preacts
+    from fastclt.ops.sparse_encode import encode_codes, entry_rows
+
+    L, F = _check_layers_args(x, W_enc, b_enc, k, pre_bias)
+    _check_encode_weights(x, W_enc, b_enc, None, pre_bias)
+    if x.dtype not in KERNEL_DTYPES:
+        return reference(x, W_enc, b_enc, k, pre_bias)
+    with torch.no_grad():
+        pb = None if pre_bias is None else pre_bias.detach()
+        h = torch.stack([preacts(x[:, l].detach(), W_enc[l].detach(), None if b_enc is None else b_enc[l].detach(), pb)
+                         for l in range(L)])
+        sel = batch_topk_layers(h, k)
+        pats = []
+        for l, c in enumerate(sel):
+            col = c.index.long()
+            row = entry_rows(c.row_ptr, col.shape[0])
+            pats.append((c.row_ptr, row, col.to(torch.int32), h[l][row, col].float()))
+        del h, sel
+    return [encode_codes(x[:, l], W_enc[l], None if b_enc is None else b_enc[l], None, pre_bias, *pats[l],
+                         "batchtopk", 0.01, EXT_KERNELS) for l in range(L)]
+
+
+def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
+                k_aux: int, pre_bias: Optional[torch.Tensor] = None) -> SparseCodes:
+    """AuxK (SPEC §4): top min(k_aux, n_dead) of the dead features' pre-activations per row → SparseCodes
+    with global feature ids. Only the dead rows of W_enc are multiplied (no grad); the values carry
+    the sparse encoder backward, so dW_enc is non-zero on dead rows only. Same codes as the reference."""
+    from fastclt.ops.auxk import _check_auxk_args, auxk_select as reference
+    from fastclt.ops.encode import preacts
+    from fastclt.ops.sparse_encode import encode_codes, entry_rows
+
+    _check_auxk_args(x, W_enc, dead_mask, k_aux)
+    _check_encode_weights(x, W_enc, b_enc, None, pre_bias)
+    dead = dead_mask.nonzero().squeeze(1)
+    B, F = x.shape[0], W_enc.shape[0]
+    if x.dtype not in KERNEL_DTYPES or dead.numel() == 0 or B == 0:
+        return reference(x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
+    k = min(k_aux, dead.numel())
+    with torch.no_grad():
+        h = preacts(x.detach(), W_enc.detach()[dead], None if b_enc is None else b_enc.detach()[dead],
+                    None if pre_bias is None else pre_bias.detach())
+        c = topk(h, k)
+        local = c.index.long()
+        row = entry_rows(c.row_ptr, local.shape[0])
+        h_e = h[row, local].float()
+        col = dead[local].to(torch.int32)
+        del h
+    return encode_codes(x, W_enc, b_enc, None, pre_bias, c.row_ptr, row, col, h_e, "topk", 0.01, EXT_KERNELS, k)
 
 
 # ------------------------------------------------------------------------------ registration
@@ -325,6 +462,6 @@ def register_ext_impls() -> None:
     """Register this module's ops as impl "cpu" and "cuda" in fastclt.ops._dispatch."""
     from fastclt.ops._dispatch import register
 
-    for op in ("topk", "batch_topk", "batch_topk_layers", "sparse_decode"):
-        register(op, "cpu", f"fastclt.ops.ext_ops:{op}", _cpu_available)
-        register(op, "cuda", f"fastclt.ops.ext_ops:{op}", _cuda_available)
+    for op in ("topk", "batch_topk", "batch_topk_layers", "sparse_decode", "encode", "encode_layers", "auxk_select"):
+        register(op, "cpu", f"fastclt.ops.ext_ops:{op}", _cpu_available, KERNEL_DTYPES)
+        register(op, "cuda", f"fastclt.ops.ext_ops:{op}", _cuda_available, KERNEL_DTYPES)

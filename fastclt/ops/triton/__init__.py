@@ -15,9 +15,16 @@ __all__ = ["TRITON_IMPLS", "available", "register_triton_impls"]
 
 # (op, "module:attribute") of every Triton implementation; add new ops here.
 TRITON_IMPLS = [
+    ("encode", "fastclt.ops.triton.encode:encode"),
+    ("encode_layers", "fastclt.ops.triton.encode:encode_layers"),
+    ("auxk_select", "fastclt.ops.triton.auxk:auxk_select"),
     ("sparse_decode", "fastclt.ops.triton.sparse_decode:sparse_decode"),
     ("clt_decode", "fastclt.ops.triton.clt_decode:clt_decode"),
 ]
+
+
+# What the Triton kernels take (fp32 accumulation); "auto" sends fp64 to the references.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @lru_cache(maxsize=None)
@@ -42,4 +49,4 @@ def register_triton_impls() -> None:
     from fastclt.ops import _dispatch
 
     for op, target in TRITON_IMPLS:
-        _dispatch.register(op, "triton", target, available=available)
+        _dispatch.register(op, "triton", target, available=available, dtypes=DTYPES)

@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 
 from fastclt.codes import SparseCodes
-from fastclt.ops.triton.encode import (_check_inputs, _codes, _folded_bias, _inner_contiguous, _Pattern,
+from fastclt.ops.auxk import _check_auxk_args
+from fastclt.ops.sparse_encode import folded_bias
+from fastclt.ops.triton.encode import (_check_inputs, _codes, _inner_contiguous, _Pattern,
                                        _topk_pattern, _w_key, available)
 
 __all__ = ["auxk_select", "available"]
@@ -31,17 +33,8 @@ def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tens
                 k_aux: int, pre_bias: Optional[torch.Tensor] = None) -> SparseCodes:
     """See the module docstring. Rows with no dead feature (or B = 0) give empty codes."""
     _check_inputs(x, W_enc, b_enc, None, pre_bias)
+    _check_auxk_args(x, W_enc, dead_mask, k_aux)
     F = W_enc.shape[0]
-    if not isinstance(dead_mask, torch.Tensor) or dead_mask.shape != (F,) or dead_mask.dtype != torch.bool:
-        got = (f"{dead_mask.dtype} {tuple(dead_mask.shape)}" if isinstance(dead_mask, torch.Tensor)
-               else type(dead_mask).__name__)
-        raise ValueError(f"dead_mask: expected a bool [{F}] tensor, got {got}")
-    if dead_mask.device != x.device:
-        raise ValueError(f"dead_mask: expected a tensor on {x.device} (x's device), got {dead_mask.device}")
-    if isinstance(k_aux, bool) or not isinstance(k_aux, int):
-        raise TypeError(f"k_aux: expected an int, got {type(k_aux).__name__}")
-    if k_aux < 1:
-        raise ValueError(f"k_aux: expected >= 1, got {k_aux}")
     B = x.shape[0]
     dead = dead_mask.nonzero().squeeze(1)
     n_dead = dead.numel()
@@ -53,7 +46,7 @@ def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tens
     with torch.no_grad():
         W_dead = W_enc.detach().index_select(0, dead)  # compact [n_dead, d_in]
         b_dead = None if b_enc is None else b_enc.detach().index_select(0, dead)
-        bias = _folded_bias(W_dead, b_dead, pre_bias)
+        bias = folded_bias(W_dead, b_dead, pre_bias)
         local = _topk_pattern(x.detach(), W_dead, bias, k, _w_key(W_enc, "auxk", k, n_dead))
         pattern = _Pattern(local.row, dead[local.col.long()].to(torch.int32), local.h)  # global ids, sorted
     return _codes(x, W_enc, b_enc, None, pre_bias, pattern, "topk", 0.01, k)

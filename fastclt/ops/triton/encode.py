@@ -16,7 +16,7 @@ truncates). The COO is then sorted by ``row·F + col`` (unique keys: determinist
 
 TopK / BatchTopK select exactly among the candidates; see README_encode.md for the speculative
 threshold τ and its fallbacks, which make the result identical to the reference in every case.
-Backward (``_EncodeValue``): ``dh = dvalue·act'(h)`` at the entries, then
+Backward (``fastclt.ops.sparse_encode``, with Triton kernels): ``dh = dvalue·act'(h)`` at the entries, then
 ``dW_enc = feature_scatter(index, row, dh, x − pre_bias)``, ``db_enc[f] = Σ dh``,
 ``dx = sparse_decode(codes with value dh, W_enc)``, ``dθ[f] = Σ dvalue·(−θ/ε)·rect((h − θ)/ε)``,
 ``d pre_bias = −W_encᵀ db_enc``. Only what needs a gradient is computed.
@@ -35,6 +35,7 @@ import triton.language as tl
 from fastclt.codes import SparseCodes
 from fastclt.ops.encode import ACTIVATIONS, activate
 from fastclt.ops.select import check_k
+from fastclt.ops.sparse_encode import encode_codes, folded_bias, vecmat_f32
 from fastclt.ops.triton.sparse_decode import feature_scatter, feature_segments, gather_decode
 
 __all__ = ["encode", "encode_layers", "available"]
@@ -314,75 +315,37 @@ def _w_key(W: torch.Tensor, *extra):
 
 
 # ---------------------------------------------------------------------------- autograd Function
-class _EncodeValue(torch.autograd.Function):
-    """values = act(h) at fixed entries (row, col), differentiable in x, W_enc, b_enc, θ, pre_bias.
-
-    ``h`` (fp32, the kernel's pre-activations at the entries) is an input without gradient: the
-    Function's backward is the sparse encoder backward of SPEC §7."""
+class _TritonKernels:
+    """The grouped-by-feature sums and the gather of the sparse encoder backward, as Triton kernels
+    (``fastclt.ops.sparse_encode.SparseKernels``)."""
 
     @staticmethod
-    def forward(ctx, x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth):
-        if act == "jumprelu":
-            value = h * (h > threshold.float()[col.long()]).float()
-        elif act == "relu":
-            value = h
-        else:  # topk / batchtopk: ReLU applied to the kept values
-            value = torch.relu(h)
-        ctx.save_for_backward(x, W, threshold, pre_bias, row_ptr, row, col, h)
-        ctx.act, ctx.bandwidth = act, bandwidth
-        ctx.b_dtype = None if b is None else b.dtype
-        return value.to(x.dtype)
+    def segments(col, n_features):
+        return feature_segments(col, n_features)
 
     @staticmethod
-    def backward(ctx, dvalue):
-        x, W, threshold, pre_bias, row_ptr, row, col, h = ctx.saved_tensors
-        need_x, need_W, need_b, need_t, need_p = ctx.needs_input_grad[:5]
-        F = W.shape[0]
-        dv = dvalue.float()
-        dx = dW = db = dt = dp = None
-        seg = feature_segments(col, F) if (need_W or need_b or need_t or need_p) else None  # one sort
-        sums = []  # per-feature sums, computed together in one grouped pass: [dh] and/or [dθ terms]
-        if ctx.act == "jumprelu":
-            theta = threshold.float()[col.long()]
-            dh = dv * (h > theta).float()
-        elif ctx.act == "relu":
-            dh = dv
-        else:
-            dh = dv * (h > 0).float()
-        if need_b or need_p:
-            sums.append(dh)
-        if need_t:
-            eps = ctx.bandwidth
-            rect = (((h - theta) / eps).abs() < 0.5).float()
-            sums.append(dv * (-(theta / eps)) * rect)
-        if sums:
-            nnz = col.shape[0]
-            ones = torch.ones(nnz, dtype=torch.float32, device=col.device)
-            entry = torch.arange(nnz, device=col.device)
-            S = feature_scatter(col, entry, ones, torch.stack(sums, 1), F, segments=seg)  # fp32 [F, 1|2]
-            if need_t:
-                dt = S[:, -1].to(threshold.dtype)
-            if need_b or need_p:
-                s_dh = S[:, 0].contiguous()
-                if need_b:
-                    db = s_dh.to(ctx.b_dtype)
-                if need_p:
-                    # the pre-bias trick: reduce over the batch first, then one mat-vec
-                    dp = (-_vecmat_f32(s_dh, W)).to(pre_bias.dtype)
-        if need_x:
-            dx = gather_decode(row_ptr, col, dh, W, out_dtype=x.dtype)
-        if need_W:
-            G = x if pre_bias is None else x.float() - pre_bias.float()
-            dW = feature_scatter(col, row, dh, _inner_contiguous(G), F, segments=seg).to(W.dtype)
-        return dx, dW, db, dt, dp, None, None, None, None, None, None
+    def feature_sums(col, coef, n_features, segments):
+        nnz = col.shape[0]
+        ones = torch.ones(nnz, dtype=torch.float32, device=col.device)
+        entry = torch.arange(nnz, device=col.device)
+        return feature_scatter(col, entry, ones, coef, n_features, segments=segments)
+
+    @staticmethod
+    def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
+        return feature_scatter(col, row, coef, G, n_features, segments=segments)
+
+    @staticmethod
+    def gather(row_ptr, col, coef, W, out_dtype):
+        return gather_decode(row_ptr, col, coef, W, out_dtype=out_dtype)
+
+
+TRITON_KERNELS = _TritonKernels()
 
 
 def _codes(x, W, b, threshold, pre_bias, pattern: _Pattern, act: str, bandwidth: float, k=None) -> SparseCodes:
-    B, F = x.shape[0], W.shape[0]
-    row_ptr = pattern.row_ptr(B)
-    value = _EncodeValue.apply(x, W, b, threshold, pre_bias, row_ptr, pattern.row, pattern.col, pattern.h,
-                               act, bandwidth)
-    return SparseCodes(row_ptr, pattern.col, value, F, k)
+    row_ptr = pattern.row_ptr(x.shape[0])
+    return encode_codes(x, W, b, threshold, pre_bias, row_ptr, pattern.row, pattern.col, pattern.h, act, bandwidth,
+                        TRITON_KERNELS, k)
 
 
 # --------------------------------------------------------------------------- dense pre-activations
@@ -410,7 +373,7 @@ class _DensePreacts(torch.autograd.Function):
         if need_b or need_p:
             s = dh.float().sum(0)
             db = s.to(ctx.b_dtype) if need_b else None
-            dp = (-_vecmat_f32(s, W)).to(pre_bias.dtype) if need_p else None
+            dp = (-vecmat_f32(s, W)).to(pre_bias.dtype) if need_p else None
         return dx, dW, db, dp, None
 
 
@@ -453,34 +416,6 @@ def _check_inputs(x, W, b, threshold=None, pre_bias=None, *, x_dims=2, w_dims=2)
 
 def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-_CHUNK = 8192  # rows of W_enc converted to fp32 at a time (bounds the temporary to 8192·d_in floats)
-
-
-def _matvec_f32(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """W: [F, d] @ v: [d] → fp32 [F], without an fp32 copy of all of W."""
-    v = v.detach().float()
-    return torch.cat([W[i:i + _CHUNK].detach().float() @ v for i in range(0, W.shape[0], _CHUNK)]) \
-        if W.shape[0] > 0 else v.new_zeros(0)
-
-
-def _vecmat_f32(s: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """s: [F] @ W: [F, d] → fp32 [d] (chunks summed in a fixed order: deterministic)."""
-    out = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
-    for i in range(0, W.shape[0], _CHUNK):
-        out += s[i:i + _CHUNK].float() @ W[i:i + _CHUNK].float()
-    return out
-
-
-def _folded_bias(W, b, pre_bias) -> Optional[torch.Tensor]:
-    """b_enc − W_enc·pre_bias in fp32, computed once per call (None when both are absent)."""
-    with torch.no_grad():
-        bias = None if b is None else b.detach().float()
-        if pre_bias is not None:
-            wp = _matvec_f32(W, pre_bias)
-            bias = -wp if bias is None else bias - wp
-        return None if bias is None else bias.contiguous()
 
 
 # ------------------------------------------------------------------------- pattern finders (no grad)
@@ -699,7 +634,7 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
         if not bandwidth > 0:
             raise ValueError(f"bandwidth: expected a positive JumpReLU bandwidth ε, got {bandwidth}")
     x, W_enc = _inner_contiguous(x), _inner_contiguous(W_enc)
-    bias = _folded_bias(W_enc, b_enc, pre_bias)
+    bias = folded_bias(W_enc, b_enc, pre_bias)
     Wd = W_enc.detach()
     if return_preacts:
         h = _DensePreacts.apply(x, W_enc, b_enc, pre_bias, bias)
@@ -733,7 +668,7 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
     xs = [_inner_contiguous(x[:, l]) for l in range(L)]
     Ws = [_inner_contiguous(W_enc[l]) for l in range(L)]
     bs = [None if b_enc is None else b_enc[l] for l in range(L)]
-    biases = [_folded_bias(Ws[l], bs[l], pre_bias) for l in range(L)]
+    biases = [folded_bias(Ws[l], bs[l], pre_bias) for l in range(L)]
     with torch.no_grad():
         pats = _batch_topk_pattern([t.detach() for t in xs], [w.detach() for w in Ws], biases, k, "layers")
     return [_codes(xs[l], Ws[l], bs[l], None, pre_bias, pats[l], "batchtopk", 0.01) for l in range(L)]
