@@ -31,27 +31,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 def _ops():
     import fastclt  # noqa: F401
-    import fastclt.ops as ops
-    _ensure_registered()
+    import fastclt.ops as ops  # registers every kernel implementation the repository ships
     return ops
-
-
-_REGISTERED = False
-
-
-def _ensure_registered() -> None:
-    """Register the kernel packages' implementations (idempotent), in case ``import fastclt`` has
-    not done it: the benchmarks time every implementation the repository ships."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    _REGISTERED = True
-    import importlib
-    for module, fn in (("fastclt.ops.ext_ops", "register_ext_impls"), ("fastclt.ops.triton", "register_triton_impls")):
-        try:
-            getattr(importlib.import_module(module), fn)()
-        except Exception:  # a kernel package that does not import: its impl is simply not listed
-            pass
 
 
 def _elem(dtype: torch.dtype) -> int:

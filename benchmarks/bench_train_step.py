@@ -17,7 +17,6 @@ token fire on the benchmark's data, so that both activations do comparable spars
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Callable, Iterator, Optional
 
@@ -79,15 +78,6 @@ def _n_params(family: str, tying: str, s: Shape) -> int:
     return enc + dec + L * (s.F + 2 * s.d)
 
 
-def _missing_api() -> Optional[str]:
-    try:
-        import fastclt
-    except Exception as e:  # the package itself is broken: every row says why
-        return f"import fastclt failed: {type(e).__name__}: {e}"
-    missing = [n for n in ("SAEConfig", "SparseAutoencoder", "CLTConfig", "CrossLayerTranscoder") if not hasattr(fastclt, n)]
-    return f"fastclt has no {', '.join(missing)} yet (fastclt.models)" if missing else None
-
-
 def sparsify_available(device: torch.device) -> Optional[str]:
     """None when eai-sparsify imports, else the reason. On a CPU its Triton decoder is disabled
     (SPARSIFY_DISABLE_TRITON=1, its own switch) so that it runs its eager embedding_bag path."""
@@ -130,8 +120,6 @@ def _calibrate_threshold(model, x: torch.Tensor, k: int, F: int) -> str:
 
 def _build_fastclt(family: str, act: str, tying: str, s: Shape, device: torch.device, seed: int):
     import fastclt
-    from benchmarks.bench_ops import _ensure_registered
-    _ensure_registered()
     g = torch.Generator(device=device).manual_seed(seed)
     if family == "sae":
         with torch.device(device):  # initialise on the device: a 2G-parameter CLT is slow on a CPU
@@ -201,10 +189,6 @@ def _make_sparsify(s: Shape, device: torch.device) -> Callable[[int], Callable[[
 def train_cases(shape: Shape, device: torch.device, *, priority_of: Callable[..., int] = lambda *a: 1) -> list[Case]:
     """One case per (model variant, impl) of the shape, plus eai-sparsify beside the TopK SAE."""
     s = shape
-    missing = _missing_api()
-    if not missing:
-        from benchmarks.bench_ops import _ensure_registered
-        _ensure_registered()  # before _resolved() reports what "auto" picks
     dname = "bf16-autocast" if device.type == "cuda" else "fp32"
     e = 2 if device.type == "cuda" else 4
     cases = []
@@ -218,11 +202,10 @@ def train_cases(shape: Shape, device: torch.device, *, priority_of: Callable[...
         need = 16 * P + 16 * s.B * s.F * L  # fp32 param, grad, Adam m, v; ~4 dense [B, F] fp32 buffers per layer (eager)
         variant = _name(family, act, tying)
         for impl in TRAIN_IMPLS:
-            note = _resolved(device) if impl == "auto" and not missing else ""
+            note = _resolved(device) if impl == "auto" else ""
             cases.append(Case(suite="train", op="train_step", variant=variant, mode="fwd+bwd+adam", shape=s.name,
                               impl=impl, dtype=dname, flops=flops, bytes=byts, need_bytes=need, rotate=False,
-                              make=None if missing else _make_fastclt(family, act, tying, s, device, impl),
-                              skip=missing, note=note, priority=priority_of("train_step", variant, "", s.name)))
+                              make=_make_fastclt(family, act, tying, s, device, impl), note=note, priority=priority_of("train_step", variant, "", s.name)))
         if family == "sae":
             why = sparsify_available(device)
             P_sp = 2 * s.F * s.d + s.F + s.d

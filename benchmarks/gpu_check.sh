@@ -48,8 +48,6 @@ esac
   timeout -k 5 60 "$PY" - <<'EOF' 2>&1
 import torch
 import fastclt, fastclt.ops as ops
-from benchmarks.bench_ops import _ensure_registered, OPS
-_ensure_registered()
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 for op in ("encode", "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "auxk_select"):
     avail = []

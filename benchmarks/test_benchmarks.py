@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 import fastclt.ops as ops  # noqa: E402
-from benchmarks.bench_ops import _ensure_registered, random_codes  # noqa: E402
+from benchmarks.bench_ops import random_codes  # noqa: E402
 from benchmarks.shapes import SHAPES  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -24,7 +24,6 @@ S = SHAPES["tiny"]
 
 
 def _impls(op: str) -> list[str]:
-    _ensure_registered()
     out = []
     for impl in ops.implementations(op):
         if impl == "triton" and DEVICE.type != "cuda":

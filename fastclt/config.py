@@ -6,7 +6,7 @@ expected. ``to_dict`` / ``from_dict`` round-trip through JSON (``config.json`` o
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = ["CLTConfig", "SAEConfig", "ACTIVATIONS", "TYINGS", "NORMALIZATIONS"]

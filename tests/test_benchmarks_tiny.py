@@ -25,7 +25,6 @@ STAMP = ("device", "device_name", "torch", "triton", "cuda", "commit", "date")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One run of every suite at the tiny shape on the CPU (one thread: CI machines are shared)."""
-    from benchmarks import bench_ops
     from fastclt.ops import _dispatch
     out = tmp_path_factory.mktemp("bench_tiny")
     threads = torch.get_num_threads()
@@ -39,7 +38,6 @@ def tiny_run(tmp_path_factory):
         torch.set_num_threads(threads)
         _dispatch._REGISTRY.clear()
         _dispatch._REGISTRY.update(registry)
-        bench_ops._REGISTERED = False
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)

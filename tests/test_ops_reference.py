@@ -323,7 +323,7 @@ def test_auxk_never_trains_b_dec_and_reaches_the_encoder(gen):
 
 
 def test_auxk_loss_formula(gen):
-    B, d, F, k_aux = 10, 4, 16, 3
+    B, d, k_aux = 10, 4, 3
     y = randn(gen, B, d)
     resid = randn(gen, B, d)
     e_hat = randn(gen, B, d)

@@ -91,7 +91,7 @@ class CrossLayerTranscoder(SparseDictionary):
     def decoder_norms(self) -> torch.Tensor:
         """[L, F] fp32: ‖W_dec,i^s‖ = sqrt(Σ_{t≥s} ‖W^{s→t}[i]‖²), the concatenated norm of SPEC §4
         (including the per-target scale when the feature affine is on)."""
-        tying, L = self.cfg.decoder_tying, self.n_layers
+        tying = self.cfg.decoder_tying
         if tying == "none":
             return torch.stack([W.float().pow(2).sum((1, 2)) for W in self.W_dec]).sqrt()
         row_sq = self.W_dec.float().pow(2).sum(-1)  # [L, F]

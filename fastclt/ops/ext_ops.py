@@ -429,8 +429,7 @@ def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tens
     _check_auxk_args(x, W_enc, dead_mask, k_aux)
     _check_encode_weights(x, W_enc, b_enc, None, pre_bias)
     dead = dead_mask.nonzero().squeeze(1)
-    B, F = x.shape[0], W_enc.shape[0]
-    if x.dtype not in KERNEL_DTYPES or dead.numel() == 0 or B == 0:
+    if x.dtype not in KERNEL_DTYPES or dead.numel() == 0 or x.shape[0] == 0:
         return reference(x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
     k = min(k_aux, dead.numel())
     with torch.no_grad():

@@ -11,7 +11,7 @@ The weighting coefficients (λ, λ_p, the AuxK coefficient) are applied by the c
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -345,7 +345,6 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
     ``fastclt.ops.decode.clt_decode``; differentiable in every codes.value, W_dec, b_dec, offset, scale.
     """
     plan, W_list = _check_clt_args(codes, W_dec, tying, b_dec, feature_offset, feature_scale)
-    L = plan.L
     row_ptrs = tuple(c.row_ptr.contiguous() for c in codes)
     indices = tuple(c.index.contiguous() for c in codes)
     values = [c.value.contiguous() for c in codes]

@@ -57,16 +57,52 @@ def available(device: torch.device) -> bool:
 def _configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
+    return _gpu_configs()
+
+
+def _gpu_configs():
+    """The autotune configs on a GPU, before pruning by shared memory (``prune_configs``);
+    tests/test_triton_compile.py compiles the pruned ones for sm_90 and sm_80."""
     cfgs = []
-    # all fit an H100's 227 KB of shared memory with the split epilogue (checked by compiling for sm_90)
     for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
-                             (64, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 256, 32, 4, 8)]:
+                             (64, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 256, 32, 4, 8), (128, 256, 32, 3, 8),
+                             (128, 128, 32, 4, 8)]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_stages=s, num_warps=w))
     return cfgs
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "MODE"], reset_to_zero=["counter_ptr"])
+def _pipeline_bytes(cfg, elem_bytes: int) -> int:
+    """Shared memory of the software pipeline: num_stages × (x tile + W tile)."""
+    k = cfg.kwargs
+    return cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem_bytes
+
+
+def smem_limit(device) -> int:
+    """Shared memory one block may opt in to on ``device`` (bytes)."""
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit:
+        return int(limit)
+    return {(8, 0): 166912, (9, 0): 232448, (10, 0): 232448}.get((props.major, props.minor), 101376)
+
+
+def prune_configs(configs, elem_bytes: int, limit: int):
+    """The configs whose pipeline fits in ``limit`` bytes of shared memory (fp32 tiles are twice
+    bf16's: the big bf16 tiles do not fit); the smallest one if none does."""
+    keep = [c for c in configs if _pipeline_bytes(c, elem_bytes) <= limit]
+    return keep or [min(configs, key=lambda c: _pipeline_bytes(c, elem_bytes))]
+
+
+def _early_prune(configs, named_args, **kwargs):
+    x = named_args["x_ptr"]
+    if _INTERPRET:
+        return configs
+    return prune_configs(configs, x.element_size(), smem_limit(x.device))
+
+
+@triton.autotune(configs=_configs(), key=["N", "K", "MODE"], reset_to_zero=["counter_ptr"],
+                 prune_configs_by={"early_config_prune": _early_prune})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                     "SPLIT_N": lambda args: 2 if args["BLOCK_N"] >= 128 or _INTERPRET else 1})
 @triton.jit
@@ -92,7 +128,6 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
     n_ok = offs_n < N
     # rows/features past the edge read a valid row (modulo) instead of a masked load, so the main
     # loop loads are unmasked when K % BLOCK_K == 0; their results are dropped by ``valid`` below
