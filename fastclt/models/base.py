@@ -83,6 +83,12 @@ def geometric_median(points: torch.Tensor, iters: int = 64, eps: float = 1e-6) -
     return m.to(points.dtype)
 
 
+def _per_layer(t: torch.Tensor, dim: int = 0) -> tuple:
+    """The slices of ``t`` along ``dim`` as views whose backward writes no full-size zero tensor:
+    a squeeze for one layer (a view both ways), else an unbind (one stack in the backward)."""
+    return (t.squeeze(dim),) if t.shape[dim] == 1 else t.unbind(dim)
+
+
 class SparseDictionary(nn.Module):
     """Base of CrossLayerTranscoder and SparseAutoencoder. Subclasses define the parameters and:
 
@@ -246,6 +252,8 @@ class SparseDictionary(nn.Module):
         x_c = xn.to(cdt)
         W_c, b_c = W_enc.to(cdt), b_enc.to(cdt)
         L = self.n_layers
+        # per-layer views by unbind (one stack in the backward), not by indexing: each ``W_c[l]``
+        # would allocate and zero a full [L, F, d] gradient in the backward (L² traffic)
         tp = self.tp
         if tp is not None and pre_bias is not None:
             # The pre-bias is replicated; its gradient through the sharded encoder is a partial sum.
@@ -265,9 +273,11 @@ class SparseDictionary(nn.Module):
             codes = ops.batch_topk_layers(h, cfg.k, impl=self.impl)
             return codes, list(h.unbind(0))
         codes, hs = [], []
+        xs, Ws, bs = _per_layer(x_c, 1), _per_layer(W_c), _per_layer(b_c)
+        thetas = None if theta is None else _per_layer(theta.to(cdt))
         for l in range(L):
-            out = ops.encode(x_c[:, l], W_c[l], b_c[l], activation=cfg.activation, k=cfg.k,
-                             threshold=None if theta is None else theta[l].to(cdt),
+            out = ops.encode(xs[l], Ws[l], bs[l], activation=cfg.activation, k=cfg.k,
+                             threshold=None if thetas is None else thetas[l],
                              bandwidth=cfg.jumprelu_bandwidth, pre_bias=pre_bias,
                              return_preacts=need_preacts, impl=self.impl)
             if need_preacts:

@@ -54,7 +54,7 @@ class TrainSection:
     device: str = "auto"              # auto | cpu | cuda
     autocast: str = "auto"            # auto (bf16 on CUDA, off on CPU) | bf16 | none
     seed: int = 0                     # model init and data order (dp ranks offset it)
-    impl: str = "auto"                # auto (kernels on CUDA, references on CPU) | cuda | triton | cpu | reference
+    impl: str = "auto"                # auto (Triton/CUDA kernels on GPUs, C++ kernels on CPUs) | cuda | triton | cpu | reference
     eval_batches: int = 8             # batches for the final summary
 
 
