@@ -21,7 +21,7 @@ import torch
 
 from fastclt.codes import SparseCodes
 
-__all__ = ["sparse_decode", "clt_decode", "feature_affine", "TYINGS"]
+__all__ = ["sparse_decode", "clt_decode", "clt_decode_with", "feature_affine", "TYINGS"]
 
 TYINGS = ("none", "per_source", "per_target")
 
@@ -75,6 +75,15 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
     b_dec: [L, d_out] or None (None for AuxK: never add b_dec there);
     feature_offset / feature_scale: [L, F] per target layer (tied only) or None.
     """
+    return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+
+
+def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]],
+                    tying: str, b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
+                    feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``clt_decode`` built from ``decode(codes, W [F, D] or [F, T, d]) -> [B, D] or [B, T, d]``
+    (this module's reference ``sparse_decode``, or a kernel's): L decodes for untied and plain
+    per_source decoders, L(L+1)/2 with the feature affine or per_target tying."""
     if tying not in TYINGS:
         raise ValueError(f"tying: expected one of {TYINGS}, got {tying!r}")
     L = len(codes)
@@ -92,7 +101,7 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
         for s in range(L):
             if W_dec[s].dim() != 3 or W_dec[s].shape[1] != L - s:
                 raise ValueError(f"W_dec[{s}]: expected [F, {L - s}, d_out], got {tuple(W_dec[s].shape)}")
-            parts.append(sparse_decode(codes[s], W_dec[s]))  # [B, L−s, d]
+            parts.append(decode(codes[s], W_dec[s]))  # [B, L−s, d]
         y = _sum_shifted(parts, B, L, d_out)
     else:
         if not isinstance(W_dec, torch.Tensor) or W_dec.dim() != 3 or W_dec.shape[0] != L:
@@ -103,7 +112,7 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
         sc = (lambda t: None) if feature_scale is None else (lambda t: feature_scale[t])
         if tying == "per_source" and not affine:
             # every target t ≥ s receives the same W_dec[s]ᵀ a_s: a prefix sum over sources
-            per_source = torch.stack([sparse_decode(codes[s], W_dec[s]) for s in range(L)], 1)
+            per_source = torch.stack([decode(codes[s], W_dec[s]) for s in range(L)], 1)
             y = per_source.cumsum(1, dtype=_acc_dtype(per_source.dtype)).to(per_source.dtype)
         else:
             outs = []
@@ -111,7 +120,7 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
                 acc = None
                 for s in range(t + 1):
                     W = W_dec[s] if tying == "per_source" else W_dec[t]
-                    part = sparse_decode(feature_affine(codes[s], off(t), sc(t)), W)
+                    part = decode(feature_affine(codes[s], off(t), sc(t)), W)
                     acc = part if acc is None else acc + part
                 outs.append(acc)
             y = torch.stack(outs, 1)

@@ -2,8 +2,8 @@
 
 Same names, arguments and results as the reference ops (``fastclt.ops.select``,
 ``fastclt.ops.decode``, ``.encode``, ``.auxk``); ``register_ext_impls()`` registers them as impl "cpu"
-and "cuda" of "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "encode", "encode_layers"
-and "auxk_select". The extension is imported on first
+and "cuda" of "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "encode",
+"encode_layers" and "auxk_select". The extension is imported on first
 use, so this module imports (and registers) fine when it is not built.
 
 Kernel math and algorithms: csrc/README.md.
@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from fastclt.codes import SparseCodes
 
 __all__ = [
-    "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "encode", "encode_layers",
+    "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "encode", "encode_layers",
     "auxk_select",
     "batch_topk_threshold", "batch_topk_compact", "BatchTopKThreshold", "key_to_float", "register_ext_impls",
 ]
@@ -291,6 +291,17 @@ def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch
     return y.view(codes.batch_size, *tail)
 
 
+def clt_decode(codes, W_dec, tying: str, b_dec: Optional[torch.Tensor] = None,
+               feature_offset: Optional[torch.Tensor] = None,
+               feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CLT decode (``fastclt.ops.decode.clt_decode``: same arguments, same result) from this
+    module's ``sparse_decode``: each source's codes gathered straight from its contiguous decoder
+    block, no [nnz, d] intermediate; backward grouped by feature (deterministic)."""
+    from fastclt.ops.decode import clt_decode_with
+
+    return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+
+
 # ------------------------------------------------------------------------------------ encode
 class _ExtKernels:
     """The sparse encoder backward's sums and gather as fastclt._C kernels (CPU or CUDA; see
@@ -461,6 +472,7 @@ def register_ext_impls() -> None:
     """Register this module's ops as impl "cpu" and "cuda" in fastclt.ops._dispatch."""
     from fastclt.ops._dispatch import register
 
-    for op in ("topk", "batch_topk", "batch_topk_layers", "sparse_decode", "encode", "encode_layers", "auxk_select"):
+    for op in ("topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "encode", "encode_layers",
+               "auxk_select"):
         register(op, "cpu", f"fastclt.ops.ext_ops:{op}", _cpu_available, KERNEL_DTYPES)
         register(op, "cuda", f"fastclt.ops.ext_ops:{op}", _cuda_available, KERNEL_DTYPES)
