@@ -45,7 +45,7 @@ def fastclt_impl(impl: str) -> Iterator[None]:
             os.environ["FASTCLT_IMPL"] = old
 
 
-def _adam(params, device: torch.device) -> torch.optim.Adam:
+def _adam(params) -> torch.optim.Adam:
     """Adam, fused (CUDA and CPU): one pass per parameter, no full-size temporaries (the untied
     gpt2-clt has 2.3G parameters; on a CPU the default foreach path is ~20× slower). The same
     optimizer for every implementation and for eai-sparsify."""
@@ -156,7 +156,7 @@ def _resolved(device: torch.device) -> str:
 def _make_fastclt(family, act, tying, s, device, impl) -> Callable[[int], Callable[[], None]]:
     def make(seed: int):
         model, x, y, _ = _build_fastclt(family, act, tying, s, device, seed)
-        opt = _adam(model.parameters(), device)
+        opt = _adam(model.parameters())
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -176,7 +176,7 @@ def _make_sparsify(s: Shape, device: torch.device) -> Callable[[int], Callable[[
         sae = sparsify.SparseCoder(s.d, sparsify.SparseCoderConfig(num_latents=s.F, k=s.k), device=device,
                                    dtype=torch.float32)
         x = torch.randn(s.B, s.d, generator=torch.Generator(device=device).manual_seed(seed), device=device)
-        opt = _adam(sae.parameters(), device)
+        opt = _adam(sae.parameters())
 
         def step():
             opt.zero_grad(set_to_none=True)

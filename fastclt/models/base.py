@@ -260,7 +260,7 @@ class SparseDictionary(nn.Module):
             x_c = tp.copy_in(x_c - pre_bias)
             pre_bias = None
         if tp is not None and cfg.activation in ("topk", "batchtopk"):
-            h = torch.stack([ops.preacts(x_c[:, l], W_c[l], b_c[l], pre_bias) for l in range(L)])
+            h = ops.preacts_layers(x_c, W_c, b_c, pre_bias)
             if cfg.activation == "topk":
                 codes = [tp.topk(h[l], cfg.k) for l in range(L)]
             else:
@@ -269,7 +269,7 @@ class SparseDictionary(nn.Module):
         if cfg.activation == "batchtopk" and getattr(cfg, "batchtopk_across_layers", False):
             if not need_preacts:  # fused: no dense [L, B, F] kept for autograd
                 return ops.encode_layers(x_c, W_c, b_c, cfg.k, pre_bias, impl=self.impl), None
-            h = torch.stack([ops.preacts(x_c[:, l], W_c[l], b_c[l], pre_bias) for l in range(L)])
+            h = ops.preacts_layers(x_c, W_c, b_c, pre_bias)
             codes = ops.batch_topk_layers(h, cfg.k, impl=self.impl)
             return codes, list(h.unbind(0))
         codes, hs = [], []

@@ -16,14 +16,14 @@ from fastclt.ops import _dispatch
 from fastclt.ops._dispatch import implementations, resolve
 from fastclt.ops.activation import band_mask, jumprelu_dense, jumprelu_step
 from fastclt.ops.decode import TYINGS, feature_affine
-from fastclt.ops.encode import ACTIVATIONS, preacts
+from fastclt.ops.encode import ACTIVATIONS, preacts, preacts_layers
 from fastclt.ops.losses import auxk_loss, fvu, mse, preact_loss, sparsity_loss
 
 __all__ = [
     "SparseCodes", "ACTIVATIONS", "TYINGS",
     "encode", "encode_layers", "relu", "jumprelu", "topk", "batch_topk", "batch_topk_layers",
     "sparse_decode", "clt_decode", "auxk_select",
-    "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts",
+    "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts", "preacts_layers",
     "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss",
     "implementations", "resolve",
 ]

@@ -17,7 +17,7 @@ from fastclt.codes import SparseCodes
 from fastclt.ops.activation import jumprelu, relu
 from fastclt.ops.select import batch_topk, batch_topk_layers, check_k, topk
 
-__all__ = ["ACTIVATIONS", "encode", "encode_layers", "preacts", "activate"]
+__all__ = ["ACTIVATIONS", "encode", "encode_layers", "preacts", "preacts_layers", "activate"]
 
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 
@@ -28,6 +28,13 @@ def preacts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
     if pre_bias is not None:
         x = x - pre_bias.to(x.dtype)
     return F.linear(x, W_enc, b_enc)
+
+
+def preacts_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
+                   pre_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → h: [L, B, F] (dense, layer by layer)."""
+    return torch.stack([preacts(x[:, l], W_enc[l], None if b_enc is None else b_enc[l], pre_bias)
+                        for l in range(x.shape[1])])
 
 
 def activate(h: torch.Tensor, activation: str, *, k: Optional[int] = None,
@@ -61,9 +68,8 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
     """BatchTopK across layers (a CLT option): x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F],
     pre_bias: [d_in] or None → L SparseCodes holding exactly k·B·L entries over all layers together
     (the largest h of the stacked [L, B, F] pre-activations, ReLU applied)."""
-    L, _ = _check_layers_args(x, W_enc, b_enc, k, pre_bias)
-    h = torch.stack([preacts(x[:, l], W_enc[l], None if b_enc is None else b_enc[l], pre_bias) for l in range(L)])
-    return batch_topk_layers(h, k)
+    _check_layers_args(x, W_enc, b_enc, k, pre_bias)
+    return batch_topk_layers(preacts_layers(x, W_enc, b_enc, pre_bias), k)
 
 
 def _check_layers_args(x, W_enc, b_enc, k, pre_bias) -> tuple[int, int]:

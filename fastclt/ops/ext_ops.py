@@ -352,15 +352,13 @@ def _pattern(h: torch.Tensor, activation: str, k: Optional[int], threshold: Opti
              bandwidth: float):
     """Dense h: [B, F] (no grad) → (row_ptr, row int64, col int32, h fp32 at the entries), sorted by (row, col)."""
     from fastclt.ops.activation import band_mask
-    from fastclt.ops.sparse_encode import entry_rows
 
     if activation in ("relu", "jumprelu"):
         mask = h > 0 if activation == "relu" else band_mask(h, threshold.to(h.dtype), bandwidth)
         row_ptr, row, col = SparseCodes.pattern_from_mask(mask)
     else:
         c = topk(h, k) if activation == "topk" else batch_topk(h, k)
-        row_ptr, col = c.row_ptr, c.index.long()
-        row = entry_rows(row_ptr, col.shape[0])
+        row_ptr, col, row = c.row_ptr, c.index.long(), c.row_ids()
     return row_ptr, row, col.to(torch.int32), h[row, col].float()
 
 
@@ -406,22 +404,20 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
     """BatchTopK across layers: x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L SparseCodes
     with exactly k·B·L entries over all layers together; one exact radix select over the stacked
     h (no grad), then the sparse encoder backward per layer. Same codes as the reference."""
-    from fastclt.ops.encode import _check_layers_args, encode_layers as reference, preacts
-    from fastclt.ops.sparse_encode import encode_codes, entry_rows
+    from fastclt.ops.encode import _check_layers_args, encode_layers as reference, preacts_layers
+    from fastclt.ops.sparse_encode import encode_codes
 
     L, F = _check_layers_args(x, W_enc, b_enc, k, pre_bias)
     _check_encode_weights(x, W_enc, b_enc, None, pre_bias)
     if x.dtype not in KERNEL_DTYPES:
         return reference(x, W_enc, b_enc, k, pre_bias)
     with torch.no_grad():
-        pb = None if pre_bias is None else pre_bias.detach()
-        h = torch.stack([preacts(x[:, l].detach(), W_enc[l].detach(), None if b_enc is None else b_enc[l].detach(), pb)
-                         for l in range(L)])
+        h = preacts_layers(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
+                           None if pre_bias is None else pre_bias.detach())
         sel = batch_topk_layers(h, k)
         pats = []
         for l, c in enumerate(sel):
-            col = c.index.long()
-            row = entry_rows(c.row_ptr, col.shape[0])
+            col, row = c.index.long(), c.row_ids()
             pats.append((c.row_ptr, row, col.to(torch.int32), h[l][row, col].float()))
         del h, sel
     return [encode_codes(x[:, l], W_enc[l], None if b_enc is None else b_enc[l], None, pre_bias, *pats[l],
@@ -435,7 +431,7 @@ def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tens
     the sparse encoder backward, so dW_enc is non-zero on dead rows only. Same codes as the reference."""
     from fastclt.ops.auxk import _check_auxk_args, auxk_select as reference
     from fastclt.ops.encode import preacts
-    from fastclt.ops.sparse_encode import encode_codes, entry_rows
+    from fastclt.ops.sparse_encode import encode_codes
 
     _check_auxk_args(x, W_enc, dead_mask, k_aux)
     _check_encode_weights(x, W_enc, b_enc, None, pre_bias)
@@ -447,8 +443,7 @@ def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tens
         h = preacts(x.detach(), W_enc.detach()[dead], None if b_enc is None else b_enc.detach()[dead],
                     None if pre_bias is None else pre_bias.detach())
         c = topk(h, k)
-        local = c.index.long()
-        row = entry_rows(c.row_ptr, local.shape[0])
+        local, row = c.index.long(), c.row_ids()
         h_e = h[row, local].float()
         col = dead[local].to(torch.int32)
         del h

@@ -23,7 +23,7 @@ import torch
 
 from fastclt.codes import SparseCodes
 
-__all__ = ["SparseKernels", "encode_codes", "entry_rows", "matvec_f32", "vecmat_f32", "folded_bias"]
+__all__ = ["SparseKernels", "encode_codes", "matvec_f32", "vecmat_f32", "folded_bias"]
 
 
 class SparseKernels(Protocol):
@@ -71,12 +71,6 @@ def folded_bias(W: torch.Tensor, b: Optional[torch.Tensor], pre_bias: Optional[t
             wp = matvec_f32(W, pre_bias)
             bias = -wp if bias is None else bias - wp
         return None if bias is None else bias.contiguous()
-
-
-def entry_rows(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
-    """int64 [nnz]: the row of every CSR entry."""
-    rows = torch.arange(row_ptr.shape[0] - 1, device=row_ptr.device)
-    return torch.repeat_interleave(rows, row_ptr.diff(), output_size=nnz)
 
 
 class _SparseEncodeValue(torch.autograd.Function):
