@@ -149,3 +149,48 @@ def check_kept_set(act, k, mask, h, threshold, tol):
             assert float(h[mask].min()) >= float(h[~mask].max()) - tol
 
 
+
+
+def check_bf16_vs_fp64(fn, act, k, inputs, upstream):
+    """bf16: the kept set is right up to bf16 rounding, and ``fn``'s error against fp64 on its own
+    kept set is ≤ 2× eager bf16's error on eager's kept set + a floor (codes and every gradient)."""
+    F = inputs["W_enc"].shape[0]
+    tc, td, tg = run(fn, act, k, leaves(inputs), upstream)
+    ec, ed, eg = run(ref_encode, act, k, leaves(inputs), upstream)
+    check_csr(tc, F)
+    assert tc.value.dtype == torch.bfloat16
+    t_set, e_set = pattern(tc, F), pattern(ec, F)
+    rd_t, rg_t, h64 = oracle_on_set(act, inputs, t_set, upstream)
+    rd_e, rg_e, _ = oracle_on_set(act, inputs, e_set, upstream)
+    check_kept_set(act, k, t_set, h64, inputs["threshold"].double(), 2.0 ** -6 * float(h64.abs().max()))
+    floor = 0.01
+    assert rel_rmse(td, rd_t) <= 2 * rel_rmse(ed, rd_e) + floor
+    assert set(tg) == set(eg)
+    for n in rg_t:
+        assert tg[n].dtype == torch.bfloat16, n
+        assert rel_rmse(tg[n], rg_t[n]) <= 2 * rel_rmse(eg[n], rg_e[n]) + floor, n
+
+
+def check_deterministic(fn, act, inputs, upstream):
+    """Two runs of ``fn`` give bit-identical codes and gradients."""
+    c1, _, g1 = run(fn, act, 4, leaves(inputs), upstream)
+    c2, _, g2 = run(fn, act, 4, leaves(inputs), upstream)
+    assert torch.equal(c1.row_ptr, c2.row_ptr) and torch.equal(c1.index, c2.index)
+    assert torch.equal(c1.value, c2.value)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+def check_return_preacts(fn, act, inputs, tol_h, tol_grad):
+    """``return_preacts=True``: the reference's pattern and h, and the gradients of a loss on both."""
+    F = inputs["W_enc"].shape[0]
+    t, r = leaves(inputs), leaves(inputs)
+    tc, th = fn(t["x"], t["W_enc"], t["b_enc"], return_preacts=True, **kwargs_for(act, 3, t))
+    rc, rh = ref_encode(r["x"], r["W_enc"], r["b_enc"], return_preacts=True, **kwargs_for(act, 3, r))
+    assert torch.equal(pattern(tc, F), pattern(rc, F))
+    assert_close("h", th, rh, tol_h)
+    up = torch.randn(tc.batch_size, F, device=th.device)
+    ((tc.to_dense(F) * up).sum() + th.pow(2).sum()).backward()
+    ((rc.to_dense(F) * up).sum() + rh.pow(2).sum()).backward()
+    for n in ("x", "W_enc", "b_enc", "pre_bias"):
+        assert_close(f"d{n}", t[n].grad, r[n].grad, tol_grad)

@@ -10,8 +10,32 @@ import zlib
 import pytest
 import torch
 
+from fastclt import _ext
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# The devices the extension's kernels run on here: the CPU kernels, and CUDA when built and present.
+EXT_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))),
+    pytest.param("cuda", marks=pytest.mark.skipif(not (_ext.has_cuda_ext() and torch.cuda.is_available()),
+                                                  reason="needs the CUDA kernels of fastclt._C and a GPU")),
+]
+
+
+@pytest.fixture(params=EXT_DEVICES)
+def ext_device(request) -> str:
+    """Each device the extension's kernels run on (tests of fastclt.ops.ext_ops)."""
+    return request.param
+
+
+@pytest.fixture
+def poisoned():
+    """fastclt._C outputs start as NaN / -1, so an element a kernel forgets to write fails the test."""
+    _ext._C.set_poison_outputs(True)
+    yield
+    _ext._C.set_poison_outputs(False)
 
 
 @pytest.fixture

@@ -7,28 +7,14 @@ import pytest
 import torch
 
 from _util import assert_close, rel_err
-from fastclt import _ext
 from fastclt.codes import SparseCodes
 from fastclt.ops import ext_ops
 from fastclt.ops.decode import clt_decode as ref_clt_decode
 
-DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))),
-           pytest.param("cuda", marks=pytest.mark.skipif(not (_ext.has_cuda_ext() and torch.cuda.is_available()),
-                                                         reason="needs the CUDA kernels of fastclt._C and a GPU"))]
 CASES = [("none", False), ("per_source", False), ("per_source", True), ("per_target", False), ("per_target", True)]
 B, L, F, d = 13, 3, 37, 19
 
 
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
-@pytest.fixture
-def poisoned():
-    _ext._C.set_poison_outputs(True)
-    yield
-    _ext._C.set_poison_outputs(False)
 
 
 def make(tying, affine, dtype, device, seed):
@@ -79,8 +65,8 @@ def run(fn, tying, codes, W, b, off, sc, up):
 
 
 @pytest.mark.parametrize("tying,affine", CASES)
-def test_clt_decode_fp32_matches_reference(device, tying, affine, poisoned):
-    inputs = make(tying, affine, torch.float32, device, seed=CASES.index((tying, affine)))
+def test_clt_decode_fp32_matches_reference(ext_device, tying, affine, poisoned):
+    inputs = make(tying, affine, torch.float32, ext_device, seed=CASES.index((tying, affine)))
     y, g = run(ext_ops.clt_decode, tying, *inputs)
     ry, rg = run(ref_clt_decode, tying, *inputs)
     assert y.dtype == ry.dtype and y.shape == (B, L, d)
@@ -92,9 +78,9 @@ def test_clt_decode_fp32_matches_reference(device, tying, affine, poisoned):
 
 
 @pytest.mark.parametrize("tying,affine", CASES)
-def test_clt_decode_bf16_error_vs_fp64(device, tying, affine):
+def test_clt_decode_bf16_error_vs_fp64(ext_device, tying, affine):
     """bf16: error against the fp64 reference ≤ 2× eager bf16's + a floor, output and gradients."""
-    inputs = make(tying, affine, torch.bfloat16, device, seed=7)
+    inputs = make(tying, affine, torch.bfloat16, ext_device, seed=7)
     y, g = run(ext_ops.clt_decode, tying, *inputs)
     ey, eg = run(ref_clt_decode, tying, *inputs)
     codes, W, b, off, sc, up = inputs
@@ -108,10 +94,10 @@ def test_clt_decode_bf16_error_vs_fp64(device, tying, affine):
         assert rel_err(g[n], og[n]) <= 2 * rel_err(eg[n], og[n]) + 1e-2, n
 
 
-def test_clt_decode_is_the_default_here(device, monkeypatch):
+def test_clt_decode_is_the_default_here(ext_device, monkeypatch):
     import fastclt.ops as ops
 
     monkeypatch.delenv("FASTCLT_IMPL", raising=False)
-    name, _ = ops.resolve("clt_decode", "auto", torch.device(device), torch.float32)
-    assert name == ("cpu" if device == "cpu" else "triton")
-    assert ops.resolve("clt_decode", "auto", torch.device(device), torch.float64)[0] == "reference"
+    name, _ = ops.resolve("clt_decode", "auto", torch.device(ext_device), torch.float32)
+    assert name == ("cpu" if ext_device == "cpu" else "triton")
+    assert ops.resolve("clt_decode", "auto", torch.device(ext_device), torch.float64)[0] == "reference"

@@ -6,33 +6,18 @@ Runs on the CPU kernels, and on the CUDA kernels when they are built and a GPU i
 import pytest
 import torch
 
-from _encode_cases import (check_csr, check_kept_set, compare_fp32, kwargs_for, leaves, make_inputs, oracle_on_set,
-                           pattern, rel_rmse, run)
+from _encode_cases import (check_bf16_vs_fp64, check_csr, check_deterministic, check_return_preacts, compare_fp32,
+                           kwargs_for, leaves, make_inputs, pattern, rel_rmse)
 from _util import assert_close
-from fastclt import _ext
 from fastclt.ops import ext_ops
 from fastclt.ops.auxk import auxk_select as ref_auxk
 from fastclt.ops.encode import encode as ref_encode
 from fastclt.ops.encode import encode_layers as ref_encode_layers
 
-DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))),
-           pytest.param("cuda", marks=pytest.mark.skipif(not (_ext.has_cuda_ext() and torch.cuda.is_available()),
-                                                         reason="needs the CUDA kernels of fastclt._C and a GPU"))]
 ACTS = ["relu", "jumprelu", "topk", "batchtopk"]
 ODD = (13, 19, 37)  # B, d_in, F: no multiple of anything
 
 
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
-@pytest.fixture
-def poisoned():
-    """Kernel outputs start as NaN / -1, so an element a kernel forgets to write fails the test."""
-    _ext._C.set_poison_outputs(True)
-    yield
-    _ext._C.set_poison_outputs(False)
 
 
 def upstream_for(B, F, device, seed=0):
@@ -41,59 +26,44 @@ def upstream_for(B, F, device, seed=0):
 
 @pytest.mark.parametrize("pre_bias", [False, True])
 @pytest.mark.parametrize("act", ACTS)
-def test_encode_fp32_matches_reference(device, act, pre_bias, poisoned):
+def test_encode_fp32_matches_reference(ext_device, act, pre_bias, poisoned):
     B, d, F = ODD
-    inputs = make_inputs(B, d, F, torch.float32, seed=20, pre_bias=pre_bias, device=device)
-    codes = compare_fp32(ext_ops.encode, act, 4, inputs, upstream_for(B, F, device, 1))
+    inputs = make_inputs(B, d, F, torch.float32, seed=20, pre_bias=pre_bias, device=ext_device)
+    codes = compare_fp32(ext_ops.encode, act, 4, inputs, upstream_for(B, F, ext_device, 1))
     if act == "topk":
         assert codes.k == 4
 
 
 @pytest.mark.parametrize("act", ACTS)
-def test_encode_bf16_error_vs_fp64(device, act):
+def test_encode_bf16_error_vs_fp64(ext_device, act):
     """bf16: the kept set is right up to bf16 rounding, and the error against fp64 on its own kept
     set is ≤ 2× eager bf16's error on eager's kept set + a floor (codes and every gradient)."""
     B, d, F = ODD
-    k = 4
-    inputs = make_inputs(B, d, F, torch.bfloat16, seed=21, pre_bias=True, device=device)
-    upstream = upstream_for(B, F, device, 2)
-    tc, td, tg = run(ext_ops.encode, act, k, leaves(inputs), upstream)
-    ec, ed, eg = run(ref_encode, act, k, leaves(inputs), upstream)
-    check_csr(tc, F)
-    assert tc.value.dtype == torch.bfloat16
-    t_set, e_set = pattern(tc, F), pattern(ec, F)
-    rd_t, rg_t, h64 = oracle_on_set(act, inputs, t_set, upstream)
-    rd_e, rg_e, _ = oracle_on_set(act, inputs, e_set, upstream)
-    check_kept_set(act, k, t_set, h64, inputs["threshold"].double(), 2.0 ** -6 * float(h64.abs().max()))
-    floor = 0.01
-    assert rel_rmse(td, rd_t) <= 2 * rel_rmse(ed, rd_e) + floor
-    assert set(tg) == set(eg)
-    for n in rg_t:
-        assert tg[n].dtype == torch.bfloat16, n
-        assert rel_rmse(tg[n], rg_t[n]) <= 2 * rel_rmse(eg[n], rg_e[n]) + floor, n
+    inputs = make_inputs(B, d, F, torch.bfloat16, seed=21, pre_bias=True, device=ext_device)
+    check_bf16_vs_fp64(ext_ops.encode, act, 4, inputs, upstream_for(B, F, ext_device, 2))
 
 
 @pytest.mark.parametrize("act", ["topk", "batchtopk"])
 @pytest.mark.parametrize("k", [1, ODD[2]])
-def test_k_extremes(device, act, k):
+def test_k_extremes(ext_device, act, k):
     B, d, F = ODD
-    inputs = make_inputs(B, d, F, torch.float32, seed=22, device=device)
-    compare_fp32(ext_ops.encode, act, k, inputs, upstream_for(B, F, device, 3))
+    inputs = make_inputs(B, d, F, torch.float32, seed=22, device=ext_device)
+    compare_fp32(ext_ops.encode, act, k, inputs, upstream_for(B, F, ext_device, 3))
 
 
 @pytest.mark.parametrize("act", ACTS)
-def test_empty_row_and_always_active_feature(device, act):
+def test_empty_row_and_always_active_feature(ext_device, act):
     """Row 0 has no active feature (x = 0, b < θ − ε/2), feature 5 is active in every row."""
     B, d, F = ODD
-    inputs = make_inputs(B, d, F, torch.float32, seed=23, device=device)
-    inputs["b_enc"] = -torch.rand(F, device=device) - 2.0
+    inputs = make_inputs(B, d, F, torch.float32, seed=23, device=ext_device)
+    inputs["b_enc"] = -torch.rand(F, device=ext_device) - 2.0
     inputs["x"][0] = 0
     inputs["W_enc"][5] = 0
     inputs["b_enc"][5] = 3.0
     k = 2
     if act == "batchtopk":  # make the batch's top k·B land in the other rows (some get many)
         inputs["x"][1:] *= 4.0
-    codes = compare_fp32(ext_ops.encode, act, k, inputs, upstream_for(B, F, device, 4))
+    codes = compare_fp32(ext_ops.encode, act, k, inputs, upstream_for(B, F, ext_device, 4))
     if act != "batchtopk":
         assert bool(pattern(codes, F)[:, 5].all())
     if act in ("relu", "jumprelu"):
@@ -103,45 +73,30 @@ def test_empty_row_and_always_active_feature(device, act):
 
 
 @pytest.mark.parametrize("act", ["jumprelu", "batchtopk"])
-def test_deterministic(device, act):
+def test_deterministic(ext_device, act):
     B, d, F = ODD
-    inputs = make_inputs(B, d, F, torch.float32, seed=24, pre_bias=True, device=device)
-    upstream = upstream_for(B, F, device, 5)
-    c1, _, g1 = run(ext_ops.encode, act, 4, leaves(inputs), upstream)
-    c2, _, g2 = run(ext_ops.encode, act, 4, leaves(inputs), upstream)
-    assert torch.equal(c1.row_ptr, c2.row_ptr) and torch.equal(c1.index, c2.index)
-    assert torch.equal(c1.value, c2.value)
-    for n in g1:
-        assert torch.equal(g1[n], g2[n]), n
+    inputs = make_inputs(B, d, F, torch.float32, seed=24, pre_bias=True, device=ext_device)
+    check_deterministic(ext_ops.encode, act, inputs, upstream_for(B, F, ext_device, 5))
 
 
 @pytest.mark.parametrize("act", ["jumprelu", "topk"])
-def test_return_preacts(device, act):
+def test_return_preacts(ext_device, act):
     B, d, F = ODD
-    inputs = make_inputs(B, d, F, torch.float32, seed=25, pre_bias=True, device=device)
-    t, r = leaves(inputs), leaves(inputs)
-    tc, th = ext_ops.encode(t["x"], t["W_enc"], t["b_enc"], return_preacts=True, **kwargs_for(act, 3, t))
-    rc, rh = ref_encode(r["x"], r["W_enc"], r["b_enc"], return_preacts=True, **kwargs_for(act, 3, r))
-    assert torch.equal(pattern(tc, F), pattern(rc, F))
-    assert_close(th, rh, 1e-6, "h")
-    up = torch.randn(B, F, device=device)
-    ((tc.to_dense(F) * up).sum() + th.pow(2).sum()).backward()
-    ((rc.to_dense(F) * up).sum() + rh.pow(2).sum()).backward()
-    for n in ("x", "W_enc", "b_enc", "pre_bias"):
-        assert_close(t[n].grad, r[n].grad, 1e-5, f"d{n}")
+    inputs = make_inputs(B, d, F, torch.float32, seed=25, pre_bias=True, device=ext_device)
+    check_return_preacts(ext_ops.encode, act, inputs, 1e-6, 1e-5)
 
 
-def test_empty_batch(device):
+def test_empty_batch(ext_device):
     _, d, F = ODD
-    t = leaves(make_inputs(0, d, F, torch.float32, device=device))
+    t = leaves(make_inputs(0, d, F, torch.float32, device=ext_device))
     for act in ACTS:
         codes = ext_ops.encode(t["x"], t["W_enc"], t["b_enc"], **kwargs_for(act, 2, t))
         assert codes.batch_size == 0 and codes.nnz == 0 and codes.row_ptr.tolist() == [0]
 
 
-def test_fp64_goes_to_the_reference(device):
+def test_fp64_goes_to_the_reference(ext_device):
     B, d, F = ODD
-    i = make_inputs(B, d, F, torch.float64, seed=26, device=device)
+    i = make_inputs(B, d, F, torch.float64, seed=26, device=ext_device)
     got = ext_ops.encode(i["x"], i["W_enc"], i["b_enc"], activation="topk", k=3)
     want = ref_encode(i["x"], i["W_enc"], i["b_enc"], activation="topk", k=3)
     assert got.value.dtype == torch.float64
@@ -160,14 +115,14 @@ def layers_oracle(x, W, b, p, masks, up):
 
 @pytest.mark.parametrize("pre_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_encode_layers_matches_reference(device, dtype, pre_bias, poisoned):
+def test_encode_layers_matches_reference(ext_device, dtype, pre_bias, poisoned):
     B, d, F, L, k = 11, 19, 37, 3, 3
     g = torch.Generator().manual_seed(27)
-    x = torch.randn(B, L, d, generator=g).to(device, dtype)
-    W = (torch.randn(L, F, d, generator=g) * torch.tensor([0.5, 1.0, 2.0])[:, None, None] / d ** 0.5).to(device, dtype)
-    b = (torch.randn(L, F, generator=g) * 0.1).to(device, dtype)
-    p = (torch.randn(d, generator=g) * 0.3).to(device, dtype) if pre_bias else None
-    up = [torch.randn(B, F, dtype=torch.float64, generator=g).to(device) for _ in range(L)]
+    x = torch.randn(B, L, d, generator=g).to(ext_device, dtype)
+    W = (torch.randn(L, F, d, generator=g) * torch.tensor([0.5, 1.0, 2.0])[:, None, None] / d ** 0.5).to(ext_device, dtype)
+    b = (torch.randn(L, F, generator=g) * 0.1).to(ext_device, dtype)
+    p = (torch.randn(d, generator=g) * 0.3).to(ext_device, dtype) if pre_bias else None
+    up = [torch.randn(B, F, dtype=torch.float64, generator=g).to(ext_device) for _ in range(L)]
     results = []
     for fn in (ext_ops.encode_layers, ref_encode_layers):
         leaves_ = [t.clone().requires_grad_(True) for t in (x, W, b)] + [None if p is None else p.clone().requires_grad_(True)]
@@ -196,11 +151,11 @@ def test_encode_layers_matches_reference(device, dtype, pre_bias, poisoned):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_auxk_select_matches_reference(device, dtype, poisoned):
+def test_auxk_select_matches_reference(ext_device, dtype, poisoned):
     B, d, F, k_aux = 13, 19, 37, 5
-    inputs = make_inputs(B, d, F, dtype, seed=28, pre_bias=True, device=device)
-    dead = torch.arange(F, device=device) % 3 != 1  # 25 dead features
-    up = upstream_for(B, F, device, 7)
+    inputs = make_inputs(B, d, F, dtype, seed=28, pre_bias=True, device=ext_device)
+    dead = torch.arange(F, device=ext_device) % 3 != 1  # 25 dead features
+    up = upstream_for(B, F, ext_device, 7)
     out = []
     for fn in (ext_ops.auxk_select, ref_auxk):
         t = leaves(inputs)
@@ -219,20 +174,20 @@ def test_auxk_select_matches_reference(device, dtype, poisoned):
         assert_close(tg[n], rg[n], tol, f"d{n}")
 
 
-def test_auxk_select_no_dead_and_k_above_n_dead(device):
+def test_auxk_select_no_dead_and_k_above_n_dead(ext_device):
     B, d, F = ODD
-    i = make_inputs(B, d, F, torch.float32, seed=29, device=device)
-    none = ext_ops.auxk_select(i["x"], i["W_enc"], i["b_enc"], torch.zeros(F, dtype=torch.bool, device=device), 4)
+    i = make_inputs(B, d, F, torch.float32, seed=29, device=ext_device)
+    none = ext_ops.auxk_select(i["x"], i["W_enc"], i["b_enc"], torch.zeros(F, dtype=torch.bool, device=ext_device), 4)
     assert none.nnz == 0 and none.batch_size == B
-    few = torch.zeros(F, dtype=torch.bool, device=device)
+    few = torch.zeros(F, dtype=torch.bool, device=ext_device)
     few[[3, 30]] = True
     codes = ext_ops.auxk_select(i["x"], i["W_enc"], i["b_enc"], few, 4)
     assert codes.k == 2 and set(codes.index.tolist()) <= {3, 30}
 
 
-def test_bad_input(device):
+def test_bad_input(ext_device):
     B, d, F = ODD
-    i = make_inputs(B, d, F, torch.float32, device=device)
+    i = make_inputs(B, d, F, torch.float32, device=ext_device)
     x, W, b, thr = i["x"], i["W_enc"], i["b_enc"], i["threshold"]
     with pytest.raises(TypeError, match="W_enc:"):
         ext_ops.encode(x, W.bfloat16(), b, activation="relu")
@@ -253,18 +208,18 @@ def test_bad_input(device):
     with pytest.raises(ValueError, match="W_enc:"):
         ext_ops.encode_layers(x[:, None].expand(B, 2, d), W[None], b[None], 2)
     with pytest.raises(ValueError, match="dead_mask:"):
-        ext_ops.auxk_select(x, W, b, torch.ones(F - 1, dtype=torch.bool, device=device), 2)
+        ext_ops.auxk_select(x, W, b, torch.ones(F - 1, dtype=torch.bool, device=ext_device), 2)
     with pytest.raises(ValueError, match="k_aux:"):
-        ext_ops.auxk_select(x, W, b, torch.ones(F, dtype=torch.bool, device=device), 0)
+        ext_ops.auxk_select(x, W, b, torch.ones(F, dtype=torch.bool, device=ext_device), 0)
 
 
-def test_dispatch_prefers_the_extension(device):
-    """impl="auto" takes the extension's encode on this device (the models' default path)."""
+def test_dispatch_prefers_the_extension(ext_device):
+    """impl="auto" takes the extension's encode on this ext_device (the models' default path)."""
     import fastclt.ops as ops
 
     for op in ("encode", "encode_layers", "auxk_select", "topk", "batch_topk", "sparse_decode"):
-        name, _ = ops.resolve(op, "auto", torch.device(device))
-        if device == "cpu":
+        name, _ = ops.resolve(op, "auto", torch.device(ext_device))
+        if ext_device == "cpu":
             assert name == "cpu", (op, name)
         else:  # on CUDA the Triton kernels come first where there are some
             assert name == ("triton" if "triton" in ops.implementations(op) else "cuda"), (op, name)

@@ -11,11 +11,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastclt.ops.triton.encode as tenc  # noqa: E402
-from _encode_cases import (check_csr, check_kept_set, kwargs_for, leaves, make_inputs,  # noqa: E402
-                           oracle_on_set, pattern, rel_rmse, run)
+from _encode_cases import (check_bf16_vs_fp64, check_csr, check_deterministic,  # noqa: E402
+                           check_return_preacts, kwargs_for, leaves, make_inputs, pattern)
 from _encode_cases import assert_close  # noqa: E402
 from _encode_cases import compare_fp32 as compare  # noqa: E402
-from fastclt.ops.encode import encode as ref_encode  # noqa: E402
 from fastclt.ops.select import batch_topk_layers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,23 +59,8 @@ def test_encode_bf16_error_vs_fp64(act, size):
     """bf16: the kept set is right up to bf16 rounding, and the kernel's error against fp64 on its
     own kept set is ≤ 2× eager bf16's error on eager's kept set + a floor (codes and grads)."""
     B, d, F = size
-    k = 4
     inputs = make_inputs(B, d, F, torch.bfloat16, seed=1, pre_bias=True)
-    upstream = torch.randn(B, F, dtype=torch.float64, device=DEVICE)
-    tc, td, tg = run(tenc.encode, act, k, leaves(inputs), upstream)
-    ec, ed, eg = run(ref_encode, act, k, leaves(inputs), upstream)
-    check_csr(tc, F)
-    assert tc.value.dtype == torch.bfloat16
-    t_set, e_set = pattern(tc, F), pattern(ec, F)
-    rd_t, rg_t, h64 = oracle_on_set(act, inputs, t_set, upstream)
-    rd_e, rg_e, _ = oracle_on_set(act, inputs, e_set, upstream)
-    tol = 2.0 ** -6 * float(h64.abs().max())
-    check_kept_set(act, k, t_set, h64, inputs["threshold"].double(), tol)
-    floor = 0.01
-    assert rel_rmse(td, rd_t) <= 2 * rel_rmse(ed, rd_e) + floor
-    for n in rg_t:
-        assert tg[n].dtype == torch.bfloat16
-        assert rel_rmse(tg[n], rg_t[n]) <= 2 * rel_rmse(eg[n], rg_e[n]) + floor, n
+    check_bf16_vs_fp64(tenc.encode, act, 4, inputs, torch.randn(B, F, dtype=torch.float64, device=DEVICE))
 
 
 @pytest.mark.parametrize("act", ["topk", "batchtopk"])
@@ -179,30 +163,14 @@ def test_poisoned_outputs(act, monkeypatch):
 def test_deterministic(act):
     B, d, F = ODD
     inputs = make_inputs(B, d, F, torch.float32, seed=12, pre_bias=True)
-    upstream = torch.randn(B, F, dtype=torch.float64, device=DEVICE)
-    c1, _, g1 = run(tenc.encode, act, 4, leaves(inputs), upstream)
-    c2, _, g2 = run(tenc.encode, act, 4, leaves(inputs), upstream)
-    assert torch.equal(c1.row_ptr, c2.row_ptr) and torch.equal(c1.index, c2.index)
-    assert torch.equal(c1.value, c2.value)
-    for n in g1:
-        assert torch.equal(g1[n], g2[n]), n
+    check_deterministic(tenc.encode, act, inputs, torch.randn(B, F, dtype=torch.float64, device=DEVICE))
 
 
 @pytest.mark.parametrize("act", ["jumprelu", "topk"])
 def test_return_preacts(act):
     B, d, F = ODD
     inputs = make_inputs(B, d, F, torch.float32, seed=13, pre_bias=True)
-    t, r = leaves(inputs), leaves(inputs)
-    kw_t, kw_r = kwargs_for(act, 3, t), kwargs_for(act, 3, r)
-    tc, th = tenc.encode(t["x"], t["W_enc"], t["b_enc"], return_preacts=True, **kw_t)
-    rc, rh = ref_encode(r["x"], r["W_enc"], r["b_enc"], return_preacts=True, **kw_r)
-    assert torch.equal(pattern(tc, F), pattern(rc, F))
-    assert_close("h", th, rh, 1e-5)
-    up = torch.randn(B, F, device=DEVICE)
-    ((tc.to_dense(F) * up).sum() + th.pow(2).sum()).backward()
-    ((rc.to_dense(F) * up).sum() + rh.pow(2).sum()).backward()
-    for n in ("x", "W_enc", "b_enc", "pre_bias"):
-        assert_close(f"d{n}", t[n].grad, r[n].grad, 1e-4)
+    check_return_preacts(tenc.encode, act, inputs, 1e-5, 1e-4)
 
 
 def test_encode_layers_matches_reference():
