@@ -77,7 +77,7 @@ def _variant(cpp_extension, with_cpu, with_cuda, openmp):
         # loaded (same soname), so the extension and torch share one OpenMP runtime.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = [f"{CSRC}/bindings.cpp"] + (CPU_SOURCES if with_cpu else [])
+    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/host_pool.cpp"] + (CPU_SOURCES if with_cpu else [])
     if with_cpu:
         cxx.append("-DFASTCLT_WITH_CPU")
     if not with_cuda:

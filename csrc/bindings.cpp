@@ -13,6 +13,9 @@ TORCH_LIBRARY(fastclt, m) {
   // equal entries of flat rank in [equal_skip, equal_skip + equal_take); nnz must match.
   m.def("batch_topk_compact(Tensor h, int threshold_key, int equal_skip, int equal_take, int nnz)"
         " -> (Tensor row_ptr, Tensor index, Tensor value)");
+  // h [..., F] -> CSR over the numel/F rows of the k_total largest entries (ties: lowest flat
+  // index), value = relu(h): exact BatchTopK on one device (CPU: block-maximum bound + filter).
+  m.def("batch_topk(Tensor h, int k_total) -> (Tensor row_ptr, Tensor index, Tensor value)");
   // y [B, D] = sum_j value[j] * weight[index[j]] (+ bias).
   m.def("sparse_decode(Tensor row_ptr, Tensor index, Tensor value, Tensor weight, Tensor? bias)"
         " -> Tensor");
@@ -24,6 +27,8 @@ TORCH_LIBRARY(fastclt, m) {
 }
 
 #include <atomic>
+
+#include "host_pool.h"
 
 namespace fastclt {
 std::atomic<bool> g_poison_outputs{false};
@@ -65,4 +70,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dict: what this build holds (cpu, openmp, cuda, cuda_arch_list)");
   m.def("set_poison_outputs", [](bool on) { fastclt::g_poison_outputs.store(on); },
         "Testing hook: when on, op outputs start as NaN (floats) / -1 (integers) before the kernels write them");
+  namespace hp = fastclt::host_pool;
+  m.def("host_empty", [](std::vector<int64_t> sizes, at::ScalarType dtype) {
+          return hp::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
+        }, pybind11::arg("sizes"), pybind11::arg("dtype"),
+        "Uninitialised contiguous CPU tensor; from the host pool when it holds >= 2 MiB (csrc/host_pool.h)");
+  m.def("host_pool_stats", []() {
+          const hp::Stats s = hp::stats();
+          pybind11::dict d;
+          d["cached_bytes"] = s.cached_bytes;
+          d["cached_blocks"] = s.cached_blocks;
+          d["limit_bytes"] = s.limit_bytes;
+          d["hits"] = s.hits;
+          d["misses"] = s.misses;
+          return d;
+        }, "dict: the host pool's unused bytes and blocks, its limit, and its hit / miss counts");
+  m.def("host_pool_release", &hp::release, "Free every unused block the host pool holds");
+  m.def("host_pool_set_limit", &hp::set_limit, pybind11::arg("bytes"),
+        "Limit the unused bytes the host pool may hold (0: no caching); frees what is over it");
 }

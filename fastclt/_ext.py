@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "OPS"]
+__all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host_empty", "host_pool_stats",
+           "host_pool_release", "host_pool_set_limit", "OPS"]
 
 # Op names under torch.ops.fastclt.
-OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "sparse_decode", "sparse_dot", "feature_scatter")
+OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "sparse_decode", "sparse_dot", "feature_scatter")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -56,6 +57,38 @@ def missing_message(part: str) -> str:
     return msg
 
 
+def host_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised contiguous tensor; on the CPU from fastclt._C's host pool (blocks of >= 2 MiB
+    freed earlier are reused warm, without page faults; csrc/host_pool.h), else ``torch.empty``."""
+    device = torch.device(device)
+    if _C is not None and device.type == "cpu":
+        return _C.host_empty([int(s) for s in shape], dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def host_pool_stats() -> dict:
+    """The host pool's ``cached_bytes`` / ``cached_blocks`` (held, unused), ``limit_bytes``, ``hits``
+    and ``misses``; all zero when fastclt._C is not loaded."""
+    if _C is None:
+        return {"cached_bytes": 0, "cached_blocks": 0, "limit_bytes": 0, "hits": 0, "misses": 0}
+    return dict(_C.host_pool_stats())
+
+
+def host_pool_release() -> None:
+    """Free every unused block the host pool holds (memory in use stays in use)."""
+    if _C is not None:
+        _C.host_pool_release()
+
+
+def host_pool_set_limit(n_bytes: int) -> None:
+    """Limit the unused bytes the host pool may hold (``FASTCLT_HOST_POOL_MB`` sets it at start;
+    0 turns caching off); frees what is over the new limit."""
+    if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 0:
+        raise ValueError(f"n_bytes: expected a non-negative int, got {n_bytes!r}")
+    if _C is not None:
+        _C.host_pool_set_limit(n_bytes)
+
+
 def _register_fakes() -> None:
     """Shape/dtype functions so that the ops trace under torch.compile (FakeTensor / meta)."""
 
@@ -71,6 +104,12 @@ def _register_fakes() -> None:
     def _(h, threshold_key, equal_skip, equal_take, nnz):
         rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
         return (h.new_empty(rows + 1, dtype=torch.int64), h.new_empty(nnz, dtype=torch.int32), h.new_empty(nnz))
+
+    @torch.library.register_fake("fastclt::batch_topk")
+    def _(h, k_total):
+        rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+        return (h.new_empty(rows + 1, dtype=torch.int64), h.new_empty(k_total, dtype=torch.int32),
+                h.new_empty(k_total))
 
     @torch.library.register_fake("fastclt::sparse_decode")
     def _(row_ptr, index, value, weight, bias):

@@ -82,6 +82,15 @@ def make_h(B, F, dtype, device, kind="randn", seed=0):
         h = -torch.randint(1, 5, (B, F), generator=g).float() / 2
     elif kind == "negative":
         h = -torch.rand(B, F, generator=g) - 0.1
+    elif kind == "ascending":  # increasing along the flat order: every block's maximum at its end
+        h = torch.linspace(-2.0, 3.0, B * F).view(B, F)
+    elif kind == "descending":
+        h = torch.linspace(3.0, -2.0, B * F).view(B, F)
+    elif kind == "hotrow":  # the largest entries of the batch all in one row (and one column)
+        h = torch.randn(B, F, generator=g)
+        if B:
+            h[B // 2] += 4.0
+            h[:, F // 3] += 6.0
     elif kind == "inf":
         h = torch.randn(B, F, generator=g)
         h[:, ::5] = float("inf")
@@ -112,6 +121,9 @@ class ExtCases:
         (7, 37, 5, "randn"), (5, 1001, 32, "randn"), (4, 37, 1, "randn"), (4, 37, 37, "randn"),
         (6, 40, 9, "ties"), (3, 16, 4, "equal"), (5, 23, 6, "negative"), (6, 45, 12, "inf"),
         (0, 37, 3, "randn"), (3, 300, 100, "randn"), (5, 64, 10, "negties"),
+        # k * 16 <= F: the block-maximum bound and filter (csrc/cpu/select_cpu.cpp topk_row)
+        (4, 600, 8, "ties"), (3, 512, 4, "equal"), (4, 777, 6, "inf"), (5, 640, 10, "negties"),
+        (3, 1003, 7, "ascending"), (3, 999, 5, "descending"), (6, 500, 3, "hotrow"), (2, 4099, 256, "randn"),
     ])
     def test_topk_forward(self, B, F, k, kind, dtype):
         h = make_h(B, F, dtype, self.device, kind)
@@ -148,6 +160,10 @@ class ExtCases:
         (8, 37, 5, "randn"), (16, 1001, 8, "randn"), (4, 37, 1, "randn"), (4, 37, 37, "randn"),
         (6, 40, 9, "ties"), (3, 16, 4, "equal"), (5, 23, 6, "negative"), (6, 45, 12, "inf"), (0, 37, 3, "randn"),
         (7, 50, 9, "negties"),
+        # k*B * 16 <= numel: the block-maximum bound and filter (csrc/cpu/select_cpu.cpp batch_topk)
+        (8, 400, 3, "ties"), (6, 160, 1, "equal"), (9, 333, 2, "inf"), (7, 500, 4, "negties"),
+        (10, 321, 3, "ascending"), (10, 321, 3, "descending"), (12, 250, 5, "hotrow"), (64, 2053, 32, "randn"),
+        (4, 37, 12, "ties"), (5, 200, 20, "negties"),  # blocks of 3 and 10 entries
     ])
     def test_batch_topk_forward(self, B, F, k, kind, dtype):
         h = make_h(B, F, dtype, self.device, kind)
@@ -169,7 +185,8 @@ class ExtCases:
         assert torch.equal(h.grad.cpu(), torch.where(mask, G.cpu(), torch.zeros((), dtype=dtype)))
 
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("L,B,F,k,kind", [(3, 8, 37, 5, "randn"), (2, 5, 40, 7, "ties"), (4, 0, 11, 2, "randn")])
+    @pytest.mark.parametrize("L,B,F,k,kind", [(3, 8, 37, 5, "randn"), (2, 5, 40, 7, "ties"), (4, 0, 11, 2, "randn"),
+                                              (3, 9, 400, 4, "hotrow"), (2, 6, 513, 3, "ties")])
     def test_batch_topk_layers(self, L, B, F, k, kind, dtype):
         h = torch.stack([make_h(B, F, dtype, self.device, kind, seed=s) for s in range(L)])
         h.requires_grad_()
@@ -340,6 +357,8 @@ class ExtCases:
             (ops.topk, (h, 4)),
             (ops.batch_topk_histogram, (h, 0, 0, 8)),
             (ops.batch_topk_compact, (h, thr.key, 0, thr.n_take, 32)),
+            (ops.batch_topk, (h, 32)),
+            (ops.batch_topk, (torch.randn(3, 5, 200, device=self.device), 20)),
             (ops.sparse_decode, (codes.row_ptr, codes.index, value, W, None)),
             (ops.sparse_dot, (codes.row_ptr, codes.index, G, W)),
             (ops.feature_scatter, (codes.row_ptr, codes.index, value, G, 37)),
@@ -357,6 +376,15 @@ class ExtCases:
             ext_ops.batch_topk(h, 3)
         with pytest.raises((RuntimeError, ValueError), match="NaN"):
             ext_ops.batch_topk_layers(h.view(1, 4, 37), 3)
+        # the filter paths (k * 16 <= F), a NaN of either sign, last entry of a partial block
+        for nan in (float("nan"), -float("nan")):
+            big = torch.randn(5, 1001, device=self.device)
+            big[4, 1000] = nan
+            for dtype in DTYPES:
+                with pytest.raises(ValueError, match="h contains NaN"):
+                    ext_ops.batch_topk(big.to(dtype), 3)
+                with pytest.raises((RuntimeError, ValueError), match="NaN"):
+                    ext_ops.topk(big.to(dtype), 3)
 
     def test_bad_input_messages(self):
         dev = self.device
@@ -385,6 +413,18 @@ class ExtCases:
             ext_ops.topk(h.view(2, 2, 37), 3)
         with pytest.raises(TypeError, match="h: expected a floating-point"):
             ext_ops.batch_topk(h.int(), 3)
+        if dev == "cpu":
+            for k_total in (-1, h.numel() + 1):
+                with pytest.raises(ValueError, match=r"k_total must be in \[0, h.numel\(\)=148\]"):
+                    ops.batch_topk(h, k_total)
+            with pytest.raises(RuntimeError, match="at least 2 dims"):
+                ops.batch_topk(h.view(-1), 3)
+            with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+                ops.batch_topk(h.double(), 3)
+            with pytest.raises(RuntimeError, match="contiguous"):
+                ops.batch_topk(h.t(), 3)
+            empty = ops.batch_topk(h, 0)
+            assert empty[0].tolist() == [0] * 5 and empty[1].numel() == 0
 
         codes = ext_ops.topk(h, 3)
         W = torch.randn(37, 8, device=dev)

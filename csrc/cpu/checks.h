@@ -13,14 +13,18 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../host_pool.h"
+
 namespace fastclt {
 
 // Testing hook (fastclt._C.set_poison_outputs): when set, every output the ops allocate starts as
 // NaN (floats) or -1 (integers), so a test sees any element a kernel forgot to write.
 extern std::atomic<bool> g_poison_outputs;
 
+// An op's uninitialised output; large CPU outputs come from the host pool (no page faults when a
+// block of that size was freed before, e.g. last step's gradient).
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto t = at::empty(sizes, options);
+  auto t = options.device().is_cpu() ? host_pool::empty(sizes, options) : at::empty(sizes, options);
   if (g_poison_outputs.load(std::memory_order_relaxed)) {
     if (at::isFloatingType(options.dtype().toScalarType())) {
       t.fill_(NAN);

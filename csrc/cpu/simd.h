@@ -7,11 +7,15 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include "checks.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTCLT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FASTCLT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), unused))
 #else
 #define FASTCLT_SIMD_CLONES
 #endif
@@ -123,6 +127,96 @@ FASTCLT_SIMD_CLONES static void gather_dot_bf16(const uint16_t* __restrict__ g, 
 inline void gather_dot(const at::BFloat16* g, const at::BFloat16* W, const int64_t* rows, float* out, int64_t n,
                        int64_t D) {
   gather_dot_bf16(reinterpret_cast<const uint16_t*>(g), reinterpret_cast<const uint16_t*>(W), rows, out, n, D);
+}
+
+// ---------------------------------------------------------------- selection scans (float keys)
+
+// keymax[b] = the largest order-preserving key (float_key) of x[b*block, min(n, (b+1)*block)).
+// Returns nonzero when some entry is NaN (its key is then meaningless). One vectorised pass.
+template <typename X, typename Load>
+FASTCLT_ALWAYS_INLINE uint32_t block_key_max_rows(const X* __restrict__ x, int64_t n, int64_t block,
+                                                  uint32_t* __restrict__ keymax, Load load) {
+  uint32_t nan = 0;
+  for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, ++b) {
+    const int64_t end = std::min(n, b0 + block);
+    uint32_t m = 0;
+    for (int64_t i = b0; i < end; ++i) {
+      const float v = load(x[i]);
+      const uint32_t key = float_key(v);
+      m = key > m ? key : m;
+      nan |= uint32_t(v != v);
+    }
+    keymax[b] = m;
+  }
+  return nan;
+}
+
+FASTCLT_SIMD_CLONES static uint32_t block_key_max(const float* x, int64_t n, int64_t block, uint32_t* keymax) {
+  return block_key_max_rows(x, n, block, keymax, [](float v) { return v; });
+}
+
+FASTCLT_SIMD_CLONES static uint32_t block_key_max_bf16(const uint16_t* x, int64_t n, int64_t block,
+                                                       uint32_t* keymax) {
+  return block_key_max_rows(x, n, block, keymax, bf16_bits_to_f32);
+}
+
+inline uint32_t block_key_max(const at::BFloat16* x, int64_t n, int64_t block, uint32_t* keymax) {
+  return block_key_max_bf16(reinterpret_cast<const uint16_t*>(x), n, block, keymax);
+}
+
+// A selection candidate: an entry's key and its (flat or in-row) index.
+struct Candidate {
+  uint32_t key;
+  int64_t index;
+};
+
+// Selection order: larger key first; among equal keys, lower index first.
+inline bool ranks_before(const Candidate& a, const Candidate& b) {
+  return a.key > b.key || (a.key == b.key && a.index < b.index);
+}
+
+// Appends {key, base + i} for every i < n with float_key(x[i]) >= thr, in index order, scanning only
+// the blocks of `block` entries whose maximum key (keymax, from block_key_max) is >= thr. Groups of
+// 16 are tested by a vectorised OR first: the cost follows the number of candidates.
+template <typename X, typename Load>
+FASTCLT_ALWAYS_INLINE void collect_at_least_rows(const X* __restrict__ x, int64_t n, int64_t block,
+                                                 const uint32_t* __restrict__ keymax, uint32_t thr, int64_t base,
+                                                 std::vector<Candidate>& out, Load load) {
+  constexpr int64_t G = 16;
+  for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, ++b) {
+    if (keymax[b] < thr) continue;
+    const int64_t end = std::min(n, b0 + block);
+    int64_t i0 = b0;
+    for (; i0 + G <= end; i0 += G) {
+      uint32_t any = 0;
+      for (int64_t i = 0; i < G; ++i) any |= uint32_t(float_key(load(x[i0 + i])) >= thr);
+      if (!any) continue;
+      for (int64_t i = 0; i < G; ++i) {
+        const uint32_t key = float_key(load(x[i0 + i]));
+        if (key >= thr) out.push_back({key, base + i0 + i});
+      }
+    }
+    for (; i0 < end; ++i0) {
+      const uint32_t key = float_key(load(x[i0]));
+      if (key >= thr) out.push_back({key, base + i0});
+    }
+  }
+}
+
+FASTCLT_SIMD_CLONES static void collect_at_least(const float* x, int64_t n, int64_t block, const uint32_t* keymax,
+                                                 uint32_t thr, int64_t base, std::vector<Candidate>& out) {
+  collect_at_least_rows(x, n, block, keymax, thr, base, out, [](float v) { return v; });
+}
+
+FASTCLT_SIMD_CLONES static void collect_at_least_bf16(const uint16_t* x, int64_t n, int64_t block,
+                                                      const uint32_t* keymax, uint32_t thr, int64_t base,
+                                                      std::vector<Candidate>& out) {
+  collect_at_least_rows(x, n, block, keymax, thr, base, out, bf16_bits_to_f32);
+}
+
+inline void collect_at_least(const at::BFloat16* x, int64_t n, int64_t block, const uint32_t* keymax, uint32_t thr,
+                             int64_t base, std::vector<Candidate>& out) {
+  collect_at_least_bf16(reinterpret_cast<const uint16_t*>(x), n, block, keymax, thr, base, out);
 }
 
 }  // namespace simd

@@ -23,18 +23,30 @@ ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 
 
 def preacts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
-            pre_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → h: [B, F] (dense)."""
+            pre_bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → h: [B, F] (dense).
+
+    ``out``: a contiguous [B, F] tensor to write h into (not differentiable; for callers that
+    supply their own buffer, e.g. a reused host block)."""
     if pre_bias is not None:
         x = x - pre_bias.to(x.dtype)
-    return F.linear(x, W_enc, b_enc)
+    if out is None:
+        return F.linear(x, W_enc, b_enc)
+    if b_enc is None:
+        return torch.mm(x, W_enc.t(), out=out)
+    return torch.addmm(b_enc, x, W_enc.t(), out=out)  # as F.linear: one rounding of GEMM + bias
 
 
 def preacts_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
-                   pre_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → h: [L, B, F] (dense, layer by layer)."""
-    return torch.stack([preacts(x[:, l], W_enc[l], None if b_enc is None else b_enc[l], pre_bias)
-                        for l in range(x.shape[1])])
+                   pre_bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → h: [L, B, F] (dense, layer by layer);
+    ``out``: as for ``preacts``, [L, B, F]."""
+    if out is None:
+        return torch.stack([preacts(x[:, l], W_enc[l], None if b_enc is None else b_enc[l], pre_bias)
+                            for l in range(x.shape[1])])
+    for l in range(x.shape[1]):
+        preacts(x[:, l], W_enc[l], None if b_enc is None else b_enc[l], pre_bias, out=out[l])
+    return out
 
 
 def activate(h: torch.Tensor, activation: str, *, k: Optional[int] = None,

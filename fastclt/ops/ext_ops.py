@@ -184,7 +184,10 @@ def batch_topk_compact(h: torch.Tensor, threshold: BatchTopKThreshold, equal_off
 class _BatchTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, k_total):
-        row_ptr, index, value = batch_topk_compact(h, batch_topk_threshold(h, k_total))
+        if h.device.type == "cpu":  # one device: bound + filter, two passes (csrc/cpu/select_cpu.cpp)
+            row_ptr, index, value = _ops().batch_topk(h, k_total)
+        else:
+            row_ptr, index, value = batch_topk_compact(h, batch_topk_threshold(h, k_total))
         ctx.save_for_backward(row_ptr, index, value)
         ctx.shape = h.shape
         ctx.mark_non_differentiable(row_ptr, index)
@@ -335,6 +338,17 @@ class _ExtKernels:
 EXT_KERNELS = _ExtKernels()
 
 
+def _h_out(x: torch.Tensor, *shape: int) -> Optional[torch.Tensor]:
+    """Where a no-grad dense h goes: on the CPU a reused host-pool block (a fresh 128 MiB tensor
+    costs ~30 ms of page faults per step there; csrc/host_pool.h), elsewhere None (the GEMM
+    allocates it, bias fused)."""
+    if x.device.type != "cpu":
+        return None
+    from fastclt import _ext
+
+    return _ext.host_empty(shape, x.dtype, x.device)
+
+
 def _check_encode_weights(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
                           threshold: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor]) -> None:
     for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("threshold", threshold), ("pre_bias", pre_bias)):
@@ -391,7 +405,7 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
         return codes, h
     with torch.no_grad():
         h = preacts(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
-                    None if pre_bias is None else pre_bias.detach())
+                    None if pre_bias is None else pre_bias.detach(), out=_h_out(x, x.shape[0], W_enc.shape[0]))
         row_ptr, row, col, h_e = _pattern(h, activation, k, None if threshold is None else threshold.detach(),
                                           bandwidth)
         del h
@@ -413,7 +427,7 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
         return reference(x, W_enc, b_enc, k, pre_bias)
     with torch.no_grad():
         h = preacts_layers(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
-                           None if pre_bias is None else pre_bias.detach())
+                           None if pre_bias is None else pre_bias.detach(), out=_h_out(x, L, x.shape[0], F))
         sel = batch_topk_layers(h, k)
         pats = []
         for l, c in enumerate(sel):
@@ -441,7 +455,7 @@ def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tens
     k = min(k_aux, dead.numel())
     with torch.no_grad():
         h = preacts(x.detach(), W_enc.detach()[dead], None if b_enc is None else b_enc.detach()[dead],
-                    None if pre_bias is None else pre_bias.detach())
+                    None if pre_bias is None else pre_bias.detach(), out=_h_out(x, x.shape[0], dead.numel()))
         c = topk(h, k)
         local, row = c.index.long(), c.row_ids()
         h_e = h[row, local].float()
