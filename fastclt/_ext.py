@@ -12,7 +12,7 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
            "host_pool_release", "host_pool_set_limit", "OPS"]
 
 # Op names under torch.ops.fastclt.
-OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "sparse_decode", "sparse_dot", "feature_scatter")
+OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "threshold_compact", "sparse_decode", "sparse_dot", "feature_scatter")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -110,6 +110,12 @@ def _register_fakes() -> None:
         rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
         return (h.new_empty(rows + 1, dtype=torch.int64), h.new_empty(k_total, dtype=torch.int32),
                 h.new_empty(k_total))
+
+    @torch.library.register_fake("fastclt::threshold_compact")
+    def _(h, threshold, half_band):
+        nnz = torch.library.get_ctx().new_dynamic_size()
+        return (h.new_empty(h.shape[0] + 1, dtype=torch.int64), h.new_empty(nnz, dtype=torch.int32),
+                h.new_empty(nnz, dtype=torch.float32))
 
     @torch.library.register_fake("fastclt::sparse_decode")
     def _(row_ptr, index, value, weight, bias):

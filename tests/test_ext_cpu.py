@@ -479,3 +479,69 @@ def test_build_info_and_availability():
     assert set(info) >= {"loaded", "cpu", "cuda", "openmp", "cuda_arch_list", "torch_version", "import_error"}
     assert ext_ops._cpu_available(torch.device("cpu")) == _ext.has_cpu_ext()
     assert not ext_ops._cuda_available(torch.device("cpu"))
+
+
+# ------------------------------------------------------------- threshold_compact (CPU only)
+def _band_reference(h, threshold, half):
+    """The pattern and fp32 values ext_ops._pattern's mask path gives (fastclt.ops.activation)."""
+    from fastclt.ops.activation import band_mask
+
+    mask = h > 0 if threshold is None else band_mask(h, threshold, 2 * half)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return mask.sum(1), cols, h[rows, cols].float()
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F,mode", [(9, 37, "relu"), (7, 1003, "relu"), (9, 37, "jumprelu"), (6, 517, "jumprelu"),
+                                      (0, 37, "jumprelu"), (5, 16, "relu")])
+def test_threshold_compact_matches_the_mask(B, F, mode, dtype):
+    g = torch.Generator().manual_seed(B * 1000 + F)
+    h = torch.randn(B, F, generator=g).to(dtype)
+    threshold = half = None
+    if mode == "jumprelu":
+        threshold = (torch.rand(F, generator=g) * 2 - 0.5).to(dtype)  # some negative thresholds
+        half = float(torch.tensor(0.05, dtype=dtype))
+        if B:
+            # entries on and next to the band's edges, and at θ itself
+            t = threshold.float()
+            for j, off in enumerate((0.0, half, -half, half * (1 + 2 ** -7), -half * (1 + 2 ** -7),
+                                     -half * (1 - 2 ** -7), 2 * half, -2 * half)):
+                h[j % B, j::9] = (t[j::9] + off).to(dtype)
+    if B:
+        h[0, 1], h[-1, 2], h[B // 2, 3] = float("nan"), float("inf"), float("-inf")  # NaN never kept
+        h[B // 2, 5:] = -5.0  # a row with few or no entries
+    _ext._C.set_poison_outputs(True)
+    try:
+        row_ptr, index, value = torch.ops.fastclt.threshold_compact(h, threshold, half or 0.0)
+    finally:
+        _ext._C.set_poison_outputs(False)
+    counts, cols, vals = _band_reference(h, threshold, half or 0.0)
+    assert row_ptr.dtype == torch.int64 and index.dtype == torch.int32 and value.dtype == torch.float32
+    assert row_ptr[0] == 0 and torch.equal(row_ptr.diff(), counts)
+    assert torch.equal(index.long(), cols)
+    assert torch.equal(value, vals)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_threshold_compact_bad_input_and_opcheck():
+    ops = torch.ops.fastclt
+    h, thr = torch.randn(4, 37), torch.rand(37)
+    with pytest.raises(RuntimeError, match="h must be 2-D"):
+        ops.threshold_compact(h.view(-1), None, 0.0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.threshold_compact(h.double(), None, 0.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.threshold_compact(h.t(), None, 0.0)
+    with pytest.raises(RuntimeError, match=r"threshold must have shape \[F=37\]"):
+        ops.threshold_compact(h, thr[:-1], 0.1)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.threshold_compact(h, thr.bfloat16(), 0.1)
+    with pytest.raises(RuntimeError, match="half_band must be a finite number >= 0"):
+        ops.threshold_compact(h, thr, -0.1)
+    with pytest.raises(RuntimeError, match="half_band must be a finite number >= 0"):
+        ops.threshold_compact(h, thr, float("nan"))
+    with pytest.raises(RuntimeError, match="half_band needs a threshold"):
+        ops.threshold_compact(h, None, 0.1)
+    torch.library.opcheck(ops.threshold_compact, (h, thr, 0.1))
+    torch.library.opcheck(ops.threshold_compact, (h, None, 0.0))

@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <functional>
 #include <tuple>
 #include <vector>
@@ -389,6 +391,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_cpu(const at::Tensor& 
   return {row_ptr, index, value};
 }
 
+// Threshold patterns (ReLU; JumpReLU with the band its backward visits): the entries of h [B, F]
+// with h > θ[f] or |h − θ[f]| < half_band, the difference rounded to h's dtype as PyTorch's
+// `(h - θ).abs() < half_band` does (θ = 0 and half_band = 0 give ReLU's h > 0). One read of h:
+// a vectorised pass per row finds the candidates (h − θ > −2·half_band, a superset), each is
+// tested exactly, and rows write into per-part buffers (fixed parts of rows, in order) that are
+// then copied into CSR. NaN entries are never kept (every comparison with NaN is false).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_compact_impl(const at::Tensor& h_t, const T* thr,
+                                                                      float half_band) {
+  const T* h = h_t.data_ptr<T>();
+  const int64_t B = h_t.size(0), F = h_t.size(1);
+  const int64_t n_parts = std::min<int64_t>(B, 64);
+  std::vector<std::vector<int32_t>> cols(n_parts);
+  std::vector<std::vector<float>> vals(n_parts);
+  auto row_ptr = new_output({B + 1}, h_t.options().dtype(at::kLong));
+  int64_t* rp = row_ptr.data_ptr<int64_t>();
+  rp[0] = 0;
+  const float bound = half_band > 0.f ? -2.f * half_band : 0.f;
+  at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<int32_t> cand;
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t b = B * p / n_parts; b < B * (p + 1) / n_parts; ++b) {
+        const T* x = h + b * F;
+        cand.clear();
+        simd::collect_above(x, thr, F, bound, cand);
+        int64_t kept = 0;
+        for (int32_t i : cand) {
+          const float v = to_f32(x[i]), t = to_f32(thr[i]);
+          if (v > t || std::fabs(to_f32(T(v - t))) < half_band) {
+            cols[p].push_back(i);
+            vals[p].push_back(v);
+            ++kept;
+          }
+        }
+        rp[b + 1] = kept;  // a count for now
+      }
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) rp[b + 1] += rp[b];
+  const int64_t nnz = rp[B];
+  auto index = new_output({nnz}, h_t.options().dtype(at::kInt));
+  auto value = new_output({nnz}, h_t.options().dtype(at::kFloat));
+  int32_t* out_index = index.data_ptr<int32_t>();
+  float* out_value = value.data_ptr<float>();
+  at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t start = rp[B * p / n_parts];
+      std::copy(cols[p].begin(), cols[p].end(), out_index + start);
+      std::copy(vals[p].begin(), vals[p].end(), out_value + start);
+    }
+  });
+  return {row_ptr, index, value};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_compact_cpu(const at::Tensor& h,
+                                                                     const std::optional<at::Tensor>& threshold,
+                                                                     double half_band) {
+  const char* op = "threshold_compact";
+  TORCH_CHECK(h.dim() == 2, "fastclt::threshold_compact: h must be 2-D [B, F], got shape ", h.sizes());
+  check_float_tensor(h, op, "h");
+  TORCH_CHECK(h.device().is_cpu(), "fastclt::threshold_compact: CPU kernel called on ", h.device());
+  TORCH_CHECK(h.size(1) <= INT32_MAX, "fastclt::threshold_compact: F must fit in int32, got ", h.size(1));
+  TORCH_CHECK(std::isfinite(half_band) && half_band >= 0, "fastclt::threshold_compact: half_band must be a "
+              "finite number >= 0, got ", half_band);
+  at::Tensor thr;
+  if (threshold.has_value()) {
+    thr = *threshold;
+    TORCH_CHECK(thr.dim() == 1 && thr.size(0) == h.size(1), "fastclt::threshold_compact: threshold must have "
+                "shape [F=", h.size(1), "], got ", thr.sizes());
+    check_float_tensor(thr, op, "threshold");
+    check_same_dtype(thr, h, op, "threshold", "h");
+    check_device(thr, h, op, "threshold", "h");
+  } else {
+    TORCH_CHECK(half_band == 0, "fastclt::threshold_compact: half_band needs a threshold, got ", half_band);
+    thr = at::zeros({h.size(1)}, h.options());
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  dispatch_float(h.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    out = threshold_compact_impl<scalar_t>(h, thr.data_ptr<scalar_t>(), float(half_band));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
@@ -396,6 +482,7 @@ TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("batch_topk_histogram", &batch_topk_histogram_cpu);
   m.impl("batch_topk_compact", &batch_topk_compact_cpu);
   m.impl("batch_topk", &batch_topk_cpu);
+  m.impl("threshold_compact", &threshold_compact_cpu);
 }
 
 }  // namespace fastclt

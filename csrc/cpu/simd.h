@@ -219,5 +219,41 @@ inline void collect_at_least(const at::BFloat16* x, int64_t n, int64_t block, co
   collect_at_least_bf16(reinterpret_cast<const uint16_t*>(x), n, block, keymax, thr, base, out);
 }
 
+// Appends every i < n with load(x[i]) - load(t[i]) > bound (in fp32), in index order: the
+// candidates of a threshold pattern (ReLU, JumpReLU with its band), for an exact test after (a NaN
+// difference is a candidate too). Groups of 16 are tested by a vectorised OR first; the test
+// compares float keys, integers, because GCC does not vectorise that reduction over float compares.
+template <typename X, typename Load>
+FASTCLT_ALWAYS_INLINE void collect_above_rows(const X* __restrict__ x, const X* __restrict__ t, int64_t n, float bound,
+                                              std::vector<int32_t>& out, Load load) {
+  constexpr int64_t G = 16;
+  const uint32_t bound_key = float_key(bound);
+  int64_t i0 = 0;
+  for (; i0 + G <= n; i0 += G) {
+    uint32_t any = 0;
+    for (int64_t i = 0; i < G; ++i) any |= uint32_t(float_key(load(x[i0 + i]) - load(t[i0 + i])) > bound_key);
+    if (!any) continue;
+    for (int64_t i = 0; i < G; ++i)
+      if (float_key(load(x[i0 + i]) - load(t[i0 + i])) > bound_key) out.push_back(int32_t(i0 + i));
+  }
+  for (; i0 < n; ++i0)
+    if (float_key(load(x[i0]) - load(t[i0])) > bound_key) out.push_back(int32_t(i0));
+}
+
+FASTCLT_SIMD_CLONES static void collect_above(const float* x, const float* t, int64_t n, float bound,
+                                              std::vector<int32_t>& out) {
+  collect_above_rows(x, t, n, bound, out, [](float v) { return v; });
+}
+
+FASTCLT_SIMD_CLONES static void collect_above_bf16(const uint16_t* x, const uint16_t* t, int64_t n, float bound,
+                                                   std::vector<int32_t>& out) {
+  collect_above_rows(x, t, n, bound, out, bf16_bits_to_f32);
+}
+
+inline void collect_above(const at::BFloat16* x, const at::BFloat16* t, int64_t n, float bound,
+                          std::vector<int32_t>& out) {
+  collect_above_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(t), n, bound, out);
+}
+
 }  // namespace simd
 }  // namespace fastclt

@@ -367,6 +367,13 @@ def _pattern(h: torch.Tensor, activation: str, k: Optional[int], threshold: Opti
     """Dense h: [B, F] (no grad) → (row_ptr, row int64, col int32, h fp32 at the entries), sorted by (row, col)."""
     from fastclt.ops.activation import band_mask
 
+    if activation in ("relu", "jumprelu") and h.device.type == "cpu":
+        # one read of h, no dense mask (csrc/cpu/select_cpu.cpp); the band's half-width rounded to
+        # h's dtype, as `band_mask`'s comparison does
+        thr = None if activation == "relu" else threshold.to(h.dtype).contiguous()
+        half = 0.0 if activation == "relu" else float(torch.tensor(0.5 * bandwidth, dtype=h.dtype))
+        row_ptr, col, h_e = _ops().threshold_compact(h, thr, half)
+        return row_ptr, _row_ids(row_ptr, col.shape[0]), col, h_e
     if activation in ("relu", "jumprelu"):
         mask = h > 0 if activation == "relu" else band_mask(h, threshold.to(h.dtype), bandwidth)
         row_ptr, row, col = SparseCodes.pattern_from_mask(mask)
