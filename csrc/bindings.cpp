@@ -28,6 +28,10 @@ TORCH_LIBRARY(fastclt, m) {
   // out [n_features, D]: out[f] = sum_{j: index[j]=f} coef[j] * x[row(j)]; coef_sum fp32 [n_features].
   m.def("feature_scatter(Tensor row_ptr, Tensor index, Tensor coef, Tensor x, int n_features)"
         " -> (Tensor out, Tensor coef_sum)");
+  // feature_scatter with n_features = weight.size(0), plus dot [nnz]: dot[j] = <x[row(j)], weight[index[j]]>
+  // (a decode backward's dW and dvalue in one sweep over the entries grouped by feature). CPU.
+  m.def("feature_scatter_dot(Tensor row_ptr, Tensor index, Tensor coef, Tensor x, Tensor weight)"
+        " -> (Tensor out, Tensor coef_sum, Tensor dot)");
 }
 
 #include <atomic>

@@ -12,7 +12,8 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
            "host_pool_release", "host_pool_set_limit", "OPS"]
 
 # Op names under torch.ops.fastclt.
-OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "threshold_compact", "sparse_decode", "sparse_dot", "feature_scatter")
+OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "threshold_compact", "sparse_decode",
+       "sparse_dot", "feature_scatter", "feature_scatter_dot")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -128,6 +129,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastclt::feature_scatter")
     def _(row_ptr, index, coef, x, n_features):
         return x.new_empty(n_features, x.shape[1]), x.new_empty(n_features, dtype=torch.float32)
+
+    @torch.library.register_fake("fastclt::feature_scatter_dot")
+    def _(row_ptr, index, coef, x, weight):
+        return (x.new_empty(weight.shape[0], x.shape[1]), x.new_empty(weight.shape[0], dtype=torch.float32),
+                x.new_empty(index.shape[0]))
 
 
 if _C is not None:

@@ -545,3 +545,57 @@ def test_threshold_compact_bad_input_and_opcheck():
         ops.threshold_compact(h, None, 0.1)
     torch.library.opcheck(ops.threshold_compact, (h, thr, 0.1))
     torch.library.opcheck(ops.threshold_compact, (h, None, 0.0))
+
+
+# ----------------------------------------------------------- feature_scatter_dot (CPU only)
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F,D,k", [(13, 37, 19, 5), (64, 300, 130, 9), (5, 11, 3, 11), (0, 7, 4, 1)])
+def test_feature_scatter_dot_matches_float64(B, F, D, k, dtype):
+    """dW = Aᵀ X and dvalue[j] = <X[row(j)], W[index[j]]> in one sweep, against float64; a hot
+    feature (entries in every row: 4-row sweeps and a tail), unused features (zero rows)."""
+    g = torch.Generator().manual_seed(B * 100 + F)
+    h = torch.randn(B, F, generator=g)
+    if B:
+        h[:, 3] += 10.0  # feature 3 in every row
+        h[:, -1] -= 10.0  # the last feature in none
+    codes = ext_ops.topk(h.to(dtype), k)
+    coef = (torch.rand(codes.nnz, generator=g) + 0.1).to(dtype)
+    X = torch.randn(B, D, generator=g).to(dtype)
+    W = torch.randn(F, D, generator=g).to(dtype)
+    _ext._C.set_poison_outputs(True)
+    try:
+        out, coef_sum, dot = torch.ops.fastclt.feature_scatter_dot(codes.row_ptr, codes.index, coef, X, W)
+    finally:
+        _ext._C.set_poison_outputs(False)
+    rows, cols = codes.row_ids(), codes.index.long()
+    A = torch.zeros(B, F, dtype=torch.float64)
+    A[rows, cols] = coef.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and dot.dtype == dtype and coef_sum.dtype == torch.float32
+    assert_close_rel(out, A.t() @ X.double(), tol, "out")
+    assert_close_rel(dot, (X.double()[rows] * W.double()[cols]).sum(1), tol, "dot")
+    assert_close_rel(coef_sum, A.sum(0), 1e-6, "coef_sum")
+    if B and k < F:
+        assert not out[-1].any(), "an unused feature's row must be zero"
+    ref_out = torch.ops.fastclt.feature_scatter(codes.row_ptr, codes.index, coef, X, F)[0]
+    assert_close_rel(out, ref_out, 1e-6 if dtype == torch.float32 else 1e-2, "out vs feature_scatter")
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_feature_scatter_dot_bad_input_and_opcheck():
+    ops = torch.ops.fastclt
+    codes = ext_ops.topk(torch.randn(4, 37), 3)
+    rp, idx = codes.row_ptr, codes.index
+    coef, X, W = torch.rand(12), torch.randn(4, 8), torch.randn(37, 8)
+    with pytest.raises(RuntimeError, match="weight must have D=8"):
+        ops.feature_scatter_dot(rp, idx, coef, X, W[:, :5].contiguous())
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.feature_scatter_dot(rp, idx, coef, X, W.bfloat16())
+    with pytest.raises(RuntimeError, match="x must have B=4"):
+        ops.feature_scatter_dot(rp, idx, coef, X[:3], W)
+    with pytest.raises(RuntimeError, match="index must lie in"):
+        ops.feature_scatter_dot(rp, idx, coef, X, W[:10].contiguous())
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        ops.feature_scatter_dot(rp, idx, coef, X, W.view(-1))
+    torch.library.opcheck(ops.feature_scatter_dot, (rp, idx, coef, X, W))

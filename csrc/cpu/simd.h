@@ -78,6 +78,70 @@ inline void gather_axpy(float* acc, const at::BFloat16* W, const int64_t* rows, 
   gather_axpy_bf16(acc, reinterpret_cast<const uint16_t*>(W), rows, coef, n, D);
 }
 
+// Both halves of a decode backward for one feature f: acc[d] += sum_j coef[j] * X[rows[j] * D + d]
+// (dW_dec[f]) and dots[j] = <X[rows[j]], w> (dvalue, with w = W_dec[f]) in the same sweep, so each
+// gathered X row is read once for both and w once per feature. Four rows per sweep, as above.
+template <typename X_t, typename Load>
+FASTCLT_ALWAYS_INLINE void gather_axpy_dot_rows(float* __restrict__ acc, const X_t* __restrict__ X,
+                                                const int64_t* __restrict__ rows, const float* __restrict__ coef,
+                                                const X_t* __restrict__ w, float* __restrict__ dots, int64_t n,
+                                                int64_t D, Load load) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const X_t* __restrict__ x0 = X + rows[j] * D;
+    const X_t* __restrict__ x1 = X + rows[j + 1] * D;
+    const X_t* __restrict__ x2 = X + rows[j + 2] * D;
+    const X_t* __restrict__ x3 = X + rows[j + 3] * D;
+    const float c0 = coef[j], c1 = coef[j + 1], c2 = coef[j + 2], c3 = coef[j + 3];
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < D; ++d) {
+      const float a0 = load(x0[d]), a1 = load(x1[d]), a2 = load(x2[d]), a3 = load(x3[d]), wd = load(w[d]);
+      acc[d] += c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3;
+      s0 += a0 * wd;
+      s1 += a1 * wd;
+      s2 += a2 * wd;
+      s3 += a3 * wd;
+    }
+    dots[j] = s0;
+    dots[j + 1] = s1;
+    dots[j + 2] = s2;
+    dots[j + 3] = s3;
+  }
+  for (; j < n; ++j) {
+    const X_t* __restrict__ x = X + rows[j] * D;
+    const float c = coef[j];
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; ++d) {
+      const float a = load(x[d]);
+      acc[d] += c * a;
+      s += a * load(w[d]);
+    }
+    dots[j] = s;
+  }
+}
+
+FASTCLT_SIMD_CLONES static void gather_axpy_dot(float* __restrict__ acc, const float* __restrict__ X,
+                                                const int64_t* __restrict__ rows, const float* __restrict__ coef,
+                                                const float* __restrict__ w, float* __restrict__ dots, int64_t n,
+                                                int64_t D) {
+  gather_axpy_dot_rows(acc, X, rows, coef, w, dots, n, D, [](float v) { return v; });
+}
+
+FASTCLT_SIMD_CLONES static void gather_axpy_dot_bf16(float* __restrict__ acc, const uint16_t* __restrict__ X,
+                                                     const int64_t* __restrict__ rows, const float* __restrict__ coef,
+                                                     const uint16_t* __restrict__ w, float* __restrict__ dots,
+                                                     int64_t n, int64_t D) {
+  gather_axpy_dot_rows(acc, X, rows, coef, w, dots, n, D, bf16_bits_to_f32);
+}
+
+inline void gather_axpy_dot(float* acc, const at::BFloat16* X, const int64_t* rows, const float* coef,
+                            const at::BFloat16* w, float* dots, int64_t n, int64_t D) {
+  gather_axpy_dot_bf16(acc, reinterpret_cast<const uint16_t*>(X), rows, coef, reinterpret_cast<const uint16_t*>(w),
+                       dots, n, D);
+}
+
 // out[j] = sum_d g[d] * W[rows[j] * D + d] for j < n: the latent gradient of one token row. Four rows
 // per sweep, as in gather_axpy (g is read once per four rows; four row streams in flight).
 template <typename W_t, typename Load>

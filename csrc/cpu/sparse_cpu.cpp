@@ -2,6 +2,7 @@
 //   sparse_decode    y[b]   = sum_j value[j] * W[index[j]] (+ bias)       gather by row
 //   sparse_dot       out[j] = <G[row(j)], W[index[j]]>                     dot at sparse indices
 //   feature_scatter  out[f] = sum_{j: index[j]=f} coef[j] * X[row(j)]      scatter by feature
+//   feature_scatter_dot  the scatter, plus dot[j] = <X[row(j)], W[index[j]]> in the same sweep
 // All accumulate in fp32; feature_scatter groups entries by feature (counting sort) so that one
 // task owns one output row: deterministic, no atomics.
 #include <ATen/ATen.h>
@@ -129,9 +130,12 @@ at::Tensor sparse_dot_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
   return out;
 }
 
+// out[f] = sum of coef[j] * X[row(j)] over f's entries; with W (feature_scatter_dot) also
+// dot[j] = <X[row(j)], W[f]> in the same sweep (csrc/cpu/simd.h gather_axpy_dot).
 template <typename T>
 void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T* X, int64_t B,
-                  int64_t nnz, int64_t F, int64_t D, T* out, float* coef_sum) {
+                  int64_t nnz, int64_t F, int64_t D, T* out, float* coef_sum, const T* W = nullptr,
+                  T* dot = nullptr) {
   // Group entries by feature with a stable counting sort (entries of a feature stay in flat order,
   // so every sum below has a fixed order: deterministic).
   std::vector<int64_t> feat_ptr(F + 1, 0), order(nnz), row_of(nnz);
@@ -146,7 +150,7 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
   // One task per feature; dynamic scheduling because hot features own many more entries.
 #pragma omp parallel
   {
-    std::vector<float> acc(D), c;
+    std::vector<float> acc(D), c, dots;
     std::vector<int64_t> rows;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t f = 0; f < F; ++f) {
@@ -161,7 +165,13 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
         s += c[p];
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      simd::gather_axpy(acc.data(), X, rows.data(), c.data(), n, D);
+      if (W == nullptr) {
+        simd::gather_axpy(acc.data(), X, rows.data(), c.data(), n, D);
+      } else {
+        dots.resize(n);
+        simd::gather_axpy_dot(acc.data(), X, rows.data(), c.data(), W + f * D, dots.data(), n, D);
+        for (int64_t p = 0; p < n; ++p) dot[order[start + p]] = T(dots[p]);
+      }
       T* o = out + f * D;
       for (int64_t d = 0; d < D; ++d) o[d] = T(acc[d]);
       coef_sum[f] = s;
@@ -194,12 +204,43 @@ std::tuple<at::Tensor, at::Tensor> feature_scatter_cpu(const at::Tensor& row_ptr
   return {out, coef_sum};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_scatter_dot_cpu(const at::Tensor& row_ptr,
+                                                                       const at::Tensor& index,
+                                                                       const at::Tensor& coef, const at::Tensor& x,
+                                                                       const at::Tensor& weight) {
+  const char* op = "feature_scatter_dot";
+  const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
+  check_matrix(x, row_ptr, op, "x");
+  check_matrix(weight, row_ptr, op, "weight");
+  check_same_dtype(coef, x, op, "coef", "x");
+  check_same_dtype(weight, x, op, "weight", "x");
+  TORCH_CHECK(x.size(0) == B, "fastclt::feature_scatter_dot: x must have B=", B, " rows, got ", x.size(0));
+  TORCH_CHECK(weight.size(1) == x.size(1), "fastclt::feature_scatter_dot: weight must have D=", x.size(1),
+              " columns (x's), got ", weight.size(1));
+  TORCH_CHECK(weight.size(0) <= INT32_MAX, "fastclt::feature_scatter_dot: weight.size(0) must fit in int32, got ",
+              weight.size(0));
+  TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::feature_scatter_dot: CPU kernel called on ", row_ptr.device());
+  const int64_t F = weight.size(0), D = x.size(1);
+  check_codes_content(row_ptr, index, F, op, "weight.size(0)");
+  auto out = new_output({F, D}, x.options());
+  auto coef_sum = new_output({F}, x.options().dtype(at::kFloat));
+  auto dot = new_output({index.size(0)}, x.options());
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    scatter_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), coef.data_ptr<T>(), x.data_ptr<T>(), B,
+                    index.size(0), F, D, out.data_ptr<T>(), coef_sum.data_ptr<float>(), weight.data_ptr<T>(),
+                    dot.data_ptr<T>());
+  });
+  return {out, coef_sum, dot};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("sparse_decode", &sparse_decode_cpu);
   m.impl("sparse_dot", &sparse_dot_cpu);
   m.impl("feature_scatter", &feature_scatter_cpu);
+  m.impl("feature_scatter_dot", &feature_scatter_dot_cpu);
 }
 
 }  // namespace fastclt

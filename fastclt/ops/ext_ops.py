@@ -255,10 +255,14 @@ class _SparseDecode(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         ops = _ops()
         grad_value = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            grad_value = ops.sparse_dot(row_ptr, index, grad_y, weight)
-        if ctx.needs_input_grad[3]:
-            grad_weight = ops.feature_scatter(row_ptr, index, value, grad_y, weight.shape[0])[0]
+        if ctx.needs_input_grad[2] and ctx.needs_input_grad[3] and grad_y.device.type == "cpu":
+            # dW and dvalue in one sweep: each gathered grad_y row read once for both
+            grad_weight, _, grad_value = ops.feature_scatter_dot(row_ptr, index, value, grad_y, weight)
+        else:
+            if ctx.needs_input_grad[2]:
+                grad_value = ops.sparse_dot(row_ptr, index, grad_y, weight)
+            if ctx.needs_input_grad[3]:
+                grad_weight = ops.feature_scatter(row_ptr, index, value, grad_y, weight.shape[0])[0]
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = grad_y.sum(0)
         return None, None, grad_value, grad_weight, grad_bias
