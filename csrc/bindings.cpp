@@ -6,6 +6,8 @@
 TORCH_LIBRARY(fastclt, m) {
   // h [B, F] -> index int32 [B, k] (ascending per row), value [B, k] = relu(h[b, index]).
   m.def("topk(Tensor h, int k) -> (Tensor index, Tensor value)");
+  // topk of h + bias (fp32, bias [F]) without forming it; value = relu(h + bias). CPU.
+  m.def("topk_bias(Tensor h, Tensor bias, int k) -> (Tensor index, Tensor value)");
   // h [...] -> int64 [2^digit_bits + 1]: histogram of the next digit_bits of the order-preserving
   // uint32 key of every entry whose top prefix_bits equal prefix; last bin = NaN count.
   m.def("batch_topk_histogram(Tensor h, int prefix, int prefix_bits, int digit_bits) -> Tensor");

@@ -12,8 +12,8 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
            "host_pool_release", "host_pool_set_limit", "OPS"]
 
 # Op names under torch.ops.fastclt.
-OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "threshold_compact", "sparse_decode",
-       "sparse_dot", "feature_scatter", "feature_scatter_dot")
+OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "threshold_compact",
+       "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -95,6 +95,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastclt::topk")
     def _(h, k):
+        return h.new_empty(h.shape[0], k, dtype=torch.int32), h.new_empty(h.shape[0], k)
+
+    @torch.library.register_fake("fastclt::topk_bias")
+    def _(h, bias, k):
         return h.new_empty(h.shape[0], k, dtype=torch.int32), h.new_empty(h.shape[0], k)
 
     @torch.library.register_fake("fastclt::batch_topk_histogram")

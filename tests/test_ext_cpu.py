@@ -599,3 +599,39 @@ def test_feature_scatter_dot_bad_input_and_opcheck():
     with pytest.raises(RuntimeError, match="weight must be 2-D"):
         ops.feature_scatter_dot(rp, idx, coef, X, W.view(-1))
     torch.library.opcheck(ops.feature_scatter_dot, (rp, idx, coef, X, W))
+
+
+# ---------------------------------------------------------------------- topk_bias (CPU only)
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("B,F,k,kind", [(7, 37, 5, "randn"), (5, 1001, 32, "randn"), (4, 600, 8, "ties"),
+                                        (3, 1003, 7, "ascending"), (6, 500, 3, "hotrow"), (4, 45, 12, "inf"),
+                                        (0, 37, 3, "randn"), (3, 300, 300, "randn")])
+def test_topk_bias_is_topk_of_the_sum(B, F, k, kind):
+    """topk_bias(h, b, k) == topk(h + b, k) exactly (one fp32 rounding of the sum either way),
+    on both of topk_row's paths, without forming h + b."""
+    h = make_h(B, F, torch.float32, "cpu", kind, seed=11)
+    bias = torch.randn(F, generator=torch.Generator().manual_seed(12))
+    if kind == "ties":
+        bias = (bias * 2).round() / 2  # sums with ties
+    index, value = torch.ops.fastclt.topk_bias(h, bias, k)
+    ref = ext_ops.topk(h + bias, k)
+    assert torch.equal(index.view(-1), ref.index) and torch.equal(value.view(-1), ref.value)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_topk_bias_bad_input_and_opcheck():
+    ops = torch.ops.fastclt
+    h, b = torch.randn(4, 1000), torch.randn(1000)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[F=1000\]"):
+        ops.topk_bias(h, b[:-1], 3)
+    with pytest.raises(RuntimeError, match="h must be float32"):
+        ops.topk_bias(h.bfloat16(), b.bfloat16(), 3)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.topk_bias(h, b.bfloat16(), 3)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        ops.topk_bias(h, b, 1001)
+    nan_sum = b.clone()
+    nan_sum[999], h[3, 999] = float("inf"), float("-inf")  # inf + -inf: a NaN in the sum only
+    with pytest.raises(RuntimeError, match="h \\+ bias contains NaN"):
+        ops.topk_bias(h, nan_sum, 3)
+    torch.library.opcheck(ops.topk_bias, (torch.randn(4, 37), torch.randn(37), 3))

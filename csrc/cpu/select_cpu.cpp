@@ -9,6 +9,7 @@
 #include <optional>
 #include <functional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -51,13 +52,37 @@ inline uint64_t rank_key(float x, int64_t i) {
 // blocks whose maximum is >= t (about k of the m) collects the entries with key >= t (about 1.3 k
 // on random data, never fewer than k) and the exact top k is chosen among those. Otherwise
 // nth_element over all F keys. Same result either way.
+// Entry i of a row: x[i] in fp32, plus bias[i] when there is a bias (fp32 rows only: topk_bias).
 template <typename T>
-void topk_row(const T* x, int64_t F, int64_t k, RowScratch& s, std::vector<int32_t>& chosen, bool& saw_nan) {
+inline float entry(const T* x, const float* bias, int64_t i) {
+  return bias != nullptr ? to_f32(x[i]) + bias[i] : to_f32(x[i]);
+}
+
+template <typename T>
+uint32_t row_block_key_max(const T* x, const float* bias, int64_t F, int64_t block, uint32_t* keymax) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bias != nullptr) return simd::block_key_max(x, bias, F, block, keymax);
+  }
+  return simd::block_key_max(x, F, block, keymax);
+}
+
+template <typename T>
+void row_collect_at_least(const T* x, const float* bias, int64_t F, int64_t block, const uint32_t* keymax,
+                          uint32_t thr, std::vector<simd::Candidate>& out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bias != nullptr) return simd::collect_at_least(x, bias, F, block, keymax, thr, 0, out);
+  }
+  simd::collect_at_least(x, F, block, keymax, thr, 0, out);
+}
+
+template <typename T>
+void topk_row(const T* x, const float* bias, int64_t F, int64_t k, RowScratch& s, std::vector<int32_t>& chosen,
+              bool& saw_nan) {
   chosen.resize(k);
   if (k * 16 <= F) {
     const int64_t m = std::min(4 * k, F / 16), block = F / m, n_blocks = (F + block - 1) / block;
     s.keymax.resize(n_blocks);
-    if (simd::block_key_max(x, F, block, s.keymax.data())) {
+    if (row_block_key_max(x, bias, F, block, s.keymax.data())) {
       saw_nan = true;  // the op fails; any valid indices will do
       for (int64_t i = 0; i < k; ++i) chosen[i] = int32_t(i);
       return;
@@ -65,15 +90,18 @@ void topk_row(const T* x, int64_t F, int64_t k, RowScratch& s, std::vector<int32
     s.order.assign(s.keymax.begin(), s.keymax.end());
     std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(), std::greater<uint32_t>());
     s.cand.clear();
-    simd::collect_at_least(x, F, block, s.keymax.data(), s.order[k - 1], 0, s.cand);
+    row_collect_at_least(x, bias, F, block, s.keymax.data(), s.order[k - 1], s.cand);
     std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), simd::ranks_before);
     for (int64_t i = 0; i < k; ++i) chosen[i] = int32_t(s.cand[i].index);
   } else {
     uint32_t nan = 0;  // not bool: GCC vectorises an |= over uint32 but not over bool
-    for (int64_t i = 0; i < F; ++i) nan |= uint32_t(to_f32(x[i]) != to_f32(x[i]));
-    saw_nan |= nan != 0;
     s.keys.resize(F);
-    for (int64_t i = 0; i < F; ++i) s.keys[i] = rank_key(to_f32(x[i]), i);
+    for (int64_t i = 0; i < F; ++i) {
+      const float v = entry(x, bias, i);
+      nan |= uint32_t(v != v);
+      s.keys[i] = rank_key(v, i);
+    }
+    saw_nan |= nan != 0;
     if (k < F) std::nth_element(s.keys.begin(), s.keys.begin() + (k - 1), s.keys.end(), std::greater<uint64_t>());
     for (int64_t i = 0; i < k; ++i) chosen[i] = int32_t(0xFFFFFFFFu - uint32_t(s.keys[i]));
   }
@@ -81,7 +109,7 @@ void topk_row(const T* x, int64_t F, int64_t k, RowScratch& s, std::vector<int32
 }
 
 template <typename T>
-void topk_impl(const T* h, int64_t B, int64_t F, int64_t k, int32_t* out_index, T* out_value,
+void topk_impl(const T* h, const float* bias, int64_t B, int64_t F, int64_t k, int32_t* out_index, T* out_value,
                bool& saw_nan) {
   bool nan_any = false;
 #pragma omp parallel reduction(|| : nan_any)
@@ -92,10 +120,11 @@ void topk_impl(const T* h, int64_t B, int64_t F, int64_t k, int32_t* out_index, 
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const T* x = h + b * F;
-      topk_row(x, F, k, scratch, chosen, nan_here);
+      topk_row(x, bias, F, k, scratch, chosen, nan_here);
       for (int64_t i = 0; i < k; ++i) {
+        const float v = entry(x, bias, chosen[i]);
         out_index[b * k + i] = chosen[i];
-        out_value[b * k + i] = relu(x[chosen[i]]);
+        out_value[b * k + i] = T(v > 0.f ? v : 0.f);
       }
     }
     nan_any = nan_any || nan_here;
@@ -112,10 +141,32 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& h, int64_t k) {
   bool saw_nan = false;
   dispatch_float(h.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    topk_impl<scalar_t>(h.data_ptr<scalar_t>(), B, F, k, index.data_ptr<int32_t>(),
+    topk_impl<scalar_t>(h.data_ptr<scalar_t>(), nullptr, B, F, k, index.data_ptr<int32_t>(),
                         value.data_ptr<scalar_t>(), saw_nan);
   });
   TORCH_CHECK(!saw_nan, "fastclt::topk: h contains NaN");
+  return {index, value};
+}
+
+// topk of h + bias (fp32; bias [F] broadcast over rows) without forming it: the CPU encoder runs its
+// GEMM with no bias (the bias broadcast and beta = 1 cost ~12 ms at the cpu-small shape) and folds
+// the bias in here. value = relu(h + bias) at the kept entries (the sum rounded once, in fp32).
+std::tuple<at::Tensor, at::Tensor> topk_bias_cpu(const at::Tensor& h, const at::Tensor& bias, int64_t k) {
+  check_topk_args(h, k, "topk_bias");
+  TORCH_CHECK(h.scalar_type() == at::kFloat, "fastclt::topk_bias: h must be float32, got ", h.scalar_type());
+  TORCH_CHECK(h.device().is_cpu(), "fastclt::topk_bias: CPU kernel called on ", h.device());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == h.size(1), "fastclt::topk_bias: bias must have shape [F=",
+              h.size(1), "], got ", bias.sizes());
+  check_float_tensor(bias, "topk_bias", "bias");
+  check_same_dtype(bias, h, "topk_bias", "bias", "h");
+  check_device(bias, h, "topk_bias", "bias", "h");
+  const int64_t B = h.size(0), F = h.size(1);
+  auto index = new_output({B, k}, h.options().dtype(at::kInt));
+  auto value = new_output({B, k}, h.options());
+  bool saw_nan = false;
+  topk_impl<float>(h.data_ptr<float>(), bias.data_ptr<float>(), B, F, k, index.data_ptr<int32_t>(),
+                   value.data_ptr<float>(), saw_nan);
+  TORCH_CHECK(!saw_nan, "fastclt::topk_bias: h + bias contains NaN");
   return {index, value};
 }
 
@@ -479,6 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_compact_cpu(const at::T
 
 TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("topk", &topk_cpu);
+  m.impl("topk_bias", &topk_bias_cpu);
   m.impl("batch_topk_histogram", &batch_topk_histogram_cpu);
   m.impl("batch_topk_compact", &batch_topk_compact_cpu);
   m.impl("batch_topk", &batch_topk_cpu);

@@ -195,17 +195,19 @@ inline void gather_dot(const at::BFloat16* g, const at::BFloat16* W, const int64
 
 // ---------------------------------------------------------------- selection scans (float keys)
 
-// keymax[b] = the largest order-preserving key (float_key) of x[b*block, min(n, (b+1)*block)).
+// The selection scans read entry i of a row or tensor through src(i) -> float: x[i] widened to
+// fp32, or (the CPU encoder's TopK with its bias folded in) x[i] + bias[i] in fp32.
+
+// keymax[b] = the largest order-preserving key (float_key) of src(i), i in [b*block, min(n, (b+1)*block)).
 // Returns nonzero when some entry is NaN (its key is then meaningless). One vectorised pass.
-template <typename X, typename Load>
-FASTCLT_ALWAYS_INLINE uint32_t block_key_max_rows(const X* __restrict__ x, int64_t n, int64_t block,
-                                                  uint32_t* __restrict__ keymax, Load load) {
+template <typename Src>
+FASTCLT_ALWAYS_INLINE uint32_t block_key_max_src(Src src, int64_t n, int64_t block, uint32_t* __restrict__ keymax) {
   uint32_t nan = 0;
   for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, ++b) {
     const int64_t end = std::min(n, b0 + block);
     uint32_t m = 0;
     for (int64_t i = b0; i < end; ++i) {
-      const float v = load(x[i]);
+      const float v = src(i);
       const uint32_t key = float_key(v);
       m = key > m ? key : m;
       nan |= uint32_t(v != v);
@@ -213,19 +215,6 @@ FASTCLT_ALWAYS_INLINE uint32_t block_key_max_rows(const X* __restrict__ x, int64
     keymax[b] = m;
   }
   return nan;
-}
-
-FASTCLT_SIMD_CLONES static uint32_t block_key_max(const float* x, int64_t n, int64_t block, uint32_t* keymax) {
-  return block_key_max_rows(x, n, block, keymax, [](float v) { return v; });
-}
-
-FASTCLT_SIMD_CLONES static uint32_t block_key_max_bf16(const uint16_t* x, int64_t n, int64_t block,
-                                                       uint32_t* keymax) {
-  return block_key_max_rows(x, n, block, keymax, bf16_bits_to_f32);
-}
-
-inline uint32_t block_key_max(const at::BFloat16* x, int64_t n, int64_t block, uint32_t* keymax) {
-  return block_key_max_bf16(reinterpret_cast<const uint16_t*>(x), n, block, keymax);
 }
 
 // A selection candidate: an entry's key and its (flat or in-row) index.
@@ -239,13 +228,12 @@ inline bool ranks_before(const Candidate& a, const Candidate& b) {
   return a.key > b.key || (a.key == b.key && a.index < b.index);
 }
 
-// Appends {key, base + i} for every i < n with float_key(x[i]) >= thr, in index order, scanning only
-// the blocks of `block` entries whose maximum key (keymax, from block_key_max) is >= thr. Groups of
-// 16 are tested by a vectorised OR first: the cost follows the number of candidates.
-template <typename X, typename Load>
-FASTCLT_ALWAYS_INLINE void collect_at_least_rows(const X* __restrict__ x, int64_t n, int64_t block,
-                                                 const uint32_t* __restrict__ keymax, uint32_t thr, int64_t base,
-                                                 std::vector<Candidate>& out, Load load) {
+// Appends {key, base + i} for every i < n with float_key(src(i)) >= thr, in index order, scanning
+// only the blocks of `block` entries whose maximum key (keymax, from block_key_max) is >= thr.
+// Groups of 16 are tested by a vectorised OR first: the cost follows the number of candidates.
+template <typename Src>
+FASTCLT_ALWAYS_INLINE void collect_at_least_src(Src src, int64_t n, int64_t block, const uint32_t* __restrict__ keymax,
+                                                uint32_t thr, int64_t base, std::vector<Candidate>& out) {
   constexpr int64_t G = 16;
   for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, ++b) {
     if (keymax[b] < thr) continue;
@@ -253,34 +241,58 @@ FASTCLT_ALWAYS_INLINE void collect_at_least_rows(const X* __restrict__ x, int64_
     int64_t i0 = b0;
     for (; i0 + G <= end; i0 += G) {
       uint32_t any = 0;
-      for (int64_t i = 0; i < G; ++i) any |= uint32_t(float_key(load(x[i0 + i])) >= thr);
+      for (int64_t i = 0; i < G; ++i) any |= uint32_t(float_key(src(i0 + i)) >= thr);
       if (!any) continue;
       for (int64_t i = 0; i < G; ++i) {
-        const uint32_t key = float_key(load(x[i0 + i]));
+        const uint32_t key = float_key(src(i0 + i));
         if (key >= thr) out.push_back({key, base + i0 + i});
       }
     }
     for (; i0 < end; ++i0) {
-      const uint32_t key = float_key(load(x[i0]));
+      const uint32_t key = float_key(src(i0));
       if (key >= thr) out.push_back({key, base + i0});
     }
   }
 }
 
+FASTCLT_SIMD_CLONES static uint32_t block_key_max(const float* x, int64_t n, int64_t block, uint32_t* keymax) {
+  return block_key_max_src([x](int64_t i) { return x[i]; }, n, block, keymax);
+}
+
+FASTCLT_SIMD_CLONES static uint32_t block_key_max_bf16(const uint16_t* x, int64_t n, int64_t block,
+                                                       uint32_t* keymax) {
+  return block_key_max_src([x](int64_t i) { return bf16_bits_to_f32(x[i]); }, n, block, keymax);
+}
+
+inline uint32_t block_key_max(const at::BFloat16* x, int64_t n, int64_t block, uint32_t* keymax) {
+  return block_key_max_bf16(reinterpret_cast<const uint16_t*>(x), n, block, keymax);
+}
+
+FASTCLT_SIMD_CLONES static uint32_t block_key_max(const float* x, const float* bias, int64_t n, int64_t block,
+                                                  uint32_t* keymax) {
+  return block_key_max_src([x, bias](int64_t i) { return x[i] + bias[i]; }, n, block, keymax);
+}
+
 FASTCLT_SIMD_CLONES static void collect_at_least(const float* x, int64_t n, int64_t block, const uint32_t* keymax,
                                                  uint32_t thr, int64_t base, std::vector<Candidate>& out) {
-  collect_at_least_rows(x, n, block, keymax, thr, base, out, [](float v) { return v; });
+  collect_at_least_src([x](int64_t i) { return x[i]; }, n, block, keymax, thr, base, out);
 }
 
 FASTCLT_SIMD_CLONES static void collect_at_least_bf16(const uint16_t* x, int64_t n, int64_t block,
                                                       const uint32_t* keymax, uint32_t thr, int64_t base,
                                                       std::vector<Candidate>& out) {
-  collect_at_least_rows(x, n, block, keymax, thr, base, out, bf16_bits_to_f32);
+  collect_at_least_src([x](int64_t i) { return bf16_bits_to_f32(x[i]); }, n, block, keymax, thr, base, out);
 }
 
 inline void collect_at_least(const at::BFloat16* x, int64_t n, int64_t block, const uint32_t* keymax, uint32_t thr,
                              int64_t base, std::vector<Candidate>& out) {
   collect_at_least_bf16(reinterpret_cast<const uint16_t*>(x), n, block, keymax, thr, base, out);
+}
+
+FASTCLT_SIMD_CLONES static void collect_at_least(const float* x, const float* bias, int64_t n, int64_t block,
+                                                 const uint32_t* keymax, uint32_t thr, int64_t base,
+                                                 std::vector<Candidate>& out) {
+  collect_at_least_src([x, bias](int64_t i) { return x[i] + bias[i]; }, n, block, keymax, thr, base, out);
 }
 
 // Appends every i < n with load(x[i]) - load(t[i]) > bound (in fp32), in index order: the

@@ -415,10 +415,19 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
             codes = activate(h, activation, threshold=threshold, bandwidth=bandwidth)
         return codes, h
     with torch.no_grad():
-        h = preacts(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
+        # CPU fp32 TopK: the GEMM without its bias (no broadcast copy, beta = 0), the bias folded
+        # into the select (fastclt::topk_bias); elsewhere the GEMM adds it
+        fold = (activation == "topk" and x.device.type == "cpu" and x.dtype == torch.float32
+                and b_enc is not None and b_enc.dtype == torch.float32)
+        h = preacts(x.detach(), W_enc.detach(), None if b_enc is None or fold else b_enc.detach(),
                     None if pre_bias is None else pre_bias.detach(), out=_h_out(x, x.shape[0], W_enc.shape[0]))
-        row_ptr, row, col, h_e = _pattern(h, activation, k, None if threshold is None else threshold.detach(),
-                                          bandwidth)
+        if fold:
+            index, value = _ops().topk_bias(h, b_enc.detach().contiguous(), k)
+            c = SparseCodes.from_topk(index, value, h.shape[1])
+            row_ptr, row, col, h_e = c.row_ptr, c.row_ids(), c.index, c.value  # relu'd: the same codes and mask
+        else:
+            row_ptr, row, col, h_e = _pattern(h, activation, k, None if threshold is None else threshold.detach(),
+                                              bandwidth)
         del h
     return encode_codes(x, W_enc, b_enc, threshold, pre_bias, row_ptr, row, col, h_e, activation, bandwidth,
                         EXT_KERNELS, k if activation == "topk" else None)
