@@ -54,16 +54,27 @@ class Pool {
     return p;
   }
 
+  // Keeps the block unless it alone exceeds the limit; to make room, older unused blocks of other
+  // sizes are freed first (largest first), so the pool holds what the program uses now.
   void give_back(void* p, size_t bytes) {
+    std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + int64_t(bytes) <= limit_) {
+      if (int64_t(bytes) > limit_) {
+        drop.push_back(p);
+      } else {
+        for (auto it = free_.rbegin(); it != free_.rend() && cached_ + int64_t(bytes) > limit_; ++it) {
+          while (!it->second.empty() && cached_ + int64_t(bytes) > limit_) {
+            drop.push_back(it->second.back());
+            it->second.pop_back();
+            cached_ -= int64_t(it->first);
+          }
+        }
         free_[bytes].push_back(p);
         cached_ += int64_t(bytes);
-        return;
       }
     }
-    std::free(p);
+    for (void* q : drop) std::free(q);
   }
 
   Stats stats() {

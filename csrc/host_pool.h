@@ -10,7 +10,7 @@
 // and fewer TLB misses for the kernels' random row gathers).
 //
 // The limit (bytes the pool may hold while unused) defaults to FASTCLT_HOST_POOL_MB (MiB; 4096 when
-// unset; 0 turns the pool off). Thread-safe. Tensors from the pool are ordinary CPU tensors except
+// unset; 0 turns the pool off); a freed block that does not fit evicts older unused blocks first. Thread-safe. Tensors from the pool are ordinary CPU tensors except
 // that their storage cannot be resized in place to a larger size.
 #pragma once
 

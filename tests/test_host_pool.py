@@ -50,6 +50,16 @@ def test_limit_release_and_off():
     a, b = _ext.host_empty(BIG, torch.float32, "cpu"), _ext.host_empty(BIG, torch.float32, "cpu")
     del a, b
     assert _ext.host_pool_stats()["cached_bytes"] == 4 << 20
+    c = _ext.host_empty((3 << 20,), torch.uint8, "cpu")  # 4 MiB rounded, fits: reuses the cached block
+    d = _ext.host_empty((3 << 20,), torch.int8, "cpu")   # nothing cached: a new block
+    del c
+    assert _ext.host_pool_stats()["cached_blocks"] == 1
+    e = _ext.host_empty((1 << 20,), torch.float16, "cpu")  # 2 MiB
+    del d  # 4 + 4 MiB would exceed 5 MiB: the older block (c's) is freed for d's
+    assert _ext.host_pool_stats()["cached_bytes"] == 4 << 20
+    del e  # 2 MiB more would exceed 5 MiB: the older 4 MiB block is evicted for the newer one
+    s = _ext.host_pool_stats()
+    assert s["cached_bytes"] == 2 << 20 and s["cached_blocks"] == 1
     _ext.host_pool_release()
     assert _ext.host_pool_stats()["cached_bytes"] == 0
     _ext.host_pool_set_limit(0)  # off: plain allocations
