@@ -108,18 +108,22 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
             shape = tuple(W_dec.shape) if isinstance(W_dec, torch.Tensor) else type(W_dec).__name__
             raise ValueError(f"W_dec: expected [L={L}, F, d_out] for tying {tying!r}, got {shape}")
         d_out = W_dec.shape[-1]
+        # Layer views by unbind, not W_dec[s]: each W_dec[s] in a graph backpropagates a zero-filled
+        # full [L, F, d] gradient (L·(L+1)/2 of them for per_target); unbind's backward stacks the
+        # per-layer gradients once.
+        Wl = W_dec.unbind(0)
         off = (lambda t: None) if feature_offset is None else (lambda t: feature_offset[t])
         sc = (lambda t: None) if feature_scale is None else (lambda t: feature_scale[t])
         if tying == "per_source" and not affine:
             # every target t ≥ s receives the same W_dec[s]ᵀ a_s: a prefix sum over sources
-            per_source = torch.stack([decode(codes[s], W_dec[s]) for s in range(L)], 1)
+            per_source = torch.stack([decode(codes[s], Wl[s]) for s in range(L)], 1)
             y = per_source.cumsum(1, dtype=_acc_dtype(per_source.dtype)).to(per_source.dtype)
         else:
             outs = []
             for t in range(L):
                 acc = None
                 for s in range(t + 1):
-                    W = W_dec[s] if tying == "per_source" else W_dec[t]
+                    W = Wl[s] if tying == "per_source" else Wl[t]
                     part = decode(feature_affine(codes[s], off(t), sc(t)), W)
                     acc = part if acc is None else acc + part
                 outs.append(acc)
