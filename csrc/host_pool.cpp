@@ -12,12 +12,32 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
 
 namespace fastclt {
 namespace host_pool {
 namespace {
 
 constexpr size_t kAlign = size_t(2) << 20;  // one transparent huge page
+
+// `bytes` is a multiple of kAlign. MSVC has no std::aligned_alloc (and its blocks need their own free).
+void* aligned_block(size_t bytes) {
+#if defined(_WIN32)
+  return _aligned_malloc(bytes, kAlign);
+#else
+  return std::aligned_alloc(kAlign, bytes);
+#endif
+}
+
+void free_block(void* p) {
+#if defined(_WIN32)
+  _aligned_free(p);
+#else
+  std::free(p);
+#endif
+}
 
 int64_t limit_from_env() {
   const char* env = std::getenv("FASTCLT_HOST_POOL_MB");
@@ -46,7 +66,7 @@ class Pool {
       }
       ++misses_;
     }
-    void* p = std::aligned_alloc(kAlign, bytes);  // bytes is a multiple of kAlign
+    void* p = aligned_block(bytes);
     TORCH_CHECK(p != nullptr, "fastclt: out of host memory allocating ", bytes, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     madvise(p, bytes, MADV_HUGEPAGE);  // advice only: a failure leaves ordinary pages
@@ -74,7 +94,7 @@ class Pool {
         cached_ += int64_t(bytes);
       }
     }
-    for (void* q : drop) std::free(q);
+    for (void* q : drop) free_block(q);
   }
 
   Stats stats() {
@@ -102,7 +122,7 @@ class Pool {
         }
       }
     }
-    for (void* p : drop) std::free(p);
+    for (void* p : drop) free_block(p);
   }
 
   void set_limit(int64_t bytes) {
