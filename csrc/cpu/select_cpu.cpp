@@ -46,12 +46,6 @@ inline uint64_t rank_key(float x, int64_t i) {
   return (uint64_t(float_key(x)) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(i));
 }
 
-// Top-k of one row into `chosen` (k feature indices, ascending). When k is small next to F: the
-// key maxima of m >= k disjoint blocks (one vectorised pass) belong to m distinct entries, so their
-// k-th largest, t, is a lower bound on the row's k-th largest key; a second pass over only the
-// blocks whose maximum is >= t (about k of the m) collects the entries with key >= t (about 1.3 k
-// on random data, never fewer than k) and the exact top k is chosen among those. Otherwise
-// nth_element over all F keys. Same result either way.
 // Entry i of a row: x[i] in fp32, plus bias[i] when there is a bias (fp32 rows only: topk_bias).
 template <typename T>
 inline float entry(const T* x, const float* bias, int64_t i) {
@@ -75,6 +69,12 @@ void row_collect_at_least(const T* x, const float* bias, int64_t F, int64_t bloc
   simd::collect_at_least(x, F, block, keymax, thr, 0, out);
 }
 
+// Top-k of one row into `chosen` (k feature indices, ascending). When k is small next to F: the
+// key maxima of m >= k disjoint blocks (one vectorised pass) belong to m distinct entries, so their
+// k-th largest, t, is a lower bound on the row's k-th largest key; a second pass over only the
+// blocks whose maximum is >= t (about k of the m) collects the entries with key >= t (about 1.3 k
+// on random data, never fewer than k) and the exact top k is chosen among those. Otherwise
+// nth_element over all F keys. Same result either way.
 template <typename T>
 void topk_row(const T* x, const float* bias, int64_t F, int64_t k, RowScratch& s, std::vector<int32_t>& chosen,
               bool& saw_nan) {

@@ -210,28 +210,46 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
   }
 }
 
+// feature_scatter (weight null) and feature_scatter_dot (n_features = weight.size(0), and the dots):
+// the shared checks, then one scatter_impl.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_scatter(const char* op, const at::Tensor& row_ptr,
+                                                           const at::Tensor& index, const at::Tensor& coef,
+                                                           const at::Tensor& x, int64_t n_features,
+                                                           const at::Tensor* weight) {
+  const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
+  check_matrix(x, row_ptr, op, "x");
+  if (weight != nullptr) check_matrix(*weight, row_ptr, op, "weight");
+  check_same_dtype(coef, x, op, "coef", "x");
+  if (weight != nullptr) check_same_dtype(*weight, x, op, "weight", "x");
+  TORCH_CHECK(x.size(0) == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x.size(0));
+  if (weight != nullptr) {
+    TORCH_CHECK(weight->size(1) == x.size(1), "fastclt::", op, ": weight must have D=", x.size(1),
+                " columns (x's), got ", weight->size(1));
+    n_features = weight->size(0);
+  }
+  TORCH_CHECK(n_features >= 0 && n_features <= INT32_MAX, "fastclt::", op, ": ",
+              weight != nullptr ? "weight.size(0)" : "n_features", " must be in [0, 2^31), got ", n_features);
+  TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::", op, ": CPU kernel called on ", row_ptr.device());
+  check_codes_content(row_ptr, index, n_features, op, weight != nullptr ? "weight.size(0)" : "n_features");
+  const int64_t D = x.size(1);
+  auto out = new_output({n_features, D}, x.options());
+  auto coef_sum = new_output({n_features}, x.options().dtype(at::kFloat));
+  at::Tensor dot = weight != nullptr ? new_output({index.size(0)}, x.options()) : at::Tensor();
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    scatter_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), coef.data_ptr<T>(), x.data_ptr<T>(), B,
+                    index.size(0), n_features, D, out.data_ptr<T>(), coef_sum.data_ptr<float>(),
+                    weight != nullptr ? weight->data_ptr<T>() : nullptr,
+                    weight != nullptr ? dot.data_ptr<T>() : nullptr);
+  });
+  return {out, coef_sum, dot};
+}
+
 std::tuple<at::Tensor, at::Tensor> feature_scatter_cpu(const at::Tensor& row_ptr,
                                                        const at::Tensor& index,
                                                        const at::Tensor& coef, const at::Tensor& x,
                                                        int64_t n_features) {
-  const char* op = "feature_scatter";
-  const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
-  check_matrix(x, row_ptr, op, "x");
-  check_same_dtype(coef, x, op, "coef", "x");
-  TORCH_CHECK(x.size(0) == B, "fastclt::feature_scatter: x must have B=", B, " rows, got ", x.size(0));
-  TORCH_CHECK(n_features >= 0 && n_features <= INT32_MAX, "fastclt::feature_scatter: n_features "
-              "must be in [0, 2^31), got ", n_features);
-  TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::feature_scatter: CPU kernel called on ", row_ptr.device());
-  check_codes_content(row_ptr, index, n_features, op, "n_features");
-  const int64_t D = x.size(1);
-  auto out = new_output({n_features, D}, x.options());
-  auto coef_sum = new_output({n_features}, x.options().dtype(at::kFloat));
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    scatter_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), coef.data_ptr<T>(),
-                    x.data_ptr<T>(), B, index.size(0), n_features, D, out.data_ptr<T>(),
-                    coef_sum.data_ptr<float>());
-  });
+  auto [out, coef_sum, dot] = run_scatter("feature_scatter", row_ptr, index, coef, x, n_features, nullptr);
   return {out, coef_sum};
 }
 
@@ -239,30 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_scatter_dot_cpu(const at:
                                                                        const at::Tensor& index,
                                                                        const at::Tensor& coef, const at::Tensor& x,
                                                                        const at::Tensor& weight) {
-  const char* op = "feature_scatter_dot";
-  const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
-  check_matrix(x, row_ptr, op, "x");
-  check_matrix(weight, row_ptr, op, "weight");
-  check_same_dtype(coef, x, op, "coef", "x");
-  check_same_dtype(weight, x, op, "weight", "x");
-  TORCH_CHECK(x.size(0) == B, "fastclt::feature_scatter_dot: x must have B=", B, " rows, got ", x.size(0));
-  TORCH_CHECK(weight.size(1) == x.size(1), "fastclt::feature_scatter_dot: weight must have D=", x.size(1),
-              " columns (x's), got ", weight.size(1));
-  TORCH_CHECK(weight.size(0) <= INT32_MAX, "fastclt::feature_scatter_dot: weight.size(0) must fit in int32, got ",
-              weight.size(0));
-  TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::feature_scatter_dot: CPU kernel called on ", row_ptr.device());
-  const int64_t F = weight.size(0), D = x.size(1);
-  check_codes_content(row_ptr, index, F, op, "weight.size(0)");
-  auto out = new_output({F, D}, x.options());
-  auto coef_sum = new_output({F}, x.options().dtype(at::kFloat));
-  auto dot = new_output({index.size(0)}, x.options());
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    scatter_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), coef.data_ptr<T>(), x.data_ptr<T>(), B,
-                    index.size(0), F, D, out.data_ptr<T>(), coef_sum.data_ptr<float>(), weight.data_ptr<T>(),
-                    dot.data_ptr<T>());
-  });
-  return {out, coef_sum, dot};
+  return run_scatter("feature_scatter_dot", row_ptr, index, coef, x, 0, &weight);
 }
 
 }  // namespace
