@@ -62,8 +62,13 @@ class SparseCodes:
         """int64 [nnz]: the row (token) of every entry."""
         if self.k is not None:
             return torch.arange(self.batch_size, device=self.device).repeat_interleave(self.k)
-        counts = self.row_ptr[1:] - self.row_ptr[:-1]
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.device), counts, output_size=self.nnz)
+        return SparseCodes.rows_of(self.row_ptr, self.nnz)
+
+    @staticmethod
+    def rows_of(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+        """int64 [nnz]: the row of every entry of a CSR ``row_ptr`` (for callers that hold only the pattern)."""
+        rows = torch.arange(row_ptr.shape[0] - 1, device=row_ptr.device)
+        return torch.repeat_interleave(rows, row_ptr[1:] - row_ptr[:-1], output_size=nnz)
 
     def row_lengths(self) -> torch.Tensor:
         """int64 [B]: stored entries per row (active and band)."""

@@ -54,12 +54,6 @@ def _reference(module: str, op: str):
     return getattr(importlib.import_module(f"fastclt.ops.{module}"), op)
 
 
-def _row_ids(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
-    """int64 [nnz]: the row of every CSR entry."""
-    rows = torch.arange(row_ptr.shape[0] - 1, device=row_ptr.device)
-    return torch.repeat_interleave(rows, row_ptr.diff(), output_size=nnz)
-
-
 def _check_k(k: int, n_features: int) -> None:
     """The reference ops' rule and messages: TypeError unless an int, ValueError unless 1 <= k <= F."""
     if isinstance(k, bool) or not isinstance(k, int):
@@ -198,7 +192,7 @@ class _BatchTopK(torch.autograd.Function):
     def backward(ctx, grad_row_ptr, grad_index, grad_value):
         row_ptr, index, value = ctx.saved_tensors
         n_features = ctx.shape[-1]
-        flat = _row_ids(row_ptr, index.shape[0]) * n_features + index.long()
+        flat = SparseCodes.rows_of(row_ptr, index.shape[0]) * n_features + index.long()
         grad_h = grad_value.new_zeros(ctx.shape.numel())
         grad_h.index_put_((flat,), grad_value * (value > 0))
         return grad_h.view(ctx.shape), None
@@ -377,7 +371,7 @@ def _pattern(h: torch.Tensor, activation: str, k: Optional[int], threshold: Opti
         thr = None if activation == "relu" else threshold.to(h.dtype).contiguous()
         half = 0.0 if activation == "relu" else float(torch.tensor(0.5 * bandwidth, dtype=h.dtype))
         row_ptr, col, h_e = _ops().threshold_compact(h, thr, half)
-        return row_ptr, _row_ids(row_ptr, col.shape[0]), col, h_e
+        return row_ptr, SparseCodes.rows_of(row_ptr, col.shape[0]), col, h_e
     if activation in ("relu", "jumprelu"):
         mask = h > 0 if activation == "relu" else band_mask(h, threshold.to(h.dtype), bandwidth)
         row_ptr, row, col = SparseCodes.pattern_from_mask(mask)

@@ -254,7 +254,7 @@ class TensorParallel:
     def topk(self, h: torch.Tensor, k: int) -> SparseCodes:
         """h: [B, F/tp] → codes (local feature ids) of this shard's part of the global per-row top-k."""
         row_ptr, cols = self._row_topk_local(h, k)
-        rows = torch.repeat_interleave(torch.arange(h.shape[0], device=h.device), row_ptr.diff())
+        rows = SparseCodes.rows_of(row_ptr, cols.shape[0])
         return SparseCodes(row_ptr, cols.to(torch.int32), torch.relu(h[rows, cols]), h.shape[1])
 
     def auxk_select(self, x, W_enc, b_enc, dead_mask, k_aux, pre_bias=None) -> SparseCodes:
@@ -270,7 +270,7 @@ class TensorParallel:
                                torch.zeros(0, dtype=torch.int32, device=x.device), x.new_zeros(0), Fl)
         h = preacts(x, W_enc[dead], None if b_enc is None else b_enc[dead], pre_bias)
         row_ptr, cols = self._row_topk_local(h, min(k_aux, n_dead))
-        rows = torch.repeat_interleave(torch.arange(B, device=x.device), row_ptr.diff())
+        rows = SparseCodes.rows_of(row_ptr, cols.shape[0])
         return SparseCodes(row_ptr, dead[cols].to(torch.int32), torch.relu(h[rows, cols]), Fl)
 
     # ---- BatchTopK

@@ -49,8 +49,7 @@ import triton.language as tl
 
 from fastclt.codes import SparseCodes
 from fastclt.ops.triton.sparse_decode import (block_d, check_device, check_float, decode_grads, feature_scatter,
-                                              feature_scatter_dot, feature_segments, gather_decode, new_output,
-                                              row_ids)
+                                              feature_scatter_dot, feature_segments, gather_decode, new_output)
 
 __all__ = ["clt_decode", "CLTDecodeFunction"]
 
@@ -279,7 +278,7 @@ class CLTDecodeFunction(torch.autograd.Function):
 
             dW = torch.empty((L, F, d), dtype=plan.w_dtype, device=g.device)
             if plan.tying == "per_target":  # ∂W_t: all entries of sources s ≤ t through g[:, t]
-                rows_all = torch.cat([row_ids(row_ptrs[s], sizes[s]) for s in range(L)])
+                rows_all = torch.cat([SparseCodes.rows_of(row_ptrs[s], sizes[s]) for s in range(L)])
                 for t in range(L):
                     n = ends[t]
                     segments[t] = feature_segments(idx[:n], F)  # shared with the affine gradients of t
@@ -290,7 +289,7 @@ class CLTDecodeFunction(torch.autograd.Function):
                 gflat = g.view(B * L, d)
                 for s in range(L):
                     lo, hi = ends[s] - sizes[s], ends[s]
-                    rows = row_ids(row_ptrs[s], sizes[s])
+                    rows = SparseCodes.rows_of(row_ptrs[s], sizes[s])
                     ts = torch.arange(s, L, device=g.device)
                     key = idx[lo:hi].repeat(L - s)                                # t-major, like grow and c
                     grow = (ts[:, None] + rows[None, :] * L).reshape(-1)          # row (b_j, t) of g as [B·L, d]

@@ -105,13 +105,6 @@ def block_d(D: int, cap: int = 256) -> int:
     return max(16, min(triton.next_power_of_2(max(D, 1)), cap))
 
 
-def row_ids(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
-    """int64 [nnz]: the row of every entry of a CSR with ``row_ptr: int64 [B + 1]``."""
-    B = row_ptr.shape[0] - 1
-    counts = row_ptr[1:] - row_ptr[:-1]
-    return torch.repeat_interleave(torch.arange(B, device=row_ptr.device), counts, output_size=nnz)
-
-
 # --------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _gather_decode_kernel(row_ptr, index, value, W, stride_w, bias, acc_in, stride_acc, out, stride_out,
@@ -375,12 +368,12 @@ def decode_grads(row_ptr, index, value, W, G, need_v: bool, need_w: bool):
     """Gradients of y = decode(codes, W) given G = ∂L/∂y: (dvalue in value's dtype, dW in W's dtype)."""
     dvalue = dW = None
     if need_v and need_w:  # one feature-grouped pass: each W row read once
-        dW, dvalue = feature_scatter_dot(index, row_ids(row_ptr, index.shape[0]), value, G, W, out_dtype=W.dtype)
+        dW, dvalue = feature_scatter_dot(index, SparseCodes.rows_of(row_ptr, index.shape[0]), value, G, W, out_dtype=W.dtype)
         dvalue = dvalue.to(value.dtype)
     elif need_v:
         dvalue = gather_dot(row_ptr, index, W, G, out_dtype=value.dtype)
     elif need_w:
-        dW = feature_scatter(index, row_ids(row_ptr, index.shape[0]), value, G, W.shape[0], out_dtype=W.dtype)
+        dW = feature_scatter(index, SparseCodes.rows_of(row_ptr, index.shape[0]), value, G, W.shape[0], out_dtype=W.dtype)
     return dvalue, dW
 
 
