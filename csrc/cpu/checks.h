@@ -47,14 +47,6 @@ inline uint32_t float_key(float x) {
   return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
 }
 
-// The float whose key is `key` (inverse of float_key).
-inline float key_float(uint32_t key) {
-  uint32_t u = (key & 0x80000000u) ? (key ^ 0x80000000u) : ~key;
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-}
-
 // Calls fn(scalar_t{}) with scalar_t = float or at::BFloat16 (the two dtypes the kernels take).
 template <typename Fn>
 inline void dispatch_float(at::ScalarType dtype, Fn&& fn) {
