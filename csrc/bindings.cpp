@@ -39,6 +39,7 @@ TORCH_LIBRARY(fastclt, m) {
 #include <atomic>
 
 #include "host_pool.h"
+#include "scatter_plan.h"
 
 namespace fastclt {
 std::atomic<bool> g_poison_outputs{false};
@@ -96,6 +97,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return d;
         }, "dict: the host pool's unused bytes and blocks, its limit, and its hit / miss counts");
   m.def("host_pool_release", &hp::release, "Free every unused block the host pool holds");
+#ifdef FASTCLT_WITH_CPU
+  m.def("_feature_scatter_replay", &fastclt::feature_scatter_replay, pybind11::arg("row_ptr"), pybind11::arg("index"),
+        pybind11::arg("coef"), pybind11::arg("x"), pybind11::arg("n_features"), pybind11::arg("chunk"),
+        "Testing hook: the CUDA feature_scatter's chunked work split (csrc/scatter_plan.h) replayed on the CPU "
+        "-> (out, coef_sum, work items, partial rows)");
+#endif
   m.def("host_pool_set_limit", &hp::set_limit, pybind11::arg("bytes"),
         "Limit the unused bytes the host pool may hold (0: no caching); frees what is over it");
 }

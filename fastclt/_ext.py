@@ -140,5 +140,23 @@ def _register_fakes() -> None:
                 x.new_empty(index.shape[0]))
 
 
+_PY_KERNELS = []  # the torch.library.Library holding Python kernels (kept alive: dropping it deregisters them)
+
+
+def _register_python_kernels() -> None:
+    """Device kernels written in Python over the C++ ops: ``batch_topk`` on CUDA is the radix select
+    of ``fastclt.ops.ext_ops.batch_topk_radix`` (histogram passes, then one compaction)."""
+    lib = torch.library.Library("fastclt", "IMPL")
+
+    def batch_topk_cuda(h, k_total):
+        from fastclt.ops.ext_ops import batch_topk_radix
+
+        return batch_topk_radix(h, k_total)
+
+    lib.impl("batch_topk", batch_topk_cuda, "CUDA")
+    _PY_KERNELS.append(lib)
+
+
 if _C is not None:
     _register_fakes()
+    _register_python_kernels()

@@ -33,6 +33,9 @@ def ext_device(request) -> str:
 @pytest.fixture
 def poisoned():
     """fastclt._C outputs start as NaN / -1, so an element a kernel forgets to write fails the test."""
+    if _ext._C is None:  # not built: the tests that use it skip on their own
+        yield
+        return
     _ext._C.set_poison_outputs(True)
     yield
     _ext._C.set_poison_outputs(False)

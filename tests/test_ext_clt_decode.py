@@ -101,3 +101,23 @@ def test_clt_decode_is_the_default_here(ext_device, monkeypatch):
     name, _ = ops.resolve("clt_decode", "auto", torch.device(ext_device), torch.float32)
     assert name == ("cpu" if ext_device == "cpu" else "triton")
     assert ops.resolve("clt_decode", "auto", torch.device(ext_device), torch.float64)[0] == "reference"
+
+
+@pytest.mark.parametrize("tying,affine", [("per_source", True), ("per_target", False), ("per_target", True)])
+def test_clt_decode_sums_bf16_partials_in_fp32(ext_device, tying, affine):
+    """With bf16 decoders, the L(L+1)/2 per-(source, target) decodes are summed in fp32 and rounded
+    to bf16 once per target (exactly), the feature affine computed in fp32 — for the reference and
+    the extension's clt_decode alike."""
+    from fastclt.ops.decode import feature_affine
+    from fastclt.ops.decode import sparse_decode as ref_decode
+
+    codes, W, b, off, sc, up = make(tying, affine, torch.bfloat16, ext_device, seed=11)
+    for decode, clt in ((ref_decode, ref_clt_decode), (ext_ops.sparse_decode, ext_ops.clt_decode)):
+        y = clt(codes, W, tying, None, off, sc)
+        for t in range(L):
+            acc = None
+            for s in range(t + 1):
+                c = feature_affine(codes[s], None if off is None else off[t], None if sc is None else sc[t])
+                part = decode(c, W[s] if tying == "per_source" else W[t]).float()
+                acc = part if acc is None else acc + part
+            assert torch.equal(y[:, t], acc.to(torch.bfloat16)), (decode.__module__, t)

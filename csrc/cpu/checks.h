@@ -105,6 +105,15 @@ inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const cha
               ") must have the same dtype");
 }
 
+// A decode's coefficients: weight's dtype, or float32 with bfloat16 weights (not rounded to bf16
+// before the fp32 sum).
+inline void check_value_dtype(const at::Tensor& value, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(value.scalar_type() == weight.scalar_type() ||
+                  (value.scalar_type() == at::kFloat && weight.scalar_type() == at::kBFloat16),
+              "fastclt::", op, ": value (", value.scalar_type(), ") must have weight's dtype (",
+              weight.scalar_type(), ") or be float32");
+}
+
 // digit_bits <= max_digit_bits, 0 <= prefix_bits, prefix_bits + digit_bits <= 32,
 // 0 <= prefix < 2^prefix_bits.
 inline void check_radix_args(int64_t prefix, int64_t prefix_bits, int64_t digit_bits,

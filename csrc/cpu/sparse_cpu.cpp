@@ -14,6 +14,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include "../scatter_plan.h"
 #include "checks.h"
 #include "simd.h"
 
@@ -37,8 +38,9 @@ void check_codes_content(const at::Tensor& row_ptr, const at::Tensor& index, int
   TORCH_CHECK(!bad, "fastclt::", op, ": index must lie in [0, ", bound_name, "=", n_features, ")");
 }
 
-template <typename T>
-void decode_impl(const int64_t* rp, const int32_t* idx, const T* val, const T* W, const T* bias,
+// val: T, or fp32 with bf16 weights (an encoder backward's dh, not rounded before the sum).
+template <typename T, typename V>
+void decode_impl(const int64_t* rp, const int32_t* idx, const V* val, const T* W, const T* bias,
                  int64_t B, int64_t D, T* y) {
 #pragma omp parallel
   {
@@ -67,7 +69,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
   const char* op = "sparse_decode";
   const int64_t B = check_codes(row_ptr, index, value, op, "value");
   check_matrix(weight, row_ptr, op, "weight");
-  check_same_dtype(value, weight, op, "value", "weight");
+  check_value_dtype(value, weight, op);
   const int64_t F = weight.size(0), D = weight.size(1);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D, "fastclt::sparse_decode: bias must have "
@@ -81,9 +83,17 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
   auto y = new_output({B, D}, weight.options());
   dispatch_float(weight.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    decode_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), value.data_ptr<T>(),
-                   weight.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr, B, D,
-                   y.data_ptr<T>());
+    auto run = [&](auto value_tag) {
+      using V = decltype(value_tag);
+      decode_impl<T, V>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), value.data_ptr<V>(),
+                        weight.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr, B, D,
+                        y.data_ptr<T>());
+    };
+    if (value.scalar_type() == at::kFloat) {
+      run(float{});
+    } else {
+      run(T{});
+    }
   });
   return y;
 }
@@ -261,6 +271,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_scatter_dot_cpu(const at:
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> feature_scatter_replay(const at::Tensor& row_ptr,
+                                                                            const at::Tensor& index,
+                                                                            const at::Tensor& coef, const at::Tensor& x,
+                                                                            int64_t n_features, int64_t chunk) {
+  const char* op = "feature_scatter_replay";
+  const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
+  check_matrix(x, row_ptr, op, "x");
+  check_same_dtype(coef, x, op, "coef", "x");
+  TORCH_CHECK(x.size(0) == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x.size(0));
+  TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::", op, ": CPU tensors expected, got ", row_ptr.device());
+  TORCH_CHECK(n_features >= 0 && n_features <= INT32_MAX, "fastclt::", op, ": n_features must be in [0, 2^31)");
+  TORCH_CHECK(chunk >= 1, "fastclt::", op, ": chunk must be >= 1, got ", chunk);
+  const int64_t nnz = index.size(0), D = x.size(1), F = n_features;
+  const auto p = plan::make_scatter_plan(index, F, chunk);
+  const int64_t *fp = p.feat_ptr.data_ptr<int64_t>(), *cp = p.chunk_ptr.data_ptr<int64_t>(),
+                *pp = p.partial_ptr.data_ptr<int64_t>(), *order = p.order.data_ptr<int64_t>();
+  const int64_t n_work = cp[F], n_partials = pp[F];
+  TORCH_CHECK(n_work <= plan::scatter_work_bound(F, nnz, chunk) && n_partials <= plan::scatter_partial_bound(nnz, chunk),
+              "fastclt::", op, ": the plan exceeds its host-side bounds");
+  std::vector<int64_t> row_of(nnz);
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = rp[b]; j < rp[b + 1]; ++j) row_of[j] = b;
+  auto out = new_output({F, D}, x.options());
+  auto coef_sum = new_output({F}, x.options().dtype(at::kFloat));
+  std::vector<float> partials(static_cast<size_t>(n_partials * D)), partial_coef(static_cast<size_t>(n_partials)),
+      acc(static_cast<size_t>(D));
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *c = coef.data_ptr<T>(), *X = x.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    float* cs = coef_sum.data_ptr<float>();
+    // the work items as the CUDA kernels see them: every w up to the bound, in order
+    for (int64_t w = 0; w < plan::scatter_work_bound(F, nnz, chunk); ++w) {
+      plan::ScatterWork work;
+      if (!plan::scatter_work(fp, cp, pp, F, chunk, w, &work)) continue;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float s = 0.f;
+      for (int64_t q = work.begin; q < work.end; ++q) {
+        const int64_t j = order[q];
+        const float cj = static_cast<float>(c[j]);
+        s += cj;
+        for (int64_t d = 0; d < D; ++d) acc[d] += cj * static_cast<float>(X[row_of[j] * D + d]);
+      }
+      if (work.slot < 0) {
+        for (int64_t d = 0; d < D; ++d) o[work.feature * D + d] = T(acc[d]);
+        cs[work.feature] = s;
+      } else {
+        std::copy(acc.begin(), acc.end(), partials.begin() + work.slot * D);
+        partial_coef[work.slot] = s;
+      }
+    }
+    for (int64_t f = 0; f < F; ++f) {  // the second kernel: hot rows from their partials, in chunk order
+      if (pp[f] == pp[f + 1]) continue;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float s = 0.f;
+      for (int64_t q = pp[f]; q < pp[f + 1]; ++q) {
+        s += partial_coef[q];
+        for (int64_t d = 0; d < D; ++d) acc[d] += partials[q * D + d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[f * D + d] = T(acc[d]);
+      cs[f] = s;
+    }
+  });
+  return {out, coef_sum, n_work, n_partials};
+}
 
 TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("sparse_decode", &sparse_decode_cpu);

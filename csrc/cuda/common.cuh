@@ -67,6 +67,55 @@ __device__ __forceinline__ void store_f32(T* __restrict__ p, const float (&in)[V
   }
 }
 
+// Visits x[0, n) with 16-byte loads: the elements before the first 16-byte boundary (the
+// "head") and after the last whole vector (the "tail") one per unit, the body VEC per unit. Unit u
+// goes to lane u % 32 of the warp whose loop reaches it: the calling warp starts at unit `first`
+// and advances by `stride` units (both the same for every lane of the warp, `first` a multiple of
+// 32), so every lane runs the same iterations and fn(v, count) may use warp collectives; lanes past
+// the end get count = 0. fn receives float v[Vec<T>::kSize] with count valid entries.
+template <typename T, typename Fn>
+__device__ __forceinline__ void for_each_vec(const T* __restrict__ x, int64_t n, int64_t first, int64_t stride,
+                                             Fn&& fn) {
+  constexpr int VEC = Vec<T>::kSize;
+  const int lane = threadIdx.x % kWarp;
+  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(x) % 16;
+  int64_t head = misaligned == 0 ? 0 : int64_t((16 - misaligned) / sizeof(T));
+  if (head > n) head = n;
+  const int64_t n_vec = (n - head) / VEC;
+  const int64_t body_end = head + n_vec * VEC;
+  const int64_t units = head + n_vec + (n - body_end);
+  for (int64_t base = first; base < units; base += stride) {
+    const int64_t u = base + lane;
+    float v[VEC];
+    int count = 0;
+    if (u < head) {
+      v[0] = to_f32(x[u]);
+      count = 1;
+    } else if (u < head + n_vec) {
+      load_f32<T, VEC>(x + head + (u - head) * VEC, v);
+      count = VEC;
+    } else if (u < units) {
+      v[0] = to_f32(x[body_end + (u - head - n_vec)]);
+      count = 1;
+    }
+    fn(v, count);
+  }
+}
+
+// bins[bin] += 1 for every lane with bin >= 0, as one shared-memory atomic per distinct bin of the
+// warp (lanes with equal bins are counted together): radix digits of real data crowd into a few
+// bins, where per-lane atomics would serialise. Every lane of the warp must call it.
+__device__ __forceinline__ void warp_histogram_add(unsigned int* bins, int bin) {
+  const unsigned peers = __match_any_sync(0xffffffffu, bin);
+  if (bin >= 0 && int(threadIdx.x % kWarp) == __ffs(peers) - 1) atomicAdd(&bins[bin], unsigned(__popc(peers)));
+}
+
+__device__ __forceinline__ unsigned int warp_sum_u32(unsigned int x) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);

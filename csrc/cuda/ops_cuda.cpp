@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../cpu/checks.h"
+#include "../scatter_plan.h"
 #include "launch.h"
 
 namespace fastclt {
@@ -28,14 +29,15 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& h, int64_t k) {
   check_topk_args(h, k, "topk");
   check_cuda(h, "topk", "h");
   const c10::cuda::CUDAGuard guard(h.device());
-  // A NaN has no place in the order; reject it (one reduction and a sync, like torch's own checks).
-  TORCH_CHECK(!at::isnan(h).any().item<bool>(), "fastclt::topk: h contains NaN");
   const int64_t B = h.size(0), F = h.size(1);
   auto index = new_output({B, k}, h.options().dtype(at::kInt));
   auto value = new_output({B, k}, h.options());
+  // The kernel counts NaNs in its first pass over h; reading the 4-byte count back is the only sync.
+  auto nan_count = at::zeros({1}, h.options().dtype(at::kInt));
   cuda::topk_rows(h.data_ptr(), kernel_dtype(h), B, F, k, index.data_ptr<int32_t>(), value.data_ptr(),
-                  current_stream());
+                  reinterpret_cast<unsigned int*>(nan_count.data_ptr<int32_t>()), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(nan_count.item<int32_t>() == 0, "fastclt::topk: h contains NaN");
   return {index, value};
 }
 
@@ -93,7 +95,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& row_ptr, const at::Tensor& index
   const int64_t B = check_codes(row_ptr, index, value, op, "value");
   check_cuda(row_ptr, op, "row_ptr");
   check_matrix(weight, row_ptr, op, "weight");
-  check_same_dtype(value, weight, op, "value", "weight");
+  check_value_dtype(value, weight, op);
   const int64_t F = weight.size(0), D = weight.size(1);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D, "fastclt::sparse_decode: bias must have shape [D=", D,
@@ -104,9 +106,9 @@ at::Tensor sparse_decode_cuda(const at::Tensor& row_ptr, const at::Tensor& index
   }
   const c10::cuda::CUDAGuard guard(row_ptr.device());
   auto y = new_output({B, D}, weight.options());
-  cuda::sparse_decode(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), value.data_ptr(), weight.data_ptr(),
-                      bias.has_value() ? bias->data_ptr() : nullptr, kernel_dtype(weight), B, F, D, y.data_ptr(),
-                      current_stream());
+  cuda::sparse_decode(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), value.data_ptr(), kernel_dtype(value),
+                      weight.data_ptr(), bias.has_value() ? bias->data_ptr() : nullptr, kernel_dtype(weight), B, F, D,
+                      y.data_ptr(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
@@ -150,21 +152,23 @@ std::tuple<at::Tensor, at::Tensor> feature_scatter_cuda(const at::Tensor& row_pt
               "fastclt::feature_scatter: n_features must be in [0, 2^31), got ", n_features);
   const c10::cuda::CUDAGuard guard(row_ptr.device());
   const int64_t nnz = index.size(0), D = x.size(1);
-  auto longs = row_ptr.options();
-  // Group entries by feature: a stable sort keeps each feature's entries in flat order, so every
-  // per-feature sum has a fixed order (deterministic). feat_ptr[f] = first sorted position >= f;
-  // out-of-range indices fall outside every feature's range and are ignored.
-  auto sorted = at::sort(index.to(at::kLong), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  auto feat_ptr = at::searchsorted(std::get<0>(sorted), at::arange(n_features + 1, longs));
-  auto order = std::get<1>(sorted).contiguous();
-  auto row_of = new_output({nnz}, longs);
+  // Entries grouped by feature (stable sort: flat order within a feature) and split into chunks of
+  // at most kScatterChunk, hot features over several warps (csrc/scatter_plan.h); no device sync.
+  const int64_t chunk = plan::kScatterChunk;
+  const auto p = plan::make_scatter_plan(index, n_features, chunk);
+  auto row_of = new_output({nnz}, row_ptr.options());
   cuda::entry_rows(row_ptr.data_ptr<int64_t>(), B, row_of.data_ptr<int64_t>(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto out = new_output({n_features, D}, x.options());
   auto coef_sum = new_output({n_features}, x.options().dtype(at::kFloat));
-  cuda::feature_scatter(feat_ptr.data_ptr<int64_t>(), order.data_ptr<int64_t>(), row_of.data_ptr<int64_t>(),
-                        coef.data_ptr(), x.data_ptr(), kernel_dtype(x), n_features, D, out.data_ptr(),
-                        coef_sum.data_ptr<float>(), current_stream());
+  const int64_t n_partials = plan::scatter_partial_bound(nnz, chunk);
+  auto partials = at::empty({n_partials, D}, x.options().dtype(at::kFloat));
+  auto partial_coef = at::empty({n_partials}, x.options().dtype(at::kFloat));
+  cuda::feature_scatter(p.feat_ptr.data_ptr<int64_t>(), p.chunk_ptr.data_ptr<int64_t>(),
+                        p.partial_ptr.data_ptr<int64_t>(), chunk, plan::scatter_work_bound(n_features, nnz, chunk),
+                        p.order.data_ptr<int64_t>(), row_of.data_ptr<int64_t>(), coef.data_ptr(), x.data_ptr(),
+                        kernel_dtype(x), n_features, D, out.data_ptr(), coef_sum.data_ptr<float>(),
+                        partials.data_ptr<float>(), partial_coef.data_ptr<float>(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, coef_sum};
 }

@@ -54,11 +54,12 @@ def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch
 
 
 def feature_affine(codes: SparseCodes, offset: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> SparseCodes:
-    """g(a) = (a + offset·1[a > 0])·scale at the codes' entries; offset, scale: [F] (either may be None)."""
+    """g(a) = (a + offset·1[a > 0])·scale at the codes' entries; offset, scale: [F] (either may be None).
+    Computed in fp32 (fp64 for fp64 values): the values come back in that dtype, not rounded to bf16."""
     if offset is None and scale is None:
         return codes
     idx = codes.index.long()
-    v = codes.value
+    v = codes.value.to(_acc_dtype(codes.value.dtype))
     if offset is not None:
         v = v + offset[idx].to(v.dtype) * (v.detach() > 0).to(v.dtype)
     if scale is not None:
@@ -83,7 +84,9 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
                     feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``clt_decode`` built from ``decode(codes, W [F, D] or [F, T, d]) -> [B, D] or [B, T, d]``
     (this module's reference ``sparse_decode``, or a kernel's): L decodes for untied and plain
-    per_source decoders, L(L+1)/2 with the feature affine or per_target tying."""
+    per_source decoders, L(L+1)/2 with the feature affine or per_target tying. The decodes' results
+    are summed in fp32 (fp64 for fp64 decoders) and rounded to W_dec's dtype once; the feature
+    affine's values are fp32 (``feature_affine``)."""
     if tying not in TYINGS:
         raise ValueError(f"tying: expected one of {TYINGS}, got {tying!r}")
     L = len(codes)
@@ -119,14 +122,15 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
             per_source = torch.stack([decode(codes[s], Wl[s]) for s in range(L)], 1)
             y = per_source.cumsum(1, dtype=_acc_dtype(per_source.dtype)).to(per_source.dtype)
         else:
+            acc_dtype = _acc_dtype(W_dec.dtype)
             outs = []
             for t in range(L):
                 acc = None
                 for s in range(t + 1):
                     W = Wl[s] if tying == "per_source" else Wl[t]
-                    part = decode(feature_affine(codes[s], off(t), sc(t)), W)
+                    part = decode(feature_affine(codes[s], off(t), sc(t)), W).to(acc_dtype)
                     acc = part if acc is None else acc + part
-                outs.append(acc)
+                outs.append(acc.to(W_dec.dtype))
             y = torch.stack(outs, 1)
     if b_dec is not None:
         if b_dec.shape != (L, d_out):

@@ -21,7 +21,8 @@ from fastclt.codes import SparseCodes
 __all__ = [
     "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "encode", "encode_layers",
     "auxk_select",
-    "batch_topk_threshold", "batch_topk_compact", "BatchTopKThreshold", "key_to_float", "register_ext_impls",
+    "batch_topk_threshold", "batch_topk_compact", "batch_topk_radix", "BatchTopKThreshold", "key_to_float",
+    "register_ext_impls",
 ]
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -175,13 +176,22 @@ def batch_topk_compact(h: torch.Tensor, threshold: BatchTopKThreshold, equal_off
     return _ops().batch_topk_compact(h, threshold.key, 0, take, threshold.n_greater_local + take)
 
 
+def batch_topk_radix(h: torch.Tensor, k_total: int):
+    """``torch.ops.fastclt.batch_topk`` by radix select: ``batch_topk_threshold`` (histogram passes)
+    then one ``batch_topk_compact`` — the op's CUDA kernel (registered by ``fastclt._ext``), which
+    runs wherever the histogram and compact ops do. Same result as the CPU kernel's bound + filter."""
+    if isinstance(k_total, bool) or not isinstance(k_total, int) or not 0 <= k_total <= h.numel():
+        raise ValueError(f"batch_topk: k_total must be in [0, h.numel()={h.numel()}], got {k_total}")
+    if h.dim() < 2:
+        raise RuntimeError(f"fastclt::batch_topk: h must have at least 2 dims [..., F], got shape {tuple(h.shape)}")
+    return batch_topk_compact(h, batch_topk_threshold(h, k_total))
+
+
 class _BatchTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, k_total):
-        if h.device.type == "cpu":  # one device: bound + filter, two passes (csrc/cpu/select_cpu.cpp)
-            row_ptr, index, value = _ops().batch_topk(h, k_total)
-        else:
-            row_ptr, index, value = batch_topk_compact(h, batch_topk_threshold(h, k_total))
+        # CPU: block-maximum bound + filter (csrc/cpu/select_cpu.cpp); CUDA: batch_topk_radix
+        row_ptr, index, value = _ops().batch_topk(h, k_total)
         ctx.save_for_backward(row_ptr, index, value)
         ctx.shape = h.shape
         ctx.mark_non_differentiable(row_ptr, index)
@@ -247,6 +257,7 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_y):
         row_ptr, index, value, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()
+        value = value.to(grad_y.dtype)  # fp32 values of bf16 weights: the scatters take one dtype
         ops = _ops()
         grad_value = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2] and ctx.needs_input_grad[3] and grad_y.device.type == "cpu":
@@ -266,7 +277,8 @@ def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch
     """codes (B rows), W_dec: [F, D] or [F, T, d] fp32|bf16, b_dec: [D] / [T, d] or None
     -> y: [B, D] (or [B, T, d]) in W_dec's dtype.
 
-    y[b] = sum_j value[j] * W_dec[index[j]] (+ b_dec), accumulated in fp32. Differentiable in
+    y[b] = sum_j value[j] * W_dec[index[j]] (+ b_dec), accumulated in fp32 (fp32 values are not
+    rounded to a bf16 W_dec's dtype first; other values are cast to it). Differentiable in
     codes.value, W_dec and b_dec (dvalue = <g, W_dec[index]>, dW_dec grouped by feature,
     deterministic). A [F, T, d] decoder (a CLT source's untied block) decodes as D = T*d. Other
     float dtypes go to the reference op."""
@@ -287,8 +299,9 @@ def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch
         if b_dec.shape != (W.shape[1],) and b_dec.shape != tail:
             raise ValueError(f"b_dec: expected shape {tuple(tail)}, got {tuple(b_dec.shape)}")
         bias = b_dec.reshape(-1).to(W.dtype).contiguous()
-    y = _SparseDecode.apply(codes.row_ptr.contiguous(), codes.index.contiguous(),
-                            codes.value.to(W.dtype).contiguous(), W, bias)
+    # fp32 values with bf16 weights go in as they are (summed in fp32, not rounded to bf16 first)
+    value = codes.value if codes.value.dtype in (W.dtype, torch.float32) else codes.value.to(W.dtype)
+    y = _SparseDecode.apply(codes.row_ptr.contiguous(), codes.index.contiguous(), value.contiguous(), W, bias)
     return y.view(codes.batch_size, *tail)
 
 
@@ -328,9 +341,10 @@ class _ExtKernels:
 
     @staticmethod
     def gather(row_ptr, col, coef, W, out_dtype):
+        # coef (dh) stays fp32 with bf16 weights: the kernel sums it in fp32, one rounding at the end
         W = W.detach().contiguous()
-        return _ops().sparse_decode(row_ptr.contiguous(), col.contiguous(), coef.to(W.dtype).contiguous(), W,
-                                    None).to(out_dtype)
+        coef = coef.float() if W.dtype == torch.bfloat16 else coef.to(W.dtype)
+        return _ops().sparse_decode(row_ptr.contiguous(), col.contiguous(), coef.contiguous(), W, None).to(out_dtype)
 
 
 EXT_KERNELS = _ExtKernels()
