@@ -25,7 +25,8 @@ from fastclt.ops.triton import sparse_decode as tsd  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
 # (B, F, D, k): odd sizes, not multiples of any block size
-SIZES = [(13, 37, 45, 5), (3, 7, 1, 1), (4, 9, 300, 3)]  # D = 300: several 256-column blocks + ([(1031, 4099, 771, 32), (4096, 16384, 2304, 64)] if GPU else [])
+# D = 300: several 256-column blocks; on a GPU also real sizes
+SIZES = [(13, 37, 45, 5), (3, 7, 1, 1), (4, 9, 300, 3)] + ([(1031, 4099, 771, 32), (4096, 16384, 2304, 64)] if GPU else [])
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
 
 
