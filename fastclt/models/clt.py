@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fastclt import ops
 from fastclt.codes import SparseCodes
@@ -89,18 +90,20 @@ class CrossLayerTranscoder(SparseDictionary):
         return self.W_dec[s:].permute(1, 0, 2)
 
     def decoder_norms(self) -> torch.Tensor:
-        """[L, F] fp32: ‖W_dec,i^s‖ = sqrt(Σ_{t≥s} ‖W^{s→t}[i]‖²), the concatenated norm of SPEC §4
-        (including the per-target scale when the feature affine is on)."""
+        """[L, F] fp32 (fp64 for an fp64 model): ‖W_dec,i^s‖ = sqrt(Σ_{t≥s} ‖W^{s→t}[i]‖²), the
+        concatenated norm of SPEC §4 (including the per-target scale when the feature affine is on).
+        Each decoder row's norm is one fused reduction with fp32 accumulation (``_row_norms``): no
+        fp32 copy or square of the decoder, forward or backward; zero rows get a zero gradient."""
         tying = self.cfg.decoder_tying
         if tying == "none":
-            return torch.stack([W.float().pow(2).sum((1, 2)) for W in self.W_dec]).sqrt()
-        row_sq = self.W_dec.float().pow(2).sum(-1)  # [L, F]
-        scale_sq = self.feature_scale.float().pow(2) if self.cfg.feature_affine else torch.ones_like(row_sq)
+            return torch.stack([_row_norms(W, (1, 2)) for W in self.W_dec])
+        row_sq = _row_norms(self.W_dec, (-1,)).square()  # [L, F]
+        scale_sq = self.feature_scale.to(row_sq.dtype).pow(2) if self.cfg.feature_affine else torch.ones_like(row_sq)
         if tying == "per_source":  # feature (s, i) writes W_dec[s][i]·scale_t[i] to every t ≥ s
             tail = scale_sq.flip(0).cumsum(0).flip(0)  # Σ_{t≥s} scale_t²
-            return (row_sq * tail).sqrt()
+            return _sqrt0(row_sq * tail)
         # per_target: feature (s, i) writes W_dec[t][i]·scale_t[i] to t ≥ s
-        return (row_sq * scale_sq).flip(0).cumsum(0).flip(0).sqrt()
+        return _sqrt0((row_sq * scale_sq).flip(0).cumsum(0).flip(0))
 
     def _decode_n(self, codes: list, xn: Optional[torch.Tensor], bias: bool) -> torch.Tensor:
         """L codes → [B, L, d_out] in normalised space (bias=False: no b_dec and no skip, for AuxK)."""
@@ -211,6 +214,41 @@ class CrossLayerTranscoder(SparseDictionary):
         if not isinstance(codes, (list, tuple)) or not all(isinstance(c, SparseCodes) for c in codes):
             raise TypeError(f"codes: expected a list of {self.n_layers} SparseCodes, got {type(codes).__name__}")
         return list(codes)
+
+
+class _RowNorms(torch.autograd.Function):
+    """‖W‖ over ``dims`` in fp32, fp64 for fp64 W (see ``_row_norms``)."""
+
+    @staticmethod
+    def forward(ctx, W, dims):
+        acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+        norm = torch.linalg.vector_norm(W, 2, dim=dims, dtype=acc)
+        ctx.save_for_backward(W, norm)
+        ctx.dims = dims
+        return norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        W, norm = ctx.saved_tensors
+        scale = torch.where(norm > 0, grad / norm, torch.zeros_like(norm))  # d‖w‖/dw = w/‖w‖; 0 at w = 0
+        for d in sorted(d % W.dim() for d in ctx.dims):
+            scale = scale.unsqueeze(d)
+        # fp32 scale times W, rounded once into W's dtype (on a GPU without an fp32 temporary)
+        return torch.mul(W, scale, out=torch.empty_like(W)), None
+
+
+def _row_norms(W: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """fp32 (fp64 for fp64 W) norms of W over ``dims``, differentiable: one fused reduction with
+    fp32 accumulation (torch reads a bf16 W on a GPU without widening it first), and a backward that writes
+    ``W·g/‖W‖`` straight into W's dtype — no fp32 copy or square of W kept for autograd."""
+    return _RowNorms.apply(W, dims)
+
+
+def _sqrt0(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x) for x ≥ 0 whose gradient is 0, not NaN, where x = 0 (a decoder row of zeros)."""
+    pos = x > 0
+    return torch.where(pos, x, torch.ones_like(x)).sqrt() * pos
 
 
 def _set_fire_rate(model: SparseDictionary, xn: torch.Tensor, fire_rate: float) -> None:
