@@ -22,7 +22,7 @@ __all__ = [
     "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "encode", "encode_layers",
     "auxk_select",
     "batch_topk_threshold", "batch_topk_compact", "batch_topk_radix", "BatchTopKThreshold", "key_to_float",
-    "register_ext_impls",
+    "radix_threshold", "RadixCut", "ShardSelectionError", "register_ext_impls",
 ]
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -118,51 +118,129 @@ def key_to_float(key: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
+class RadixCut(NamedTuple):
+    """One group's cut found by ``radix_threshold``, in the histogrammed key space: ``key`` (the
+    k_total-th largest key, ``total_bits`` wide), the global ``n_greater`` / ``n_take`` (n_greater +
+    n_take = k_total) and this rank's ``n_greater_local`` / ``n_equal_local``."""
+    key: int
+    n_greater: int
+    n_take: int
+    n_greater_local: int
+    n_equal_local: int
+
+
+class ShardSelectionError(RuntimeError):
+    """A histogram of ``radix_threshold`` failed on some rank. Raised on every rank at the same
+    collective (the failure travels in the all-reduced histogram), so ranks can switch paths together."""
+
+
+Histogram = Callable[[list, int, int], torch.Tensor]
+
+
+def radix_threshold(histogram: Histogram, k_totals: list, total_bits: int, digit_bits: int,
+                    all_reduce: Optional[AllReduce] = None, device=None) -> list:
+    """Exact k-th largest key of each of G groups by radix select, from the top digit down → G RadixCuts.
+
+    ``histogram(prefixes, prefix_bits, step) -> int64 [G, 2^step + 1]``: per group g, the counts of
+    the next ``step`` bits of the unsigned order keys whose top ``prefix_bits`` equal
+    ``prefixes[g]``; the last column counts NaNs. ``all_reduce(counts) -> counts`` sums one int64
+    tensor over the ranks holding the other shards of the same groups (None: one shard): one call
+    per pass for all groups, the histograms plus a failure flag — a histogram that raises on one rank
+    makes every rank raise ``ShardSelectionError`` at that pass instead of leaving the others
+    waiting in a collective. ``device``: where the failure flag is made (the collective's device).
+    NaN anywhere, or k_total above a group's entries, is a ValueError on every rank."""
+    G = len(k_totals)
+    prefixes = [0] * G
+    remaining = torch.tensor(k_totals, dtype=torch.int64)
+    n_greater = torch.zeros(G, dtype=torch.int64)
+    n_greater_local = torch.zeros(G, dtype=torch.int64)
+    rows = torch.arange(G)
+    bits = 0
+    local = counts = t = None
+    while bits < total_bits:
+        step = min(digit_bits, total_bits - bits)
+        local, counts = _reduced_histogram(histogram, prefixes, bits, step, G, all_reduce, device)
+        if bits == 0:
+            if counts[:, -1].sum() > 0:
+                raise ValueError(f"batch_topk: h contains NaN ({int(counts[:, -1].sum())} entries)")
+            have = counts[:, :-1].sum(1)
+            if bool((have < remaining).any()):
+                g = int((have < remaining).nonzero()[0])
+                raise ValueError(f"batch_topk: k_total={k_totals[g]} exceeds the {int(have[g])} entries of h"
+                                 + (f" (group {g})" if G > 1 else ""))
+        # at_least[g, t] = entries whose digit is >= t; the cut digit is the last t with
+        # at_least[t] >= remaining (at_least is non-increasing)
+        pad = torch.zeros(G, 1, dtype=torch.int64)
+        at_least = torch.cat([counts[:, :-1].flip(1).cumsum(1).flip(1), pad], 1)
+        local_at_least = torch.cat([local[:, :-1].flip(1).cumsum(1).flip(1), pad], 1)
+        t = ((at_least[:, :-1] >= remaining[:, None]).sum(1) - 1).clamp_min(0)
+        above = at_least[rows, t + 1]
+        n_greater_local += local_at_least[rows, t + 1]
+        n_greater += above
+        remaining -= above
+        prefixes = [(p << step) | int(d) for p, d in zip(prefixes, t)]
+        bits += step
+    n_equal_local = local[rows, t]
+    return [RadixCut(prefixes[g], int(n_greater[g]), int(remaining[g]), int(n_greater_local[g]), int(n_equal_local[g]))
+            for g in range(G)]
+
+
+def _reduced_histogram(histogram, prefixes, bits, step, G, all_reduce, device):
+    """(local, summed over ranks) histograms [G, 2^step + 1] on the CPU, failures agreed (above)."""
+    if all_reduce is None:
+        local = histogram(prefixes, bits, step).cpu()
+        return local, local
+    error = None
+    try:
+        local = histogram(prefixes, bits, step)
+    except Exception as e:  # noqa: BLE001 — reported to every rank below, then raised
+        error = e
+        local = torch.zeros(G, (1 << step) + 1, dtype=torch.int64, device=device)
+    flag = torch.full((1,), 0 if error is None else 1, dtype=torch.int64, device=local.device)
+    summed = all_reduce(torch.cat([local.reshape(-1), flag])).cpu()
+    if summed[-1] > 0:
+        raise ShardSelectionError(f"batch_topk: a histogram failed on {int(summed[-1])} rank(s)"
+                                  + (f": {type(error).__name__}: {error}" if error is not None else "")) from error
+    return local.cpu(), summed[:-1].view(G, -1)
+
+
 def batch_topk_threshold(h: torch.Tensor, k_total: int, all_reduce: Optional[AllReduce] = None,
                          digit_bits: Optional[int] = None) -> BatchTopKThreshold:
     """h: [...] fp32|bf16 (contiguous), k_total: entries to keep -> BatchTopKThreshold.
 
-    Exact radix select: each pass histograms the next ``digit_bits`` of the keys that match the
-    prefix found so far (fp32: 32 key bits, bf16: the top 16, which decide its value), so fp32 takes
-    2 passes of 16 bits on the CPU and 4 of 8 bits on CUDA. ``all_reduce(counts int64) -> counts``
-    sums each histogram over tensor-parallel ranks (identity by default), so every rank finds the
-    same global threshold without gathering data: one all-reduce per pass. NaN in h is an error.
+    Exact radix select (``radix_threshold``) over the extension's histogram op: each pass
+    histograms the next ``digit_bits`` of the keys that match the prefix found so far (fp32: 32 key
+    bits, bf16: the top 16, which decide its value), so fp32 takes 2 passes of 16 bits on the CPU
+    and 4 of 8 bits on CUDA. ``all_reduce(counts int64) -> counts`` sums each histogram over
+    tensor-parallel ranks (identity by default), so every rank finds the same global threshold
+    without gathering data: one all-reduce per pass. NaN in h is an error.
     """
     ops = _ops()
     if digit_bits is None:
         digit_bits = 16 if h.device.type == "cpu" else 8
-    total_bits = 16 if h.dtype == torch.bfloat16 else 32
     if k_total == 0:
         return BatchTopKThreshold(0xFFFFFFFF, 0, 0, 0, 0)
-    prefix = bits = 0
-    remaining = k_total
-    n_greater = n_greater_local = 0
-    while bits < total_bits:
-        step = min(digit_bits, total_bits - bits)
-        local = ops.batch_topk_histogram(h, prefix, bits, step)
-        counts = (all_reduce(local.clone()) if all_reduce is not None else local).cpu()
-        local = local.cpu()
-        if bits == 0:
-            if counts[-1] > 0:
-                raise ValueError(f"batch_topk: h contains NaN ({int(counts[-1])} entries)")
-            if counts[:-1].sum() < k_total:
-                raise ValueError(f"batch_topk: k_total={k_total} exceeds the {int(counts[:-1].sum())} entries of h")
-        # at_least[t] = entries whose digit is >= t; the threshold digit is the last t with
-        # at_least[t] >= remaining (at_least is non-increasing).
-        at_least = counts[:-1].flip(0).cumsum(0).flip(0)
-        t = int((at_least >= remaining).nonzero()[-1])
-        above = int(at_least[t + 1]) if t + 1 < at_least.shape[0] else 0
-        local_at_least = local[:-1].flip(0).cumsum(0).flip(0)
-        n_greater_local += int(local_at_least[t + 1]) if t + 1 < local_at_least.shape[0] else 0
-        n_greater += above
-        remaining -= above
-        prefix = (prefix << step) | t
-        bits += step
-    key = prefix << (32 - total_bits)
+    total_bits = key_bits(h.dtype)
+
+    def histogram(prefixes, bits, step):
+        return ops.batch_topk_histogram(h, prefixes[0], bits, step)[None]
+
+    return to_threshold(radix_threshold(histogram, [k_total], total_bits, digit_bits, all_reduce, h.device)[0],
+                        total_bits)
+
+
+def key_bits(dtype: torch.dtype) -> int:
+    """The key bits the extension's histograms walk: the top 16 for bf16 (they decide its value), 32 for fp32."""
+    return 16 if dtype == torch.bfloat16 else 32
+
+
+def to_threshold(cut: RadixCut, total_bits: int) -> BatchTopKThreshold:
+    """A cut over the extension's top ``total_bits`` key bits → the full uint32 threshold key."""
+    key = cut.key << (32 - total_bits)
     if total_bits == 16 and not key & 0x80000000:
         # A negative bf16's key has all 16 low bits set (the inverted zero bits of its fp32 form).
         key |= 0xFFFF
-    return BatchTopKThreshold(key, n_greater, remaining, n_greater_local, int(local[t]))
+    return BatchTopKThreshold(key, cut.n_greater, cut.n_take, cut.n_greater_local, cut.n_equal_local)
 
 
 def batch_topk_compact(h: torch.Tensor, threshold: BatchTopKThreshold, equal_offset: int = 0):

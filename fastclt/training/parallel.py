@@ -12,6 +12,8 @@ affine and the BatchTopK statistics. b_dec, W_skip and the normalisation are rep
     BatchTopK   exact radix select of the k·B-th largest key over all shards: all-reduce of
                 2^b-bin histograms, ceil(32/b) rounds for fp32 (b = 8 bits: 4 rounds), then one
                 all-gather of the tie counts (ties go to the lowest rank, then the lowest index)
+                and a compaction of the kept entries: extra memory O(kept), never keys or masks of
+                all of h; the extension's ops when every rank has them (agreed once), torch ops else
     decode      partial ŷ from the local features, all-reduce (sum), b_dec and skip added once
     losses      feature sums (sparsity, pre-activation, L0, dead counts) all-reduced; the
                 reconstruction is computed on the replicated ŷ, so the backward of the all-reduce
@@ -24,8 +26,9 @@ fp32; B tokens per micro-batch per dp rank, L layers, d = d_out, k active per to
 bits, P = parameters of one shard; ring all-reduce moves 2(n−1)/n of the buffer per rank):
     decode all-reduce       s·B·L·d, forward only (its backward is the identity)
     TopK all-gather         sends s·B·k·L, receives (tp−1)·s·B·k·L (values only; indices stay local)
-    BatchTopK histograms    8·2^b·R·G all-reduced (R = 4 rounds for fp32/bf16, 8 for fp64; G = L
-                            groups, or 1 across layers) + 8·tp·G for the tie counts
+    BatchTopK histograms    8·(2^b + 1)·R·G + 8 all-reduced (R = 4 rounds for fp32, 2 for bf16 on
+                            the extension's ops, 8 for fp64; G = L groups, or 1 across layers; the
+                            last 8 bytes a failure flag) + 8·tp·G for the tie counts
     AuxK (dead features)    one more decode all-reduce + a top-k_aux all-gather (as TopK)
     scalar sums             ~8·(L + 4) (sparsity, pre-activation, L0, dead counts)
     SAE only                s·B·d all-reduced in the backward (the pre-bias gradient)
@@ -47,7 +50,7 @@ import torch.distributed as dist
 from fastclt.codes import SparseCodes
 
 __all__ = ["Layout", "init_distributed", "TensorParallel", "shard_state", "merge_states", "allreduce_grads",
-           "clip_grad_norm", "float_keys", "radix_select"]
+           "clip_grad_norm", "float_keys", "torch_histogram"]
 
 
 @dataclass
@@ -138,51 +141,75 @@ class _CopyIn(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------ exact radix selection
+# Elements of h whose keys the torch path makes at a time (its temporaries: ~20 bytes each).
+CHUNK = 1 << 22
+
+
 def float_keys(h: torch.Tensor) -> torch.Tensor:
-    """h: float tensor → signed integer keys with the same order (-0.0 < +0.0): int32 for fp32,
-    bf16 and fp16 (through fp32, exact), int64 for fp64. Same width as fp32 h, so the keys cost no
-    more memory than the pre-activations."""
+    """h: float tensor → signed integer keys with the same order: int32 for fp32, bf16 and fp16
+    (through fp32, exact), int64 for fp64. −0.0 is folded onto +0.0 (the two zeros tie, as in the
+    extension's key), so every path counts the same entries at a cut of 0."""
     if h.dtype == torch.float64:
-        b = h.view(torch.int64)
+        b = (h + 0.0).view(torch.int64)
         return torch.where(b >= 0, b, b ^ 0x7FFFFFFFFFFFFFFF)
-    b = h.float().view(torch.int32)
+    b = (h.float() + 0.0).view(torch.int32)
     return torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
 
 
-def radix_select(keys: torch.Tensor, k_total: torch.Tensor, reduce=None, digit_bits: int = 8):
-    """Exact k-th largest per group. keys: [G, N] int32|int64 (``float_keys``), k_total: [G] int64 ≥ 1.
+def _unsigned_keys(h: torch.Tensor) -> torch.Tensor:
+    """The keys with the sign bit flipped: as unsigned numbers (their bits), ordered like the values
+    (for fp32: the extension's uint32 key, bit for bit)."""
+    k = float_keys(h)
+    return k ^ torch.iinfo(k.dtype).min
 
-    Returns (greater [G, N] bool — strictly above the threshold, equal [G, N] bool — equal to it,
-    n_take [G] int64 — how many of the (global) equal entries to keep). ``reduce(counts)`` sums a
-    histogram over the ranks that hold the other shards of the same groups (None: one shard).
-    One histogram all-reduce of G·2^digit_bits int64 per round, ceil(key bits / digit_bits) rounds.
-    """
-    G, N = keys.shape
-    n_bits = 64 if keys.dtype == torch.int64 else 32
-    nb = 1 << digit_bits
-    cand = torch.ones_like(keys, dtype=torch.bool)
-    greater = torch.zeros_like(cand)
-    remaining = k_total.to(torch.int64).clone()
-    offsets = torch.arange(G, device=keys.device, dtype=keys.dtype)[:, None] * nb
-    bits = 0
-    while bits < n_bits:
-        step = min(digit_bits, n_bits - bits)
-        shift = n_bits - bits - step
-        digit = (keys >> shift) & ((1 << step) - 1)
-        if bits == 0:  # signed keys: flip the sign bit, so that the top digit orders like the value
-            digit = digit ^ (1 << (step - 1))
-        hist = torch.bincount((digit + offsets)[cand], minlength=G * nb).view(G, nb)
-        if reduce is not None:
-            hist = reduce(hist)
-        at_least = hist.flip(1).cumsum(1).flip(1)  # entries whose digit is >= t
-        t = ((at_least >= remaining[:, None]).sum(1) - 1).clamp_min(0)  # the last t with at_least[t] >= remaining
-        above = torch.cat([at_least, at_least.new_zeros(G, 1)], 1).gather(1, (t + 1)[:, None]).squeeze(1)
-        t = t.to(keys.dtype)[:, None]
-        greater |= cand & (digit > t)
-        cand &= digit == t
-        remaining = remaining - above
-        bits += step
-    return greater, cand, remaining
+
+def _chunks(flat: torch.Tensor):
+    for i in range(0, flat.shape[0], CHUNK):
+        yield flat[i:i + CHUNK]
+
+
+def torch_histogram(groups: list, digits_total: int):
+    """``radix_threshold``'s histogram over 1-D tensors ``groups`` by torch ops, CHUNK elements at
+    a time (memory O(CHUNK), not O(h)); unsigned order keys of ``digits_total`` bits."""
+    def histogram(prefixes, bits, step):
+        nb = 1 << step
+        out = torch.zeros(len(groups), nb + 1, dtype=torch.int64, device=groups[0].device)
+        for g, flat in enumerate(groups):
+            for part in _chunks(flat):
+                nan = torch.isnan(part)
+                u = _unsigned_keys(part)
+                match = ~nan
+                if bits > 0:
+                    match &= ((u >> (digits_total - bits)) & ((1 << bits) - 1)) == prefixes[g]
+                digit = (u >> (digits_total - bits - step)) & (nb - 1)
+                out[g, :nb] += torch.bincount(digit[match], minlength=nb)
+                out[g, nb] += nan.sum()
+        return out
+    return histogram
+
+
+def _compact_chunked(h2d: torch.Tensor, signed_key: int, take: int):
+    """Rows of h2d [R, F] → (row_ptr int64 [R+1], col int32 [nnz]) of the entries with key >
+    signed_key and the first ``take`` key-equal ones in flat order, rows of CHUNK elements at a time."""
+    R, F = h2d.shape
+    rows_per = max(1, CHUNK // max(F, 1))
+    counts, cols = [], []
+    equal_seen = 0
+    for r0 in range(0, R, rows_per):
+        keys = float_keys(h2d[r0:r0 + rows_per])
+        keep = keys > signed_key
+        equal = keys == signed_key
+        if take > equal_seen:
+            rank = equal.view(-1).cumsum(0).view(equal.shape) + equal_seen  # 1-based flat rank among equal keys
+            keep |= equal & (rank <= take)
+        equal_seen += int(equal.sum())
+        counts.append(keep.sum(1))
+        cols.append(keep.nonzero()[:, 1].to(torch.int32))
+    row_ptr = torch.zeros(R + 1, dtype=torch.int64, device=h2d.device)
+    if R:
+        row_ptr[1:] = torch.cat(counts).cumsum(0)
+    col = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int32, device=h2d.device)
+    return row_ptr, col
 
 
 # ------------------------------------------------------------------ the model hook
@@ -192,6 +219,7 @@ class TensorParallel:
 
     def __init__(self, group, size: int, rank: int, digit_bits: int = 8) -> None:
         self.group, self.size, self.rank, self.digit_bits = group, size, rank, digit_bits
+        self._ext_ok: dict = {}  # (device type, dtype) → every rank uses the extension's ops
 
     # ---- sums
     def reduce_partial(self, y: torch.Tensor) -> torch.Tensor:
@@ -276,57 +304,76 @@ class TensorParallel:
     # ---- BatchTopK
     def batch_topk(self, h: torch.Tensor, k: int, across_layers: bool = False) -> list:
         """h: [L, B, F/tp] → L codes keeping exactly k·B entries per layer (k·B·L over all layers
-        when ``across_layers``) over all shards, by radix select on all-reduced histograms."""
+        when ``across_layers``) over all shards, ties to the lowest rank, then the lowest flat index.
+
+        Exact radix select on all-reduced histograms (``ext_ops.radix_threshold``: one all-reduce
+        per pass for all layers), then one all-gather of the tie counts and a compaction of this
+        shard's kept entries: extra memory O(kept entries) beyond h (the torch path also makes
+        CHUNK-element temporaries), never a key or mask of all of h. The extension's histogram and
+        compaction ops when every rank has them for h's dtype and device, else torch ops; the ranks
+        agree on the path first, and a failure inside the extension on any rank sends every rank to
+        the torch path at the same collective."""
         L, B, Fl = h.shape
-        hd = h.detach()
-        keys = float_keys(hd).reshape(1 if across_layers else L, -1)
-        G = keys.shape[0]
-        k_total = torch.full((G,), k * B * (L if across_layers else 1), dtype=torch.int64, device=h.device)
-        found = _ext_select(hd, keys, k_total, self.sum_detached) if hd.is_cuda else None
-        if found is None:
-            found = radix_select(keys, k_total, reduce=self.sum_detached, digit_bits=self.digit_bits)
-        greater, equal, n_take = found
-        # ties: the lowest rank first, then the lowest flat index
-        n_eq = self._all_gather(equal.sum(1))  # [tp, G]
-        before = n_eq[:self.rank].sum(0)
-        take = (n_take - before).clamp(min=0)
-        keep = greater | (equal & (equal.cumsum(1) <= take[:, None]))
-        keep = keep.view(L, B, Fl)
-        return [SparseCodes.from_mask(torch.relu(h[l]), keep[l]) for l in range(L)]
+        hd = h.detach().contiguous()
+        groups = [hd.view(L * B, Fl)] if across_layers else list(hd.unbind(0))
+        k_total = k * B * (L if across_layers else 1)
+        parts = self._select(groups, k_total)  # per group: (row_ptr, col)
+        if across_layers:
+            row_ptr, col = parts[0]
+            parts = [(row_ptr[l * B:(l + 1) * B + 1] - row_ptr[l * B], col[row_ptr[l * B]:row_ptr[(l + 1) * B]])
+                     for l in range(L)]
+        codes = []
+        for l, (row_ptr, col) in enumerate(parts):
+            rows = SparseCodes.rows_of(row_ptr, col.shape[0])
+            codes.append(SparseCodes(row_ptr, col, torch.relu(h[l][rows, col.long()]), Fl))
+        return codes
 
-
-_EXT_WARNED = []
-
-
-def _ext_select(hd: torch.Tensor, keys: torch.Tensor, k_total: torch.Tensor, reduce):
-    """The extension's CUDA histogram op (fastclt.ops.ext_ops.batch_topk_threshold: same keys, same
-    all-reduced histograms, 8-bit digits), when built; None → use ``radix_select``."""
-    if hd.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    try:
-        from fastclt import _ext
-        if not _ext.has_cuda_ext():
-            return None
+    def _select(self, groups: list, k_total: int) -> list:
+        """groups: G tensors [R, F/tp] → per group (row_ptr, col int32) of this shard's kept entries."""
         from fastclt.ops import ext_ops
-        G = keys.shape[0]
-        flat = hd.reshape(G, -1)
-        greater, equal, take = [], [], []
-        for g in range(G):
-            th = ext_ops.batch_topk_threshold(flat[g].contiguous(), int(k_total[g]), all_reduce=reduce)
-            key = th.key - (1 << 31)  # the extension's unsigned key → our signed one
-            gt, eq = keys[g] > key, keys[g] == key
-            if int(gt.sum()) != th.n_greater_local:  # disagree with the keys: do not trust it
-                raise RuntimeError("batch_topk_threshold: local counts disagree with the float keys")
-            greater.append(gt)
-            equal.append(eq)
-            take.append(th.n_take)
-        return torch.stack(greater), torch.stack(equal), torch.tensor(take, device=keys.device)
-    except Exception as e:  # noqa: BLE001 — the torch path is always correct
-        if not _EXT_WARNED:
-            _EXT_WARNED.append(1)
-            import warnings
-            warnings.warn(f"tensor-parallel BatchTopK: the extension's histogram op failed ({e}); using torch")
-        return None
+
+        G, device = len(groups), groups[0].device
+        compact = None
+        if self._ext_agreed(groups[0]):
+            try:
+                bits = ext_ops.key_bits(groups[0].dtype)
+                cuts = [ext_ops.to_threshold(c, bits) for c in ext_ops.radix_threshold(
+                    _ext_histogram(groups), [k_total] * G, bits, self.digit_bits, self.sum_detached, device)]
+                compact = lambda g, cut, before, take: ext_ops.batch_topk_compact(g, cut, equal_offset=before)[:2]  # noqa: E731
+            except ext_ops.ShardSelectionError as e:  # raised on every rank at once: all switch to torch ops
+                self._ext_ok[(device.type, groups[0].dtype)] = False
+                import warnings
+                warnings.warn(f"tensor-parallel BatchTopK: {e}; every rank uses the torch path from now on")
+        if compact is None:
+            bits = 64 if groups[0].dtype == torch.float64 else 32
+            cuts = ext_ops.radix_threshold(torch_histogram([g.reshape(-1) for g in groups], bits), [k_total] * G,
+                                           bits, self.digit_bits, self.sum_detached, device)
+            compact = lambda g, cut, before, take: _compact_chunked(g, cut.key - (1 << (bits - 1)), take)  # noqa: E731
+        # ties: the lowest rank first; this rank's first tie has global rank Σ n_equal_local of lower ranks
+        n_eq = self._all_gather(torch.tensor([c.n_equal_local for c in cuts], device=device))
+        before = n_eq[:self.rank].sum(0).tolist() if self.rank else [0] * G
+        return [compact(g, c, b, max(0, min(c.n_take - b, c.n_equal_local))) for g, c, b in zip(groups, cuts, before)]
+
+    def _ext_agreed(self, h: torch.Tensor) -> bool:
+        """Whether every rank can use the extension's ops for h (one MIN all-reduce per device and
+        dtype, remembered; set to False on every rank together after a failure)."""
+        key = (h.device.type, h.dtype)
+        if key not in self._ext_ok:
+            from fastclt import _ext
+
+            here = h.dtype in (torch.float32, torch.bfloat16) and (
+                _ext.has_cuda_ext() if h.device.type == "cuda" else _ext.has_cpu_ext() and h.device.type == "cpu")
+            self._ext_ok[key] = bool(self.min_detached(torch.tensor(int(here), device=h.device)))
+        return self._ext_ok[key]
+
+
+def _ext_histogram(groups: list):
+    """``radix_threshold``'s histogram from the extension's op, one call per group."""
+    ops = torch.ops.fastclt
+
+    def histogram(prefixes, bits, step):
+        return torch.stack([ops.batch_topk_histogram(g, p, bits, step) for g, p in zip(groups, prefixes)])
+    return histogram
 
 
 def _gather_into_ok(t: torch.Tensor) -> bool:
