@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: env install train test bench gpu-check clean
+.PHONY: env install train test bench gpu-check gpu-check-dry clean
 
 $(VENV)/.bootstrapped: tools/bootstrap.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -29,6 +29,9 @@ bench: install
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+gpu-check-dry: install
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh gpu_check_out --dry-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastclt/*.so

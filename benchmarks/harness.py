@@ -57,18 +57,20 @@ ROW_FIELDS = [
 
 
 def git_commit(repo: Optional[Path] = None) -> str:
-    """``git rev-parse HEAD`` of the repository holding this file, or "unknown"."""
+    """``git rev-parse HEAD`` of the repository holding this file; in a copy without git, the
+    ``FASTCLT_COMMIT`` environment variable (set by whoever copied the tree), else "unknown"."""
     repo = repo or Path(__file__).resolve().parent.parent
+    fallback = os.environ.get("FASTCLT_COMMIT") or "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         sha = out.stdout.strip()
         if out.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
-            return "unknown"
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def _cpu_model() -> str:

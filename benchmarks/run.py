@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --suite ops|train|all [--shapes tiny,cpu-small,...] [--out DIR] [--quick]
                              [--ops encode,sparse_decode,...] [--device cuda|cpu] [--budget-s SECONDS]
+                             [--select all|goals|rest] [--append]
 
 Default shapes: the named GPU shapes on a GPU, ``cpu-small`` on a CPU (benchmarks/shapes.py).
 Default output: ``benchmarks/results/<device-slug>/``. Writes ``results.csv`` (one row per case,
@@ -10,6 +11,9 @@ rewritten after every case so that an interrupted run keeps what it measured), `
 measured peaks, goals) and one PNG per suite and shape (skipped with a warning without matplotlib).
 A case that does not fit in memory, or an implementation that is unavailable or fails, becomes a
 row with a note; cases left when ``--budget-s`` runs out (or on SIGTERM) are rows "skipped".
+``--select goals`` runs only the cases a goal reads (benchmarks/goals.py), ``--select rest`` the
+others; ``--append`` keeps the rows already in the output folder's results.csv (a later pass adds
+its rows to an earlier one's, as ``benchmarks/gpu_check.sh`` does).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from benchmarks.shapes import Shape, default_shapes, get_shapes
 __all__ = ["run_suites", "render", "main", "SUITES", "default_out_dir"]
 
 SUITES = ("ops", "train")
+SELECTS = ("all", "goals", "rest")
 REPO = Path(__file__).resolve().parent.parent
 
 # cases a goal reads run first, so that a time budget cuts the least useful rows
@@ -72,12 +77,15 @@ def _collect(suites: Sequence[str], shapes: Sequence[Shape], device: torch.devic
 def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]] = None, out_dir: Optional[Path] = None,
                *, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, quick: bool = False,
                budget_s: Optional[float] = None, ops: Optional[Sequence[str]] = None,
-               log: Callable[[str], None] = print) -> dict:
-    """Run ``suites`` on ``shapes`` (the ops suite restricted to ``ops`` when given) and write the
-    outputs into ``out_dir``. Returns {"rows", "meta", "goals", "files"}."""
+               select: str = "all", append: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run ``suites`` on ``shapes`` (the ops suite restricted to ``ops`` when given; ``select``: all
+    cases, only those a goal reads, or the rest) and write the outputs into ``out_dir`` (``append``:
+    after the rows of its results.csv). Returns {"rows", "meta", "goals", "files"}."""
     for s in suites:
         if s not in SUITES:
             raise ValueError(f"suite: expected one of {SUITES}, got {s!r}")
+    if select not in SELECTS:
+        raise ValueError(f"select: expected one of {SELECTS}, got {select!r}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shapes = list(shapes) if shapes is not None else default_shapes(device.type)
@@ -97,12 +105,15 @@ def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]]
             "memory": ("torch.cuda.max_memory_allocated minus memory allocated before the run (extra); "
                        "mem_before_mb: memory held before it" if device.type == "cuda"
                        else "not measured on CPU (empty columns)"),
-            "argv": sys.argv[1:]}
+            "argv": sys.argv[1:], "select": select}
 
     cases = sorted(_collect(suites, shapes, device, dtype, ops), key=lambda c: c.priority)  # goal cases first
+    if select != "all":
+        cases = [c for c in cases if (c.priority == 0) == (select == "goals")]
     runner = Runner(device, peaks, quick=quick, stamp=stamp)
-    rows: list[dict] = []
     csv_path = out_dir / "results.csv"
+    rows: list[dict] = read_csv(csv_path) if append and csv_path.exists() else []
+    log(f"[bench] {len(cases)} cases ({select})" + (f" after {len(rows)} rows already in {csv_path}" if rows else ""))
 
     def on_term(signum, frame):
         raise _Stop(f"signal {signum}")
@@ -136,6 +147,8 @@ def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]]
             signal.signal(signal.SIGTERM, old_handler)
     if stop_reason:
         log(f"[bench] stopped early: {stop_reason}; {sum(r['status'] == 'skipped' for r in rows)} rows skipped")
+    if not rows:
+        log("[bench] no cases to run")
 
     meta["wall_s"] = round(time.monotonic() - t_start, 1)
     res = _report(rows, meta, out_dir, device.type)
@@ -176,6 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
     p.add_argument("--budget-s", type=float, default=None, help="stop starting cases after this many seconds")
+    p.add_argument("--select", default="all", choices=SELECTS, help="all cases, only those a goal reads, or the rest")
+    p.add_argument("--append", action="store_true", help="keep the rows already in the output folder's results.csv")
     p.add_argument("--render", default=None, metavar="DIR", help="re-render the report of an existing results "
                    "folder from its results.csv and meta.json, measuring nothing")
     a = p.parse_args(argv)
@@ -194,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ops and set(ops) - set(OPS):
         p.error(f"--ops: unknown {sorted(set(ops) - set(OPS))}; known: {list(OPS)}")
     res = run_suites(suites, shapes, Path(a.out) if a.out else None, device=device, dtype=dtype, quick=a.quick,
-                     budget_s=a.budget_s, ops=ops)
+                     budget_s=a.budget_s, ops=ops, select=a.select, append=a.append)
     print("\n".join(goals_mod.goal_table(res["goals"])))
     return 0
 

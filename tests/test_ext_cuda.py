@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _encode_cases import compare_fp32, make_inputs
 from _ext_util import assert_close_rel, brute_batch_topk_mask, brute_topk_mask, kept_mask, rel_err
 from fastclt import _ext
 from fastclt.codes import SparseCodes
@@ -169,6 +170,17 @@ def test_decode_fwd_bwd_real_size(dtype):
     assert_close_rel(value.grad, (G64[rows] * W64[idx]).sum(1), tol, "dvalue")
     dW64 = torch.zeros(F, D, dtype=torch.float64, device="cuda").index_add_(0, idx, v64[:, None] * G64[rows])
     assert_close_rel(W.grad, dW64, tol, "dW")
+
+
+@pytest.mark.parametrize("act", ["relu", "jumprelu", "topk", "batchtopk"])
+def test_encode_real_size(act):
+    """The extension's encode (cuBLAS GEMM, CUDA select, sparse encoder backward) at an SAE size
+    against the reference: kept set (a few near-tie flips allowed: GEMMs sum in other orders),
+    codes and every gradient."""
+    B, d, F = 4096, 768, 16384
+    inputs = make_inputs(B, d, F, torch.float32, seed=30, pre_bias=True, device="cuda")
+    upstream = torch.randn(B, F, dtype=torch.float64, generator=torch.Generator().manual_seed(31)).cuda()
+    compare_fp32(ext_ops.encode, act, 32, inputs, upstream, allowed_flips=B * F // 10**5)
 
 
 def test_large_batch_topk():
