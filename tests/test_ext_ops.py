@@ -45,12 +45,15 @@ def test_topk_forward(ext_device, B, F, k, kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_backward(ext_device, dtype):
-    B, F, k = 9, 101, 7
+@pytest.mark.parametrize("op", ["topk", "batch_topk"])
+def test_select_backward(ext_device, op, dtype):
+    """dh = dvalue at the kept entries where h > 0, zero elsewhere (ties in h)."""
+    B, F, k = (9, 101, 7) if op == "topk" else (12, 53, 4)
     h = make_h(B, F, dtype, ext_device, "ties", seed=3).requires_grad_()
     G = torch.randn(B, F).to(dtype).to(ext_device)
-    (ext_ops.topk(h, k).to_dense(F) * G).sum().backward()
-    mask = brute_topk_mask(h.detach().cpu(), k) & (h.detach().cpu() > 0)
+    (getattr(ext_ops, op)(h, k).to_dense(F) * G).sum().backward()
+    kept = brute_topk_mask(h.detach().cpu(), k) if op == "topk" else brute_batch_topk_mask(h.detach().cpu(), k * B)
+    mask = kept & (h.detach().cpu() > 0)
     assert torch.equal(h.grad.cpu(), torch.where(mask, G.cpu(), torch.zeros((), dtype=dtype)))
 
 
@@ -79,16 +82,6 @@ def test_batch_topk_forward(ext_device, B, F, k, kind, dtype):
     assert torch.equal(kept_mask(codes, B, F), mask)
     expected = torch.where(mask, h.cpu().float().clamp_min(0), torch.zeros(()))
     assert torch.equal(codes.to_dense(F).cpu().float(), expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_batch_topk_backward(ext_device, dtype):
-    B, F, k = 12, 53, 4
-    h = make_h(B, F, dtype, ext_device, "ties", seed=5).requires_grad_()
-    G = torch.randn(B, F).to(dtype).to(ext_device)
-    (ext_ops.batch_topk(h, k).to_dense(F) * G).sum().backward()
-    mask = brute_batch_topk_mask(h.detach().cpu(), k * B) & (h.detach().cpu() > 0)
-    assert torch.equal(h.grad.cpu(), torch.where(mask, G.cpu(), torch.zeros((), dtype=dtype)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
