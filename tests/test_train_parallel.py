@@ -250,7 +250,7 @@ def test_tp_batch_topk_memory_is_o_of_kept(tmp_path, monkeypatch):
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         tp = TensorParallel(None, 1, 0)
-        L, B, F, k = 2, 256, 8192, 8
+        L, B, F, k = 2, 64, 8192, 8
         kept = k * B * L
         for dtype in (torch.float32, torch.float64):
             h = torch.randn(L, B, F, dtype=dtype)
@@ -259,7 +259,7 @@ def test_tp_batch_topk_memory_is_o_of_kept(tmp_path, monkeypatch):
                 with AllocationTracker() as t:
                     codes = tp.batch_topk(h, k, across_layers=across)
                 assert sum(c.nnz for c in codes) == kept
-                bound = 64 * kept + 32 * parallel.CHUNK + (1 << 16)
+                bound = 64 * kept + 48 * parallel.CHUNK + (1 << 16)  # fp64 keys: 8 bytes, and masks
                 assert t.peak <= bound, (dtype, across, t.peak, bound, sorted(t.log, key=lambda e: -e[1])[:5])
                 assert t.peak < h.numel(), (dtype, across)  # under one byte per element of h
     finally:

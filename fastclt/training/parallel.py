@@ -149,18 +149,20 @@ def float_keys(h: torch.Tensor) -> torch.Tensor:
     """h: float tensor → signed integer keys with the same order: int32 for fp32, bf16 and fp16
     (through fp32, exact), int64 for fp64. −0.0 is folded onto +0.0 (the two zeros tie, as in the
     extension's key), so every path counts the same entries at a cut of 0."""
-    if h.dtype == torch.float64:
-        b = (h + 0.0).view(torch.int64)
-        return torch.where(b >= 0, b, b ^ 0x7FFFFFFFFFFFFFFF)
-    b = (h.float() + 0.0).view(torch.int32)
-    return torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    wide = h.dtype == torch.float64
+    b = (h + 0.0 if wide else h.float() + 0.0).view(torch.int64 if wide else torch.int32)
+    sign = b >> (63 if wide else 31)  # −1 for negative floats, else 0: flip their other bits
+    sign &= 0x7FFFFFFFFFFFFFFF if wide else 0x7FFFFFFF
+    b ^= sign
+    return b
 
 
 def _unsigned_keys(h: torch.Tensor) -> torch.Tensor:
     """The keys with the sign bit flipped: as unsigned numbers (their bits), ordered like the values
     (for fp32: the extension's uint32 key, bit for bit)."""
     k = float_keys(h)
-    return k ^ torch.iinfo(k.dtype).min
+    k ^= torch.iinfo(k.dtype).min
+    return k
 
 
 def _chunks(flat: torch.Tensor):
@@ -311,8 +313,9 @@ class TensorParallel:
         shard's kept entries: extra memory O(kept entries) beyond h (the torch path also makes
         CHUNK-element temporaries), never a key or mask of all of h. The extension's histogram and
         compaction ops when every rank has them for h's dtype and device, else torch ops; the ranks
-        agree on the path first, and a failure inside the extension on any rank sends every rank to
-        the torch path at the same collective."""
+        agree on the path first, and a histogram that raises on any rank sends every rank to the
+        torch path at the same collective (a compaction that raises, after the last collective, is
+        raised: the process stops rather than leave the ranks on different paths)."""
         L, B, Fl = h.shape
         hd = h.detach().contiguous()
         groups = [hd.view(L * B, Fl)] if across_layers else list(hd.unbind(0))
