@@ -118,8 +118,11 @@ MODEL_HELP = {
     "decoder_tying": "none | per_source | per_target (CLT)",
     "batchtopk_across_layers": "BatchTopK over all layers together (CLT)",
     "skip_connection": "W_skip per layer (CLT)",
+    "cross_layer": "false: a per-layer transcoder set (L independent transcoders; decoder_tying none)",
     "unit_norm_decoder": "SAE: unit-norm decoder rows",
 }
+# Model fields the trainer records from its data source (the LM, its blocks, the input hook), not options.
+RECORDED_MODEL_FIELDS = {"lm_name": "data.model", "lm_layers": "data.layers", "input_hook": "data.input_hook"}
 
 SECTIONS = {"train": TrainSection, "data": DataSection, "checkpoint": CheckpointSection, "log": LogSection}
 
@@ -189,7 +192,7 @@ def _model_fields() -> dict:
     out = {"kind": "clt"}
     for cls in (CLTConfig, SAEConfig):
         for f in dataclasses.fields(cls):
-            if f.name not in out:
+            if f.name not in out and f.name not in RECORDED_MODEL_FIELDS:
                 out[f.name] = f.default
     out.update(MODEL_DEFAULTS)
     return out
@@ -254,6 +257,9 @@ def _set(cfg: RunConfig, key: str, value: Any) -> None:
     section, name = parts
     if section == "model":
         fields = _model_fields()
+        if name in RECORDED_MODEL_FIELDS:
+            raise ConfigError(f"model.{name}: recorded by the trainer from the data source; set "
+                              f"{RECORDED_MODEL_FIELDS[name]} (data.source hf) or write the shards with it")
         if name not in fields:
             raise ConfigError(f"model.{name}: not a model option; known: {sorted(fields)}")
         cfg.model[name] = value
@@ -350,7 +356,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.kind not in MODEL_KINDS:
         raise ConfigError(f"model.kind: expected one of {MODEL_KINDS}, got {cfg.kind!r}")
     if cfg.kind == "sae":
-        for k in ("n_layers", "d_out", "decoder_tying", "batchtopk_across_layers", "feature_affine", "skip_connection"):
+        for k in ("n_layers", "d_out", "decoder_tying", "batchtopk_across_layers", "feature_affine", "skip_connection",
+                  "cross_layer"):
             if k in cfg.model and k not in MODEL_DEFAULTS:
                 raise ConfigError(f"model.{k}: not an SAE option (model.kind sae)")
         for k in ("n_layers", "d_out"):

@@ -22,7 +22,7 @@ def step_flops(mcfg, kind: str, tokens: int, l0: float) -> float:
     L = 1 if kind == "sae" else mcfg.n_layers
     d_out = mcfg.d_in if kind == "sae" else mcfg.d_out
     enc = 2.0 * L * mcfg.n_features * mcfg.d_in
-    pairs = L * (L + 1) / 2
+    pairs = L * (L + 1) / 2 if getattr(mcfg, "cross_layer", True) else L
     dec = 2.0 * l0 * d_out * pairs  # l0: mean active per token per source layer
     return 3.0 * tokens * (enc + dec)
 
