@@ -4,8 +4,9 @@ from fastclt.codes import SparseCodes
 from fastclt.config import CLTConfig, SAEConfig
 from fastclt.models import CrossLayerTranscoder, LossOutput, SparseAutoencoder
 from fastclt import ops
+from fastclt.interop import load
 
 __version__ = "0.1.0"
 
 __all__ = ["SparseCodes", "CLTConfig", "SAEConfig", "CrossLayerTranscoder", "SparseAutoencoder", "LossOutput",
-           "ops", "__version__"]
+           "ops", "load", "__version__"]

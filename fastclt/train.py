@@ -371,6 +371,8 @@ class _Run:
                 from fastclt.training.synthetic import mmcs
                 m, per = mmcs(full, self.source.gen)
                 summary["mmcs"], summary["mmcs_per_layer"] = m, per
+            if cfg.train.calibrate_jumprelu:
+                summary["calibration"] = self._calibrate(full, pref)
             write_summary(self.out, summary, cfg.log.plot)
             line = (f"done: {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tok/s, "
                     f"FVU {summary.get('fvu', float('nan')):.4f}, L0 {summary.get('l0', float('nan')):.2f}, "
@@ -380,6 +382,19 @@ class _Run:
             print(line + f"\nmodel: {self.out / 'model'}  summary: {self.out / 'summary.json'}", flush=True)
         self.barrier()
         return summary
+
+    def _calibrate(self, full, pref) -> dict:
+        """TopK/BatchTopK → JumpReLU with per-layer thresholds set on the next train.calibrate_batches
+        batches of the stream (not trained on), saved to model_jumprelu/; its numbers."""
+        from fastclt.calibrate import calibrate_and_save
+        xs, ys = zip(*(pref.get() for _ in range(self.cfg.train.calibrate_batches)))
+        x, y = torch.cat(xs), torch.cat(ys)
+        sae = self.cfg.kind == "sae"
+        cal = calibrate_and_save(full.to(self.device), x[:, 0] if sae else x, None if sae else y,
+                                 self.out / "model_jumprelu", batch_size=self.cfg.train.batch_size)
+        print(f"JumpReLU copy (L0 {[round(v, 2) for v in cal.l0_after]}, FVU "
+              f"{[round(v, 4) for v in cal.fvu_after]}): {self.out / 'model_jumprelu'}", flush=True)
+        return cal.summary()
 
 
 def main(argv=None) -> int:

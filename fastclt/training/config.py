@@ -56,6 +56,8 @@ class TrainSection:
     seed: int = 0                     # model init and data order (dp ranks offset it)
     impl: str = "auto"                # auto (Triton/CUDA kernels on GPUs, C++ kernels on CPUs) | cuda | triton | cpu | reference
     eval_batches: int = 8             # batches for the final summary
+    calibrate_jumprelu: bool = False  # TopK/BatchTopK: also save model_jumprelu/, thresholds set on held-out batches
+    calibrate_batches: int = 16       # batches of the stream after training that calibrate_jumprelu uses
 
 
 @dataclass
@@ -127,7 +129,8 @@ RECORDED_MODEL_FIELDS = {"lm_name": "data.model", "lm_layers": "data.layers", "i
 SECTIONS = {"train": TrainSection, "data": DataSection, "checkpoint": CheckpointSection, "log": LogSection}
 
 # Fields that may differ between a run and its resumption (everything else must match).
-RUN_CONTROL_KEYS = {"train.max_steps", "train.device", "train.impl", "train.eval_batches", "data.prefetch",
+RUN_CONTROL_KEYS = {"train.max_steps", "train.device", "train.impl", "train.eval_batches", "train.calibrate_jumprelu",
+                    "train.calibrate_batches", "data.prefetch",
                     "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "log.every", "log.progress",
                     "log.wandb", "log.tensorboard", "log.plot", "log.project", "out_dir"}
 
@@ -378,6 +381,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: expected a value in [0, 1), got {getattr(t, key)}")
+    _pos("train.calibrate_batches", t.calibrate_batches)
+    if t.calibrate_jumprelu and mc.activation not in ("topk", "batchtopk"):
+        raise ConfigError(f"train.calibrate_jumprelu: converts TopK/BatchTopK models, not {mc.activation!r}")
     if t.init_fire_rate is not None:
         if mc.activation != "jumprelu":
             raise ConfigError(f"train.init_fire_rate: only JumpReLU models use it, not {mc.activation!r}")
