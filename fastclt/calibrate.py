@@ -91,6 +91,9 @@ def main(argv=None) -> int:
         if a.tokens < 1:
             raise ValueError(f"--tokens: expected a positive count, got {a.tokens}")
         model = fastclt.load(a.model, format=a.format, device=a.device)
+        if model.cfg.activation not in ("topk", "batchtopk"):  # before reading any data
+            raise ValueError(f"model: only a TopK/BatchTopK dictionary is calibrated to JumpReLU, not "
+                             f"{model.cfg.activation!r}")
         sae = isinstance(model, fastclt.SparseAutoencoder)
         x, y = _read_shards(a.data, a.tokens, model.n_layers, model.d_in, model.d_out)
         x, y = x.to(a.device, model.param_dtype), y.to(a.device, model.param_dtype)
