@@ -148,10 +148,10 @@ class TokenSource:
                 g = torch.Generator().manual_seed((self.seed * 1_000_003 + j) % (2 ** 62))
                 body[r] = torch.randint(0, self.vocab, (self.body,), generator=g)
             elif self.rows is not None:
-                body[r] = torch.from_numpy(np.asarray(self.rows[j % count, :self.body], dtype=np.int64))
+                body[r] = torch.from_numpy(np.array(self.rows[j % count, :self.body], dtype=np.int64))
             else:
                 c = j % count
-                body[r] = torch.from_numpy(np.asarray(self.stream[c * self.body:(c + 1) * self.body], dtype=np.int64))
+                body[r] = torch.from_numpy(np.array(self.stream[c * self.body:(c + 1) * self.body], dtype=np.int64))
         return out
 
 
