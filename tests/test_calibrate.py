@@ -171,3 +171,45 @@ def test_trainer_calibrates_at_the_end(tmp_path):
     assert jr.cfg.activation == "jumprelu" and fastclt.load(out).cfg.activation == "batchtopk"
     bad = tmp_path / "bad"
     assert train_main(args[:-1] + [str(bad), "--model.activation", "relu"]) == 2
+
+
+def _tp_worker(rank, world, store_path, args):
+    import os
+
+    import torch.distributed as dist
+    from fastclt.train import train
+    from fastclt.training.config import load_config
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    train(load_config(args))
+    dist.destroy_process_group()
+
+
+def test_trainer_calibrates_under_tensor_parallelism_with_an_lm_source(tmp_path):
+    """With tp=2 and on-the-fly extraction the batches are a collective (tp rank 0 runs the LM and
+    broadcasts): every rank draws the calibration batches, rank 0 calibrates — no rank waits forever."""
+    import time
+
+    import torch.multiprocessing as mp
+    import transformers
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=61,
+                                                         n_positions=32)).save_pretrained(tmp_path / "lm")
+    out = tmp_path / "run"
+    args = ["--model.n_layers", "2", "--model.d_in", "16", "--model.d_out", "16", "--model.n_features", "32",
+            "--model.activation", "topk", "--model.k", "3", "--data.source", "hf", "--data.model", str(tmp_path / "lm"),
+            "--data.ctx_len", "16", "--train.steps", "3", "--train.batch_size", "32", "--train.init_samples", "32",
+            "--train.eval_batches", "1", "--train.device", "cpu", "--train.tp", "2", "--train.calibrate_jumprelu",
+            "true", "--train.calibrate_batches", "2", "--eval.n_seqs", "0", "--log.progress", "false",
+            "--log.plot", "false", "--checkpoint.every", "0", "--out_dir", str(out)]
+    ctx = mp.start_processes(_tp_worker, args=(2, str(tmp_path / "store"), args), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the tp=2 run with train.calibrate_jumprelu did not finish (a rank waits on a collective)")
+    cal = json.loads((out / "model_jumprelu" / "calibration.json").read_text())
+    assert cal["n_tokens"] == 64 and fastclt.load(out / "model_jumprelu").cfg.activation == "jumprelu"

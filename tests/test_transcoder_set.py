@@ -16,6 +16,15 @@ from _util import assert_close
 L, D_IN, D_OUT, F = 3, 10, 7, 24
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation (and stall on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _set(activation="topk", dtype="float64", **kw):
     cfg = fastclt.CLTConfig(n_layers=L, d_in=D_IN, d_out=D_OUT, n_features=F, activation=activation, k=3,
                             cross_layer=False, dtype=dtype, **kw)
