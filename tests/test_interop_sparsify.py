@@ -43,6 +43,9 @@ def test_sparsify_saved_model_loads_exactly(kind, dtype, tol, gen, tmp_path):
     assert model.cfg.n_features == coder.num_latents
     if transcoder:
         assert model.cfg.n_layers == 1 and model.cfg.skip_connection == (kind == "skip_transcoder")
+        assert model.cfg.lm_layers == [3] and model.cfg.input_hook == "mlp_in"  # from the hookpoint's name
+    else:
+        assert model.cfg.lm_layers is None
     x = torch.randn(64, D, generator=gen).to(dtype)
     with torch.no_grad():
         ref = coder(x)

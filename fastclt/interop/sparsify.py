@@ -9,10 +9,13 @@ One hookpoint folder holds ``cfg.json`` (``d_in``, ``num_latents`` or ``expansio
     ŷ = W_decᵀ a + b_dec (+ W_skip x)
 
 — an SAE becomes a fastclt SparseAutoencoder (TopK, b_dec as its pre-bias), a transcoder a PLT
-(a one-layer CrossLayerTranscoder, d_in = d_out = d), the skip as the PLT's W_skip.
+(a one-layer CrossLayerTranscoder, d_in = d_out = d), the skip as the PLT's W_skip. A transcoder
+maps its module's input to its output; in a folder named after an MLP module (``layers.N.mlp``,
+``h.N.mlp``) it records lm_layers=[N] and input_hook="mlp_in".
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Union
 
@@ -62,8 +65,10 @@ def load_sparsify(path: Union[str, Path]):
     dtype = tf.dtype(shapes)
     t = {name: tf.get(name, shape) for name, shape in shapes.items()}
     if transcode:
+        block = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.mlp$", folder.resolve().name)
+        meta = {"lm_layers": [int(block.group(1))], "input_hook": "mlp_in"} if block else {}
         mcfg = CLTConfig(n_layers=1, d_in=d, d_out=d, n_features=F, activation="topk", k=k, skip_connection=skip,
-                         dtype=dtype)
+                         dtype=dtype, **meta)
         params = {"W_enc": t["encoder.weight"][None], "b_enc": t["encoder.bias"][None],
                   "W_dec.0": t["W_dec"][:, None], "b_dec": t["b_dec"][None]}
         if skip:
