@@ -4,8 +4,10 @@ from fastclt.codes import SparseCodes
 from fastclt.config import CLTConfig, SAEConfig
 from fastclt.models import CrossLayerTranscoder, LossOutput, SparseAutoencoder
 from fastclt import ops
+from fastclt.interop import load
+from fastclt import export
 
 __version__ = "0.1.0"
 
 __all__ = ["SparseCodes", "CLTConfig", "SAEConfig", "CrossLayerTranscoder", "SparseAutoencoder", "LossOutput",
-           "ops", "__version__"]
+           "ops", "load", "export", "__version__"]

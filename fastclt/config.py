@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["CLTConfig", "SAEConfig", "ACTIVATIONS", "TYINGS", "NORMALIZATIONS"]
+__all__ = ["CLTConfig", "SAEConfig", "ACTIVATIONS", "TYINGS", "NORMALIZATIONS", "INPUT_HOOKS"]
 
 ACTIVATIONS = ("jumprelu", "relu", "topk", "batchtopk")
 TYINGS = ("none", "per_source", "per_target")
@@ -19,6 +19,7 @@ THRESHOLD_PARAMS = ("raw", "log")
 RECONSTRUCTION = ("mse", "fvu")
 NONFINITE = ("error", "skip", "ignore")
 DTYPES = ("float32", "bfloat16", "float64")
+INPUT_HOOKS = ("mlp_in", "resid_mid")
 
 
 def _choice(name: str, value: Any, options: tuple) -> None:
@@ -59,6 +60,10 @@ class _DictionaryConfig:
     auxk_coef: float = 1 / 32
     nonfinite: str = "error"
     dtype: str = "float32"
+    # What the dictionary was trained on (recorded by the trainer; read by fastclt.replacement):
+    lm_name: Optional[str] = None
+    lm_layers: Optional[list] = None
+    input_hook: str = "mlp_in"
 
     def _validate_common(self, n_features: int, d_for_kaux: int) -> None:
         _positive_int("n_features", n_features)
@@ -82,6 +87,26 @@ class _DictionaryConfig:
         _nonneg_float("auxk_coef", self.auxk_coef)
         _choice("nonfinite", self.nonfinite, NONFINITE)
         _choice("dtype", self.dtype, DTYPES)
+        self._validate_lm_metadata()
+
+    def _validate_lm_metadata(self) -> None:
+        if self.lm_name is not None and (not isinstance(self.lm_name, str) or not self.lm_name):
+            raise TypeError(f"lm_name: expected a non-empty string (a local path or model name) or None, "
+                            f"got {self.lm_name!r}")
+        _choice("input_hook", self.input_hook, INPUT_HOOKS)
+        if self.lm_layers is None:
+            return
+        n = self._n_dictionary_layers()
+        layers = self.lm_layers
+        if isinstance(layers, tuple):
+            layers = self.lm_layers = list(layers)
+        if not isinstance(layers, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in layers):
+            raise TypeError(f"lm_layers: expected a list of {n} ints (the LM block of each dictionary layer), "
+                            f"got {layers!r}")
+        if len(layers) != n:
+            raise ValueError(f"lm_layers: expected {n} LM block indices (one per dictionary layer), got {len(layers)}")
+        if layers[0] < 0 or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"lm_layers: expected strictly increasing block indices >= 0, got {layers}")
 
     @property
     def effective_k_aux(self) -> int:
@@ -123,6 +148,15 @@ class CLTConfig(_DictionaryConfig):
     k_aux (default d_out/2), auxk_coef: AuxK (TopK/BatchTopK, when a dead mask is given).
     nonfinite: NaN/Inf in x or y → "error", "skip" (drop those tokens, counted) or "ignore".
     dtype: parameter dtype.
+    cross_layer: True — every source layer s writes to every target t ≥ s; False — a set of L
+        independent per-layer transcoders (source l writes only target l; decoder_tying must be
+        "none"; W_dec is one [L, F, d_out] parameter).
+    lm_name: the language model (a local folder or a model name) the dictionary was trained on.
+    lm_layers: the LM block index of each dictionary layer (n_layers of them, strictly increasing).
+    input_hook: what x_l is — "mlp_in" (the MLP module's input, after the pre-MLP norm) or
+        "resid_mid" (the residual stream before that norm). The target is always the MLP module's
+        output. The trainer records these three from its data source; ``fastclt.replacement``
+        splices the dictionary back at these places.
     """
 
     n_layers: int = 1
@@ -133,6 +167,7 @@ class CLTConfig(_DictionaryConfig):
     batchtopk_across_layers: bool = False
     feature_affine: bool = False
     skip_connection: bool = False
+    cross_layer: bool = True
 
     def __post_init__(self) -> None:
         _positive_int("n_layers", self.n_layers)
@@ -140,9 +175,12 @@ class CLTConfig(_DictionaryConfig):
         _positive_int("d_out", self.d_out)
         self._validate_common(self.n_features, self.d_out)
         _choice("decoder_tying", self.decoder_tying, TYINGS)
-        for name in ("batchtopk_across_layers", "feature_affine", "skip_connection"):
+        for name in ("batchtopk_across_layers", "feature_affine", "skip_connection", "cross_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if not self.cross_layer and self.decoder_tying != "none":
+            raise ValueError(f"decoder_tying: a per-layer transcoder set (cross_layer=False) has one decoder per "
+                             f"layer and no tying; expected 'none', got {self.decoder_tying!r}")
         if self.feature_affine and self.decoder_tying == "none":
             raise ValueError("feature_affine: only tied decoders (decoder_tying 'per_source' or 'per_target') take it")
         if self.batchtopk_across_layers and self.activation != "batchtopk":
@@ -151,6 +189,9 @@ class CLTConfig(_DictionaryConfig):
     def _aux_width(self) -> int:
         return self.d_out
 
+    def _n_dictionary_layers(self) -> int:
+        return self.n_layers
+
 
 @dataclass
 class SAEConfig(_DictionaryConfig):
@@ -158,7 +199,8 @@ class SAEConfig(_DictionaryConfig):
 
     Fields as CLTConfig; d_in is both input and output width. The decoder rows are kept at unit
     norm by ``post_step()`` when ``unit_norm_decoder``. b_dec_init: "geometric_median" | "mean" |
-    "zeros" (used by ``initialize_from_data``).
+    "zeros" (used by ``initialize_from_data``). lm_name / lm_layers (one block) / input_hook: as
+    CLTConfig; an SAE reconstructs the input hook's activation.
     """
 
     d_in: int = 768
@@ -177,3 +219,6 @@ class SAEConfig(_DictionaryConfig):
 
     def _aux_width(self) -> int:
         return self.d_in
+
+    def _n_dictionary_layers(self) -> int:
+        return 1

@@ -15,8 +15,10 @@
 
 ``--help`` lists every option and its default (fastclt.training.config). The output folder
 (``--out_dir``) receives config.yaml/config.json, metrics.jsonl, checkpoints/, model/ (the merged
-save_pretrained model), summary.json and summary.png. Re-running the same command resumes from the
-newest intact checkpoint there.
+save_pretrained model, its config recording the LM, blocks and input hook of the data), summary.json
+and summary.png (+ replacement.png). With an LM at hand (data.source hf, or shards with eval.lm) the
+replacement model is evaluated (fastclt.eval: KL, CE recovered, …) every train.eval_every steps and
+at the end. Re-running the same command resumes from the newest intact checkpoint there.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,7 +36,7 @@ import fastclt
 from fastclt.checkpoint import CheckpointError
 from fastclt.training import checkpointing as ckpt
 from fastclt.training.config import ConfigError, RunConfig, help_text, load_config
-from fastclt.training.data import Prefetcher, SyntheticSource, make_source
+from fastclt.training.data import Prefetcher, make_source, share_batch
 from fastclt.training.metrics import MetricsLogger, step_flops, write_summary
 from fastclt.training.parallel import (Layout, TensorParallel, allreduce_grads, clip_grad_norm, gather_full_state,
                                        init_distributed, shard_state)
@@ -139,10 +142,8 @@ class _Run:
         n_init = -(-cfg.train.init_samples // cfg.train.batch_size)
         # the same sample on every rank and for every layout: the first micro-batches of the stream
         # (synthetic: negative batch numbers, never seen in training)
-        synthetic = isinstance(src, SyntheticSource)
-        xs, ys = zip(*(src.get_global(-1 - i if synthetic else i) for i in range(n_init)))
-        x = torch.cat(xs).to(self.device, full.param_dtype)
-        y = torch.cat(ys).to(self.device, full.param_dtype)
+        x, y = share_batch(src, lay, src.init_sample(n_init), n_init * cfg.train.batch_size, self.device,
+                           full.param_dtype)
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise ValueError("data: the activations contain NaN or Inf (first batches used to initialise the model)")
         if cfg.kind == "sae":
@@ -171,6 +172,13 @@ class _Run:
         cfg, lay, t = self.cfg, self.layout, self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         self.source = make_source(cfg, lay, self.device)
+        # the dictionary records what it reads and writes: the LM, its blocks, the input hook
+        self.lm_meta = self.source.lm_metadata()
+        try:
+            self.mcfg = self.mcfg.replace(**self.lm_meta)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data.layers: {e}") from e
+        self.evaluator = _Evaluator(cfg, self.source, self.device) if lay.is_main else None
         model = self.model = self._build()
         params = list(model.named_parameters())
         self.param_names = [n for n, _ in params]
@@ -215,13 +223,15 @@ class _Run:
                     continue
                 extra = ckpt.restore(tensors, model, opt, self.param_names, self.device)
                 since_fired = extra["tokens_since_fired"].to(self.device)
+                if getattr(self.source, "stateful", False):
+                    self.source.load_state_dict({k[5:]: v for k, v in extra.items() if k.startswith("data.")})
                 step, micro, tokens_seen = info["state"]["step"], info["state"]["micro"], info["state"]["tokens"]
                 _say(lay, f"resumed from {folder} (step {step})")
                 break
 
         if lay.is_main:  # after the resume check: a refused run leaves the folder as it was
             cfg.save(self.out)
-        pref = Prefetcher(self.source, micro, self.device, model.param_dtype, cfg.data.prefetch)
+        pref = self.pref = Prefetcher(self.source, micro, self.device, model.param_dtype, cfg.data.prefetch, lay)
         logger = MetricsLogger(self.out, cfg, lay.is_main, t.steps, step)
         use_autocast = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
         tokens_per_step = t.batch_size * t.grad_accum * lay.dp
@@ -230,6 +240,8 @@ class _Run:
         t_log, steps_since_log = t0, 0
         start_step = step
         lam0 = self.mcfg.sparsity_coef
+        if t.eval_every and step == 0 and self.mcfg.activation != "batchtopk":
+            self._evaluate(0, logger)  # the baseline (a BatchTopK model has no thresholds before training)
         model.train()
         try:
             with _Signals() as sig:
@@ -284,23 +296,23 @@ class _Run:
                         logger.log(rec)
                         logger.progress(steps_since_log, rec["loss"], tps)
                         t_log, steps_since_log = now, 0
+                    if t.eval_every and step % t.eval_every == 0 and step < t.steps and not stop:
+                        self._evaluate(step, logger)
                     if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == stop_at:
                         self._save(step, micro, tokens_seen, opt, since_fired)
                     if stop:
-                        _say(lay, f"\nstopped by a signal at step {step}; checkpoint saved, rerun to resume")
                         logger.close()
-                        pref.close()
+                        _say(lay, f"\nstopped by a signal at step {step}; checkpoint saved, rerun to resume")
                         return {}
+            elapsed = time.perf_counter() - t0
+            if step < t.steps:  # max_steps reached: a simulated preemption
+                logger.close()
+                _say(lay, f"stopped at train.max_steps={step}; checkpoint saved, rerun to resume")
+                return {}
+            return self._finish(pref, since_fired, tokens_seen, elapsed, step - start_step, tokens_per_step, logger)
         finally:
             logger.close()
-        elapsed = time.perf_counter() - t0
-        if step < t.steps:  # max_steps reached: a simulated preemption
             pref.close()
-            _say(lay, f"stopped at train.max_steps={step}; checkpoint saved, rerun to resume")
-            return {}
-        summary = self._finish(pref, since_fired, tokens_seen, elapsed, step - start_step, tokens_per_step)
-        pref.close()
-        return summary
 
     # ------------------------------------------------------------------ pieces
     def _record(self, out, step, tokens, lr, lam, since_fired, gnorm, tps) -> dict:
@@ -322,13 +334,38 @@ class _Run:
         return rec
 
     def _save(self, step, micro, tokens, opt, since_fired) -> None:
-        ckpt.save_checkpoint(self.out, step, self.model, opt, self.param_names,
-                             {"tokens_since_fired": since_fired},
+        extra = {"tokens_since_fired": since_fired}
+        extra.update({f"data.{k}": v for k, v in (self.pref.state() or {}).items()})
+        full_config = self.cfg.to_dict()
+        full_config["model"].update(self.lm_meta)  # merge_checkpoint rebuilds the model's config from it
+        ckpt.save_checkpoint(self.out, step, self.model, opt, self.param_names, extra,
                              {"step": step, "micro": micro, "tokens": tokens}, self.layout, self.cfg.fingerprint(),
-                             self.cfg.to_dict(), self.cfg.checkpoint.keep, self.barrier)
+                             full_config, self.cfg.checkpoint.keep, self.barrier)
+
+    def _full_model(self, state: dict):
+        full = self.cls(self.mcfg)
+        full.load_checked_state(state, source="merged shards")
+        full.impl = self.cfg.train.impl
+        return full
 
     @torch.no_grad()
-    def _finish(self, pref, since_fired, tokens_seen, elapsed, steps_run, tokens_per_step) -> dict:
+    def _evaluate(self, step: int, logger, state: Optional[dict] = None) -> Optional[dict]:
+        """The replacement model on rank 0 (every rank joins the state gather); None without an LM."""
+        active = self._agree(self.evaluator is not None and self.evaluator.active)[0]
+        if not active:
+            return None
+        if state is None:
+            state = gather_full_state(self.model, self.layout)
+        m = None
+        if self.layout.is_main:
+            m = self.evaluator.run(self._full_model(state).to(self.device))
+            logger.log({"step": step, **_eval_record(m)})
+            logger.note(kl=f"{m['kl']:.4g}", ce_rec=f"{m['ce_recovered']:.3f}")
+        self.barrier()
+        return m
+
+    @torch.no_grad()
+    def _finish(self, pref, since_fired, tokens_seen, elapsed, steps_run, tokens_per_step, logger) -> dict:
         cfg, lay = self.cfg, self.layout
         model = self.model
         model.eval()
@@ -342,6 +379,8 @@ class _Run:
             fvu = f if fvu is None else fvu + f
             l0 = z if l0 is None else l0 + z
             n += 1
+        # every rank draws them (an LM source broadcasts batches across tp ranks); rank 0 uses them
+        cal_batches = [pref.get() for _ in range(cfg.train.calibrate_batches)] if cfg.train.calibrate_jumprelu else None
         dead = (since_fired >= cfg.train.dead_tokens).float().sum()
         if lay.tp > 1:
             dist.all_reduce(dead, group=lay.tp_group)
@@ -353,10 +392,11 @@ class _Run:
                 if mean:
                     buf /= lay.dp
         state = gather_full_state(model, lay)
+        replacement = self._evaluate(cfg.train.steps, logger, state)
+        logger.close()
         summary = {}
         if lay.is_main:
-            full = self.cls(self.mcfg)
-            full.load_checked_state(state, source="merged shards")
+            full = self._full_model(state)
             full.save_pretrained(self.out / "model")
             summary = {"steps": cfg.train.steps, "tokens": tokens_seen,
                        "tokens_per_s": tokens_per_step * steps_run / max(elapsed, 1e-9),
@@ -371,15 +411,93 @@ class _Run:
                 from fastclt.training.synthetic import mmcs
                 m, per = mmcs(full, self.source.gen)
                 summary["mmcs"], summary["mmcs_per_layer"] = m, per
+            if replacement is not None:
+                summary["replacement"] = replacement
+            if cfg.train.calibrate_jumprelu:
+                summary["calibration"] = self._calibrate(full, cal_batches)
             write_summary(self.out, summary, cfg.log.plot)
             line = (f"done: {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tok/s, "
                     f"FVU {summary.get('fvu', float('nan')):.4f}, L0 {summary.get('l0', float('nan')):.2f}, "
                     f"dead {summary['dead_fraction']:.3f}")
             if "mmcs" in summary:
                 line += f", mmcs {summary['mmcs']:.3f} (planted features recovered: mean max cosine similarity)"
+            if replacement is not None:
+                line += (f", replacement model: KL {replacement['kl']:.4g}, CE recovered "
+                         f"{replacement['ce_recovered']:.3f}")
             print(line + f"\nmodel: {self.out / 'model'}  summary: {self.out / 'summary.json'}", flush=True)
         self.barrier()
         return summary
+
+    def _calibrate(self, full, batches: list) -> dict:
+        """TopK/BatchTopK → JumpReLU with per-layer thresholds set on ``batches`` (the train.calibrate_batches
+        batches of the stream after the evaluation ones, not trained on), saved to model_jumprelu/; its numbers."""
+        from fastclt.calibrate import calibrate_and_save
+        x, y = (torch.cat(t) for t in zip(*batches))
+        sae = self.cfg.kind == "sae"
+        cal = calibrate_and_save(full.to(self.device), x[:, 0] if sae else x, None if sae else y,
+                                 self.out / "model_jumprelu", batch_size=self.cfg.train.batch_size)
+        print(f"JumpReLU copy (L0 {[round(v, 2) for v in cal.l0_after]}, FVU "
+              f"{[round(v, 4) for v in cal.fvu_after]}): {self.out / 'model_jumprelu'}", flush=True)
+        return cal.summary()
+
+
+def _eval_record(m: dict) -> dict:
+    """The JSONL / wandb fields of an evaluation: eval/<metric> and eval/layer{l}/<metric>."""
+    rec = {f"eval/{k}": m[k] for k in ("kl", "ce_clean", "ce_spliced", "ce_ablated", "ce_recovered",
+                                       "top1_agreement", "fvu", "l0")}
+    for e in m["per_layer"]:
+        for k in ("kl", "ce_recovered", "fvu", "l0"):
+            if e.get(k) is not None:
+                rec[f"eval/layer{e['layer']}/{k}"] = e[k]
+    return rec
+
+
+class _Evaluator:
+    """What rank 0 needs to evaluate the replacement model: the LM (data.source hf: the extractor's,
+    used under its lock; shards: eval.lm) and the token ids of the evaluation sequences — the last
+    eval.n_seqs sequences of a corpus, or a separately seeded random stream."""
+
+    def __init__(self, cfg: RunConfig, source, device: torch.device) -> None:
+        self.active = False
+        e, d = cfg.eval, cfg.data
+        if e.n_seqs == 0 or d.source == "synthetic" or (d.source == "shards" and e.lm is None):
+            return
+        from fastclt.lm import load_lm
+        from fastclt.tokens import TokenSource, bos_token_id
+        if d.source == "hf":
+            ex = source.ex
+            self.lm, self.lock, lm_path = ex.lm, ex.lock, Path(d.model)
+            tokens, ctx_len, bos = e.tokens or d.tokens, e.ctx_len or d.ctx_len, d.prepend_bos
+            text_field = d.text_field
+        else:
+            import threading
+            m = source.manifest
+            self.lm, self.lock, lm_path = load_lm(e.lm, device, d.hf_dtype), threading.Lock(), Path(e.lm)
+            tokens = e.tokens or m.get("tokens")
+            if tokens is None:
+                raise ConfigError("eval.tokens: the shards record no token source; set eval.tokens")
+            ctx_len, bos = e.ctx_len or m.get("ctx_len", d.ctx_len), bool(m.get("prepend_bos", False))
+            text_field = m.get("text_field", d.text_field)
+        tok = None
+        if tokens != "random" and not str(tokens).endswith(".npy"):
+            from fastclt.training.extract import _load_tokenizer
+            tok = _load_tokenizer(lm_path)
+        try:
+            src = TokenSource(tokens, ctx_len, vocab_size=self.lm.config.vocab_size, tokenizer=tok,
+                              seed=cfg.train.seed + 1, prepend_bos=bos, bos_id=bos_token_id(self.lm.config, tok),
+                              text_field=text_field)
+        except ValueError as err:
+            raise ConfigError(f"eval.{err}") from err
+        total = src.n_sequences
+        n = e.n_seqs if total is None else min(e.n_seqs, total)
+        self.ids = src.sequences(0 if total is None else total - n, n)
+        self.batch_size, self.per_layer = e.batch_size, e.per_layer
+        self.active = True
+
+    def run(self, model) -> dict:
+        from fastclt.eval import evaluate_replacement
+        with self.lock:
+            return evaluate_replacement(model, self.lm, self.ids, batch_size=self.batch_size, per_layer=self.per_layer)
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,7 @@ MODEL_CASES = [
     ("clt", dict(activation="batchtopk", k=3, batchtopk_across_layers=True)),
     ("clt", dict(activation="batchtopk", k=3, decoder_tying="per_target", feature_affine=True, skip_connection=True)),
     ("clt", dict(activation="jumprelu", decoder_tying="per_source", preact_coef=0.1)),
+    ("clt", dict(activation="topk", k=3, cross_layer=False, skip_connection=True)),
     ("sae", dict(activation="topk", k=3)),
     ("sae", dict(activation="jumprelu", preact_coef=0.1)),
 ]

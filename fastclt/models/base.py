@@ -17,8 +17,9 @@ from torch import nn
 from fastclt import ops
 from fastclt.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, write_json
 from fastclt.codes import SparseCodes
+from fastclt.config import SAEConfig
 
-__all__ = ["LossOutput", "SparseDictionary", "geometric_median"]
+__all__ = ["LossOutput", "SparseDictionary", "JumpReLUCalibration", "geometric_median"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -448,8 +449,13 @@ class SparseDictionary(nn.Module):
         return torch.where(self.feature_cut_count >= min_count, per_feature, layer)
 
     def to_jumprelu(self, min_count: int = 100):
-        """A JumpReLU copy of this TopK/BatchTopK dictionary (SPEC §3), for inference."""
-        theta = self.jumprelu_thresholds(min_count)
+        """A JumpReLU copy of this TopK/BatchTopK dictionary (SPEC §3), for inference, with the
+        thresholds of the training statistics (see ``calibrate_jumprelu`` for thresholds set on
+        held-out activations)."""
+        return self._jumprelu_copy(self.jumprelu_thresholds(min_count))
+
+    def _jumprelu_copy(self, theta: torch.Tensor):
+        """A JumpReLU copy of this TopK/BatchTopK dictionary with thresholds ``theta`` [L, F]."""
         changes = {"activation": "jumprelu", "threshold_param": "raw"}
         if hasattr(self.cfg, "batchtopk_across_layers"):
             changes["batchtopk_across_layers"] = False
@@ -460,6 +466,64 @@ class SparseDictionary(nn.Module):
         with torch.no_grad():
             new._parameters["threshold"].copy_(theta.reshape(new._parameters["threshold"].shape))
         return new
+
+    @torch.no_grad()
+    def calibrate_jumprelu(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                           target_l0: Union[None, float, list] = None, batch_size: int = 4096) -> "JumpReLUCalibration":
+        """Convert this TopK/BatchTopK dictionary to JumpReLU with thresholds set on held-out activations.
+
+        x: [N, L, d_in] (SAE: [N, d_in]) activations not used in training; y: [N, L, d_out] targets
+        (SAE: defaults to x; a CLT without y reports no FVU). One threshold θ_l per layer, shared by
+        the layer's features, is chosen so that the JumpReLU L0 of layer l on these N tokens is
+        ``target_l0`` (a number, or one per layer) — by default the L0 this TopK/BatchTopK model has
+        on the same tokens, encoded ``batch_size`` tokens at a time. With n_l = round(target_l0 · N)
+        and v_1 ≥ v_2 ≥ … the positive pre-activations of layer l over all tokens and features,
+        θ_l = (v_{n_l} + v_{n_l + 1}) / 2, so exactly n_l of them satisfy h > θ_l (barring ties);
+        θ_l = 0 when fewer than n_l + 1 are positive. Returns a ``JumpReLUCalibration`` holding the
+        new model, θ, and L0 and FVU (in the data's space, Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over all tokens)
+        before and after.
+        """
+        cfg = self.cfg
+        if cfg.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"activation: only a TopK/BatchTopK dictionary is calibrated to JumpReLU, "
+                             f"not {cfg.activation!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        L = self.n_layers
+        xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
+        if y is None and isinstance(cfg, SAEConfig):  # an SAE reconstructs its input
+            y = x
+        yl = None
+        if y is not None:
+            yl = self._check_tensor(self._layered(y, "y"), "y", self.d_out, self._shape_msg(self.d_out))
+            if yl.shape[0] != xl.shape[0]:
+                raise ValueError(f"y: expected {xl.shape[0]} tokens like x, got {yl.shape[0]}")
+        N = xl.shape[0]
+        if N == 0:
+            raise ValueError("x: expected at least one token of calibration data")
+        self._finite_rows(xl, *([] if yl is None else [yl]), names=("x", "y"), allow_skip=False)
+        was_training = self.training
+        self.eval()
+        try:
+            before = _calibration_pass(self, xl, yl, batch_size)
+            if target_l0 is None:
+                targets = before[0]
+            else:
+                targets = [target_l0] * L if isinstance(target_l0, (int, float)) else list(target_l0)
+                if len(targets) != L or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not
+                                            0 <= t <= cfg.n_features for t in targets):
+                    raise ValueError(f"target_l0: expected a number in [0, n_features={cfg.n_features}] or a list of "
+                                     f"{L} of them, got {target_l0!r}")
+                targets = [float(t) for t in targets]
+            counts = [int(round(t * N)) for t in targets]
+            theta = _thresholds_for_counts(self, xl, counts, batch_size)
+            new = self._jumprelu_copy(theta[:, None].expand(L, cfg.n_features))
+            new.impl = self.impl
+            after = _calibration_pass(new, xl, yl, batch_size)
+        finally:
+            self.train(was_training)
+        return JumpReLUCalibration(model=new, threshold=theta.tolist(), target_l0=targets, n_tokens=N,
+                                   l0_before=before[0], l0_after=after[0], fvu_before=before[1], fvu_after=after[1])
 
     # ------------------------------------------------------ tensor parallel
     def feature_axes(self) -> dict:
@@ -539,3 +603,83 @@ class SparseDictionary(nn.Module):
 
     def _unlayered_codes(self, codes):
         return codes
+
+
+@dataclass
+class JumpReLUCalibration:
+    """What ``calibrate_jumprelu`` returns: the JumpReLU ``model``, its per-layer ``threshold`` θ_l,
+    the ``target_l0`` per layer, and per-layer L0 and FVU of the TopK/BatchTopK model (``*_before``)
+    and of the JumpReLU model (``*_after``) on the ``n_tokens`` calibration tokens (FVU: None
+    when no targets were given)."""
+
+    model: SparseDictionary
+    threshold: list
+    target_l0: list
+    n_tokens: int
+    l0_before: list
+    l0_after: list
+    fvu_before: Optional[list]
+    fvu_after: Optional[list]
+
+    def summary(self) -> dict:
+        """The numbers as a JSON-ready dict (the model left out)."""
+        return {k: getattr(self, k) for k in ("n_tokens", "threshold", "target_l0", "l0_before", "l0_after",
+                                              "fvu_before", "fvu_after")}
+
+
+def _calibration_pass(model: SparseDictionary, x: torch.Tensor, y: Optional[torch.Tensor], batch_size: int):
+    """(L0 per layer, FVU per layer in the data's space or None) of ``model`` over x, y: [N, L, d]."""
+    L = model.n_layers
+    l0 = torch.zeros(L, dtype=torch.float64)
+    sq = torch.zeros(L, dtype=torch.float64)
+    s1 = torch.zeros(L, model.d_out, dtype=torch.float64)
+    s2 = torch.zeros(L, dtype=torch.float64)
+    N = x.shape[0]
+    for i in range(0, N, batch_size):
+        xb = x[i:i + batch_size]
+        xn = model._normalize(xb, "in")
+        codes, _ = model._encode_n(xn)
+        l0 += torch.stack([(c.value > 0).sum() for c in codes]).double().cpu()
+        if y is not None:
+            yb = y[i:i + batch_size].double()
+            y_hat = model._denormalize_out(model._decode_n(codes, xn, bias=True)).double()
+            sq += (yb - y_hat).pow(2).sum((0, 2)).cpu()
+            s1 += yb.sum(0).cpu()
+            s2 += yb.pow(2).sum((0, 2)).cpu()
+    fvu = None
+    if y is not None:
+        tv = (s2 - s1.pow(2).sum(1) / N).clamp_min(1e-30)
+        fvu = (sq / tv).tolist()
+    return (l0 / N).tolist(), fvu
+
+
+def _thresholds_for_counts(model: SparseDictionary, x: torch.Tensor, counts: list, batch_size: int) -> torch.Tensor:
+    """θ [L] in the parameter dtype: per layer, a cut with exactly counts[l] pre-activations above it
+    (see ``calibrate_jumprelu``), from a running top-(n + 1) of the positive pre-activations."""
+    W_enc, b_enc, _ = model._enc_layers()
+    pre_bias = model._pre_bias()
+    dt = model.param_dtype
+    L = model.n_layers
+    best = [torch.empty(0, dtype=dt, device=model.device) for _ in range(L)]
+    for i in range(0, x.shape[0], batch_size):
+        xn = model._normalize(x[i:i + batch_size], "in")
+        for l in range(L):
+            keep = counts[l] + 1
+            h = ops.preacts(xn[:, l].to(dt), W_enc[l].to(dt), b_enc[l].to(dt),
+                            None if pre_bias is None else pre_bias.to(dt)).flatten()
+            floor = best[l].min() if best[l].numel() >= keep else 0
+            cand = torch.cat([best[l], h[h > floor]])
+            best[l] = cand.topk(keep).values if cand.numel() > keep else cand
+    theta = torch.zeros(L, dtype=dt)
+    for l, n in enumerate(counts):
+        v = best[l].sort(descending=True).values.cpu()
+        if v.numel() <= n:  # fewer positive pre-activations than wanted: every one of them fires
+            continue
+        if n == 0:
+            theta[l] = v[0]
+            continue
+        hi, lo = v[n - 1], v[n]
+        mid = ((hi.double() + lo.double()) / 2).to(dt)
+        # the midpoint rounded to the parameter dtype may land on hi (adjacent values): cut at lo
+        theta[l] = mid if lo <= mid < hi else lo
+    return theta.to(model.device)

@@ -3,11 +3,17 @@
     a_s = act(W_enc[s] x_s + b_enc[s])                      x: [B, L, d_in] → L sparse codes over F
     ŷ_t = Σ_{s ≤ t} D^{s→t}(a_s) + b_dec[t] (+ W_skip[t] x_t)  → [B, L, d_out]
 
+A per-layer transcoder set (``cross_layer=False``): L independent transcoders in one module,
+``ŷ_l = W_dec[l]ᵀ a_l + b_dec[l] (+ W_skip[l] x_l)`` — the same encoder and sparse-decode kernels,
+every source writing only its own layer.
+
 Parameters (all readable attributes):
     W_enc [L, F, d_in], b_enc [L, F], b_dec [L, d_out], threshold [L, F] (JumpReLU),
-    W_dec: "none" → ParameterList of L tensors [F, L − s, d_out]; "per_source" / "per_target" → [L, F, d_out],
+    W_dec: "none" → ParameterList of L tensors [F, L − s, d_out]; "per_source" / "per_target" → [L, F, d_out];
+        cross_layer=False → one [L, F, d_out] (row i of W_dec[l]: feature (l, i)'s decoder into layer l),
     feature_offset / feature_scale [L, F] (feature_affine), W_skip [L, d_out, d_in] (skip_connection).
-``decoder_weight(s)`` is the expanded [F, L − s, d_out] view for any tying.
+``decoder_weight(s)`` is the expanded [F, L − s, d_out] view for any tying, and [F, 1, d_out]
+(the only target, layer s) for a per-layer transcoder set.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ class CrossLayerTranscoder(SparseDictionary):
         self.W_enc = nn.Parameter(torch.empty(L, F, d_in, dtype=dt))
         self.b_enc = nn.Parameter(torch.zeros(L, F, dtype=dt))
         self.b_dec = nn.Parameter(torch.zeros(L, d_out, dtype=dt))
-        if cfg.decoder_tying == "none":
+        if self._per_pair_decoders():
             self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(F, L - s, d_out, dtype=dt)) for s in range(L)])
         else:
             self.W_dec = nn.Parameter(torch.empty(L, F, d_out, dtype=dt))
@@ -53,21 +59,26 @@ class CrossLayerTranscoder(SparseDictionary):
         self._make_threshold((L, F))
         self.reset_parameters()
 
+    def _per_pair_decoders(self) -> bool:
+        """Untied cross-layer decoders: one [F, L − s, d_out] block per source."""
+        return self.cfg.decoder_tying == "none" and self.cfg.cross_layer
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """SPEC §5: encoder rows random unit directions (pre-activations O(1) on data with
-        E‖x‖ = √d); decoders small, uniform ±1/√(L·F); biases zero."""
+        E‖x‖ = √d); decoders small, uniform ±1/√(L·F) (±1/√F for a per-layer set, as L
+        separate transcoders); biases zero."""
         cfg = self.cfg
         W = torch.randn(self.W_enc.shape, dtype=torch.float32)
         self.W_enc.copy_(W / W.norm(dim=-1, keepdim=True))
-        bound = 1.0 / math.sqrt(cfg.n_layers * cfg.n_features)
+        bound = 1.0 / math.sqrt((cfg.n_layers if cfg.cross_layer else 1) * cfg.n_features)
         for W_dec in self._decoder_params():
             W_dec.uniform_(-bound, bound)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
     def _decoder_params(self) -> list:
-        return list(self.W_dec) if self.cfg.decoder_tying == "none" else [self.W_dec]
+        return list(self.W_dec) if self._per_pair_decoders() else [self.W_dec]
 
     # ------------------------------------------------------------ structure
     def _enc_layers(self):
@@ -78,10 +89,13 @@ class CrossLayerTranscoder(SparseDictionary):
 
     def decoder_weight(self, s: int) -> torch.Tensor:
         """[F, L − s, d_out]: the decoder rows of source s for targets s..L−1 (a view; for tied
-        decoders an expansion; the feature affine is not applied)."""
+        decoders an expansion; the feature affine is not applied). A per-layer transcoder set
+        (cross_layer=False) writes only to its own layer: [F, 1, d_out], the target s."""
         L = self.n_layers
         if not 0 <= s < L:
             raise ValueError(f"s: expected a source layer in [0, {L}), got {s}")
+        if not self.cfg.cross_layer:
+            return self.W_dec[s].unsqueeze(1)
         tying = self.cfg.decoder_tying
         if tying == "none":
             return self.W_dec[s]
@@ -95,6 +109,8 @@ class CrossLayerTranscoder(SparseDictionary):
         Each decoder row's norm is one fused reduction with fp32 accumulation (``_row_norms``): no
         fp32 copy or square of the decoder, forward or backward; zero rows get a zero gradient."""
         tying = self.cfg.decoder_tying
+        if not self.cfg.cross_layer:  # feature (l, i) writes W_dec[l][i] to layer l only
+            return self.W_dec.float().pow(2).sum(-1).sqrt()
         if tying == "none":
             return torch.stack([_row_norms(W, (1, 2)) for W in self.W_dec])
         row_sq = _row_norms(self.W_dec, (-1,)).square()  # [L, F]
@@ -111,18 +127,21 @@ class CrossLayerTranscoder(SparseDictionary):
         if len(codes) != self.n_layers:
             raise ValueError(f"codes: expected {self.n_layers} per-layer SparseCodes, got {len(codes)}")
         cdt = self._compute_dtype()
-        if cfg.decoder_tying == "none":
+        if self._per_pair_decoders():
             W_dec = [W.to(cdt) for W in self.W_dec]
         else:
             W_dec = self.W_dec.to(cdt)
         off = self.feature_offset if cfg.feature_affine else None
         scale = self.feature_scale if cfg.feature_affine else None
-        if self.tp is None:
-            y = ops.clt_decode(codes, W_dec, cfg.decoder_tying, self.b_dec.to(cdt) if bias else None, off, scale,
-                               impl=self.impl)
-        else:  # this shard's features: a partial sum over features, then b_dec once
-            y = self.tp.reduce_partial(ops.clt_decode(codes, W_dec, cfg.decoder_tying, None, off, scale,
-                                                      impl=self.impl))
+        b_dec = self.b_dec.to(cdt) if bias and self.tp is None else None
+        if not cfg.cross_layer:  # L independent transcoders: one sparse decode per layer
+            b_l = [None] * self.n_layers if b_dec is None else b_dec.unbind(0)
+            y = torch.stack([ops.sparse_decode(c, W, b, impl=self.impl)
+                             for c, W, b in zip(codes, W_dec.unbind(0), b_l)], 1)
+        else:
+            y = ops.clt_decode(codes, W_dec, cfg.decoder_tying, b_dec, off, scale, impl=self.impl)
+        if self.tp is not None:  # this shard's features: a partial sum over features, then b_dec once
+            y = self.tp.reduce_partial(y)
             if bias:
                 y = y + self.b_dec.to(y.dtype)
         if bias and cfg.skip_connection:
@@ -167,10 +186,10 @@ class CrossLayerTranscoder(SparseDictionary):
         new.W_enc.copy_(W_enc)
         new.b_enc.copy_(self.b_enc.double() - torch.einsum("lfd,ld->lf", W_enc, mi))
         b_dec = self.b_dec.double() * so + mo
-        if cfg.decoder_tying == "none":
+        if self._per_pair_decoders():
             for s, W in enumerate(self.W_dec):
                 new.W_dec[s].copy_(W.double() * so[s:][None])
-        elif cfg.decoder_tying == "per_target":
+        elif cfg.decoder_tying == "per_target" or not cfg.cross_layer:
             new.W_dec.copy_(self.W_dec.double() * so[:, None, :])
         else:
             if not torch.allclose(so, so[:1].expand_as(so)):

@@ -1,4 +1,4 @@
-"""The trainer's configuration: ``model`` (a CLTConfig / SAEConfig), ``train``, ``data``,
+"""The trainer's configuration: ``model`` (a CLTConfig / SAEConfig), ``train``, ``data``, ``eval``,
 ``checkpoint``, ``log`` and ``out_dir``.
 
 Sources, later ones winning: the defaults here < ``--config FILE.yaml`` (yaml.safe_load, nested
@@ -18,8 +18,8 @@ import yaml
 
 from fastclt.config import CLTConfig, SAEConfig
 
-__all__ = ["ConfigError", "RunConfig", "TrainSection", "DataSection", "CheckpointSection", "LogSection",
-           "load_config", "help_text", "RUN_CONTROL_KEYS"]
+__all__ = ["ConfigError", "RunConfig", "TrainSection", "DataSection", "EvalSection", "CheckpointSection",
+           "LogSection", "load_config", "help_text", "RUN_CONTROL_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,9 @@ class TrainSection:
     seed: int = 0                     # model init and data order (dp ranks offset it)
     impl: str = "auto"                # auto (Triton/CUDA kernels on GPUs, C++ kernels on CPUs) | cuda | triton | cpu | reference
     eval_batches: int = 8             # batches for the final summary
+    eval_every: int = 0               # steps between replacement-model evaluations (section eval), also at step 0; 0: at the end only
+    calibrate_jumprelu: bool = False  # TopK/BatchTopK: also save model_jumprelu/, thresholds set on held-out batches
+    calibrate_batches: int = 16       # batches of the stream after training that calibrate_jumprelu uses
 
 
 @dataclass
@@ -73,9 +76,26 @@ class DataSection:
     # hf: on-the-fly extraction from a local Hugging Face causal LM (also used by fastclt.extract)
     model: Optional[str] = None       # local folder (nothing is downloaded)
     layers: Optional[list] = None     # block indices (default: the first model.n_layers blocks)
-    tokens: str = "random"            # "random" (seeded token ids) or a local text file
+    input_hook: Optional[str] = None  # x = mlp_in (MLP input) | resid_mid (pre-MLP norm input); default mlp_in (shards: theirs)
+    tokens: str = "random"            # random | text file | .jsonl/.json/.parquet/.csv/.arrow/save_to_disk folder (datasets) | .npy ids
+    text_field: str = "text"          # dataset column holding the text
     ctx_len: int = 64                 # tokens per sequence
+    prepend_bos: bool = False         # every sequence starts with the LM's BOS token
+    exclude_bos: bool = True          # drop positions holding the BOS token (their activations are outliers)
+    seqs_per_forward: int = 8         # sequences per LM forward pass
+    buffer_batches: int = 8           # hf with shuffle: micro-batches of tokens in the seeded shuffle buffer
     hf_dtype: str = "float32"         # dtype of the host model (float32 | bfloat16)
+
+
+@dataclass
+class EvalSection:
+    """The replacement model (fastclt.eval: KL, CE recovered, FVU, L0) at train.eval_every and at the end."""
+    lm: Optional[str] = None          # local LM folder for data.source shards (hf: data.model is used)
+    tokens: Optional[str] = None      # token source (default: data.tokens for hf, the shards' recorded one)
+    n_seqs: int = 16                  # sequences: the corpus's last ones (random: another seed); 0 = no evaluation
+    ctx_len: Optional[int] = None     # tokens per sequence (default: data.ctx_len / the shards')
+    batch_size: int = 4               # sequences per forward pass
+    per_layer: bool = True            # also splice / ablate each layer alone (2 more passes per layer)
 
 
 @dataclass
@@ -118,13 +138,20 @@ MODEL_HELP = {
     "decoder_tying": "none | per_source | per_target (CLT)",
     "batchtopk_across_layers": "BatchTopK over all layers together (CLT)",
     "skip_connection": "W_skip per layer (CLT)",
+    "cross_layer": "false: a per-layer transcoder set (L independent transcoders; decoder_tying none)",
     "unit_norm_decoder": "SAE: unit-norm decoder rows",
 }
+# Model fields the trainer records from its data source (the LM, its blocks, the input hook), not options.
+RECORDED_MODEL_FIELDS = {"lm_name": "data.model", "lm_layers": "data.layers", "input_hook": "data.input_hook"}
 
-SECTIONS = {"train": TrainSection, "data": DataSection, "checkpoint": CheckpointSection, "log": LogSection}
+SECTIONS = {"train": TrainSection, "data": DataSection, "eval": EvalSection, "checkpoint": CheckpointSection,
+            "log": LogSection}
 
 # Fields that may differ between a run and its resumption (everything else must match).
-RUN_CONTROL_KEYS = {"train.max_steps", "train.device", "train.impl", "train.eval_batches", "data.prefetch",
+RUN_CONTROL_KEYS = {"train.max_steps", "train.device", "train.impl", "train.eval_batches", "train.eval_every",
+                    "train.calibrate_jumprelu", "train.calibrate_batches",
+                    "eval.lm", "eval.tokens", "eval.n_seqs", "eval.ctx_len", "eval.batch_size", "eval.per_layer",
+                    "data.prefetch",
                     "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "log.every", "log.progress",
                     "log.wandb", "log.tensorboard", "log.plot", "log.project", "out_dir"}
 
@@ -134,6 +161,7 @@ class RunConfig:
     model: dict = field(default_factory=dict)  # kind ("clt" | "sae") + CLTConfig/SAEConfig fields
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     out_dir: str = "runs/default"
@@ -189,7 +217,7 @@ def _model_fields() -> dict:
     out = {"kind": "clt"}
     for cls in (CLTConfig, SAEConfig):
         for f in dataclasses.fields(cls):
-            if f.name not in out:
+            if f.name not in out and f.name not in RECORDED_MODEL_FIELDS:
                 out[f.name] = f.default
     out.update(MODEL_DEFAULTS)
     return out
@@ -254,6 +282,9 @@ def _set(cfg: RunConfig, key: str, value: Any) -> None:
     section, name = parts
     if section == "model":
         fields = _model_fields()
+        if name in RECORDED_MODEL_FIELDS:
+            raise ConfigError(f"model.{name}: recorded by the trainer from the data source; set "
+                              f"{RECORDED_MODEL_FIELDS[name]} (data.source hf) or write the shards with it")
         if name not in fields:
             raise ConfigError(f"model.{name}: not a model option; known: {sorted(fields)}")
         cfg.model[name] = value
@@ -328,11 +359,11 @@ def load_config(argv: list) -> RunConfig:
                 _set(cfg, "out_dir", body)
             elif isinstance(body, dict):
                 for k, v in body.items():
-                    if isinstance(v, str) and k not in ("path", "model", "tokens"):
+                    if isinstance(v, str) and k not in ("path", "model", "tokens", "lm"):
                         v = _number(v)
                     _set(cfg, f"{section}.{k}", v)
             else:
-                raise ConfigError(f"{section}: expected a section mapping (model, train, data, checkpoint, log) "
+                raise ConfigError(f"{section}: expected a section mapping (model, train, data, eval, checkpoint, log) "
                                   f"or out_dir, got {body!r}")
     for key, value in pairs:
         _set(cfg, key, value)
@@ -350,15 +381,16 @@ def validate(cfg: RunConfig) -> None:
     if cfg.kind not in MODEL_KINDS:
         raise ConfigError(f"model.kind: expected one of {MODEL_KINDS}, got {cfg.kind!r}")
     if cfg.kind == "sae":
-        for k in ("n_layers", "d_out", "decoder_tying", "batchtopk_across_layers", "feature_affine", "skip_connection"):
+        for k in ("n_layers", "d_out", "decoder_tying", "batchtopk_across_layers", "feature_affine", "skip_connection",
+                  "cross_layer"):
             if k in cfg.model and k not in MODEL_DEFAULTS:
                 raise ConfigError(f"model.{k}: not an SAE option (model.kind sae)")
         for k in ("n_layers", "d_out"):
             cfg.model.pop(k, None)
     mc = cfg.model_config()
     t, d, c, lg = cfg.train, cfg.data, cfg.checkpoint, cfg.log
-    for key in ("steps", "batch_size", "grad_accum", "tp", "dead_tokens", "init_samples", "eval_batches"):
-        _pos(f"train.{key}", getattr(t, key), zero_ok=key in ("eval_batches",))
+    for key in ("steps", "batch_size", "grad_accum", "tp", "dead_tokens", "init_samples", "eval_batches", "eval_every"):
+        _pos(f"train.{key}", getattr(t, key), zero_ok=key in ("eval_batches", "eval_every"))
     if t.max_steps is not None:
         _pos("train.max_steps", t.max_steps)
     _pos("train.lr", t.lr)
@@ -371,6 +403,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: expected a value in [0, 1), got {getattr(t, key)}")
+    _pos("train.calibrate_batches", t.calibrate_batches)
+    if t.calibrate_jumprelu and mc.activation not in ("topk", "batchtopk"):
+        raise ConfigError(f"train.calibrate_jumprelu: converts TopK/BatchTopK models, not {mc.activation!r}")
     if t.init_fire_rate is not None:
         if mc.activation != "jumprelu":
             raise ConfigError(f"train.init_fire_rate: only JumpReLU models use it, not {mc.activation!r}")
@@ -397,6 +432,12 @@ def validate(cfg: RunConfig) -> None:
     _pos("data.noise", d.noise, zero_ok=True)
     _pos("data.ctx_len", d.ctx_len)
     _pos("data.prefetch", d.prefetch, zero_ok=True)
+    _pos("data.seqs_per_forward", d.seqs_per_forward)
+    _pos("data.buffer_batches", d.buffer_batches)
+    if d.input_hook is not None and d.input_hook not in ("mlp_in", "resid_mid"):
+        raise ConfigError(f"data.input_hook: expected mlp_in or resid_mid, got {d.input_hook!r}")
+    if d.prepend_bos and d.ctx_len < 2:
+        raise ConfigError("data.ctx_len: a sequence with a prepended BOS needs ctx_len >= 2")
     if d.source == "synthetic" and d.true_l0 > d.n_true:
         raise ConfigError(f"data.true_l0: {d.true_l0} exceeds data.n_true={d.n_true}")
     if d.source == "shards":
@@ -409,14 +450,31 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("data.model: data.source hf needs a local Hugging Face model folder")
         if not Path(d.model).is_dir():
             raise ConfigError(f"data.model: {d.model} is not a folder (nothing is downloaded; give a local path)")
-        if d.tokens != "random" and not Path(d.tokens).is_file():
-            raise ConfigError(f"data.tokens: {d.tokens} is neither 'random' nor an existing text file")
+        if d.tokens != "random" and not Path(d.tokens).exists():
+            raise ConfigError(f"data.tokens: {d.tokens} is neither 'random' nor an existing file or dataset folder")
     if d.hf_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"data.hf_dtype: expected float32 or bfloat16, got {d.hf_dtype!r}")
     if d.layers is not None:
         n_layers = 1 if cfg.kind == "sae" else mc.n_layers
         if len(d.layers) != n_layers:
             raise ConfigError(f"data.layers: {len(d.layers)} layers given but the model has {n_layers}")
+        if d.layers[0] < 0 or any(b <= a for a, b in zip(d.layers, d.layers[1:])):
+            raise ConfigError(f"data.layers: expected strictly increasing block indices >= 0, got {d.layers}")
+    e = cfg.eval
+    _pos("eval.n_seqs", e.n_seqs, zero_ok=True)
+    _pos("eval.batch_size", e.batch_size)
+    if e.ctx_len is not None:
+        _pos("eval.ctx_len", e.ctx_len)
+        if e.ctx_len < 2:
+            raise ConfigError(f"eval.ctx_len: next-token losses need at least 2 tokens per sequence, got {e.ctx_len}")
+    if e.lm is not None:
+        if d.source != "shards":
+            raise ConfigError(f"eval.lm: only data.source shards takes it (hf evaluates on data.model; synthetic "
+                              f"data has no LM), got data.source {d.source}")
+        if not Path(e.lm).is_dir():
+            raise ConfigError(f"eval.lm: {e.lm} is not a folder (nothing is downloaded; give a local LM folder)")
+    if e.tokens is not None and e.tokens != "random" and not Path(e.tokens).exists():
+        raise ConfigError(f"eval.tokens: {e.tokens} is neither 'random' nor an existing file or dataset folder")
     _pos("checkpoint.every", c.every, zero_ok=True)
     _pos("checkpoint.keep", c.keep)
     if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
@@ -446,7 +504,9 @@ def help_text() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {'--' + section + '.' + f.name:<36} {default!r:<12} {src.get(f.name, '')}".rstrip())
     lines += ["", "Token source of data.source hf (and python -m fastclt.extract): data.tokens random draws seeded",
-              "token ids; data.tokens FILE.txt tokenizes a local text file with the model folder's tokenizer."]
+              "token ids; a text file is tokenized with the model folder's tokenizer; .jsonl/.json/.parquet/.csv/",
+              ".arrow files and save_to_disk folders are read with the datasets library (column data.text_field,",
+              "or input_ids); a .npy holds token ids (1-D: a stream, 2-D: one sequence per row). See docs/TRAINING.md."]
     return "\n".join(lines)
 
 

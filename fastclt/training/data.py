@@ -1,20 +1,31 @@
 """Activation sources and the prefetcher.
 
-Every source maps a micro-batch number (``get(i)``: this rank's i-th; ``get_global(g)``: the g-th of
-the stream, which dp rank r reads as g = i·dp + r) to ``(x [B, L, d_in], y [B, L, d_out])`` deterministically,
-so that the data position of a checkpoint is one integer and a resumed run sees the same batches:
+Every source yields ``(x [B, L, d_in], y [B, L, d_out])`` micro-batches (``get(i)``: this rank's i-th,
+called in order) and an initialisation sample (``init_sample(n)``: the same n micro-batches on every
+rank and for every layout). The data position of a checkpoint is the micro-batch counter, plus —
+for a stateful source — ``state_dict()``:
 
-    SyntheticSource   planted features (fastclt.training.synthetic); micro-batch i of dp rank r
+    SyntheticSource   planted features (fastclt.training.synthetic); micro-batch i of dp rank r, a
+                      pure function of (seed, r, i)
     ShardSource       a folder of activation shards written by ``python -m fastclt.extract``:
                       ``manifest.json`` + ``shard_XXXXX.safetensors`` (tensors "x", "y") or .npy
                       pairs, memory-mapped (numpy); an epoch is the shards in a seeded order, each
                       in a seeded token order (``data.shuffle``); micro-batch g·dp + r of the epoch
                       stream goes to dp rank r
-    HFSource          on-the-fly extraction from a local Hugging Face causal LM (MLP input → x,
-                      MLP output → y per layer; fastclt.training.extract)
+    HFSource          on-the-fly extraction from a local Hugging Face causal LM (x at the input
+                      hook, y = the MLP output per layer; fastclt.training.extract) through a
+                      ``TokenBuffer``: dp rank r runs the LM on sequence groups r, r + dp, …; with
+                      ``data.shuffle`` a batch is B tokens drawn by a seeded generator from a buffer
+                      of ``data.buffer_batches`` micro-batches (so it mixes many sequences), else the
+                      next B tokens in stream order. Stateful: the buffer's token ids, the next
+                      group and the generator state are checkpointed (ints, not activations); a
+                      resumed run recomputes the buffered groups and continues exactly. Under
+                      tensor parallelism only tp rank 0 of each data-parallel group loads and runs
+                      the LM; the prefetcher broadcasts its batches to the other tp ranks.
 
-``Prefetcher`` prepares the next batches in a background thread (pinned memory, non-blocking copy
-to the device); the HF source runs in the caller's thread (it already uses the device).
+``Prefetcher`` prepares the next batches in a background thread — on-the-fly extraction included,
+on its own CUDA stream — so that the LM runs while the dictionary trains (pinned memory and
+non-blocking copies for CPU sources).
 """
 from __future__ import annotations
 
@@ -30,7 +41,8 @@ import torch
 
 from fastclt.training.config import ConfigError
 
-__all__ = ["SyntheticSource", "ShardSource", "HFSource", "Prefetcher", "make_source", "MANIFEST", "read_manifest"]
+__all__ = ["SyntheticSource", "ShardSource", "HFSource", "TokenBuffer", "Prefetcher", "make_source", "MANIFEST",
+           "read_manifest"]
 
 MANIFEST = "manifest.json"
 FORMAT = "fastclt.activations"
@@ -50,6 +62,13 @@ class SyntheticSource:
 
     def get_global(self, g: int):
         return self.gen.batch(g, self.B, 0)
+
+    def init_sample(self, n: int):
+        """n micro-batches never seen in training (negative batch numbers)."""
+        return _cat([self.get_global(-1 - i) for i in range(n)])
+
+    def lm_metadata(self) -> dict:
+        return {}
 
 
 # ------------------------------------------------------------------------- shards on disk
@@ -86,11 +105,16 @@ def read_manifest(folder) -> dict:
 class ShardSource:
     def __init__(self, cfg, n_layers: int, d_in: int, d_out: int, dp_rank: int, dp: int) -> None:
         self.folder = Path(cfg.data.path)
-        m = read_manifest(self.folder)
+        m = self.manifest = read_manifest(self.folder)
         got = (m["n_layers"], m["d_in"], m["d_out"])
         if got != (n_layers, d_in, d_out):
             raise ConfigError(f"data.path: shards hold (n_layers, d_in, d_out) = {got} but the model expects "
                               f"{(n_layers, d_in, d_out)} (model.n_layers / model.d_in / model.d_out)")
+        hook = m.get("input_hook", "mlp_in")  # manifests before the option: the MLP input
+        if cfg.data.input_hook is not None and cfg.data.input_hook != hook:
+            raise ConfigError(f"data.input_hook: the shards hold {hook} activations, not {cfg.data.input_hook}")
+        if cfg.data.layers is not None and m.get("layers") is not None and list(cfg.data.layers) != m["layers"]:
+            raise ConfigError(f"data.layers: the shards hold blocks {m['layers']}, not {cfg.data.layers}")
         self.n_layers, self.d_in, self.d_out = n_layers, d_in, d_out
         self.shards = []
         for s in m["shards"]:
@@ -152,6 +176,16 @@ class ShardSource:
         """Micro-batch ``g`` of the stream, whatever the layout (rank r's batch i is g = i·dp + r)."""
         return self._tokens(g * self.B, self.B)
 
+    def init_sample(self, n: int):
+        """The first n micro-batches of the stream."""
+        return _cat([self.get_global(i) for i in range(n)])
+
+    def lm_metadata(self) -> dict:
+        """The LM, its blocks and the input hook recorded in the manifest (older manifests: the MLP
+        input, and no LM path)."""
+        m = self.manifest
+        return {"lm_name": m.get("lm"), "lm_layers": m.get("layers"), "input_hook": m.get("input_hook", "mlp_in")}
+
 
 def _to_torch(a: np.ndarray, st_dtype) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
@@ -160,29 +194,163 @@ def _to_torch(a: np.ndarray, st_dtype) -> torch.Tensor:
     return t.float()
 
 
+class TokenBuffer:
+    """Fixed-size batches of B tokens from a stream of token groups.
+
+    ``produce(q)`` → (x [n, L, d_in], y [n, L, d_out], token ids [n] int64 on the CPU) of global group
+    q; this buffer reads groups ``offset``, ``offset + stride``, … With ``shuffle`` it holds
+    ``capacity`` tokens; each batch takes B of them uniformly at random (a CPU generator seeded by
+    ``seed``) and the buffer is refilled before the next draw; without, it is a FIFO (stream order).
+    The state (token ids in buffer order, the next group, the generator) is a few integer tensors:
+    ``load_state_dict`` recomputes the groups holding the buffered tokens.
+    """
+
+    def __init__(self, produce, group_of, B: int, capacity: int, shuffle: bool, seed, stride: int = 1,
+                 offset: int = 0) -> None:
+        self.produce, self.group_of = produce, group_of
+        self.B, self.capacity, self.shuffle = B, max(capacity, B), shuffle
+        self.stride, self.offset = stride, offset
+        self.gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        self.next_group = 0
+        self.x = self.y = None
+        self.ids = torch.zeros(0, dtype=torch.int64)
+        self.n = 0
+
+    def _append(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> None:
+        k = ids.shape[0]
+        if self.x is None or self.n + k > self.x.shape[0]:  # grow (once per new largest group)
+            size = self.capacity + max(k, self.B)
+            nx, ny = x.new_empty((size,) + x.shape[1:]), y.new_empty((size,) + y.shape[1:])
+            nids = torch.empty(size, dtype=torch.int64)
+            if self.x is not None:
+                nx[:self.n], ny[:self.n], nids[:self.n] = self.x[:self.n], self.y[:self.n], self.ids[:self.n]
+            self.x, self.y, self.ids = nx, ny, nids
+        self.x[self.n:self.n + k], self.y[self.n:self.n + k], self.ids[self.n:self.n + k] = x, y, ids
+        self.n += k
+
+    def _fill(self) -> None:
+        while self.n < self.capacity:
+            self._append(*self.produce(self.next_group * self.stride + self.offset))
+            self.next_group += 1
+
+    def next(self):
+        """The next batch: (x [B, L, d_in], y [B, L, d_out])."""
+        self._fill()
+        n, B = self.n, self.B
+        if not self.shuffle:
+            x, y = self.x[:B].clone(), self.y[:B].clone()
+            rest = slice(B, n)
+            self.x[:n - B], self.y[:n - B], self.ids[:n - B] = (self.x[rest].clone(), self.y[rest].clone(),
+                                                                self.ids[rest].clone())
+        else:
+            sel = torch.randperm(n, generator=self.gen)[:B]
+            dev = sel.to(self.x.device)
+            x, y = self.x[dev], self.y[dev]
+            # the tail's unselected rows move into the selected rows below the tail
+            taken = torch.zeros(n, dtype=torch.bool)
+            taken[sel] = True
+            holes = sel[sel < n - B].sort().values
+            tail = torch.arange(n - B, n)[~taken[n - B:]]
+            if holes.numel():
+                hd, td = holes.to(self.x.device), tail.to(self.x.device)
+                self.x[hd], self.y[hd] = self.x[td], self.y[td]
+                self.ids[holes] = self.ids[tail]
+        self.n -= B
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"ids": self.ids[:self.n].clone(), "next_group": torch.tensor([self.next_group]),
+                "rng": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        ids = state["ids"].to(torch.int64).cpu()
+        self.x = self.y = None
+        self.n = 0
+        rows = {}
+        for q in sorted(set(self.group_of(ids).tolist())):
+            x, y, gid = self.produce(q)
+            where = {int(t): i for i, t in enumerate(gid.tolist())}
+            for t in ids[self.group_of(ids) == q].tolist():
+                if t not in where:
+                    raise ValueError(f"data: buffered token {t} is not in group {q} (a checkpoint of another "
+                                     f"token source?)")
+                rows[t] = (x, y, where[t])
+        for t in ids.tolist():
+            x, y, i = rows[t]
+            self._append(x[i:i + 1], y[i:i + 1], torch.tensor([t]))
+        self.next_group = int(state["next_group"][0])
+        self.gen.set_state(state["rng"].to(torch.uint8).cpu())
+
+
 class HFSource:
-    def __init__(self, cfg, kind: str, n_layers: int, d_in: int, d_out: int, dp_rank: int, dp: int,
-                 device: torch.device) -> None:
-        from fastclt.training.extract import HFExtractor
-        layers = cfg.data.layers if cfg.data.layers is not None else list(range(n_layers))
-        self.ex = HFExtractor(cfg.data.model, layers, device=device, dtype=cfg.data.hf_dtype,
-                              tokens=cfg.data.tokens, ctx_len=cfg.data.ctx_len, seed=cfg.train.seed)
-        if self.ex.d_model != d_in or (kind != "sae" and self.ex.d_model != d_out):
-            raise ConfigError(f"model.d_in: the host model's MLP width is {self.ex.d_model}, but model.d_in={d_in}"
-                              + ("" if kind == "sae" else f" and model.d_out={d_out}"))
-        if cfg.train.batch_size % cfg.data.ctx_len:
-            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not a multiple of data.ctx_len="
-                              f"{cfg.data.ctx_len} (hf extraction feeds whole sequences)")
-        self.seqs = cfg.train.batch_size // cfg.data.ctx_len
-        self.kind, self.dp_rank, self.dp = kind, dp_rank, dp
+    """On-the-fly extraction (see the module docstring). ``runs_lm``: this rank loads the LM (tp rank
+    0 of its data-parallel group); the others receive the batches (``Prefetcher``)."""
+
+    stateful = True
+
+    def __init__(self, cfg, kind: str, n_layers: int, d_in: int, d_out: int, layout, device: torch.device) -> None:
+        d = cfg.data
+        self.layers = list(d.layers) if d.layers is not None else list(range(n_layers))
+        self.input_hook = d.input_hook or "mlp_in"
+        self.model_path = d.model
+        self.kind, self.layout, self.device = kind, layout, device
         self.n_layers, self.d_in, self.d_out = n_layers, d_in, d_out
+        self.B = cfg.train.batch_size
+        self.runs_lm = layout.tp_rank == 0
+        self.ex = None
+        self._prefix = None
+        self._next = None
+        if not self.runs_lm:
+            return
+        from fastclt.training.extract import HFExtractor
+        self.ex = HFExtractor(d.model, self.layers, device=device, dtype=d.hf_dtype, tokens=d.tokens,
+                              ctx_len=d.ctx_len, seed=cfg.train.seed, input_hook=self.input_hook,
+                              prepend_bos=d.prepend_bos, exclude_bos=d.exclude_bos, text_field=d.text_field,
+                              seqs_per_forward=d.seqs_per_forward)
+        if self.ex.d_model != d_in or (kind != "sae" and self.ex.d_model != d_out):
+            raise ConfigError(f"model.d_in: the host model's width is {self.ex.d_model}, but model.d_in={d_in}"
+                              + ("" if kind == "sae" else f" and model.d_out={d_out}"))
+        self.buffer = TokenBuffer(self.ex.group, self.ex.group_of, self.B,
+                                  self.B * d.buffer_batches if d.shuffle else self.B, d.shuffle,
+                                  seed=[cfg.train.seed, layout.dp_rank], stride=layout.dp, offset=layout.dp_rank)
+
+    def lm_metadata(self) -> dict:
+        return {"lm_name": str(Path(self.model_path).resolve()), "lm_layers": self.layers,
+                "input_hook": self.input_hook}
 
     def get(self, i: int):
-        return self.get_global(i * self.dp + self.dp_rank)
-
-    def get_global(self, g: int):
-        x, y = self.ex.activations(g * self.seqs, self.seqs)
+        if self._next is not None and i != self._next:
+            raise RuntimeError(f"data: the hf source is read in order; asked for micro-batch {i}, next is {self._next}")
+        self._next = i + 1
+        x, y = self.buffer.next()
         return (x, x) if self.kind == "sae" else (x, y)
+
+    def init_sample(self, n: int):
+        """The first n·B kept tokens of the stream in order (groups 0, 1, …; every rank alike)."""
+        if not self.runs_lm:
+            return None
+        need = n * self.B
+        xs, ys, have, q = [], [], 0, 0
+        while have < need:
+            x, y, _ = self.ex.group(q)
+            xs.append(x)
+            ys.append(y)
+            have += x.shape[0]
+            q += 1
+        x, y = torch.cat(xs)[:need], torch.cat(ys)[:need]
+        return (x, x) if self.kind == "sae" else (x, y)
+
+    def state_dict(self) -> dict:
+        return self.buffer.state_dict() if self.runs_lm else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.runs_lm:
+            self.buffer.load_state_dict(state)
+
+
+def _cat(batches: list):
+    xs, ys = zip(*batches)
+    return torch.cat(xs), torch.cat(ys)
 
 
 def make_source(cfg, layout, device):
@@ -196,17 +364,48 @@ def make_source(cfg, layout, device):
         return SyntheticSource(cfg, kind, L, mc.d_in, d_out, layout.dp_rank)
     if src == "shards":
         return ShardSource(cfg, L, mc.d_in, d_out, layout.dp_rank, layout.dp)
-    return HFSource(cfg, kind, L, mc.d_in, d_out, layout.dp_rank, layout.dp, device)
+    return HFSource(cfg, kind, L, mc.d_in, d_out, layout, device)
+
+
+def share_batch(source, layout, batch, n_tokens: int, device: torch.device, dtype: torch.dtype):
+    """(x, y) on ``device`` in ``dtype`` on every rank: as given, or — for an LM source under tensor
+    parallelism — broadcast from tp rank 0 of the data-parallel group (the only rank that runs the
+    LM; ``batch`` is None elsewhere). A collective: every tp rank calls it at the same point."""
+    nb = device.type == "cuda"
+    if batch is not None:
+        batch = tuple(t.to(device, dtype, non_blocking=nb).contiguous() for t in batch)
+    if layout is None or layout.tp == 1 or not hasattr(source, "runs_lm"):
+        return batch
+    import torch.distributed as dist
+    if batch is None:
+        batch = (torch.empty(n_tokens, source.n_layers, source.d_in, device=device, dtype=dtype),
+                 torch.empty(n_tokens, source.n_layers, source.d_out, device=device, dtype=dtype))
+    for t in batch:
+        dist.broadcast(t, src=layout.dp_rank * layout.tp, group=layout.tp_group)
+    return batch
 
 
 class Prefetcher:
-    """Yields (x, y) on ``device`` for micro-batches start, start + 1, …; ``depth`` > 0 prepares them
-    in a background thread from pinned memory (CPU sources only)."""
+    """Yields (x, y) on ``device`` for micro-batches start, start + 1, …
 
-    def __init__(self, source, start: int, device: torch.device, dtype: torch.dtype, depth: int) -> None:
-        self.source, self.next, self.device, self.dtype = source, start, device, dtype
-        self.threaded = depth > 0 and not isinstance(source, HFSource)
-        self.error: Optional[BaseException] = None
+    ``depth`` > 0: a background thread prepares up to ``depth`` batches ahead — CPU sources into
+    pinned memory, on-the-fly extraction on its own CUDA stream — so that the data is ready when the
+    step needs it. A stateful source's ``state_dict()`` after each batch travels with the batch;
+    ``state()`` is the state after the last batch returned (what a checkpoint saves with the
+    micro-batch counter). Under tensor parallelism the LM's batches reach the other tp ranks by
+    broadcast, in this (the training) thread, in step order (``share_batch``).
+    """
+
+    def __init__(self, source, start: int, device: torch.device, dtype: torch.dtype, depth: int,
+                 layout=None) -> None:
+        self.source, self.next, self.device, self.dtype, self.layout = source, start, device, dtype, layout
+        self.stateful = getattr(source, "stateful", False)
+        self.receives = getattr(source, "runs_lm", True) is False
+        self._state = source.state_dict() if self.stateful and not self.receives else None
+        self.threaded = depth > 0 and not self.receives
+        self.stream = None
+        if self.threaded and device.type == "cuda" and isinstance(source, HFSource):
+            self.stream = torch.cuda.Stream(device)
         if self.threaded:
             self.q: queue.Queue = queue.Queue(maxsize=depth)
             self.stop = threading.Event()
@@ -214,13 +413,22 @@ class Prefetcher:
             self.thread.start()
 
     def _load(self, i: int):
-        x, y = self.source.get(i)
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+        event = None
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                x, y = self.source.get(i)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:
+            x, y = self.source.get(i)
+            if self.device.type == "cuda" and x.device.type == "cpu":
+                x, y = x.pin_memory(), y.pin_memory()
+        return x, y, event, self.source.state_dict() if self.stateful else None
 
     def _work(self, i: int) -> None:
         try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             while not self.stop.is_set():
                 item = self._load(i)
                 while not self.stop.is_set():
@@ -234,16 +442,28 @@ class Prefetcher:
             self.q.put(e)
 
     def get(self):
+        B = getattr(self.source, "B", 0)
+        if self.receives:
+            self.next += 1
+            return share_batch(self.source, self.layout, None, B, self.device, self.dtype)
         if self.threaded:
             item = self.q.get()
             if isinstance(item, BaseException):
                 raise item
         else:
-            item = self.source.get(self.next)
+            item = self._load(self.next)
         self.next += 1
-        x, y = item
-        nb = self.device.type == "cuda"
-        return x.to(self.device, self.dtype, non_blocking=nb), y.to(self.device, self.dtype, non_blocking=nb)
+        x, y, event, self._state = item
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            x.record_stream(current)
+            y.record_stream(current)
+        return share_batch(self.source, self.layout, (x, y), B, self.device, self.dtype)
+
+    def state(self) -> Optional[dict]:
+        """The source's state after the last batch returned (None for stateless sources)."""
+        return self._state
 
     def close(self) -> None:
         if self.threaded:

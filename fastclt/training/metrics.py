@@ -5,7 +5,11 @@ JSONL fields (of the step's last micro-batch, averaged over data-parallel replic
 lr, sparsity_coef, loss and its parts (reconstruction, sparsity,
 preact, auxk), fvu / l0 (means) and layer{l}/fvu, layer{l}/l0, layer{l}/mse, dead_fraction
 (features that have not fired in ``train.dead_tokens`` tokens), grad_norm, tokens_per_s and
-tflops (counted model FLOPs ÷ wall time: ``step_flops``).
+tflops (counted model FLOPs ÷ wall time: ``step_flops``). Replacement-model evaluations
+(train.eval_every, and at the end) are lines of their own: step, eval/kl, eval/ce_clean,
+eval/ce_spliced, eval/ce_ablated, eval/ce_recovered, eval/top1_agreement, eval/fvu, eval/l0 and
+eval/layer{l}/kl|ce_recovered|fvu|l0 (fastclt.eval); the progress bar shows the latest KL and CE
+recovered.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def step_flops(mcfg, kind: str, tokens: int, l0: float) -> float:
     L = 1 if kind == "sae" else mcfg.n_layers
     d_out = mcfg.d_in if kind == "sae" else mcfg.d_out
     enc = 2.0 * L * mcfg.n_features * mcfg.d_in
-    pairs = L * (L + 1) / 2
+    pairs = L * (L + 1) / 2 if getattr(mcfg, "cross_layer", True) else L
     dec = 2.0 * l0 * d_out * pairs  # l0: mean active per token per source layer
     return 3.0 * tokens * (enc + dec)
 
@@ -35,6 +39,7 @@ class MetricsLogger:
         self.bar = None
         self.wandb = self.tb = None
         self.history: list = []
+        self.notes: dict = {}
         if not is_main:
             return
         if start_step == 0 and self.path.exists():
@@ -84,7 +89,11 @@ class MetricsLogger:
     def progress(self, n: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            self.bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens_per_s:,.0f}", **self.notes)
+
+    def note(self, **fields: str) -> None:
+        """Fields shown on the progress bar from now on (the latest evaluation)."""
+        self.notes.update(fields)
 
     def close(self) -> None:
         if getattr(self, "_closed", False):
@@ -101,11 +110,15 @@ class MetricsLogger:
 
 
 def write_summary(out_dir: Path, summary: dict, plot: bool) -> None:
-    """summary.json (+ summary.png of per-layer FVU / L0 when matplotlib is importable)."""
+    """summary.json (+ summary.png of per-layer FVU / L0, and replacement.png of the replacement
+    model's per-layer KL / CE recovered / FVU when evaluated, when matplotlib is importable)."""
     from fastclt.checkpoint import write_json
     write_json(Path(out_dir) / "summary.json", summary)
     if not plot:
         return
+    if "replacement" in summary:
+        from fastclt.eval import plot_per_layer
+        plot_per_layer(summary["replacement"], Path(out_dir) / "replacement.png")
     try:
         import matplotlib
         matplotlib.use("Agg")

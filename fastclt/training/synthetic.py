@@ -63,12 +63,14 @@ class SyntheticActivations:
 @torch.no_grad()
 def mmcs(model, source: SyntheticActivations) -> tuple[float, list]:
     """Mean over planted features of max cosine similarity with the learned decoder rows →
-    (mean over all layers, per-layer list). The model must be the full (merged) one."""
+    (mean over all layers, per-layer list). The model must be the full (merged) one. A per-layer
+    transcoder set (decoders [F, 1, d_out]) is compared on the planted directions into its own layer."""
     per_layer = []
     n_layers = 1 if source.kind == "sae" else source.L
     for s in range(n_layers):
-        true = source.true_decoder(s).flatten(1).double()
-        learned = model.decoder_weight(s).detach().flatten(1).double().cpu()
+        learned = model.decoder_weight(s).detach()
+        true = source.true_decoder(s)[:, :learned.shape[1]].flatten(1).double()
+        learned = learned.flatten(1).double().cpu()
         true = true / true.norm(dim=1, keepdim=True).clamp_min(1e-12)
         learned = learned / learned.norm(dim=1, keepdim=True).clamp_min(1e-12)
         per_layer.append(float((true @ learned.T).max(1).values.mean()))
