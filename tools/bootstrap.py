@@ -29,6 +29,7 @@ TEST = [
     ("pytest", "pytest"),
     ("pytest_benchmark", "pytest-benchmark"),
     ("transformers", "transformers"),
+    ("datasets", "datasets"),
     ("matplotlib", "matplotlib"),
 ]
 
