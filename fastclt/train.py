@@ -349,12 +349,13 @@ class _Run:
         return full
 
     @torch.no_grad()
-    def _evaluate(self, step: int, logger, state: Optional[dict] = None) -> Optional[dict]:
-        """The replacement model on rank 0 (every rank joins the state gather); None without an LM."""
+    def _evaluate(self, step: int, logger, state: Optional[dict] = None, gathered: bool = False) -> Optional[dict]:
+        """The replacement model on rank 0 (every rank joins the state gather unless ``gathered``: the
+        merged ``state`` is at hand, None on ranks other than tp rank 0); None without an LM."""
         active = self._agree(self.evaluator is not None and self.evaluator.active)[0]
         if not active:
             return None
-        if state is None:
+        if not gathered:
             state = gather_full_state(self.model, self.layout)
         m = None
         if self.layout.is_main:
@@ -392,7 +393,7 @@ class _Run:
                 if mean:
                     buf /= lay.dp
         state = gather_full_state(model, lay)
-        replacement = self._evaluate(cfg.train.steps, logger, state)
+        replacement = self._evaluate(cfg.train.steps, logger, state, gathered=True)
         logger.close()
         summary = {}
         if lay.is_main:

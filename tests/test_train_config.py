@@ -47,6 +47,14 @@ def test_yaml_then_overrides(tmp_path):
     (["--data.source", "hf", "--data.model", "/nonexistent/m"], "data.model"),
     (["--checkpoint.keep", "0"], "checkpoint.keep"),
     (["--config", "/nonexistent.yaml"], "config"),
+    (["--data.input_hook", "resid_post"], "data.input_hook"),
+    (["--data.layers", "[2, 1]"], "data.layers"),
+    (["--data.buffer_batches", "0"], "data.buffer_batches"),
+    (["--eval.lm", "/tmp"], "eval.lm"),
+    (["--eval.ctx_len", "1"], "eval.ctx_len"),
+    (["--train.eval_every", "-1"], "train.eval_every"),
+    (["--model.lm_layers", "[0, 1]"], "model.lm_layers"),
+    (["--model.cross_layer", "false", "--model.decoder_tying", "per_source"], "model.decoder_tying"),
 ])
 def test_bad_config_names_the_field(args, field, capsys, tmp_path):
     assert main(TINY + args + ["--out_dir", str(tmp_path)]) == 2

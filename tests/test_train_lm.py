@@ -102,6 +102,9 @@ def test_end_to_end_extract_train_evaluate(lm_dir, tmp_path):
             "--train.lr", "1e-2", "--train.lr_warmup_steps", "20", "--train.init_samples", "2048",
             "--train.eval_every", "100", "--train.eval_batches", "2", "--eval.lm", str(lm),
             "--eval.n_seqs", "24", "--eval.batch_size", "8", "--checkpoint.every", "0", "--out_dir", str(out)]
+    # shards know what they hold: a contradicting input hook or block list is refused
+    assert train_main(args + NO_LOG + ["--data.input_hook", "resid_mid"]) == 2
+    assert train_main(args + NO_LOG + ["--data.layers", "[0, 2]"]) == 2
     assert train_main(args + NO_LOG) == 0
     evals = _evals(out)
     assert [r["step"] for r in evals] == [0, 100, 200]

@@ -28,6 +28,9 @@ RUNS = {
                  "--model.threshold_init", "0.1", "--train.init_fire_rate", "0.1"],
 }
 DP_ARGS = ["--train.steps", "6", "--data.source", "shards", "--data.shuffle", "false"]
+# on-the-fly extraction: only tp rank 0 runs the LM; its batches (shuffle buffer) are broadcast
+HF_ARGS = ["--train.steps", "6", "--data.source", "hf", "--data.ctx_len", "8", "--data.seqs_per_forward", "3",
+           "--eval.n_seqs", "2", "--eval.batch_size", "2", "--eval.per_layer", "false"]
 MODEL_CASES = [
     ("clt", dict(activation="topk", k=3)),
     ("clt", dict(activation="batchtopk", k=3, batchtopk_across_layers=True)),
@@ -100,6 +103,12 @@ def _worker(rank, world, store_path, out_root):
         open(shard, "wb").write(bytes(data))
     dist.barrier()
     train(load_config(RUN_ARGS + RUNS["batchtopk"] + ["--train.tp", "2", "--out_dir", resumed]))
+    hf = load_config(RUN_ARGS + RUNS["topk"] + HF_ARGS + ["--data.model", os.path.join(out_root, "gpt2"),
+                                                          "--train.tp", "2", "--out_dir", os.path.join(out_root, "tp2_hf")])
+    train(hf)
+    from fastclt.training.data import make_source
+    from fastclt.training.parallel import init_distributed
+    assert (make_source(hf, init_distributed(2, "cpu"), torch.device("cpu")).ex is None) == (rank == 1)
     # data parallel (tp=1, dp=2) on shards: replica r takes micro-batches 2i + r, gradients averaged
     train(load_config(RUN_ARGS + RUNS["topk"] + DP_ARGS + ["--out_dir", os.path.join(out_root, "dp2"),
                                                            "--data.path", os.path.join(out_root, "shards")]))
@@ -271,7 +280,21 @@ def test_tp2_equals_one_process(tmp_path):
     from fastclt.train import train
     store = str(tmp_path / "store")
     _write_shards(tmp_path / "shards")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=97,
+                                                         n_positions=16)).save_pretrained(tmp_path / "gpt2")
     mp.spawn(_worker, args=(2, store, str(tmp_path)), nprocs=2, join=True)
+    # on-the-fly extraction under tp=2 (the LM on rank 0, batches broadcast) equals one process
+    ref_dir = str(tmp_path / "tp1_hf")
+    train(load_config(RUN_ARGS + RUNS["topk"] + HF_ARGS + ["--data.model", str(tmp_path / "gpt2"),
+                                                           "--out_dir", ref_dir]))
+    a, b = _losses(ref_dir), _losses(str(tmp_path / "tp2_hf"))
+    assert len(a) == len(b) == 7  # 6 steps and the final evaluation
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for key, v in ra.items():
+            assert rb[key] == pytest.approx(v, rel=1e-6, abs=1e-9) or key in ("tokens_per_s", "tflops"), key
     for name, extra in RUNS.items():
         ref_dir = str(tmp_path / f"tp1_{name}")
         train(load_config(RUN_ARGS + extra + ["--out_dir", ref_dir]))

@@ -39,6 +39,7 @@ TEST = [
     ("pytest", "pytest"),
     ("pytest_benchmark", "pytest-benchmark"),
     ("transformers", "transformers"),
+    ("datasets", "datasets"),
     ("matplotlib", "matplotlib"),
 ]
 # (import name, pip arguments): optional; see the module docstring.

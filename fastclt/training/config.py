@@ -71,7 +71,7 @@ class DataSection:
     noise: float = 0.02               # Gaussian noise std (per coordinate, relative to the signal)
     # shards: a folder written by `python -m fastclt.extract` (manifest.json + safetensors/.npy)
     path: Optional[str] = None        # shards folder (with manifest.json)
-    shuffle: bool = True              # shards: seeded shard and token order per epoch (false: stream order)
+    shuffle: bool = True              # shards: seeded shard and token order per epoch; hf: the shuffle buffer (false: stream order)
     prefetch: int = 4                 # batches prepared ahead in a background thread (pinned memory)
     # hf: on-the-fly extraction from a local Hugging Face causal LM (also used by fastclt.extract)
     model: Optional[str] = None       # local folder (nothing is downloaded)

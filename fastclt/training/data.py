@@ -218,8 +218,8 @@ class TokenBuffer:
 
     def _append(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> None:
         k = ids.shape[0]
-        if self.x is None or self.n + k > self.x.shape[0]:  # grow (once per new largest group)
-            size = self.capacity + max(k, self.B)
+        if self.x is None or self.n + k > self.x.shape[0]:  # grow (rarely: once per new largest group)
+            size = max(self.n + k, self.capacity + max(k, self.B))
             nx, ny = x.new_empty((size,) + x.shape[1:]), y.new_empty((size,) + y.shape[1:])
             nids = torch.empty(size, dtype=torch.int64)
             if self.x is not None:
@@ -264,20 +264,25 @@ class TokenBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         ids = state["ids"].to(torch.int64).cpu()
+        groups = self.group_of(ids)
+        xs, ys, where = [], [], []
+        for q in torch.unique(groups).tolist():
+            x, y, gid = self.produce(q)  # gid ascending: stream order
+            at = (groups == q).nonzero().squeeze(1)  # buffer positions of this group's tokens
+            rows = torch.searchsorted(gid, ids[at]).clamp(max=max(gid.numel() - 1, 0))
+            if gid.numel() == 0 or not torch.equal(gid[rows], ids[at]):
+                raise ValueError(f"data: the checkpoint's buffered tokens are not in group {q} of this token "
+                                 f"source (another data.tokens, ctx_len or BOS setting?)")
+            rows = rows.to(x.device)
+            xs.append(x[rows])
+            ys.append(y[rows])
+            where.append(at)
         self.x = self.y = None
         self.n = 0
-        rows = {}
-        for q in sorted(set(self.group_of(ids).tolist())):
-            x, y, gid = self.produce(q)
-            where = {int(t): i for i, t in enumerate(gid.tolist())}
-            for t in ids[self.group_of(ids) == q].tolist():
-                if t not in where:
-                    raise ValueError(f"data: buffered token {t} is not in group {q} (a checkpoint of another "
-                                     f"token source?)")
-                rows[t] = (x, y, where[t])
-        for t in ids.tolist():
-            x, y, i = rows[t]
-            self._append(x[i:i + 1], y[i:i + 1], torch.tensor([t]))
+        if xs:
+            inv = torch.argsort(torch.cat(where))
+            dev = inv.to(xs[0].device)
+            self._append(torch.cat(xs)[dev], torch.cat(ys)[dev], ids)
         self.next_group = int(state["next_group"][0])
         self.gen.set_state(state["rng"].to(torch.uint8).cpu())
 

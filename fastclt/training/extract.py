@@ -50,7 +50,7 @@ class HFExtractor:
         self.path, self.layers, self.input_hook = path, list(layers), input_hook
         self.d_model = hidden_size(self.lm)
         self.vocab = self.lm.config.vocab_size
-        self.ctx_len, self.seed, self.seqs_per_forward = ctx_len, seed, seqs_per_forward
+        self.ctx_len, self.seed, self.seqs_per_forward, self.text_field = ctx_len, seed, seqs_per_forward, text_field
         tok = None
         if tokens != "random" and not str(tokens).endswith(".npy"):
             tok = _load_tokenizer(path)
@@ -68,7 +68,7 @@ class HFExtractor:
         return {"lm": str(self.path.resolve()), "layers": list(self.layers), "input_hook": self.input_hook,
                 "tokens": str(self.tokens.spec), "ctx_len": self.ctx_len, "seed": self.seed,
                 "prepend_bos": self.tokens.bos is not None, "exclude_bos": self.exclude_bos,
-                "seqs_per_forward": self.seqs_per_forward}
+                "seqs_per_forward": self.seqs_per_forward, "text_field": self.text_field}
 
     def token_ids(self, first: int, n: int) -> torch.Tensor:
         """[n, ctx_len] int64: sequences first … first + n − 1 of the token stream."""
