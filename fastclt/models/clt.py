@@ -110,7 +110,7 @@ class CrossLayerTranscoder(SparseDictionary):
         fp32 copy or square of the decoder, forward or backward; zero rows get a zero gradient."""
         tying = self.cfg.decoder_tying
         if not self.cfg.cross_layer:  # feature (l, i) writes W_dec[l][i] to layer l only
-            return self.W_dec.float().pow(2).sum(-1).sqrt()
+            return _row_norms(self.W_dec, (-1,))
         if tying == "none":
             return torch.stack([_row_norms(W, (1, 2)) for W in self.W_dec])
         row_sq = _row_norms(self.W_dec, (-1,)).square()  # [L, F]
