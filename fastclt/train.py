@@ -14,18 +14,23 @@
     torchrun --standalone --nproc_per_node=2 -m fastclt.train --train.device cpu --train.tp 2
 
 ``--help`` lists every option and its default (fastclt.training.config). The output folder
-(``--out_dir``) receives config.yaml/config.json, metrics.jsonl, checkpoints/, model/ (the merged
-save_pretrained model, its config recording the LM, blocks and input hook of the data), summary.json
-and summary.png (+ replacement.png). With an LM at hand (data.source hf, or shards with eval.lm) the
-replacement model is evaluated (fastclt.eval: KL, CE recovered, …) every train.eval_every steps and
-at the end. Re-running the same command resumes from the newest intact checkpoint there.
+(``--out_dir``, locked by the run that writes there) receives config.yaml/config.json,
+metrics.jsonl, checkpoints/, model/ (the merged save_pretrained model, its config recording the LM,
+blocks and input hook of the data), summary.json and summary.png (+ replacement.png). With an LM at
+hand (data.source hf, or shards with eval.lm) the replacement model is evaluated (fastclt.eval: KL,
+CE recovered, …) every train.eval_every steps and at the end. Re-running the same command resumes
+from the newest intact checkpoint there. Errors the trainer can name (configuration, data,
+checkpoints, a full disk) are printed as ``error: field: …`` and exit with status 2.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,12 +39,14 @@ import torch.distributed as dist
 
 import fastclt
 from fastclt.checkpoint import CheckpointError
+from fastclt.config import SAEConfig
 from fastclt.training import checkpointing as ckpt
-from fastclt.training.config import ConfigError, RunConfig, help_text, load_config
+from fastclt.training.config import ConfigError, RunConfig, build_parser, load_config
 from fastclt.training.data import Prefetcher, make_source, share_batch
-from fastclt.training.metrics import MetricsLogger, step_flops, write_summary
+from fastclt.training.metrics import MetricsLogger, last_logged, step_flops, write_summary
 from fastclt.training.parallel import (Layout, TensorParallel, allreduce_grads, clip_grad_norm, gather_full_state,
                                        init_distributed, shard_state)
+from fastclt.training.rundir import RunLock, die_with_parent, probe_writable
 
 __all__ = ["main", "train"]
 
@@ -99,28 +106,65 @@ def _say(layout: Layout, msg: str) -> None:
         print(msg, flush=True)
 
 
+def _model_class(mcfg):
+    return fastclt.SparseAutoencoder if isinstance(mcfg, SAEConfig) else fastclt.CrossLayerTranscoder
+
+
 def train(cfg: RunConfig) -> dict:
     """Run the configured training; return the summary dict (rank 0; {} elsewhere)."""
     device = _device(cfg)
-    owns_pg = not dist.is_initialized()
-    layout = init_distributed(cfg.train.tp, device.type)
-    try:
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # a torchrun worker: die with the launcher
+        die_with_parent()
+    with contextlib.ExitStack() as resources:  # what a run opens is closed here, in reverse order
+        if not dist.is_initialized():
+            resources.callback(lambda: dist.is_initialized() and dist.destroy_process_group())
+        layout = init_distributed(cfg.train.tp, device.type)
         if device.type == "cuda":
             device = torch.device("cuda", layout.local_rank)
-        return _Run(cfg, layout, device).run()
-    finally:
-        if owns_pg and dist.is_initialized():
-            dist.destroy_process_group()
+        return _Run(cfg, layout, device, resources).run()
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: optimizer steps, micro-batches consumed (the data position), tokens."""
+    step: int = 0
+    micro: int = 0
+    tokens: int = 0
 
 
 class _Run:
-    def __init__(self, cfg: RunConfig, layout: Layout, device: torch.device) -> None:
-        self.cfg, self.layout, self.device = cfg, layout, device
+    """One training run, top to bottom (``run``): the out_dir is locked and checked; the data
+    source, model and optimizer are built; a checkpoint is resumed; then steps (``_step``), each
+    logged, evaluated and checkpointed on schedule; ``_finish`` writes the model and the summary.
+    The resources it opens (run lock, prefetcher, metrics logger) are registered with
+    ``resources`` and closed by ``train`` in one place, however the run ends."""
+
+    def __init__(self, cfg: RunConfig, layout: Layout, device: torch.device, resources) -> None:
+        self.cfg, self.layout, self.device, self.resources = cfg, layout, device, resources
         self.out = Path(cfg.out_dir)
         self.mcfg = cfg.model_config()
-        self.cls = fastclt.SparseAutoencoder if cfg.kind == "sae" else fastclt.CrossLayerTranscoder
+        self.cls = _model_class(self.mcfg)
+        self.p = _Progress()
+        self.pref = self.logger = None
+        t = cfg.train
+        self.tokens_per_step = t.batch_size * t.grad_accum * layout.dp
+        self.stop_at = min(t.steps, t.max_steps) if t.max_steps is not None else t.steps
+        self.autocast = t.autocast == "bf16" or (t.autocast == "auto" and device.type == "cuda")
 
-    # ------------------------------------------------------------------ helpers
+    def run(self) -> dict:
+        self._open_out_dir()
+        self._check_memory()
+        self._open_source()
+        self._build()
+        self._resume()
+        if self.p.step >= self.cfg.train.steps and self._agree(self.layout.is_main and self._finished())[0]:
+            return self._report_finished()
+        self._start()
+        if not self._train():
+            return {}
+        return self._finish()
+
+    # ------------------------------------------------------------------ collectives
     def barrier(self) -> None:
         if self.layout.distributed:
             dist.barrier()
@@ -133,23 +177,79 @@ class _Run:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
-    def _build(self):
-        cfg, lay = self.cfg, self.layout
-        torch.manual_seed(cfg.train.seed)
+    # ------------------------------------------------------------------ set-up
+    def _open_out_dir(self) -> None:
+        """Before anything else: out_dir exists and takes writes on every rank, and rank 0 holds its
+        lock (a second writer is refused); then leftovers of a killed run's writes are removed."""
+        lay, out = self.layout, self.out
+        problem = busy = None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if lay.is_main:
+                lock = RunLock(out)
+                busy = lock.acquire()
+                if busy is None:
+                    self.resources.callback(lock.release)
+            probe_writable(out, lay.rank)
+        except OSError as e:
+            problem = e
+        failed, locked = self._agree(problem is not None, busy is not None)
+        if failed:
+            why = f"{type(problem).__name__}: {problem}" if problem is not None else "not writable on another rank"
+            raise ConfigError(f"out_dir: {out} cannot be written ({why}); give a writable folder")
+        if locked:
+            who = f" ({busy})" if busy else " (see rank 0)"
+            raise ConfigError(f"out_dir: {out} is in use by another training run{who}; wait for it to end, stop "
+                              f"it, or use another out_dir (two runs in one folder would corrupt each other)")
+        if lay.is_main:
+            n = ckpt.remove_stale_files(out)
+            if n:
+                print(f"removed {n} temporary file(s) left by an interrupted write in {out}", flush=True)
+        self.barrier()
+
+    def _check_memory(self) -> None:
+        """Refuse, with numbers, a configuration whose tensors cannot fit: a lower bound of what one
+        rank allocates (sizes from a model built on the meta device) against the memory available."""
+        need = _memory_needed(self.cfg, self.mcfg, self.cls, self.layout)
+        total = sum(need.values())
+        have, where = _memory_available(self.device)
+        if self.device.type == "cpu":
+            per_host = int(os.environ.get("LOCAL_WORLD_SIZE", self.layout.world))
+            total, where = total * per_host, f"{where}, shared by {per_host} rank(s) on this host" if per_host > 1 else where
+        if have is None or total <= have:
+            return
+        parts = ", ".join(f"{name} {_gib(b)}" for name, b in sorted(need.items(), key=lambda kv: -kv[1]))
+        raise ConfigError(f"{_BLAME[max(need, key=need.get)]}: this run needs at least {_gib(total)} ({parts}) but "
+                          f"{where} has {_gib(have)} available; lower model.n_features, train.batch_size or "
+                          f"train.init_samples, or shard the features over more ranks (train.tp)")
+
+    def _open_source(self) -> None:
+        cfg = self.cfg
+        self.source = make_source(cfg, self.layout, self.device)
+        # the dictionary records what it reads and writes: the LM, its blocks, the input hook
+        self.lm_meta = self.source.lm_metadata()
+        try:
+            self.mcfg = self.mcfg.replace(**self.lm_meta)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data.layers: {e}") from e
+        self.evaluator = _Evaluator(cfg, self.source, self.device) if self.layout.is_main else None
+
+    def _build(self) -> None:
+        """The model (each tp rank: its shard of one full model, initialised from the data alike on
+        every rank) and its Adam optimizer."""
+        cfg, lay, t = self.cfg, self.layout, self.cfg.train
+        torch.manual_seed(t.seed)
         with torch.device(self.device):  # the full model, built alike on every rank: each shard is its slice
             full = self.cls(self.mcfg)
         src = self.source
-        n_init = -(-cfg.train.init_samples // cfg.train.batch_size)
+        n_init = -(-t.init_samples // t.batch_size)
         # the same sample on every rank and for every layout: the first micro-batches of the stream
         # (synthetic: negative batch numbers, never seen in training)
-        x, y = share_batch(src, lay, src.init_sample(n_init), n_init * cfg.train.batch_size, self.device,
-                           full.param_dtype)
+        x, y = share_batch(src, lay, src.init_sample(n_init), n_init * t.batch_size, self.device, full.param_dtype)
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise ValueError("data: the activations contain NaN or Inf (first batches used to initialise the model)")
-        if cfg.kind == "sae":
-            full.initialize_from_data(x[:, 0], fire_rate=cfg.train.init_fire_rate)
-        else:
-            full.initialize_from_data(x, y, fire_rate=cfg.train.init_fire_rate)
+        full.initialize_from_data(*full.batch_inputs(x, y), fire_rate=t.init_fire_rate)
+        del x, y
         self.axes = full.feature_axes()
         if lay.tp == 1:
             model = full
@@ -164,160 +264,199 @@ class _Run:
         del full
         # auto: the Triton/CUDA kernels on GPUs, the C++ kernels on CPUs (the references where a
         # kernel is not built or does not take the dtype)
-        model.impl = cfg.train.impl
-        return model.to(self.device)
-
-    # ------------------------------------------------------------------ main loop
-    def run(self) -> dict:
-        cfg, lay, t = self.cfg, self.layout, self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.source = make_source(cfg, lay, self.device)
-        # the dictionary records what it reads and writes: the LM, its blocks, the input hook
-        self.lm_meta = self.source.lm_metadata()
-        try:
-            self.mcfg = self.mcfg.replace(**self.lm_meta)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"data.layers: {e}") from e
-        self.evaluator = _Evaluator(cfg, self.source, self.device) if lay.is_main else None
-        model = self.model = self._build()
-        params = list(model.named_parameters())
+        model.impl = t.impl
+        self.model = model.to(self.device)
+        params = list(self.model.named_parameters())
+        self.params = [p for _, p in params]
         self.param_names = [n for n, _ in params]
-        sharded = [p for n, p in params if lay.tp > 1 and self.axes.get(n) is not None]
-        replicated = [p for n, p in params if not (lay.tp > 1 and self.axes.get(n) is not None)]
+        self.sharded = [p for n, p in params if lay.tp > 1 and self.axes.get(n) is not None]
+        self.replicated = [p for n, p in params if not (lay.tp > 1 and self.axes.get(n) is not None)]
         # fused Adam on CUDA and on the CPU (one pass over each parameter: ~20× faster than the
         # default foreach path on a CPU); the default where this torch has no fused kernel for it
         kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
         try:
-            opt = torch.optim.Adam([p for _, p in params], fused=True, **kw)
+            self.opt = torch.optim.Adam(self.params, fused=True, **kw)
         except (RuntimeError, ValueError, TypeError):
-            opt = torch.optim.Adam([p for _, p in params], **kw)
-        L_local = model.n_layers
-        F_local = model.cfg.n_features
-        since_fired = torch.zeros(L_local, F_local, dtype=torch.int64, device=self.device)
-        step, micro, tokens_seen = 0, 0, 0
-        fp = cfg.fingerprint()
+            self.opt = torch.optim.Adam(self.params, **kw)
+        self.since_fired = torch.zeros(self.model.n_layers, self.model.cfg.n_features, dtype=torch.int64,
+                                       device=self.device)
 
-        # ---- resume
-        if cfg.checkpoint.resume == "never" and ckpt.find_checkpoints(self.out, complete_only=False):
-            raise ConfigError(f"checkpoint.resume: never, but {ckpt.checkpoint_dir(self.out)} holds checkpoints of an "
-                              f"earlier run; use another out_dir or delete that folder to start over")
-        if cfg.checkpoint.resume != "never":
-            auto = cfg.checkpoint.resume == "auto"
-            cands = ckpt.find_checkpoints(self.out) if auto else [Path(cfg.checkpoint.resume)]
-            for folder in cands:
-                err = None
-                try:
-                    tensors, info = ckpt.load_checkpoint(folder, lay, fp, self.device)
-                except ckpt.ConfigMismatch:
-                    raise
-                except CheckpointError as e:
-                    err = str(e)
-                if err is not None and not lay.is_main:
-                    print(f"warning (rank {lay.rank}): {err}", file=sys.stderr, flush=True)
-                if self._agree(err is not None)[0]:
-                    _say(lay, f"warning: checkpoint {folder} is unusable ({err or 'corrupt on another rank'}); "
-                              f"trying the previous one")
-                    if lay.is_main and cfg.checkpoint.resume == "auto":  # out of the rotation, kept for inspection
-                        folder.rename(folder.with_name(folder.name + ".corrupt"))
-                    self.barrier()
-                    continue
-                extra = ckpt.restore(tensors, model, opt, self.param_names, self.device)
-                since_fired = extra["tokens_since_fired"].to(self.device)
-                if getattr(self.source, "stateful", False):
-                    self.source.load_state_dict({k[5:]: v for k, v in extra.items() if k.startswith("data.")})
-                step, micro, tokens_seen = info["state"]["step"], info["state"]["micro"], info["state"]["tokens"]
-                _say(lay, f"resumed from {folder} (step {step})")
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        """checkpoint.resume auto: the newest usable checkpoint in out_dir (newer unusable ones are set
+        aside as .corrupt; when none is usable, an error unless checkpoint.start_over); never: an
+        error if out_dir has checkpoints; PATH: that checkpoint, or an error (nothing is changed)."""
+        c, lay = self.cfg.checkpoint, self.layout
+        if c.resume == "never":
+            if ckpt.find_checkpoints(self.out, complete_only=False):
+                raise ConfigError(f"checkpoint.resume: never, but {ckpt.checkpoint_dir(self.out)} holds checkpoints "
+                                  f"of an earlier run; use another out_dir or delete that folder to start over")
+            return
+        if c.resume != "auto":
+            why = self._load(Path(c.resume))
+            if why is not None:
+                raise CheckpointError(f"checkpoint.resume: {c.resume} cannot be resumed ({why}); nothing was "
+                                      f"changed in {self.out}")
+            return
+        unusable = []
+        for folder in ckpt.find_checkpoints(self.out):
+            why = self._load(folder)
+            if why is None:
                 break
+            _say(lay, f"warning: checkpoint {folder} is unusable ({why}); trying the previous one")
+            unusable.append((folder, why))
+        else:
+            if unusable and not c.start_over:
+                listed = "; ".join(f"{f.name}: {w}" for f, w in unusable)
+                raise CheckpointError(f"checkpoint.resume: every checkpoint in {ckpt.checkpoint_dir(self.out)} is "
+                                      f"unusable ({listed}); nothing was changed. Rerun with --checkpoint.start_over "
+                                      f"true to set them aside and train from step 0")
+        if lay.is_main:  # out of the rotation, kept for inspection
+            for folder, _ in unusable:
+                ckpt.set_aside(folder)
+        self.barrier()
 
-        if lay.is_main:  # after the resume check: a refused run leaves the folder as it was
-            cfg.save(self.out)
-        pref = self.pref = Prefetcher(self.source, micro, self.device, model.param_dtype, cfg.data.prefetch, lay)
-        logger = MetricsLogger(self.out, cfg, lay.is_main, t.steps, step)
-        use_autocast = t.autocast == "bf16" or (t.autocast == "auto" and self.device.type == "cuda")
-        tokens_per_step = t.batch_size * t.grad_accum * lay.dp
-        stop_at = min(t.steps, t.max_steps) if t.max_steps is not None else t.steps
-        t0 = time.perf_counter()
-        t_log, steps_since_log = t0, 0
-        start_step = step
-        lam0 = self.mcfg.sparsity_coef
-        if t.eval_every and step == 0 and self.mcfg.activation != "batchtopk":
-            self._evaluate(0, logger)  # the baseline (a BatchTopK model has no thresholds before training)
-        model.train()
+    def _load(self, folder: Path) -> Optional[str]:
+        """Resume every rank from ``folder``: None when every rank could, else why not (this rank's
+        reason, or that of another). A checkpoint of another configuration is an error on every rank."""
+        lay = self.layout
+        err = mismatch = None
         try:
-            with _Signals() as sig:
-                while step < stop_at:
-                    step += 1
-                    lr = lr_at(step, t)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    lam = sparsity_at(step, t, lam0)
-                    dead = since_fired >= t.dead_tokens
-                    dead_arg = None
-                    if self.mcfg.activation in ("topk", "batchtopk"):
-                        dead_arg = dead[0] if cfg.kind == "sae" else dead
-                    fired = torch.zeros_like(dead)
-                    for _ in range(t.grad_accum):
-                        x, y = pref.get()
-                        micro += 1
-                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                            if cfg.kind == "sae":
-                                out = model.loss(x[:, 0], None, dead_mask=dead_arg, sparsity_coef=lam)
-                            else:
-                                out = model.loss(x, y, dead_mask=dead_arg, sparsity_coef=lam)
-                        (out.loss / t.grad_accum).backward()
-                        fired |= out.fired
-                    if lay.dp > 1:  # the same dead mask on every replica
-                        f8 = fired.to(torch.uint8)
-                        dist.all_reduce(f8, op=dist.ReduceOp.MAX, group=lay.dp_group)
-                        fired = f8.bool()
-                    since_fired += tokens_per_step
-                    since_fired[fired] = 0
-                    tokens_seen += tokens_per_step
-                    allreduce_grads([p for _, p in params], lay)
-                    if cfg.kind == "sae":
-                        model.project_decoder_grads()
-                    gnorm = clip_grad_norm(sharded, replicated, t.clip_grad, lay)
-                    loss_val = float(out.loss.detach())
-                    bad = not math.isfinite(loss_val) or not math.isfinite(float(gnorm))
-                    stop, bad = self._agree(sig.flag, bad)
-                    if bad:
-                        raise FloatingPointError(
-                            f"step {step}: the loss or gradient is not finite (loss={loss_val}, grad_norm="
-                            f"{float(gnorm)}); the last good checkpoint in {ckpt.checkpoint_dir(self.out)} is "
-                            f"kept — lower train.lr or check the activations")
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    model.post_step()
-                    steps_since_log += 1
-                    if step % cfg.log.every == 0 or step == stop_at:
-                        now = time.perf_counter()
-                        tps = tokens_per_step * steps_since_log / max(now - t_log, 1e-9)
-                        rec = self._record(out, step, tokens_seen, lr, lam, since_fired, gnorm, tps)
-                        logger.log(rec)
-                        logger.progress(steps_since_log, rec["loss"], tps)
-                        t_log, steps_since_log = now, 0
-                    if t.eval_every and step % t.eval_every == 0 and step < t.steps and not stop:
-                        self._evaluate(step, logger)
-                    if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == stop_at:
-                        self._save(step, micro, tokens_seen, opt, since_fired)
-                    if stop:
-                        logger.close()
-                        _say(lay, f"\nstopped by a signal at step {step}; checkpoint saved, rerun to resume")
-                        return {}
-            elapsed = time.perf_counter() - t0
-            if step < t.steps:  # max_steps reached: a simulated preemption
-                logger.close()
-                _say(lay, f"stopped at train.max_steps={step}; checkpoint saved, rerun to resume")
-                return {}
-            return self._finish(pref, since_fired, tokens_seen, elapsed, step - start_step, tokens_per_step, logger)
-        finally:
-            logger.close()
-            pref.close()
+            tensors, state = ckpt.load_checkpoint(folder, lay, self.cfg.fingerprint(), self.device)
+        except ckpt.ConfigMismatch as e:
+            mismatch = e
+        except CheckpointError as e:
+            err = str(e)
+        bad, mismatched = self._agree(err is not None, mismatch is not None)
+        if mismatched:
+            raise mismatch if mismatch is not None else ckpt.ConfigMismatch(
+                f"checkpoint {folder}: its configuration does not match this run on another rank")
+        if bad:
+            if err is not None and not lay.is_main:
+                print(f"warning (rank {lay.rank}): {err}", file=sys.stderr, flush=True)
+            return err or "corrupt on another rank"
+        extra = ckpt.restore(tensors, self.model, self.opt, self.param_names, self.device)
+        self.since_fired = extra["tokens_since_fired"].to(self.device)
+        if getattr(self.source, "stateful", False):
+            self.source.load_state_dict({k[5:]: v for k, v in extra.items() if k.startswith("data.")})
+        self.p = _Progress(step=state["step"], micro=state["micro"], tokens=state["tokens"])
+        _say(lay, f"resumed from {folder} (step {self.p.step})")
+        return None
 
-    # ------------------------------------------------------------------ pieces
-    def _record(self, out, step, tokens, lr, lam, since_fired, gnorm, tps) -> dict:
+    def _finished(self) -> bool:
+        """This out_dir holds the finished run (its model and summary): nothing to redo."""
+        return (self.out / "summary.json").is_file() and (self.out / "model" / "config.json").is_file()
+
+    def _report_finished(self) -> dict:
+        summary = {}
+        if self.layout.is_main:
+            from fastclt.checkpoint import read_json
+            summary = read_json(self.out / "summary.json", "summary.json")
+            print(f"already finished: {self.out} holds the model of step {self.p.step} (train.steps) and its summary; "
+                  f"raise train.steps, or use another out_dir, to train again", flush=True)
+        self.barrier()
+        return summary
+
+    # ------------------------------------------------------------------ the loop
+    def _start(self) -> None:
+        """After the resume check (a refused run leaves the folder as it was): the configuration is
+        saved, the prefetcher and the metrics logger opened."""
+        cfg, lay = self.cfg, self.layout
+        if lay.is_main:
+            cfg.save(self.out)
+        self.pref = Prefetcher(self.source, self.p.micro, self.device, self.model.param_dtype, cfg.data.prefetch, lay)
+        self.resources.callback(self.pref.close)
+        self.logger = MetricsLogger(self.out, cfg, lay.is_main, cfg.train.steps, self.p.step)
+        self.resources.callback(self.logger.close)
+
+    def _train(self) -> bool:
+        """Steps until train.steps: True when it got there, False when it stopped early (train.max_steps
+        or a signal; a checkpoint was saved)."""
+        cfg, t = self.cfg, self.cfg.train
+        t0 = self.t_log = time.perf_counter()
+        self.steps_since_log, start = 0, self.p.step
+        if t.eval_every and self.p.step == 0 and self.mcfg.activation != "batchtopk":
+            self._evaluate(0)  # the baseline (a BatchTopK model has no thresholds before training)
+        self.model.train()
+        with _Signals() as sig:
+            while self.p.step < self.stop_at:
+                out, gnorm, lr, lam, stop = self._step(sig)
+                self._log(out, gnorm, lr, lam)
+                step = self.p.step
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps and not stop:
+                    self._evaluate(step)
+                if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == self.stop_at:
+                    self._save()
+                if stop:
+                    self.logger.close()
+                    _say(self.layout, f"\nstopped by a signal at step {step}; checkpoint saved, rerun to resume")
+                    return False
+        self.elapsed, self.steps_run = time.perf_counter() - t0, self.p.step - start
+        if self.p.step < t.steps:  # max_steps reached: a simulated preemption
+            self.logger.close()
+            _say(self.layout, f"stopped at train.max_steps={self.p.step}; checkpoint saved, rerun to resume")
+            return False
+        return True
+
+    def _step(self, sig):
+        """One optimizer step: grad_accum micro-batches forward and backward, dead-feature counts,
+        gradients reduced and clipped, Adam. Returns (last LossOutput, grad norm, lr, λ, stop) — stop:
+        a signal arrived on some rank (every rank stops after this step)."""
+        t, lay, model, p = self.cfg.train, self.layout, self.model, self.p
+        p.step += 1
+        lr = lr_at(p.step, t)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        lam = sparsity_at(p.step, t, self.mcfg.sparsity_coef)
+        dead = self.since_fired >= t.dead_tokens
+        dead_arg = dead if self.mcfg.activation in ("topk", "batchtopk") else None
+        fired = torch.zeros_like(dead)
+        for _ in range(t.grad_accum):
+            x, y = self.pref.get()
+            p.micro += 1
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = model.batch_loss(x, y, dead_mask=dead_arg, sparsity_coef=lam)
+            (out.loss / t.grad_accum).backward()
+            fired |= out.fired
+        if lay.dp > 1:  # the same dead mask on every replica
+            f8 = fired.to(torch.uint8)
+            dist.all_reduce(f8, op=dist.ReduceOp.MAX, group=lay.dp_group)
+            fired = f8.bool()
+        self.since_fired += self.tokens_per_step
+        self.since_fired[fired] = 0
+        p.tokens += self.tokens_per_step
+        allreduce_grads(self.params, lay)
+        model.project_decoder_grads()
+        gnorm = clip_grad_norm(self.sharded, self.replicated, t.clip_grad, lay)
+        loss_val = float(out.loss.detach())
+        bad = not math.isfinite(loss_val) or not math.isfinite(float(gnorm))
+        stop, bad = self._agree(sig.flag, bad)
+        if bad:
+            raise FloatingPointError(
+                f"step {p.step}: the loss or gradient is not finite (loss={loss_val}, grad_norm={float(gnorm)}); "
+                f"the last good checkpoint in {ckpt.checkpoint_dir(self.out)} is kept — lower train.lr or check "
+                f"the activations")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        model.post_step()
+        return out, gnorm, lr, lam, stop
+
+    def _log(self, out, gnorm, lr, lam) -> None:
+        """Every log.every steps and at the last one: a metrics line and the progress bar."""
+        self.steps_since_log += 1
+        step = self.p.step
+        if step % self.cfg.log.every and step != self.stop_at:
+            return
+        now = time.perf_counter()
+        tps = self.tokens_per_step * self.steps_since_log / max(now - self.t_log, 1e-9)
+        rec = self._record(out, step, lr, lam, gnorm, tps)
+        self.logger.log(rec)
+        self.logger.progress(self.steps_since_log, rec["loss"], tps)
+        self.t_log, self.steps_since_log = now, 0
+
+    def _record(self, out, step, lr, lam, gnorm, tps) -> dict:
         m = dict(out.metrics)
-        dead = (since_fired >= self.cfg.train.dead_tokens).float().sum()
+        dead = (self.since_fired >= self.cfg.train.dead_tokens).float().sum()
         if self.layout.tp > 1:
             dist.all_reduce(dead, group=self.layout.tp_group)
         names = sorted(k for k, v in m.items() if isinstance(v, float))
@@ -325,23 +464,25 @@ class _Run:
             v = torch.tensor([m[k] for k in names], dtype=torch.float64, device=self.device)
             dist.all_reduce(v, group=self.layout.dp_group)
             m = dict(zip(names, (v / self.layout.dp).tolist()))
-        rec = {"step": step, "tokens": tokens, "lr": lr, "sparsity_coef": lam}
+        rec = {"step": step, "tokens": self.p.tokens, "lr": lr, "sparsity_coef": lam}
         rec.update({k: m[k] for k in names})
-        rec["dead_fraction"] = float(dead) / (since_fired.numel() * self.layout.tp)
+        rec["dead_fraction"] = float(dead) / (self.since_fired.numel() * self.layout.tp)
         rec["grad_norm"] = float(gnorm)
         rec["tokens_per_s"] = tps
-        rec["tflops"] = step_flops(self.mcfg, self.cfg.kind, 1, m.get("l0", 0.0)) * tps / 1e12
+        rec["tflops"] = step_flops(self.mcfg, 1, m.get("l0", 0.0)) * tps / 1e12
         return rec
 
-    def _save(self, step, micro, tokens, opt, since_fired) -> None:
-        extra = {"tokens_since_fired": since_fired}
+    def _save(self) -> None:
+        extra = {"tokens_since_fired": self.since_fired}
         extra.update({f"data.{k}": v for k, v in (self.pref.state() or {}).items()})
         full_config = self.cfg.to_dict()
         full_config["model"].update(self.lm_meta)  # merge_checkpoint rebuilds the model's config from it
-        ckpt.save_checkpoint(self.out, step, self.model, opt, self.param_names, extra,
-                             {"step": step, "micro": micro, "tokens": tokens}, self.layout, self.cfg.fingerprint(),
-                             full_config, self.cfg.checkpoint.keep, self.barrier)
+        ckpt.save_checkpoint(self.out, self.p.step, self.model, self.opt, self.param_names, extra,
+                             {"step": self.p.step, "micro": self.p.micro, "tokens": self.p.tokens}, self.layout,
+                             self.cfg.fingerprint(), full_config, self.cfg.checkpoint.keep,
+                             lambda flag: self._agree(flag)[0])
 
+    # ------------------------------------------------------------------ evaluation and the end
     def _full_model(self, state: dict):
         full = self.cls(self.mcfg)
         full.load_checked_state(state, source="merged shards")
@@ -349,7 +490,7 @@ class _Run:
         return full
 
     @torch.no_grad()
-    def _evaluate(self, step: int, logger, state: Optional[dict] = None, gathered: bool = False) -> Optional[dict]:
+    def _evaluate(self, step: int, state: Optional[dict] = None, gathered: bool = False) -> Optional[dict]:
         """The replacement model on rank 0 (every rank joins the state gather unless ``gathered``: the
         merged ``state`` is at hand, None on ranks other than tp rank 0); None without an LM."""
         active = self._agree(self.evaluator is not None and self.evaluator.active)[0]
@@ -360,29 +501,29 @@ class _Run:
         m = None
         if self.layout.is_main:
             m = self.evaluator.run(self._full_model(state).to(self.device))
-            logger.log({"step": step, **_eval_record(m)})
-            logger.note(kl=f"{m['kl']:.4g}", ce_rec=f"{m['ce_recovered']:.3f}")
+            self.logger.log({"step": step, **_eval_record(m)})
+            self.logger.note(kl=f"{m['kl']:.4g}", ce_rec=f"{m['ce_recovered']:.3f}")
         self.barrier()
         return m
 
     @torch.no_grad()
-    def _finish(self, pref, since_fired, tokens_seen, elapsed, steps_run, tokens_per_step, logger) -> dict:
-        cfg, lay = self.cfg, self.layout
-        model = self.model
+    def _finish(self) -> dict:
+        """Held-out FVU/L0, the merged model (model/), the final evaluation, the JumpReLU calibration,
+        summary.json/png — on rank 0; every rank joins the collectives."""
+        cfg, lay, model = self.cfg, self.layout, self.model
         model.eval()
         fvu, l0, n = None, None, 0
-        use_autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and self.device.type == "cuda")
         for _ in range(cfg.train.eval_batches):
-            x, y = pref.get()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                out = model.loss(x[:, 0], None) if cfg.kind == "sae" else model.loss(x, y)
+            x, y = self.pref.get()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = model.batch_loss(x, y)
             f, z = out.per_layer["fvu"].float().cpu(), out.per_layer["l0"].float().cpu()
             fvu = f if fvu is None else fvu + f
             l0 = z if l0 is None else l0 + z
             n += 1
         # every rank draws them (an LM source broadcasts batches across tp ranks); rank 0 uses them
-        cal_batches = [pref.get() for _ in range(cfg.train.calibrate_batches)] if cfg.train.calibrate_jumprelu else None
-        dead = (since_fired >= cfg.train.dead_tokens).float().sum()
+        cal_batches = [self.pref.get() for _ in range(cfg.train.calibrate_batches)] if cfg.train.calibrate_jumprelu else None
+        dead = (self.since_fired >= cfg.train.dead_tokens).float().sum()
         if lay.tp > 1:
             dist.all_reduce(dead, group=lay.tp_group)
         if lay.dp > 1 and hasattr(model, "cut_mean"):
@@ -393,21 +534,23 @@ class _Run:
                 if mean:
                     buf /= lay.dp
         state = gather_full_state(model, lay)
-        replacement = self._evaluate(cfg.train.steps, logger, state, gathered=True)
-        logger.close()
+        replacement = self._evaluate(cfg.train.steps, state, gathered=True)
+        self.logger.close()
         summary = {}
         if lay.is_main:
             full = self._full_model(state)
             full.save_pretrained(self.out / "model")
-            summary = {"steps": cfg.train.steps, "tokens": tokens_seen,
-                       "tokens_per_s": tokens_per_step * steps_run / max(elapsed, 1e-9),
-                       "dead_fraction": float(dead) / (since_fired.numel() * lay.tp),
+            # a rerun that only finishes (killed after the last checkpoint) timed no step: the last logged rate
+            tps = (self.tokens_per_step * self.steps_run / max(self.elapsed, 1e-9) if self.steps_run
+                   else last_logged(self.out, "tokens_per_s"))
+            summary = {"steps": cfg.train.steps, "tokens": self.p.tokens, "tokens_per_s": tps,
+                       "dead_fraction": float(dead) / (self.since_fired.numel() * lay.tp),
                        "world": lay.world, "tp": lay.tp, "dp": lay.dp, "device": str(self.device)}
             if n:
                 summary.update({"fvu": float(fvu.mean() / n), "l0": float(l0.mean() / n),
                                 "fvu_per_layer": (fvu / n).tolist(), "l0_per_layer": (l0 / n).tolist()})
-            flops_per_token = step_flops(self.mcfg, cfg.kind, 1, summary.get("l0", 0.0))
-            summary["tflops"] = flops_per_token * summary["tokens_per_s"] / 1e12
+            if tps is not None:
+                summary["tflops"] = step_flops(self.mcfg, 1, summary.get("l0", 0.0)) * tps / 1e12
             if cfg.data.source == "synthetic":
                 from fastclt.training.synthetic import mmcs
                 m, per = mmcs(full, self.source.gen)
@@ -417,7 +560,8 @@ class _Run:
             if cfg.train.calibrate_jumprelu:
                 summary["calibration"] = self._calibrate(full, cal_batches)
             write_summary(self.out, summary, cfg.log.plot)
-            line = (f"done: {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tok/s, "
+            rate = f"{tps:,.0f} tok/s" if tps is not None else "tok/s not measured"
+            line = (f"done: {summary['tokens']:,} tokens, {rate}, "
                     f"FVU {summary.get('fvu', float('nan')):.4f}, L0 {summary.get('l0', float('nan')):.2f}, "
                     f"dead {summary['dead_fraction']:.3f}")
             if "mmcs" in summary:
@@ -434,12 +578,70 @@ class _Run:
         batches of the stream after the evaluation ones, not trained on), saved to model_jumprelu/; its numbers."""
         from fastclt.calibrate import calibrate_and_save
         x, y = (torch.cat(t) for t in zip(*batches))
-        sae = self.cfg.kind == "sae"
-        cal = calibrate_and_save(full.to(self.device), x[:, 0] if sae else x, None if sae else y,
-                                 self.out / "model_jumprelu", batch_size=self.cfg.train.batch_size)
+        xs, ys = (full.batch_inputs(x, y) + (None,))[:2]  # an SAE: (x, None)
+        cal = calibrate_and_save(full.to(self.device), xs, ys, self.out / "model_jumprelu",
+                                 batch_size=self.cfg.train.batch_size)
         print(f"JumpReLU copy (L0 {[round(v, 2) for v in cal.l0_after]}, FVU "
               f"{[round(v, 4) for v in cal.fvu_after]}): {self.out / 'model_jumprelu'}", flush=True)
         return cal.summary()
+
+
+# What a memory estimate's largest part is named after, in the refusal.
+_BLAME = {"model, gradients and Adam state": "model.n_features", "the full model built at start": "model.n_features",
+          "initialisation sample": "train.init_samples", "micro-batches in flight": "train.batch_size",
+          "dense pre-activations": "train.batch_size"}
+
+
+def _memory_needed(cfg: RunConfig, mcfg, cls, layout: Layout) -> dict:
+    """A lower bound of what one rank allocates, in bytes, by part: sizes of the parameters and
+    buffers from a model built on the meta device (no memory), activations from the batch sizes."""
+    t = cfg.train
+    shard = mcfg.replace(n_features=mcfg.n_features // layout.tp)
+    with torch.device("meta"):
+        full, local = cls(mcfg), (cls(shard) if layout.tp > 1 else None)
+    local = local or full
+
+    def size(m, params_only=False):
+        ts = list(m.parameters()) + ([] if params_only else list(m.buffers()))
+        return sum(p.numel() * p.element_size() for p in ts)
+    L, d_in = full.n_layers, full.d_in
+    width = (d_in + full.d_out) * L * 4  # bytes per token of an fp32 (x, y) pair
+    n_init = -(-t.init_samples // t.batch_size) * t.batch_size
+    need = {"model, gradients and Adam state": size(local) + 3 * size(local, params_only=True),
+            "initialisation sample": 2 * n_init * width,
+            "micro-batches in flight": (cfg.data.prefetch + 2) * t.batch_size * width,
+            "dense pre-activations": t.batch_size * (mcfg.n_features // layout.tp) * 4}
+    if layout.tp > 1:
+        need["the full model built at start"] = size(full)
+    return need
+
+
+def _memory_available(device: torch.device):
+    """(bytes available, where) — free GPU memory, or the host's available memory (within a cgroup
+    limit when there is one); (None, …) when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, str(device)
+    have = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    have = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            have = min(have if have is not None else 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return have, "this host"
+
+
+def _gib(b: int) -> str:
+    return f"{b / 2**40:,.1f} TiB" if b >= 2**40 else f"{b / 2**30:,.2f} GiB"
 
 
 def _eval_record(m: dict) -> dict:
@@ -504,14 +706,16 @@ class _Evaluator:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
-        print(__doc__.split("``--help``")[0].rstrip())
-        print()
-        print(help_text())
+        print(build_parser(__doc__.split("``--help``")[0].strip()).format_help())
         return 0
     try:
-        cfg = load_config(argv)
-        train(cfg)
-    except (ConfigError, CheckpointError, ValueError, FloatingPointError) as e:
+        if any(a.startswith("--print_config") for a in argv):  # the resolved configuration, as YAML
+            import yaml
+            cfg = load_config([a for a in argv if not a.startswith("--print_config")])
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+            return 0
+        train(load_config(argv))
+    except (ConfigError, CheckpointError, ValueError, FloatingPointError, ckpt.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

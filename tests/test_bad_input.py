@@ -1,9 +1,16 @@
 """Bad input gets a clear ValueError/TypeError naming the argument and what was expected."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import fastclt
 from fastclt import ops
+from fastclt.checkpoint import CheckpointError
 
 
 def clt(**kw):
@@ -137,3 +144,83 @@ def test_env_impl_override(monkeypatch):
         ops.topk(torch.randn(3, 5), 2)
     monkeypatch.setenv("FASTCLT_IMPL", "reference")
     assert ops.topk(torch.randn(3, 5), 2).nnz == 6
+
+
+def _saved(tmp_path, name="m", **changes):
+    """A saved small CLT whose config.json has ``changes`` applied (key "config.<field>" for the config)."""
+    path = tmp_path / name
+    clt().save_pretrained(path)
+    meta = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("config."):
+            meta["config"][key[7:]] = value
+        elif value is _DROP:
+            del meta[key]
+        else:
+            meta[key] = value
+    (path / "config.json").write_text(json.dumps(meta))
+    return path
+
+
+_DROP = object()
+
+
+def test_from_pretrained_checks_the_header_before_allocating(tmp_path):
+    """config.json claiming n_features 3·10⁶ or 10¹² over the real weights: refused from the safetensors
+    header before any model memory is allocated — in a process whose address space is capped at
+    its size + 512 MiB (the model would need over 1 GiB, resp. terabytes)."""
+    paths = [str(_saved(tmp_path, f"m{n}", **{"config.n_features": n})) for n in (3_000_000, 10**12)]
+    script = (
+        "import resource, sys, fastclt\n"
+        "from fastclt.checkpoint import CheckpointError\n"
+        "vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:')][0]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), vm + (512 << 20)))\n"
+        "for path in sys.argv[1:]:\n"
+        "    for verify in (True, False):\n"
+        "        try:\n"
+        "            fastclt.CrossLayerTranscoder.from_pretrained(path, verify=verify)\n"
+        "            print('loaded')\n"
+        "        except CheckpointError as e:\n"
+        "            print('refused', 'W_enc' in str(e) and 'shape' in str(e))\n"
+        "        except (MemoryError, RuntimeError) as e:\n"
+        "            print('allocator', type(e).__name__)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(fastclt.__file__).parent.parent))
+    proc = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:4] == ["refused True"] * 4, proc.stdout + proc.stderr[-2000:]
+
+
+def test_from_pretrained_reads_weights_only_from_inside_its_folder(tmp_path):
+    other = tmp_path / "other"
+    clt().save_pretrained(other)
+    for weights, pattern in ((str(other / "model.safetensors"), "only relative paths"),
+                             ("../other/model.safetensors", "leads outside")):
+        path = _saved(tmp_path, "m", weights=weights)
+        with pytest.raises(CheckpointError, match=pattern):
+            fastclt.CrossLayerTranscoder.from_pretrained(path, verify=False)
+    path = _saved(tmp_path, "link")
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors").symlink_to(other / "model.safetensors")
+    with pytest.raises(CheckpointError, match="leads outside"):
+        fastclt.CrossLayerTranscoder.from_pretrained(path, verify=False)
+
+
+def test_from_pretrained_needs_the_hash_unless_told(tmp_path):
+    path = _saved(tmp_path, weights_sha256=_DROP)
+    with pytest.raises(CheckpointError, match="records no weights_sha256.*verify=False"):
+        fastclt.CrossLayerTranscoder.from_pretrained(path)
+    model = fastclt.CrossLayerTranscoder.from_pretrained(path, verify=False)
+    assert model.cfg.n_features == 24
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"config.n_features": "24"}, r"config.json: .*n_features: expected an int, got str"),
+    ({"config.k": 2.5}, r"config.json: .*k: expected an int"),
+    ({"config": [1, 2]}, r"config.json: .*expected a JSON object"),
+    ({"weights": 5}, r"'weights'.*expected a relative file name"),
+    ({"weights_sha256": 5}, r"weights_sha256.*expected 64 hex digits"),
+])
+def test_from_pretrained_wrong_types_in_config_json(tmp_path, change, pattern):
+    with pytest.raises(CheckpointError, match=pattern):
+        fastclt.CrossLayerTranscoder.from_pretrained(_saved(tmp_path, **change))

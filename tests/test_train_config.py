@@ -1,6 +1,7 @@
 """Configuration and clear errors: YAML + overrides, --help, validation that names the field,
 missing paths, mismatched widths, NaN activations (the previous checkpoint still loads)."""
 import json
+import os
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_yaml_then_overrides(tmp_path):
     f.write_text(yaml.safe_dump({"model": {"n_features": 64, "activation": "topk"}, "train": {"lr": 1e-3},
                                  "out_dir": str(tmp_path / "o")}))
     cfg = load_config(["--config", str(f), "--train.lr", "2e-3", "--max_steps", "3", "--model.k", "8"])
-    assert cfg.model["n_features"] == 64 and cfg.model["activation"] == "topk" and cfg.model["k"] == 8
+    assert cfg.model.n_features == 64 and cfg.model.activation == "topk" and cfg.model.k == 8
     assert cfg.train.lr == 2e-3 and cfg.train.max_steps == 3 and cfg.out_dir == str(tmp_path / "o")
     assert cfg.model_config().n_features == 64
 
@@ -55,6 +56,8 @@ def test_yaml_then_overrides(tmp_path):
     (["--train.eval_every", "-1"], "train.eval_every"),
     (["--model.lm_layers", "[0, 1]"], "model.lm_layers"),
     (["--model.cross_layer", "false", "--model.decoder_tying", "per_source"], "model.decoder_tying"),
+    (["--model.kind", "sae", "--model.n_layers", "2"], "model.n_layers"),
+    (["--data.verify", "true"], "data.verify"),
 ])
 def test_bad_config_names_the_field(args, field, capsys, tmp_path):
     assert main(TINY + args + ["--out_dir", str(tmp_path)]) == 2
@@ -107,3 +110,109 @@ def test_saved_config_round_trips(tmp_path):
     first = load_config(TINY + ["--model.activation", "jumprelu", "--train.lr", "1e-4", "--out_dir", str(out)])
     assert again.to_dict() == first.to_dict()
     assert json.loads((out / "config.json").read_text()) == first.to_dict()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan", ".inf"])
+def test_non_finite_numbers_are_refused_before_work(value, tmp_path, capsys):
+    out = tmp_path / "o"
+    for args in (["--train.lr", value], ["--config", str(tmp_path / "c.yaml")]):
+        (tmp_path / "c.yaml").write_text(f"train:\n  lr: {value}\n")
+        assert main(TINY + args + ["--out_dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: train.lr: expected a") and ("finite" in err or "number" in err), err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--model.n_features", "1000000000"], "model.n_features"),
+    (["--train.batch_size", "1000000000", "--train.init_samples", "16"], "train.batch_size"),
+    (["--train.init_samples", "1000000000"], "train.init_samples"),
+])
+def test_absurd_sizes_are_refused_with_numbers(args, field, tmp_path, capsys):
+    assert main(TINY + args + ["--out_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {field}: this run needs at least") and "available" in err, err
+    assert "GiB" in err or "TiB" in err
+
+
+def test_unwritable_out_dir_is_the_first_error(tmp_path, capsys):
+    """Checked before the data are set up (here an LM folder that holds no model)."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "lm").mkdir()
+    outs = [tmp_path / "file" / "out"]
+    if os.geteuid() != 0:  # root writes through permission bits
+        (tmp_path / "ro").mkdir(mode=0o500)
+        outs.append(tmp_path / "ro" / "out")
+    for out in outs:
+        assert main(TINY + ["--data.source", "hf", "--data.model", str(tmp_path / "lm"), "--out_dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: out_dir: {out} cannot be written"), err
+
+
+def _shards(folder, sizes, d=8, L=2, bad=None):
+    """A shards folder of len(sizes) safetensors shards; ``bad(j, x, y, entry)`` may spoil shard j."""
+    from fastclt.checkpoint import save_tensors, write_json
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    entries = []
+    for j, n in enumerate(sizes):
+        x, y = torch.randn(n, L, d, generator=g), torch.randn(n, L, d, generator=g)
+        entry = {"file": f"shard_{j:05d}.safetensors", "n_tokens": n}
+        if bad is not None:
+            x, y = bad(j, x, y, entry)
+        entry["sha256"] = save_tensors(folder / entry["file"], {"x": x, "y": y})
+        entries.append(entry)
+    write_json(folder / "manifest.json", {"format": "fastclt.activations", "version": 1, "n_layers": L, "d_in": d,
+                                          "d_out": d, "dtype": "float32", "n_tokens": sum(sizes), "shards": entries})
+    return folder
+
+
+def _spoil_width(j, x, y, e):
+    return (x[:, :, :6], y) if j == 1 else (x, y)
+
+
+def _spoil_layers(j, x, y, e):
+    return (x, y[:, :1]) if j == 1 else (x, y)
+
+
+def _spoil_rows(j, x, y, e):
+    return (x, y[:-3]) if j == 1 else (x, y)
+
+
+def _spoil_count(j, x, y, e):
+    if j == 1:
+        e["n_tokens"] += 5
+    return x, y
+
+
+@pytest.mark.parametrize("bad, message", [
+    (_spoil_width, "tensor x has shape [48, 2, 6]"),
+    (_spoil_layers, "tensor y has shape [48, 1, 8]"),
+    (_spoil_rows, "holds 48 rows of x and 45 of y"),
+    (_spoil_count, "the manifest says 53"),
+])
+def test_shards_are_checked_against_the_manifest_at_start(bad, message, tmp_path, capsys):
+    shards = _shards(tmp_path / "sh", [48, 48, 48], bad=bad)
+    assert main(TINY + ["--data.source", "shards", "--data.path", str(shards), "--out_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.path: shard") and "shard_00001.safetensors" in err and message in err, err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_truncated_and_tampered_shards(tmp_path, capsys):
+    shards = _shards(tmp_path / "sh", [48, 48, 48])
+    args = TINY + ["--data.source", "shards", "--data.path", str(shards), "--out_dir", str(tmp_path / "o")]
+    f = shards / "shard_00002.safetensors"
+    good = f.read_bytes()
+    f.write_bytes(good[:-64])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.path" in err and "shard_00002.safetensors" in err and "not a readable safetensors file" in err, err
+    tampered = bytearray(good)
+    tampered[-8] ^= 0x40  # one float of y changed: a header-valid file
+    f.write_bytes(bytes(tampered))
+    assert main(args + ["--data.verify", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "data.verify" in err and "shard_00002.safetensors" in err and "SHA-256" in err, err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert main(args) == 0  # not verified unless asked (it reads all the data)

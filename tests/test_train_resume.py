@@ -81,7 +81,9 @@ def test_mismatched_config_is_refused(reference, tmp_path, capsys):
     assert (tmp_path / "config.json").read_text() == saved
 
 
-def test_sigterm_checkpoints_and_resumes(reference, tmp_path):
+def test_sigterm_checkpoints_and_resumes(reference, tmp_path, capsys):
+    """SIGTERM: the step finishes, a checkpoint is written, status 0. While that run is writing, a
+    second run on the same out_dir is refused (its lock) and changes nothing."""
     env = dict(os.environ, PYTHONPATH=str(Path(fastclt.__file__).parent.parent))
     args = [a if a != "20" else "400" for a in ARGS]  # long enough to be interrupted
     args[args.index("--checkpoint.every") + 1] = "0"
@@ -91,6 +93,11 @@ def test_sigterm_checkpoints_and_resumes(reference, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
+    lines = metrics.read_text().splitlines()
+    assert main(args + ["--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "out_dir" in err and "in use by another training run" in err and f"pid {proc.pid}" in err, err
+    assert metrics.read_text().splitlines()[:len(lines)] == lines  # not restarted, nothing truncated
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -107,3 +114,95 @@ def test_resume_never_refuses_a_folder_with_checkpoints(reference, capsys):
     assert main(ARGS + ["--out_dir", str(reference), "--checkpoint.resume", "never"]) == 2
     assert "checkpoint.resume" in capsys.readouterr().err
     assert len(find_checkpoints(reference)) == 2  # untouched
+
+
+def _snapshot(out):
+    """{relative path: bytes} of every file under ``out`` but the lock (which records its last holder):
+    what a refused run must leave as it was."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_unusable_checkpoints_are_never_trained_over(reference, tmp_path, capsys):
+    """An edited rank JSON (state.step, state.tokens) makes its checkpoint unusable (the state is kept
+    with the tensors, under their hash); an explicit --checkpoint.resume to it is an error that changes
+    nothing; when every checkpoint is unusable the run refuses to start over (again on a rerun) until
+    --checkpoint.start_over, which sets them aside under fresh names (an older step_X.corrupt is kept)
+    and trains from step 0 — to the uninterrupted run's result."""
+    assert main(ARGS + ["--out_dir", str(tmp_path), "--train.max_steps", "12"]) == 0
+    ck = find_checkpoints(tmp_path)
+    assert [p.name for p in ck] == ["step_00000012", "step_00000010"]
+    for folder, key, value in ((ck[0], "step", 400), (ck[1], "tokens", 7)):
+        f = folder / "rank_00000.json"
+        info = json.loads(f.read_text())
+        info["state"][key] = value
+        f.write_text(json.dumps(info))
+    (tmp_path / "checkpoints" / "step_00000012.corrupt").mkdir()  # an earlier corruption of the same step
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(ARGS + ["--out_dir", str(tmp_path), "--checkpoint.resume", str(ck[1])]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.resume" in err and "step_00000010" in err and "nothing was changed" in err, err
+    for _ in range(2):  # the refusal repeats: nothing was set aside
+        assert main(ARGS + ["--out_dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "every checkpoint" in err and "checkpoint.start_over" in err, err
+        assert "step_00000012" in err and "step_00000010" in err and "state" in err, err
+        assert _snapshot(tmp_path) == before
+    assert main(ARGS + ["--out_dir", str(tmp_path), "--checkpoint.start_over", "true"]) == 0
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000010.corrupt", "step_00000012.corrupt", "step_00000012.corrupt.1", "step_00000015",
+                     "step_00000020"], names
+    _same_as(reference, tmp_path)
+
+
+def test_explicit_defaults_resume_and_files_follow_the_umask(reference, tmp_path, capsys):
+    """A resumed run that spells out defaults (--model.normalization none, --model.decoder_tying none)
+    is the same configuration; temporary files of an interrupted write are removed; every file is
+    created with the process's umask (0644 under 022), not 0600."""
+    old = os.umask(0o022)
+    try:
+        assert main(ARGS + ["--out_dir", str(tmp_path), "--train.max_steps", "7"]) == 0
+        stale = [tmp_path / ".config.json.0badc0de.tmp", find_checkpoints(tmp_path)[0] / ".rank_00000.json.1a2b3c4d.tmp"]
+        for p in stale:
+            p.write_text("half a write")
+        assert main(ARGS + ["--out_dir", str(tmp_path), "--model.normalization", "none",
+                            "--model.decoder_tying", "none", "--model.skip_connection", "false"]) == 0
+    finally:
+        os.umask(old)
+    assert "resumed from" in capsys.readouterr().out
+    _same_as(reference, tmp_path)
+    assert not any(p.exists() for p in stale)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes and all(m == 0o644 for m in modes.values()), modes
+
+
+def test_rerunning_a_finished_run_changes_nothing(reference, capsys):
+    summary = (reference / "summary.json").read_bytes()
+    assert json.loads(summary)["tokens_per_s"] > 0
+    model = (reference / "model" / "model.safetensors").read_bytes()
+    assert main(ARGS + ["--out_dir", str(reference)]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (reference / "summary.json").read_bytes() == summary
+    assert (reference / "model" / "model.safetensors").read_bytes() == model
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    """A write that fails (ENOSPC) while saving step 10: a clear error (status 2), the incomplete
+    folder and its temporary files removed, the checkpoint of step 5 intact."""
+    import errno
+
+    import safetensors.torch
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if "step_00000010" in str(Path(filename).parent):
+            Path(filename).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert main(ARGS + ["--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step_00000010" in err and "step_00000005 is kept" in err, err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000005"]
+    assert not list(tmp_path.rglob("*.tmp"))
+    merge_checkpoint(find_checkpoints(tmp_path)[0])  # intact

@@ -30,6 +30,8 @@ RUNTIME = [
     ("safetensors", "safetensors"),
     ("yaml", "pyyaml"),
     ("tqdm", "tqdm"),
+    ("jsonargparse", "jsonargparse>=4.40"),
+    ("docstring_parser", "docstring-parser"),
     ("setuptools", "setuptools"),
     ("ninja", "ninja"),
     ("pybind11", "pybind11"),

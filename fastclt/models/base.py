@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastclt import ops
-from fastclt.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, write_json
+from fastclt.checkpoint import CheckpointError, load_tensors, read_header, save_tensors, write_json
 from fastclt.codes import SparseCodes
 from fastclt.config import SAEConfig
 
@@ -383,6 +383,22 @@ class SparseDictionary(nn.Module):
                           skipped_tokens=skipped, parts=parts,
                           per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
 
+    # ------------------------------------------------- the trainer's batches
+    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """The positional arguments of ``loss``, ``initialize_from_data`` and ``calibrate_jumprelu`` for
+        a batch as activation sources yield it — x [B, L, d_in], y [B, L, d_out] — so that a trainer
+        treats every dictionary alike: (x, y) here; an SAE takes (x[:, 0],) and reconstructs it."""
+        return x, y
+
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor, dead_mask: Optional[torch.Tensor] = None,
+                   **kw) -> LossOutput:
+        """``loss`` of a batch as activation sources yield it (see ``batch_inputs``); dead_mask [L, F]."""
+        return self.loss(*self.batch_inputs(x, y), dead_mask=dead_mask, **kw)
+
+    def project_decoder_grads(self) -> None:
+        """Call after the backward pass, before the optimizer step: a constraint on the decoder's
+        gradient (an SAE with unit-norm decoder rows); nothing for other dictionaries."""
+
     def _auxk(self, xn, yn, y_hat, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (SPEC §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip."""
         tp = self.tp
@@ -548,20 +564,43 @@ class SparseDictionary(nn.Module):
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu", verify: bool = True):
         """Load a model written by ``save_pretrained``; a missing, corrupt or mismatched file is a
-        clear error (CheckpointError, a ValueError), never silently used."""
+        clear error (CheckpointError, a ValueError), never silently used.
+
+        Nothing is allocated before the checks: config.json (size-capped) is type-checked, the
+        weights file must lie inside the folder (no absolute paths, no ``..``, no links leading out),
+        its SHA-256 must match the one config.json records, and the names, shapes and dtypes in its
+        safetensors header must be those the config implies (checked against a model built on the
+        meta device). ``verify=False`` skips the SHA-256 — the only way to load a folder whose
+        config.json records none; the header checks still apply.
+        """
+        from fastclt.interop._io import inside, read_config
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"path: {path} is not a folder written by save_pretrained")
-        meta = read_json(path / CONFIG_FILE, "config.json")
-        if not isinstance(meta, dict) or "config" not in meta:
+        meta = read_config(path / CONFIG_FILE, "config.json")
+        if "config" not in meta:
             raise CheckpointError(f"config.json: {path / CONFIG_FILE} has no 'config' object")
         if meta.get("model_type") != cls.__name__:
             raise CheckpointError(f"config.json: model_type {meta.get('model_type')!r} cannot be loaded as {cls.__name__}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"config.json: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
-        cfg = cls.config_class.from_dict(meta["config"])
-        weights = path / meta.get("weights", WEIGHTS_FILE)
-        tensors = load_tensors(weights, meta.get("weights_sha256") if verify else None, device=device)
+        try:
+            cfg = cls.config_class.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json: {path / CONFIG_FILE}: 'config' is not a valid "
+                                  f"{cls.config_class.__name__} ({e})") from e
+        weights = inside(path, meta.get("weights", WEIGHTS_FILE), f"config.json: 'weights'")
+        digest = meta.get("weights_sha256")
+        if verify:
+            if digest is None:
+                raise CheckpointError(f"config.json: {path / CONFIG_FILE} records no weights_sha256, so "
+                                      f"{weights.name} cannot be verified; pass verify=False to load it anyway")
+            if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+                raise CheckpointError(f"config.json: 'weights_sha256' is {digest!r}, expected 64 hex digits")
+        with torch.device("meta"):  # the names, shapes and dtypes the config implies, without memory
+            expected = cls(cfg).state_dict()
+        _check_header(read_header(weights, "weights")[0], expected, str(weights))
+        tensors = load_tensors(weights, digest if verify else None, device=device)
         model = cls(cfg).to(device)
         model.load_checked_state(tensors, source=str(weights))
         return model
@@ -603,6 +642,26 @@ class SparseDictionary(nn.Module):
 
     def _unlayered_codes(self, codes):
         return codes
+
+
+def _check_header(found: dict, expected: dict, source: str) -> None:
+    """A safetensors header ({name: (shape, dtype name)}, ``read_header``) holds exactly the tensors
+    of ``expected`` (a state dict, e.g. on the meta device) with their shapes and dtypes."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: does not match the config: missing {missing}, unexpected {unexpected}")
+    for name, ref in expected.items():
+        shape, dt = found[name]
+        if tuple(shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(shape)}, the config implies "
+                                  f"{tuple(ref.shape)}")
+        if _ST_NAMES.get(dt) != ref.dtype:
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {dt}, the config implies {ref.dtype}")
+
+
+_ST_NAMES = {"F32": torch.float32, "BF16": torch.bfloat16, "F64": torch.float64, "F16": torch.float16,
+             "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
 
 
 @dataclass

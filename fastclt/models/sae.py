@@ -88,6 +88,11 @@ class SparseAutoencoder(SparseDictionary):
         return None
 
     # ---------------------------------------------------- training helpers
+    def batch_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """A batch as activation sources yield it (x [B, 1, d_in]) → (x [B, d_in],): an SAE
+        reconstructs its input, so y is not used."""
+        return (x[:, 0],)
+
     @torch.no_grad()
     def project_decoder_grads(self) -> None:
         """Remove the component of W_dec's gradient parallel to each (unit) row."""

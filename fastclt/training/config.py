@@ -1,164 +1,299 @@
-"""The trainer's configuration: ``model`` (a CLTConfig / SAEConfig), ``train``, ``data``, ``eval``,
-``checkpoint``, ``log`` and ``out_dir``.
+"""The trainer's configuration: ``model`` (``kind`` + the fields of a CLTConfig / SAEConfig),
+``train``, ``data``, ``eval``, ``checkpoint``, ``log`` and ``out_dir``.
 
-Sources, later ones winning: the defaults here < ``--config FILE.yaml`` (yaml.safe_load, nested
-sections) < command-line ``--section.key value`` (or ``--key value`` when the key names one field
-of one section). Values on the command line are parsed as YAML scalars (``true``, ``1e-3``,
-``null``, ``[0, 1]``). Everything is validated before any work starts; errors name the field.
+Sources, later ones winning: the defaults here < ``--config FILE.yaml`` (nested sections) <
+command-line ``--section.key value`` (or ``--key value`` when the key names one field of one
+section). The command line is parsed by jsonargparse from these dataclasses (values are YAML:
+``true``, ``1e-3``, ``null``, ``[0, 1]``; the help text is each field's docstring); ``load_config``
+adds the ``--key`` shorthand and turns the parser's complaints into errors that name the field.
+Everything is validated before any work starts (``validate``).
 """
 from __future__ import annotations
 
 import dataclasses
-import typing
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import yaml
 
 from fastclt.config import CLTConfig, SAEConfig
 
-__all__ = ["ConfigError", "RunConfig", "TrainSection", "DataSection", "EvalSection", "CheckpointSection",
-           "LogSection", "load_config", "help_text", "RUN_CONTROL_KEYS"]
+__all__ = ["ConfigError", "RunConfig", "ModelSection", "TrainSection", "DataSection", "EvalSection",
+           "CheckpointSection", "LogSection", "load_config", "build_parser", "help_text", "validate",
+           "RUN_CONTROL_KEYS"]
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
-# Defaults of the trainer's model (differ from CLTConfig's, so that a bare run is small).
-MODEL_DEFAULTS = dict(n_layers=4, d_in=32, d_out=32, n_features=128, activation="batchtopk", k=4)
 MODEL_KINDS = ("clt", "sae")
 
 
 @dataclass
+class ModelSection:
+    """The dictionary: fastclt.CLTConfig fields (kind clt) or SAEConfig fields (kind sae)
+
+    An SAE reads the first layer's input. A field left at null takes the kind's default; fields of
+    the other kind must stay null."""
+    kind: str = "clt"
+    """clt (a cross-layer transcoder; n_layers 1 = a per-layer transcoder) | sae"""
+    n_layers: Optional[int] = None
+    """layers covered (CLT; default 4; an SAE has one)"""
+    d_in: int = 32
+    """input width"""
+    d_out: Optional[int] = None
+    """target width (CLT; default d_in)"""
+    n_features: int = 128
+    """features per layer (sharded over train.tp)"""
+    activation: str = "batchtopk"
+    """topk | batchtopk | jumprelu | relu"""
+    k: int = 4
+    """active features per token per layer (TopK), their batch mean (BatchTopK)"""
+    normalization: str = "none"
+    """none | mean_std | sqrt_d (statistics from the first train.init_samples tokens)"""
+    threshold_init: float = 0.05
+    """JumpReLU θ at the start"""
+    threshold_param: str = "raw"
+    """JumpReLU θ learned as raw θ >= 0 | log θ"""
+    jumprelu_bandwidth: float = 0.05
+    """JumpReLU straight-through bandwidth ε"""
+    sparsity: str = "tanh"
+    """tanh | l1 (the ReLU/JumpReLU penalty)"""
+    sparsity_coef: float = 1e-3
+    """λ after its warm-up (train.sparsity_warmup_steps)"""
+    sparsity_c: float = 1.0
+    """c of the tanh penalty"""
+    preact_coef: float = 0.0
+    """λ_p of the pre-activation loss (JumpReLU)"""
+    reconstruction_loss: str = "mse"
+    """mse | fvu, summed over layers"""
+    k_aux: Optional[int] = None
+    """AuxK features per token (default: half the output width)"""
+    auxk_coef: float = 1 / 32
+    """AuxK weight"""
+    nonfinite: str = "error"
+    """NaN/Inf in activations: error | skip | ignore"""
+    dtype: str = "float32"
+    """parameter dtype: float32 | bfloat16 | float64 (bf16 autocast on CUDA keeps fp32 master weights)"""
+    decoder_tying: Optional[str] = None
+    """CLT: none | per_source | per_target (default none)"""
+    batchtopk_across_layers: Optional[bool] = None
+    """CLT: BatchTopK over all layers together (default false)"""
+    feature_affine: Optional[bool] = None
+    """CLT with a tied decoder: per-target offset and scale (default false)"""
+    skip_connection: Optional[bool] = None
+    """CLT: W_skip per layer (default false)"""
+    cross_layer: Optional[bool] = None
+    """CLT: false = a per-layer transcoder set, L independent transcoders (default true)"""
+    unit_norm_decoder: Optional[bool] = None
+    """SAE: unit-norm decoder rows (default true)"""
+    b_dec_init: Optional[str] = None
+    """SAE: geometric_median | mean | zeros (default geometric_median)"""
+
+    def config_class(self):
+        return SAEConfig if self.kind == "sae" else CLTConfig
+
+    def config_kwargs(self) -> dict:
+        """The CLTConfig / SAEConfig keyword arguments: the fields of this kind that are set, with the
+        trainer's defaults for n_layers (4) and d_out (d_in). A field of the other kind that is set
+        is an error, except SAE values that say what an SAE is anyway (n_layers 1, d_out = d_in)."""
+        own = {f.name for f in dataclasses.fields(self.config_class())}
+        kw = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "kind" or v is None:
+                continue
+            if f.name in own:
+                kw[f.name] = v
+            elif not (self.kind == "sae" and (f.name, v) in (("n_layers", 1), ("d_out", self.d_in))):
+                other = "an SAE (model.kind sae)" if self.kind == "sae" else "a CLT (model.kind clt)"
+                raise ConfigError(f"model.{f.name}: {v!r} is not an option of {other}")
+        if self.kind != "sae":
+            kw.setdefault("n_layers", 4)
+            kw.setdefault("d_out", self.d_in)
+        return kw
+
+    def resolved(self) -> dict:
+        """Every field, those of this kind filled in (the explicit defaults of the config class);
+        two sections that build the same model resolve alike."""
+        cfg = self.config_class()(**self.config_kwargs())
+        out = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            if f.name != "kind":
+                out[f.name] = getattr(cfg, f.name, None)
+        return out
+
+
+@dataclass
 class TrainSection:
-    """Optimisation."""
-    steps: int = 500                  # total optimizer steps (the LR and λ schedules span these)
-    max_steps: Optional[int] = None   # stop after this step (a simulated preemption; schedules unchanged)
-    batch_size: int = 512             # tokens per micro-batch per data-parallel rank
-    grad_accum: int = 1               # micro-batches per optimizer step
-    lr: float = 3e-3                  # Adam learning rate (peak)
-    lr_warmup_steps: int = 50         # linear LR warm-up from 0
-    lr_decay: str = "cosine"          # cosine | linear | none (to lr·lr_min_ratio at the last step)
-    lr_min_ratio: float = 0.1         # final LR as a fraction of train.lr
-    beta1: float = 0.9                # Adam β1
-    beta2: float = 0.999              # Adam β2
-    adam_eps: float = 1e-8            # Adam ε
-    clip_grad: float = 1.0            # max global gradient norm (0: off)
-    sparsity_warmup_steps: int = 200  # λ ramps linearly from 0 over these steps (ReLU/JumpReLU)
-    dead_tokens: int = 50_000         # a feature is dead after this many tokens without firing (AuxK)
-    init_samples: int = 4096          # tokens used by initialize_from_data (b_dec, normalisation)
-    init_fire_rate: Optional[float] = None  # JumpReLU: set b_enc so each feature fires on this fraction
-    tp: int = 1                       # tensor-parallel size (features sharded); dp = world / tp
-    device: str = "auto"              # auto | cpu | cuda
-    autocast: str = "auto"            # auto (bf16 on CUDA, off on CPU) | bf16 | none
-    seed: int = 0                     # model init and data order (dp ranks offset it)
-    impl: str = "auto"                # auto (Triton/CUDA kernels on GPUs, C++ kernels on CPUs) | cuda | triton | cpu | reference
-    eval_batches: int = 8             # batches for the final summary
-    eval_every: int = 0               # steps between replacement-model evaluations (section eval), also at step 0; 0: at the end only
-    calibrate_jumprelu: bool = False  # TopK/BatchTopK: also save model_jumprelu/, thresholds set on held-out batches
-    calibrate_batches: int = 16       # batches of the stream after training that calibrate_jumprelu uses
+    """Optimisation"""
+    steps: int = 500
+    """total optimizer steps (the LR and λ schedules span these)"""
+    max_steps: Optional[int] = None
+    """stop after this step (a simulated preemption; schedules unchanged)"""
+    batch_size: int = 512
+    """tokens per micro-batch per data-parallel rank"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 3e-3
+    """Adam learning rate (peak)"""
+    lr_warmup_steps: int = 50
+    """linear LR warm-up from 0"""
+    lr_decay: str = "cosine"
+    """cosine | linear | none (to lr·lr_min_ratio at the last step)"""
+    lr_min_ratio: float = 0.1
+    """final LR as a fraction of train.lr"""
+    beta1: float = 0.9
+    """Adam β1"""
+    beta2: float = 0.999
+    """Adam β2"""
+    adam_eps: float = 1e-8
+    """Adam ε"""
+    clip_grad: float = 1.0
+    """max global gradient norm (0: off)"""
+    sparsity_warmup_steps: int = 200
+    """λ ramps linearly from 0 over these steps (ReLU/JumpReLU)"""
+    dead_tokens: int = 50_000
+    """a feature is dead after this many tokens without firing (AuxK)"""
+    init_samples: int = 4096
+    """tokens used by initialize_from_data (b_dec, normalisation)"""
+    init_fire_rate: Optional[float] = None
+    """JumpReLU: set b_enc so each feature fires on this fraction of the init sample"""
+    tp: int = 1
+    """tensor-parallel size (features sharded); dp = world size / tp"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    autocast: str = "auto"
+    """auto (bf16 on CUDA, off on CPU) | bf16 | none"""
+    seed: int = 0
+    """model init and data order (dp ranks offset it)"""
+    impl: str = "auto"
+    """auto (Triton/CUDA kernels on GPUs, C++ kernels on CPUs) | cuda | triton | cpu | reference"""
+    eval_batches: int = 8
+    """batches for the final summary"""
+    eval_every: int = 0
+    """steps between replacement-model evaluations (section eval), also at step 0; 0: at the end only"""
+    calibrate_jumprelu: bool = False
+    """TopK/BatchTopK: also save model_jumprelu/, thresholds set on held-out batches"""
+    calibrate_batches: int = 16
+    """batches of the stream after training that calibrate_jumprelu uses"""
 
 
 @dataclass
 class DataSection:
-    """Where activations come from."""
-    source: str = "synthetic"         # synthetic | shards | hf
-    # synthetic: a CLT-shaped generative model with planted features (fastclt.training.synthetic)
-    n_true: int = 64                  # planted features per source layer
-    true_l0: float = 3.0              # mean active planted features per token per layer
-    noise: float = 0.02               # Gaussian noise std (per coordinate, relative to the signal)
-    # shards: a folder written by `python -m fastclt.extract` (manifest.json + safetensors/.npy)
-    path: Optional[str] = None        # shards folder (with manifest.json)
-    shuffle: bool = True              # shards: seeded shard and token order per epoch; hf: the shuffle buffer (false: stream order)
-    prefetch: int = 4                 # batches prepared ahead in a background thread (pinned memory)
-    # hf: on-the-fly extraction from a local Hugging Face causal LM (also used by fastclt.extract)
-    model: Optional[str] = None       # local folder (nothing is downloaded)
-    layers: Optional[list] = None     # block indices (default: the first model.n_layers blocks)
-    input_hook: Optional[str] = None  # x = mlp_in (MLP input) | resid_mid (pre-MLP norm input); default mlp_in (shards: theirs)
-    tokens: str = "random"            # random | text file | .jsonl/.json/.parquet/.csv/.arrow/save_to_disk folder (datasets) | .npy ids
-    text_field: str = "text"          # dataset column holding the text
-    ctx_len: int = 64                 # tokens per sequence
-    prepend_bos: bool = False         # every sequence starts with the LM's BOS token
-    exclude_bos: bool = True          # drop positions holding the BOS token (their activations are outliers)
-    seqs_per_forward: int = 8         # sequences per LM forward pass
-    buffer_batches: int = 8           # hf with shuffle: micro-batches of tokens in the seeded shuffle buffer
-    hf_dtype: str = "float32"         # dtype of the host model (float32 | bfloat16)
+    """Activations: synthetic (planted features) | shards (python -m fastclt.extract) | hf (on the fly)
+
+    hf extracts them from a local Hugging Face causal LM while training."""
+    source: str = "synthetic"
+    """synthetic | shards | hf"""
+    n_true: int = 64
+    """synthetic: planted features per source layer"""
+    true_l0: float = 3.0
+    """synthetic: mean active planted features per token per layer"""
+    noise: float = 0.02
+    """synthetic: Gaussian noise std (per coordinate, relative to the signal)"""
+    path: Optional[str] = None
+    """shards: the folder (with manifest.json)"""
+    verify: bool = False
+    """shards: check every shard's SHA-256 against the manifest before training (reads all the data)"""
+    shuffle: bool = True
+    """shards: seeded shard and token order per epoch; hf: the shuffle buffer (false: stream order)"""
+    prefetch: int = 4
+    """batches prepared ahead in a background thread (pinned memory)"""
+    model: Optional[str] = None
+    """hf: the LM's local folder (nothing is downloaded)"""
+    layers: Optional[List[int]] = None
+    """hf: block indices, e.g. [0, 1, 2] (default: the first model.n_layers blocks)"""
+    input_hook: Optional[str] = None
+    """x = mlp_in (MLP input) | resid_mid (pre-MLP norm input); default mlp_in (shards: theirs)"""
+    tokens: str = "random"
+    """random | text file | .jsonl/.json/.parquet/.csv/.arrow/save_to_disk folder (datasets) | .npy ids"""
+    text_field: str = "text"
+    """dataset column holding the text"""
+    ctx_len: int = 64
+    """tokens per sequence"""
+    prepend_bos: bool = False
+    """every sequence starts with the LM's BOS token"""
+    exclude_bos: bool = True
+    """drop positions holding the BOS token (their activations are outliers)"""
+    seqs_per_forward: int = 8
+    """sequences per LM forward pass"""
+    buffer_batches: int = 8
+    """hf with shuffle: micro-batches of tokens in the seeded shuffle buffer"""
+    hf_dtype: str = "float32"
+    """dtype of the host model (float32 | bfloat16)"""
 
 
 @dataclass
 class EvalSection:
-    """The replacement model (fastclt.eval: KL, CE recovered, FVU, L0) at train.eval_every and at the end."""
-    lm: Optional[str] = None          # local LM folder for data.source shards (hf: data.model is used)
-    tokens: Optional[str] = None      # token source (default: data.tokens for hf, the shards' recorded one)
-    n_seqs: int = 16                  # sequences: the corpus's last ones (random: another seed); 0 = no evaluation
-    ctx_len: Optional[int] = None     # tokens per sequence (default: data.ctx_len / the shards')
-    batch_size: int = 4               # sequences per forward pass
-    per_layer: bool = True            # also splice / ablate each layer alone (2 more passes per layer)
+    """Replacement-model evaluation (KL, CE recovered, FVU, L0) every train.eval_every steps and at the end"""
+    lm: Optional[str] = None
+    """local LM folder for data.source shards (hf: data.model is used)"""
+    tokens: Optional[str] = None
+    """token source (default: data.tokens for hf, the shards' recorded one)"""
+    n_seqs: int = 16
+    """sequences: the corpus's last ones (random: another seed); 0 = no evaluation"""
+    ctx_len: Optional[int] = None
+    """tokens per sequence (default: data.ctx_len / the shards')"""
+    batch_size: int = 4
+    """sequences per forward pass"""
+    per_layer: bool = True
+    """also splice / ablate each layer alone (2 more passes per layer)"""
 
 
 @dataclass
 class CheckpointSection:
-    """Checkpoints (per-rank safetensors + JSON, atomic, SHA-256 verified)."""
-    every: int = 500                  # steps between checkpoints (0: only at the end / on signals)
-    keep: int = 2                     # checkpoints kept
-    resume: str = "auto"              # auto (newest intact one in out_dir) | never (error if any) | PATH
+    """Checkpoints (per-rank safetensors + JSON, atomic, SHA-256 verified)"""
+    every: int = 500
+    """steps between checkpoints (0: only at the end / on signals)"""
+    keep: int = 2
+    """checkpoints kept"""
+    resume: str = "auto"
+    """auto (newest intact one in out_dir) | never (error if any) | PATH (that one, or an error)"""
+    start_over: bool = False
+    """when every checkpoint in out_dir is unusable: set them aside (.corrupt) and train from step 0
+    (default: refuse)"""
 
 
 @dataclass
 class LogSection:
-    """Metrics (rank 0): metrics.jsonl, progress bar, summary.json / summary.png."""
-    every: int = 1                    # steps between JSONL lines (and progress-bar updates)
-    progress: bool = True             # tqdm bar (rank 0)
-    wandb: bool = False               # log to Weights & Biases when installed
-    tensorboard: bool = False         # log to TensorBoard when installed
-    plot: bool = True                 # summary.png (needs matplotlib)
-    project: str = "fastclt"          # wandb project
+    """Metrics (rank 0): metrics.jsonl, progress bar, summary.json / summary.png"""
+    every: int = 1
+    """steps between JSONL lines (and progress-bar updates)"""
+    progress: bool = True
+    """tqdm bar (rank 0)"""
+    wandb: bool = False
+    """log to Weights & Biases when installed"""
+    tensorboard: bool = False
+    """log to TensorBoard when installed"""
+    plot: bool = True
+    """summary.png (needs matplotlib)"""
+    project: str = "fastclt"
+    """wandb project"""
 
 
-MODEL_HELP = {
-    "kind": "clt (CLT; n_layers 1 = per-layer transcoder) | sae (on the first layer's input)",
-    "activation": "topk | batchtopk | jumprelu | relu",
-    "k": "active features per token per layer (TopK), their batch mean (BatchTopK)",
-    "normalization": "none | mean_std | sqrt_d (statistics from the first batches)",
-    "threshold_init": "JumpReLU θ at the start",
-    "jumprelu_bandwidth": "JumpReLU straight-through bandwidth ε",
-    "sparsity": "tanh | l1 (ReLU/JumpReLU penalty)",
-    "sparsity_coef": "λ after its warm-up (train.sparsity_warmup_steps)",
-    "preact_coef": "λ_p of the pre-activation loss (JumpReLU)",
-    "k_aux": "AuxK features per token (default d_out/2)",
-    "auxk_coef": "AuxK weight",
-    "nonfinite": "NaN/Inf in activations: error | skip | ignore",
-    "dtype": "parameter dtype (float32 master weights; bf16 autocast on CUDA)",
-    "n_layers": "layers covered (CLT)",
-    "d_in": "input width",
-    "d_out": "target width (CLT)",
-    "n_features": "features per layer (sharded over train.tp)",
-    "decoder_tying": "none | per_source | per_target (CLT)",
-    "batchtopk_across_layers": "BatchTopK over all layers together (CLT)",
-    "skip_connection": "W_skip per layer (CLT)",
-    "cross_layer": "false: a per-layer transcoder set (L independent transcoders; decoder_tying none)",
-    "unit_norm_decoder": "SAE: unit-norm decoder rows",
-}
 # Model fields the trainer records from its data source (the LM, its blocks, the input hook), not options.
 RECORDED_MODEL_FIELDS = {"lm_name": "data.model", "lm_layers": "data.layers", "input_hook": "data.input_hook"}
 
-SECTIONS = {"train": TrainSection, "data": DataSection, "eval": EvalSection, "checkpoint": CheckpointSection,
-            "log": LogSection}
+SECTIONS = {"model": ModelSection, "train": TrainSection, "data": DataSection, "eval": EvalSection,
+            "checkpoint": CheckpointSection, "log": LogSection}
 
 # Fields that may differ between a run and its resumption (everything else must match).
 RUN_CONTROL_KEYS = {"train.max_steps", "train.device", "train.impl", "train.eval_batches", "train.eval_every",
                     "train.calibrate_jumprelu", "train.calibrate_batches",
                     "eval.lm", "eval.tokens", "eval.n_seqs", "eval.ctx_len", "eval.batch_size", "eval.per_layer",
-                    "data.prefetch",
-                    "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "log.every", "log.progress",
-                    "log.wandb", "log.tensorboard", "log.plot", "log.project", "out_dir"}
+                    "data.prefetch", "data.verify",
+                    "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "checkpoint.start_over",
+                    "log.every", "log.progress", "log.wandb", "log.tensorboard", "log.plot", "log.project", "out_dir"}
 
 
 @dataclass
 class RunConfig:
-    model: dict = field(default_factory=dict)  # kind ("clt" | "sae") + CLTConfig/SAEConfig fields
+    model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -168,25 +303,39 @@ class RunConfig:
 
     @property
     def kind(self) -> str:
-        return self.model.get("kind", "clt")
+        return self.model.kind
 
     def model_config(self):
         """The CLTConfig / SAEConfig of the FULL (unsharded) model."""
-        kw = {k: v for k, v in self.model.items() if k != "kind"}
-        cls = SAEConfig if self.kind == "sae" else CLTConfig
+        kw = self.model.config_kwargs()
         try:
-            return cls(**kw)
+            return self.model.config_class()(**kw)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.{e}") from e
 
     def to_dict(self) -> dict:
-        d = {"model": dict(self.model), "out_dir": self.out_dir}
-        for name in SECTIONS:
-            d[name] = dataclasses.asdict(getattr(self, name))
+        """Every section as plain values, the model section resolved (``ModelSection.resolved``)."""
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        try:
+            d["model"] = self.model.resolved()
+        except (TypeError, ValueError):
+            pass  # an invalid model section is reported by validate(); keep what was given
+        d["out_dir"] = self.out_dir
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """The inverse of ``to_dict`` (no validation; unknown or recorded model keys are ignored)."""
+        kw = {}
+        for name, sec in SECTIONS.items():
+            body = d.get(name) or {}
+            known = {f.name for f in dataclasses.fields(sec)}
+            kw[name] = sec(**{k: v for k, v in body.items() if k in known})
+        return cls(**kw, out_dir=d.get("out_dir", cls.out_dir))
+
     def fingerprint(self) -> dict:
-        """The settings a checkpoint must agree with to be resumed."""
+        """The settings a checkpoint must agree with to be resumed (resolved: an explicit default
+        equals the default)."""
         flat = _flatten(self.to_dict())
         return {k: v for k, v in flat.items() if k not in RUN_CONTROL_KEYS}
 
@@ -197,196 +346,210 @@ class RunConfig:
 
         def _w(tmp):
             with open(tmp, "w") as f:
-                yaml.safe_dump(d, f, sort_keys=False)
+                yaml.safe_dump(d, f, sort_keys=False, allow_unicode=True)
         atomic_write(out_dir / "config.yaml", _w)
+
+
+def resolve_fingerprint(fp: dict) -> dict:
+    """A stored fingerprint (flat ``section.key`` → value, possibly written by an older version that
+    recorded only the model fields given) resolved like ``RunConfig.fingerprint``; as stored when it
+    cannot be resolved."""
+    nested: dict = {}
+    for key, v in fp.items():
+        section, _, name = key.partition(".")
+        if name:
+            nested.setdefault(section, {})[name] = v
+        else:
+            nested[key] = v
+    try:
+        return RunConfig.from_dict(nested).fingerprint()
+    except (TypeError, ValueError):
+        return fp
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k in ("model", *SECTIONS):
+        if isinstance(v, dict) and k in SECTIONS:
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
     return out
 
 
-def _model_fields() -> dict:
-    """{name: default} over CLTConfig ∪ SAEConfig, with the trainer's defaults."""
-    out = {"kind": "clt"}
-    for cls in (CLTConfig, SAEConfig):
-        for f in dataclasses.fields(cls):
-            if f.name not in out and f.name not in RECORDED_MODEL_FIELDS:
-                out[f.name] = f.default
-    out.update(MODEL_DEFAULTS)
-    return out
+# ------------------------------------------------------------------------ the command line
+USAGE = ("[torchrun --nproc_per_node=N] python -m fastclt.train [--config FILE.yaml] "
+         "[--section.key VALUE ...]")
+EPILOG = """A key that names one field may be given without its section (--max_steps 5). Values are YAML:
+true/false, 1e-3, null, [0, 1]. --print_config prints the resolved configuration as YAML and exits.
+Token source of data.source hf (and python -m fastclt.extract): data.tokens random draws seeded token
+ids; a text file is tokenized with the model folder's tokenizer; .jsonl/.json/.parquet/.csv/.arrow files
+and save_to_disk folders are read with the datasets library (column data.text_field, or input_ids); a
+.npy holds token ids (1-D: a stream, 2-D: one sequence per row). See docs/TRAINING.md."""
 
 
-def _coerce(key: str, value: Any, ftype) -> Any:
-    """Check ``value`` against a dataclass field's type; errors name ``key``."""
-    origin = typing.get_origin(ftype)
-    args = typing.get_args(ftype)
-    if origin is typing.Union and type(None) in args:
-        if value is None:
-            return None
-        ftype = [a for a in args if a is not type(None)][0]
-        origin = typing.get_origin(ftype)
-    if ftype is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if ftype is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if ftype is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if ftype is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if ftype is list or origin is list:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return [value]
-        if isinstance(value, str):
-            try:
-                value = [int(v) for v in value.split(",") if v.strip()]
-            except ValueError as e:
-                raise ConfigError(f"{key}: expected a list of integers like [0, 1, 2], got {value!r}") from e
-        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return list(value)
-        raise ConfigError(f"{key}: expected a list of integers like [0, 1, 2], got {value!r}")
-    return value
+def build_parser(description: str = ""):
+    """The jsonargparse parser of the trainer: --config, one group per section, --out_dir."""
+    import jsonargparse
+    from jsonargparse import ActionConfigFile, ArgumentParser
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    p = ArgumentParser(prog="python -m fastclt.train", usage=USAGE, description=description, epilog=EPILOG,
+                       exit_on_error=False, formatter_class=_Formatter)
+    p.add_argument("--config", action=ActionConfigFile,
+                   help="YAML file with sections model/train/data/eval/checkpoint/log and out_dir")
+    for name, cls in SECTIONS.items():
+        p.add_class_arguments(cls, name, sub_configs=False)
+    p.add_argument("--out_dir", type=str, default=RunConfig.out_dir,
+                   help="config, metrics, checkpoints, model/, summary (locked while a run writes there)")
+    return p
 
 
-def _set(cfg: RunConfig, key: str, value: Any) -> None:
-    parts = key.split(".")
-    if len(parts) == 1:
-        if key == "out_dir":
-            cfg.out_dir = _coerce(key, value, str)
-            return
-        hits = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
-        if key in _model_fields():
-            hits.append("model")
-        if len(hits) != 1:
-            where = f"is in several sections {hits}" if hits else "is not a known option"
-            raise ConfigError(f"{key}: {where}; write it as section.key (see --help)")
-        parts = [hits[0], key]
-    if len(parts) != 2:
-        raise ConfigError(f"{key}: expected section.key, e.g. train.lr")
-    section, name = parts
-    if section == "model":
-        fields = _model_fields()
-        if name in RECORDED_MODEL_FIELDS:
-            raise ConfigError(f"model.{name}: recorded by the trainer from the data source; set "
-                              f"{RECORDED_MODEL_FIELDS[name]} (data.source hf) or write the shards with it")
-        if name not in fields:
-            raise ConfigError(f"model.{name}: not a model option; known: {sorted(fields)}")
-        cfg.model[name] = value
-        return
-    if section not in SECTIONS:
-        raise ConfigError(f"{key}: unknown section {section!r}; expected one of {['model', *SECTIONS]}")
-    ftypes = {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}
-    if name not in ftypes:
-        raise ConfigError(f"{key}: unknown option; {section} has {sorted(ftypes)}")
-    hints = typing.get_type_hints(SECTIONS[section])
-    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name]))
+def _formatter_base():
+    from jsonargparse import DefaultHelpFormatter
+    return DefaultHelpFormatter
 
 
-def _parse_scalar(text: str) -> Any:
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return _number(value)
+class _Formatter(_formatter_base()):
+    """Keeps the epilog's line breaks."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(indent + line for line in text.splitlines())
 
 
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads '1e-3' as a string; take it as the number it means."""
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+def help_text(description: str = "") -> str:
+    return build_parser(description).format_help()
 
 
-def load_config(argv: list) -> RunConfig:
-    """argv (without the program name) → a validated RunConfig."""
-    cfg = RunConfig(model=dict(MODEL_DEFAULTS))
-    pairs = []
+def _fields() -> dict:
+    return {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+
+
+def _expand(argv: list) -> list:
+    """The shorthand and checks the parser does not do: ``--key`` naming one field → ``--section.key``;
+    ``-`` in a key → ``_``; unknown sections and keys, and the model fields the trainer records, are
+    errors naming them; ``--config`` goes first (the command line overrides the file)."""
+    fields = _fields()
+    first, rest = [], []
     i = 0
-    config_file = None
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise ConfigError(f"{arg}: expected --key value (see --help)")
-        key = arg[2:]
-        if "=" in key:
-            key, text = key.split("=", 1)
-            i += 1
-        else:
+        key, eq, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if key == "print_config":
+                rest.append("--print_config")
+                i += 1
+                continue
             if i + 1 >= len(argv):
                 raise ConfigError(f"{key}: missing a value")
             text = argv[i + 1]
-            i += 2
-        key = key.replace("-", "_")
+            i += 1
+        i += 1
         if key == "config":
-            config_file = text
-        else:
-            pairs.append((key, _parse_scalar(text)))
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config: file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of sections, got {type(data).__name__}")
-        for section, body in data.items():
-            if section == "out_dir":
-                _set(cfg, "out_dir", body)
-            elif isinstance(body, dict):
-                for k, v in body.items():
-                    if isinstance(v, str) and k not in ("path", "model", "tokens", "lm"):
-                        v = _number(v)
-                    _set(cfg, f"{section}.{k}", v)
-            else:
-                raise ConfigError(f"{section}: expected a section mapping (model, train, data, eval, checkpoint, log) "
-                                  f"or out_dir, got {body!r}")
-    for key, value in pairs:
-        _set(cfg, key, value)
+            first += ["--config", text]
+            continue
+        if "." not in key and key != "out_dir":
+            hits = [s for s, names in fields.items() if key in names]
+            if len(hits) != 1:
+                where = f"is in several sections {hits}" if hits else "is not a known option"
+                raise ConfigError(f"{key}: {where}; write it as section.key (see --help)")
+            key = f"{hits[0]}.{key}"
+        if key != "out_dir":
+            section, _, name = key.partition(".")
+            if section not in fields:
+                raise ConfigError(f"{key}: unknown section {section!r}; expected one of {list(SECTIONS)}")
+            if section == "model" and name in RECORDED_MODEL_FIELDS:
+                raise ConfigError(f"model.{name}: recorded by the trainer from the data source; set "
+                                  f"{RECORDED_MODEL_FIELDS[name]} (data.source hf) or write the shards with it")
+            if name not in fields[section]:
+                raise ConfigError(f"{key}: unknown option; {section} has {sorted(fields[section])}")
+        rest.append(f"--{key}={text}")  # one token: a value like -inf is not taken for an option
+    return first + rest
+
+
+def _parser_message(e: Exception) -> str:
+    """jsonargparse's complaint as 'field: what was expected, what was given'."""
+    msg = str(e).strip()
+    m = re.match(r"Parser key \"([\w.]+)\":\s*(.*)", msg, re.S)
+    if m:
+        key, body = m.groups()
+        given = re.search(r"Given value: (.*)", body)
+        expected = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", body)
+        if expected:
+            return f"{key}: expected {_a(expected.group(1))}, got {expected.group(2).strip()!r}"
+        if given:
+            types = re.search(r"Subtypes: \[(.*)\]", body)
+            want = types.group(1) if types else "another type"
+            want = re.sub(r"<class '(\w+)'>", r"\1", want).replace("typing.", "").replace("NoneType", "null")
+            return f"{key}: expected one of [{want}], got {given.group(1).strip()!r}"
+        return f"{key}: {' '.join(body.split())}"
+    m = re.match(r"Group '(\w+)' does not accept option '(\w+)'", msg)
+    if m:
+        section, name = m.groups()
+        if section == "model" and name in RECORDED_MODEL_FIELDS:
+            return (f"model.{name}: recorded by the trainer from the data source; set "
+                    f"{RECORDED_MODEL_FIELDS[name]} (data.source hf) or write the shards with it")
+        return f"{section}.{name}: unknown option; {section} has {sorted(_fields().get(section, ()))}"
+    m = re.match(r"Option '([\w.]+)' is not accepted", msg)
+    if m:
+        return f"config: {m.group(1)}: unknown section; expected one of {list(SECTIONS)} or out_dir"
+    return "config: " + " ".join(msg.split())
+
+
+def _a(type_name: str) -> str:
+    return {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}.get(
+        type_name, f"a {type_name}")
+
+
+def load_config(argv: list) -> RunConfig:
+    """argv (without the program name) → a validated RunConfig."""
+    from jsonargparse import ArgumentError
+    args = _expand(list(argv))
+    for i, a in enumerate(args[:-1]):
+        if a == "--config" and not Path(args[i + 1]).is_file():
+            raise ConfigError(f"config: file {args[i + 1]} does not exist")
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(args)
+    except ArgumentError as e:
+        raise ConfigError(_parser_message(e)) from None
+    sections = {}
+    for name, cls in SECTIONS.items():
+        body = ns.get(name)
+        if not hasattr(body, "as_dict"):
+            raise ConfigError(f"{name}: expected a section mapping (model, train, data, eval, checkpoint, log) "
+                              f"or out_dir, got {body!r}")
+        sections[name] = cls(**body.as_dict())
+    cfg = RunConfig(**sections, out_dir=ns.get("out_dir"))
     validate(cfg)
     return cfg
 
 
+# ------------------------------------------------------------------------ validation
 def _pos(key: str, v, zero_ok: bool = False) -> None:
     if v is None or v < 0 or (v == 0 and not zero_ok):
         raise ConfigError(f"{key}: expected a {'non-negative' if zero_ok else 'positive'} value, got {v!r}")
 
 
+def _finite_floats(cfg: RunConfig) -> None:
+    """No NaN or Inf in any number of any section (YAML spells them .nan and .inf)."""
+    for name in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, name)):
+            v = getattr(getattr(cfg, name), f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}.{f.name}: expected a finite number, got {v}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every field (and their combinations); raise ConfigError naming the first bad one."""
+    if not isinstance(cfg.model, ModelSection):
+        raise ConfigError(f"model: expected a ModelSection, got {type(cfg.model).__name__}")
     if cfg.kind not in MODEL_KINDS:
         raise ConfigError(f"model.kind: expected one of {MODEL_KINDS}, got {cfg.kind!r}")
-    if cfg.kind == "sae":
-        for k in ("n_layers", "d_out", "decoder_tying", "batchtopk_across_layers", "feature_affine", "skip_connection",
-                  "cross_layer"):
-            if k in cfg.model and k not in MODEL_DEFAULTS:
-                raise ConfigError(f"model.{k}: not an SAE option (model.kind sae)")
-        for k in ("n_layers", "d_out"):
-            cfg.model.pop(k, None)
+    _finite_floats(cfg)
     mc = cfg.model_config()
     t, d, c, lg = cfg.train, cfg.data, cfg.checkpoint, cfg.log
     for key in ("steps", "batch_size", "grad_accum", "tp", "dead_tokens", "init_samples", "eval_batches", "eval_every"):
@@ -445,6 +608,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("data.path: data.source shards needs the folder written by python -m fastclt.extract")
         if not (Path(d.path) / "manifest.json").is_file():
             raise ConfigError(f"data.path: {d.path} has no manifest.json (write shards with python -m fastclt.extract)")
+    if d.verify and d.source != "shards":
+        raise ConfigError(f"data.verify: checks the SHA-256 of shards (data.source shards), not of {d.source!r} data")
     if d.source == "hf":
         if not d.model:
             raise ConfigError("data.model: data.source hf needs a local Hugging Face model folder")
@@ -477,49 +642,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.tokens: {e.tokens} is neither 'random' nor an existing file or dataset folder")
     _pos("checkpoint.every", c.every, zero_ok=True)
     _pos("checkpoint.keep", c.keep)
-    if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
-        raise ConfigError(f"checkpoint.resume: {c.resume} is neither auto, never, nor a checkpoint folder")
+    if c.resume not in ("auto", "never"):
+        from fastclt.training.checkpointing import is_checkpoint_folder
+        if not is_checkpoint_folder(c.resume):
+            raise ConfigError(f"checkpoint.resume: {c.resume} is neither auto, never, nor a checkpoint folder "
+                              f"(checkpoints/step_XXXXXXXX with meta.json)")
     _pos("log.every", lg.every)
     if not cfg.out_dir:
         raise ConfigError("out_dir: expected a folder path")
-
-
-def help_text() -> str:
-    lines = ["usage: [torchrun --nproc_per_node=N] python -m fastclt.train [--config FILE.yaml] "
-             "[--section.key VALUE ...]",
-             "",
-             "Options (section.key  default  — meaning). A key that names one field may be given without its",
-             "section (--max_steps 5). Values are YAML scalars: true/false, 1e-3, null, [0, 1].",
-             "", f"  {'--config FILE.yaml':<36} {'None':<12} nested sections model/train/data/checkpoint/log, out_dir",
-             f"  {'--out_dir DIR':<36} {RunConfig().out_dir!r:<12} config, metrics, checkpoints, model/, summary",
-             "",
-             "model (fastclt.CLTConfig fields; model.kind sae: fastclt.SAEConfig on the first layer's input):"]
-    for name, default in _model_fields().items():
-        lines.append(f"  {'--model.' + name:<36} {default!r:<12} {MODEL_HELP.get(name, '')}".rstrip())
-    for section, cls in SECTIONS.items():
-        lines.append("")
-        lines.append(f"{section}: {cls.__doc__.strip() if cls.__doc__ else ''}")
-        src = _comments(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {'--' + section + '.' + f.name:<36} {default!r:<12} {src.get(f.name, '')}".rstrip())
-    lines += ["", "Token source of data.source hf (and python -m fastclt.extract): data.tokens random draws seeded",
-              "token ids; a text file is tokenized with the model folder's tokenizer; .jsonl/.json/.parquet/.csv/",
-              ".arrow files and save_to_disk folders are read with the datasets library (column data.text_field,",
-              "or input_ids); a .npy holds token ids (1-D: a stream, 2-D: one sequence per row). See docs/TRAINING.md."]
-    return "\n".join(lines)
-
-
-def _comments(cls) -> dict:
-    import inspect
-    out = {}
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return out
-    for line in src.splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", '"')):
-            name = line.split(":")[0].strip()
-            out[name] = line.split("#", 1)[1].strip()
-    return out

@@ -42,7 +42,7 @@ import torch
 from fastclt.training.config import ConfigError
 
 __all__ = ["SyntheticSource", "ShardSource", "HFSource", "TokenBuffer", "Prefetcher", "make_source", "MANIFEST",
-           "read_manifest"]
+           "read_manifest", "check_shards"]
 
 MANIFEST = "manifest.json"
 FORMAT = "fastclt.activations"
@@ -73,7 +73,8 @@ class SyntheticSource:
 
 # ------------------------------------------------------------------------- shards on disk
 def _memmap_safetensors(path: Path) -> dict:
-    """{name: np.memmap} of a safetensors file (bf16 as uint16, viewed as bf16 by torch later)."""
+    """{name: np.memmap} of a safetensors file whose header ``check_shards`` has validated (bf16 as
+    uint16, viewed as bf16 by torch later)."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
@@ -102,6 +103,65 @@ def read_manifest(folder) -> dict:
     return m
 
 
+def check_shards(folder: Path, manifest: dict, n_layers: int, d_in: int, d_out: int, verify: bool = False) -> None:
+    """Every shard of ``manifest`` against it before training: each file's header (safetensors) or
+    .npy header is read (not the data) and must hold x [n, n_layers, d_in] and y [n, n_layers, d_out]
+    in a float dtype, with the manifest's n_tokens rows and the file's full length (a truncated file
+    is named); with ``verify`` each file's SHA-256 must equal the manifest's. ConfigError naming the
+    file otherwise."""
+    from fastclt.checkpoint import CheckpointError, read_header, sha256_file
+    want = {"x": (n_layers, d_in), "y": (n_layers, d_out)}
+    total = 0
+    for j, s in enumerate(manifest["shards"]):
+        if not isinstance(s, dict):
+            raise ConfigError(f"data.path: manifest entry {j} of {folder / MANIFEST} is not an object")
+        files = {"x": s["x"], "y": s["y"]} if "x" in s else {"x": s.get("file"), "y": s.get("file")}
+        shapes = {}
+        for key, name in files.items():
+            path = folder / str(name)
+            if name is None or not path.is_file():
+                raise ConfigError(f"data.path: shard file {path} listed in the manifest is missing")
+            if "file" in s:
+                try:
+                    entries, _ = read_header(path, "data.path shard")
+                except CheckpointError as e:
+                    raise ConfigError(str(e)) from None
+                if key not in entries:
+                    raise ConfigError(f"data.path: shard {path} holds no tensor {key!r} (found {sorted(entries)})")
+                shape, dt = entries[key]
+            else:
+                try:
+                    a = np.load(path, mmap_mode="r")
+                except (ValueError, OSError, EOFError) as e:
+                    raise ConfigError(f"data.path: shard {path} is not a readable .npy file ({e})") from None
+                shape, dt = a.shape, {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}.get(a.dtype, str(a.dtype))
+            if dt not in ("F32", "F16", "BF16"):
+                raise ConfigError(f"data.path: shard {path} tensor {key} has dtype {dt}; expected F32, F16 or BF16")
+            if len(shape) != 3 or tuple(shape[1:]) != want[key]:
+                raise ConfigError(f"data.path: shard {path} tensor {key} has shape {list(shape)}; the manifest and "
+                                  f"the model expect [n, {want[key][0]}, {want[key][1]}] (n_layers, "
+                                  f"{'d_in' if key == 'x' else 'd_out'})")
+            shapes[key] = tuple(shape)
+        n = shapes["x"][0]
+        if shapes["y"][0] != n or s.get("n_tokens", n) != n:
+            raise ConfigError(f"data.path: shard {folder / str(files['x'])} holds {n} rows of x and {shapes['y'][0]} "
+                              f"of y; the manifest says {s.get('n_tokens')}")
+        total += n
+        if verify:
+            digests = s.get("sha256")
+            if "file" in s:
+                digests = {"file": digests}
+            if not isinstance(digests, dict) or any(not isinstance(digests.get(k), str) for k in digests) or not digests:
+                raise ConfigError(f"data.verify: the manifest records no SHA-256 for shard {j} ({files['x']})")
+            for key, digest in digests.items():
+                path = folder / str(s[key])
+                if sha256_file(path) != digest:
+                    raise ConfigError(f"data.verify: shard {path} does not match the SHA-256 in the manifest "
+                                      f"(modified or corrupt)")
+    if manifest.get("n_tokens", total) != total:
+        raise ConfigError(f"data.path: the shards hold {total} tokens; {folder / MANIFEST} says {manifest['n_tokens']}")
+
+
 class ShardSource:
     def __init__(self, cfg, n_layers: int, d_in: int, d_out: int, dp_rank: int, dp: int) -> None:
         self.folder = Path(cfg.data.path)
@@ -116,6 +176,7 @@ class ShardSource:
         if cfg.data.layers is not None and m.get("layers") is not None and list(cfg.data.layers) != m["layers"]:
             raise ConfigError(f"data.layers: the shards hold blocks {m['layers']}, not {cfg.data.layers}")
         self.n_layers, self.d_in, self.d_out = n_layers, d_in, d_out
+        check_shards(self.folder, m, n_layers, d_in, d_out, verify=getattr(cfg.data, "verify", False))
         self.shards = []
         for s in m["shards"]:
             if "file" in s:

@@ -17,14 +17,15 @@ import json
 import warnings
 from pathlib import Path
 
-__all__ = ["step_flops", "MetricsLogger", "write_summary"]
+__all__ = ["step_flops", "MetricsLogger", "write_summary", "last_logged"]
 
 
-def step_flops(mcfg, kind: str, tokens: int, l0: float) -> float:
+def step_flops(mcfg, tokens: int, l0: float) -> float:
     """Counted FLOPs of one step on ``tokens`` tokens: forward = dense encoder 2·L·F·d_in + sparse
-    decoder 2·l0·d_out per (source, target) pair; backward ≈ 2 × forward."""
-    L = 1 if kind == "sae" else mcfg.n_layers
-    d_out = mcfg.d_in if kind == "sae" else mcfg.d_out
+    decoder 2·l0·d_out per (source, target) pair; backward ≈ 2 × forward. ``mcfg``: a CLTConfig, or
+    an SAEConfig (one layer, d_out = d_in)."""
+    L = getattr(mcfg, "n_layers", 1)
+    d_out = getattr(mcfg, "d_out", mcfg.d_in)
     enc = 2.0 * L * mcfg.n_features * mcfg.d_in
     pairs = L * (L + 1) / 2 if getattr(mcfg, "cross_layer", True) else L
     dec = 2.0 * l0 * d_out * pairs  # l0: mean active per token per source layer
@@ -69,9 +70,13 @@ class MetricsLogger:
         """On resume, drop lines of steps after the checkpoint (they will be redone)."""
         if not self.path.exists():
             return
-        lines = [l for l in self.path.read_text().splitlines() if l.strip()]
-        keep = [l for l in lines if json.loads(l).get("step", 0) <= step]
-        self.path.write_text("".join(l + "\n" for l in keep))
+        from fastclt.checkpoint import atomic_write
+        keep = [line for line, rec in _records(self.path) if rec.get("step", 0) <= step]
+
+        def _write(tmp):
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in keep))
+        atomic_write(self.path, _write)
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -109,6 +114,28 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _records(path: Path) -> list:
+    """(line, record) of every complete JSON line of ``path`` (a line torn by a kill is skipped)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append((line, rec))
+    return out
+
+
+def last_logged(out_dir: Path, key: str):
+    """The value of ``key`` in the last line of metrics.jsonl that has it (None: no such line)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    values = [rec[key] for _, rec in _records(path) if key in rec]
+    return values[-1] if values else None
+
+
 def write_summary(out_dir: Path, summary: dict, plot: bool) -> None:
     """summary.json (+ summary.png of per-layer FVU / L0, and replacement.png of the replacement
     model's per-layer KL / CE recovered / FVU when evaluated, when matplotlib is importable)."""
@@ -130,7 +157,7 @@ def write_summary(out_dir: Path, summary: dict, plot: bool) -> None:
     curve = []
     path = Path(out_dir) / "metrics.jsonl"
     if path.exists():
-        curve = [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+        curve = [(r["step"], r["loss"]) for _, r in _records(path) if "loss" in r]
     panels = 3 + bool(summary.get("mmcs_per_layer"))
     fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.5))
     if curve:
