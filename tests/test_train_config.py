@@ -216,3 +216,32 @@ def test_truncated_and_tampered_shards(tmp_path, capsys):
     assert "data.verify" in err and "shard_00002.safetensors" in err and "SHA-256" in err, err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
     assert main(args) == 0  # not verified unless asked (it reads all the data)
+
+
+def test_model_section_is_the_union_of_the_model_configs():
+    """The model section has every CLTConfig / SAEConfig field (but those the trainer records), and its
+    defaults are theirs except the trainer's small default model and the kind-specific fields (null:
+    the kind's default)."""
+    import dataclasses
+
+    from fastclt.config import CLTConfig, SAEConfig
+    from fastclt.training.config import RECORDED_MODEL_FIELDS, ModelSection
+    section = {f.name: f.default for f in dataclasses.fields(ModelSection)}
+    union = {}
+    for cls in (CLTConfig, SAEConfig):
+        for f in dataclasses.fields(cls):
+            union.setdefault(f.name, set()).add(f.default)
+    assert set(section) == {"kind"} | set(union) - set(RECORDED_MODEL_FIELDS)
+    trainer_defaults = {"d_in": 32, "n_features": 128, "activation": "batchtopk", "k": 4}
+    for name, default in section.items():
+        if name in trainer_defaults:
+            assert default == trainer_defaults[name], name
+        elif name != "kind" and len(union[name]) == 1 and all(name in {f.name for f in dataclasses.fields(c)}
+                                                             for c in (CLTConfig, SAEConfig)):
+            assert {default} == union[name], name  # shared and alike in both: the same default
+        elif name != "kind":
+            assert default is None, name  # one kind's field: null = that kind's default
+    clt = ModelSection().resolved()
+    assert clt["n_layers"] == 4 and clt["d_out"] == 32 and clt["decoder_tying"] == "none" and clt["b_dec_init"] is None
+    sae = ModelSection(kind="sae", n_layers=1).resolved()
+    assert sae["n_layers"] is None and sae["unit_norm_decoder"] is True and sae["b_dec_init"] == "geometric_median"
