@@ -190,7 +190,8 @@ class _Run:
                 busy = lock.acquire()
                 if busy is None:
                     self.resources.callback(lock.release)
-            probe_writable(out, lay.rank)
+            if busy is None:  # (a refused run writes nothing into the other run's folder)
+                probe_writable(out, lay.rank)
         except OSError as e:
             problem = e
         failed, locked = self._agree(problem is not None, busy is not None)
@@ -211,14 +212,16 @@ class _Run:
         """Refuse, with numbers, a configuration whose tensors cannot fit: a lower bound of what one
         rank allocates (sizes from a model built on the meta device) against the memory available."""
         need = _memory_needed(self.cfg, self.mcfg, self.cls, self.layout)
-        total = sum(need.values())
+        total = sum(need.values())  # (the parts of one phase of the run: they coexist)
         have, where = _memory_available(self.device)
-        if self.device.type == "cpu":
-            per_host = int(os.environ.get("LOCAL_WORLD_SIZE", self.layout.world))
-            total, where = total * per_host, f"{where}, shared by {per_host} rank(s) on this host" if per_host > 1 else where
+        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", self.layout.world)) if self.device.type == "cpu" else 1
+        if per_host > 1:  # the ranks on one host share its memory
+            total *= per_host
+            where = f"{where} (shared by its {per_host} ranks)"
         if have is None or total <= have:
             return
         parts = ", ".join(f"{name} {_gib(b)}" for name, b in sorted(need.items(), key=lambda kv: -kv[1]))
+        parts = f"per rank: {parts}" if per_host > 1 else parts
         raise ConfigError(f"{_BLAME[max(need, key=need.get)]}: this run needs at least {_gib(total)} ({parts}) but "
                           f"{where} has {_gib(have)} available; lower model.n_features, train.batch_size or "
                           f"train.init_samples, or shard the features over more ranks (train.tp)")
@@ -587,33 +590,32 @@ class _Run:
 
 
 # What a memory estimate's largest part is named after, in the refusal.
-_BLAME = {"model, gradients and Adam state": "model.n_features", "the full model built at start": "model.n_features",
+_BLAME = {"model, gradients and Adam state": "model.n_features", "the full model and its shard": "model.n_features",
           "initialisation sample": "train.init_samples", "micro-batches in flight": "train.batch_size",
           "dense pre-activations": "train.batch_size"}
 
 
 def _memory_needed(cfg: RunConfig, mcfg, cls, layout: Layout) -> dict:
-    """A lower bound of what one rank allocates, in bytes, by part: sizes of the parameters and
-    buffers from a model built on the meta device (no memory), activations from the batch sizes."""
+    """A lower bound of what one rank holds at once, in bytes by part: the larger of the start (the
+    full model, its shard under tp, the initialisation sample) and training (parameters, gradients,
+    Adam state, the micro-batches in flight, one layer's dense pre-activations). Parameter sizes come
+    from models built on the meta device (no memory)."""
     t = cfg.train
-    shard = mcfg.replace(n_features=mcfg.n_features // layout.tp)
     with torch.device("meta"):
-        full, local = cls(mcfg), (cls(shard) if layout.tp > 1 else None)
-    local = local or full
+        full = cls(mcfg)
+        local = cls(mcfg.replace(n_features=mcfg.n_features // layout.tp)) if layout.tp > 1 else full
 
     def size(m, params_only=False):
         ts = list(m.parameters()) + ([] if params_only else list(m.buffers()))
         return sum(p.numel() * p.element_size() for p in ts)
-    L, d_in = full.n_layers, full.d_in
-    width = (d_in + full.d_out) * L * 4  # bytes per token of an fp32 (x, y) pair
+    width = (full.d_in + full.d_out) * full.n_layers * 4  # bytes per token of an fp32 (x, y) pair
     n_init = -(-t.init_samples // t.batch_size) * t.batch_size
-    need = {"model, gradients and Adam state": size(local) + 3 * size(local, params_only=True),
-            "initialisation sample": 2 * n_init * width,
-            "micro-batches in flight": (cfg.data.prefetch + 2) * t.batch_size * width,
-            "dense pre-activations": t.batch_size * (mcfg.n_features // layout.tp) * 4}
-    if layout.tp > 1:
-        need["the full model built at start"] = size(full)
-    return need
+    start = {"the full model and its shard": size(full) + (size(local) if layout.tp > 1 else 0),
+             "initialisation sample": 2 * n_init * width}
+    training = {"model, gradients and Adam state": size(local) + 3 * size(local, params_only=True),
+                "micro-batches in flight": (cfg.data.prefetch + 2) * t.batch_size * width,
+                "dense pre-activations": t.batch_size * (mcfg.n_features // layout.tp) * 4}
+    return max(start, training, key=lambda d: sum(d.values()))
 
 
 def _memory_available(device: torch.device):
