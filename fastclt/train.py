@@ -211,7 +211,7 @@ class _Run:
     def _check_memory(self) -> None:
         """Refuse, with numbers, a configuration whose tensors cannot fit: a lower bound of what one
         rank allocates (sizes from a model built on the meta device) against the memory available."""
-        need = _memory_needed(self.cfg, self.mcfg, self.cls, self.layout)
+        need = _memory_needed(self.cfg, self.mcfg, self.cls, self.layout, self.device)
         total = sum(need.values())  # (the parts of one phase of the run: they coexist)
         have, where = _memory_available(self.device)
         per_host = int(os.environ.get("LOCAL_WORLD_SIZE", self.layout.world)) if self.device.type == "cpu" else 1
@@ -595,11 +595,11 @@ _BLAME = {"model, gradients and Adam state": "model.n_features", "the full model
           "dense pre-activations": "train.batch_size"}
 
 
-def _memory_needed(cfg: RunConfig, mcfg, cls, layout: Layout) -> dict:
+def _memory_needed(cfg: RunConfig, mcfg, cls, layout: Layout, device: torch.device) -> dict:
     """A lower bound of what one rank holds at once, in bytes by part: the larger of the start (the
     full model, its shard under tp, the initialisation sample) and training (parameters, gradients,
-    Adam state, the micro-batches in flight, one layer's dense pre-activations). Parameter sizes come
-    from models built on the meta device (no memory)."""
+    Adam state, the micro-batches in flight, one layer's dense pre-activations where they exist).
+    Parameter sizes come from models built on the meta device (no memory)."""
     t = cfg.train
     with torch.device("meta"):
         full = cls(mcfg)
@@ -614,7 +614,11 @@ def _memory_needed(cfg: RunConfig, mcfg, cls, layout: Layout) -> dict:
              "initialisation sample": 2 * n_init * width}
     training = {"model, gradients and Adam state": size(local) + 3 * size(local, params_only=True),
                 "micro-batches in flight": (cfg.data.prefetch + 2) * t.batch_size * width,
-                "dense pre-activations": t.batch_size * (mcfg.n_features // layout.tp) * 4}
+                "dense pre-activations": 0}
+    # one layer's [B, F/tp] pre-activations exist on the CPU path, under tp and for the JumpReLU
+    # pre-activation loss; the fused GPU kernels of tp=1 need not materialise them
+    if device.type == "cpu" or layout.tp > 1 or (mcfg.activation == "jumprelu" and mcfg.preact_coef > 0):
+        training["dense pre-activations"] = t.batch_size * (mcfg.n_features // layout.tp) * 4
     return max(start, training, key=lambda d: sum(d.values()))
 
 
