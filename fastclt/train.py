@@ -240,7 +240,7 @@ class _Run:
     def _build(self) -> None:
         """The model (each tp rank: its shard of one full model, initialised from the data alike on
         every rank) and its Adam optimizer."""
-        cfg, lay, t = self.cfg, self.layout, self.cfg.train
+        lay, t = self.layout, self.cfg.train
         torch.manual_seed(t.seed)
         with torch.device(self.device):  # the full model, built alike on every rank: each shard is its slice
             full = self.cls(self.mcfg)

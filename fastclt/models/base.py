@@ -589,7 +589,7 @@ class SparseDictionary(nn.Module):
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config.json: {path / CONFIG_FILE}: 'config' is not a valid "
                                   f"{cls.config_class.__name__} ({e})") from e
-        weights = inside(path, meta.get("weights", WEIGHTS_FILE), f"config.json: 'weights'")
+        weights = inside(path, meta.get("weights", WEIGHTS_FILE), "config.json: 'weights'")
         digest = meta.get("weights_sha256")
         if verify:
             if digest is None:

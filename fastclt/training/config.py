@@ -15,14 +15,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import yaml
 
 from fastclt.config import CLTConfig, SAEConfig
 
 __all__ = ["ConfigError", "RunConfig", "ModelSection", "TrainSection", "DataSection", "EvalSection",
-           "CheckpointSection", "LogSection", "load_config", "build_parser", "help_text", "validate",
+           "CheckpointSection", "LogSection", "load_config", "build_parser", "validate",
            "RUN_CONTROL_KEYS"]
 
 
@@ -394,8 +394,15 @@ def build_parser(description: str = ""):
     import jsonargparse
     from jsonargparse import ActionConfigFile, ArgumentParser
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    from jsonargparse import DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter):
+        """Keeps the epilog's line breaks."""
+
+        def _fill_text(self, text, width, indent):
+            return "\n".join(indent + line for line in text.splitlines())
     p = ArgumentParser(prog="python -m fastclt.train", usage=USAGE, description=description, epilog=EPILOG,
-                       exit_on_error=False, formatter_class=_Formatter)
+                       exit_on_error=False, formatter_class=Formatter)
     p.add_argument("--config", action=ActionConfigFile,
                    help="YAML file with sections model/train/data/eval/checkpoint/log and out_dir")
     for name, cls in SECTIONS.items():
@@ -403,22 +410,6 @@ def build_parser(description: str = ""):
     p.add_argument("--out_dir", type=str, default=RunConfig.out_dir,
                    help="config, metrics, checkpoints, model/, summary (locked while a run writes there)")
     return p
-
-
-def _formatter_base():
-    from jsonargparse import DefaultHelpFormatter
-    return DefaultHelpFormatter
-
-
-class _Formatter(_formatter_base()):
-    """Keeps the epilog's line breaks."""
-
-    def _fill_text(self, text, width, indent):
-        return "\n".join(indent + line for line in text.splitlines())
-
-
-def help_text(description: str = "") -> str:
-    return build_parser(description).format_help()
 
 
 def _fields() -> dict:
