@@ -206,3 +206,36 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, 
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000005"]
     assert not list(tmp_path.rglob("*.tmp"))
     merge_checkpoint(find_checkpoints(tmp_path)[0])  # intact
+
+
+def test_resume_state_is_cross_checked_with_the_folder_and_meta(reference, tmp_path):
+    """The state kept with the tensors must agree with the folder's name, meta.json and the rank JSON's
+    config fingerprint: a renamed folder (with or without meta.json edited to match), a rank's files
+    copied from another step, a rank JSON relabelled to another configuration — each refused."""
+    import shutil
+
+    from fastclt.checkpoint import CheckpointError
+    from fastclt.training.checkpointing import load_checkpoint
+    from fastclt.training.config import load_config
+    from fastclt.training.parallel import Layout
+    fp = load_config(ARGS + ["--out_dir", str(tmp_path)]).fingerprint()
+    shutil.copytree(reference / "checkpoints", tmp_path / "ck")
+    new, old = tmp_path / "ck" / "step_00000020", tmp_path / "ck" / "step_00000015"
+    assert load_checkpoint(new, Layout(), fp, "cpu")[1] == {"step": 20, "micro": 40, "tokens": 20 * 2 * 64}
+
+    def refused(folder, pattern, fingerprint=fp):
+        with pytest.raises(CheckpointError, match=pattern):
+            load_checkpoint(folder, Layout(), fingerprint, "cpu")
+    renamed = tmp_path / "ck" / "step_00000021"
+    shutil.copytree(new, renamed)
+    refused(renamed, "meta.json records step 20, not the step of the folder's name")
+    meta = json.loads((renamed / "meta.json").read_text())
+    (renamed / "meta.json").write_text(json.dumps({**meta, "step": 21}))
+    refused(renamed, r"does not agree .*meta.json step 21")
+    for suffix in ("json", "safetensors"):  # both files of step 15's rank 0, consistent with each other
+        shutil.copy(old / f"rank_00000.{suffix}", new / f"rank_00000.{suffix}")
+    refused(new, r"does not agree \(step or rank; meta.json step 20\)")
+    info = json.loads((old / "rank_00000.json").read_text())
+    info["fingerprint"]["train.lr"] *= 2
+    (old / "rank_00000.json").write_text(json.dumps(info))
+    refused(old, r"does not agree \(fingerprint_sha256", fingerprint={**fp, "train.lr": fp["train.lr"] * 2})
