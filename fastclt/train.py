@@ -37,9 +37,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-import fastclt
 from fastclt.checkpoint import CheckpointError
-from fastclt.config import SAEConfig
 from fastclt.training import checkpointing as ckpt
 from fastclt.training.config import ConfigError, RunConfig, build_parser, load_config
 from fastclt.training.data import Prefetcher, make_source, share_batch
@@ -106,10 +104,6 @@ def _say(layout: Layout, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _model_class(mcfg):
-    return fastclt.SparseAutoencoder if isinstance(mcfg, SAEConfig) else fastclt.CrossLayerTranscoder
-
-
 def train(cfg: RunConfig) -> dict:
     """Run the configured training; return the summary dict (rank 0; {} elsewhere)."""
     device = _device(cfg)
@@ -143,7 +137,7 @@ class _Run:
         self.cfg, self.layout, self.device, self.resources = cfg, layout, device, resources
         self.out = Path(cfg.out_dir)
         self.mcfg = cfg.model_config()
-        self.cls = _model_class(self.mcfg)
+        self.cls = ckpt.model_class(self.mcfg)
         self.p = _Progress()
         self.pref = self.logger = None
         t = cfg.train

@@ -35,8 +35,8 @@ from fastclt.checkpoint import (CheckpointError, load_tensors, read_json, read_h
                                 save_tensors, write_json)
 
 __all__ = ["CheckpointError", "ConfigMismatch", "CheckpointWriteError", "save_checkpoint", "find_checkpoints",
-           "load_checkpoint", "restore", "merge_checkpoint", "checkpoint_dir", "is_checkpoint_folder", "set_aside",
-           "remove_stale_files"]
+           "load_checkpoint", "restore", "merge_checkpoint", "model_class", "checkpoint_dir", "is_checkpoint_folder",
+           "set_aside", "remove_stale_files"]
 
 _STEP = re.compile(r"^step_(\d{8})$")
 _STATE_KEY = "fastclt.state"
@@ -231,16 +231,23 @@ def restore(tensors: dict, model, optimizer, param_names: list, device) -> dict:
     return {k[6:]: v for k, v in tensors.items() if k.startswith("train/")}
 
 
+def model_class(mcfg):
+    """The model class of a dictionary config: SparseAutoencoder for an SAEConfig, else CrossLayerTranscoder."""
+    import fastclt
+    from fastclt.config import SAEConfig
+    return fastclt.SparseAutoencoder if isinstance(mcfg, SAEConfig) else fastclt.CrossLayerTranscoder
+
+
 def model_config_of(model_section: dict):
     """(model class, its config) of a saved run configuration's ``model`` section (the resolved
     section plus the LM metadata the trainer records)."""
     import dataclasses
 
-    import fastclt
-    cls = fastclt.SparseAutoencoder if model_section.get("kind", "clt") == "sae" else fastclt.CrossLayerTranscoder
-    names = {f.name for f in dataclasses.fields(cls.config_class)}
-    kw = {k: v for k, v in model_section.items() if k in names and v is not None}
-    return cls, cls.config_class(**kw)
+    from fastclt.training.config import ModelSection
+    config_class = ModelSection(kind=model_section.get("kind", "clt")).config_class()
+    names = {f.name for f in dataclasses.fields(config_class)}
+    mcfg = config_class(**{k: v for k, v in model_section.items() if k in names and v is not None})
+    return model_class(mcfg), mcfg
 
 
 def merge_checkpoint(folder, out: Optional[Path] = None):
