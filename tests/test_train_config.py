@@ -2,6 +2,7 @@
 missing paths, mismatched widths, NaN activations (the previous checkpoint still loads)."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -112,6 +113,21 @@ def test_saved_config_round_trips(tmp_path):
     assert json.loads((out / "config.json").read_text()) == first.to_dict()
 
 
+def test_print_config_prints_the_resolved_configuration(tmp_path, capsys):
+    """--print_config: the validated configuration, model section resolved, as YAML that loads back
+    to it; nothing is written. An invalid value is an error as in training."""
+    out = tmp_path / "o"
+    args = TINY + ["--model.activation", "jumprelu", "--out_dir", str(out)]
+    assert main(["--print_config"] + args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == load_config(args).to_dict() and printed["model"]["decoder_tying"] == "none"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(printed))
+    assert load_config(["--config", str(tmp_path / "p.yaml")]).to_dict() == printed
+    assert not out.exists()
+    assert main(args + ["--print_config", "--train.lr", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: train.lr:")
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan", ".inf"])
 def test_non_finite_numbers_are_refused_before_work(value, tmp_path, capsys):
     out = tmp_path / "o"
@@ -149,18 +165,27 @@ def test_unwritable_out_dir_is_the_first_error(tmp_path, capsys):
         assert err.startswith(f"error: out_dir: {out} cannot be written"), err
 
 
-def _shards(folder, sizes, d=8, L=2, bad=None):
-    """A shards folder of len(sizes) safetensors shards; ``bad(j, x, y, entry)`` may spoil shard j."""
-    from fastclt.checkpoint import save_tensors, write_json
+def _shards(folder, sizes, d=8, L=2, bad=None, fmt="safetensors"):
+    """A shards folder of len(sizes) shards as python -m fastclt.extract writes them (one safetensors
+    file per shard, or x/y .npy files); ``bad(j, x, y, entry)`` may spoil shard j."""
+    import numpy as np
+
+    from fastclt.checkpoint import save_tensors, sha256_file, write_json
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     entries = []
     for j, n in enumerate(sizes):
         x, y = torch.randn(n, L, d, generator=g), torch.randn(n, L, d, generator=g)
-        entry = {"file": f"shard_{j:05d}.safetensors", "n_tokens": n}
+        entry = ({"file": f"shard_{j:05d}.safetensors", "n_tokens": n} if fmt == "safetensors" else
+                 {"x": f"x_{j:05d}.npy", "y": f"y_{j:05d}.npy", "n_tokens": n})
         if bad is not None:
             x, y = bad(j, x, y, entry)
-        entry["sha256"] = save_tensors(folder / entry["file"], {"x": x, "y": y})
+        if fmt == "safetensors":
+            entry["sha256"] = save_tensors(folder / entry["file"], {"x": x, "y": y})
+        else:
+            for key, t in (("x", x), ("y", y)):
+                np.save(folder / entry[key], t.numpy())
+            entry["sha256"] = {key: sha256_file(folder / entry[key]) for key in ("x", "y")}
         entries.append(entry)
     write_json(folder / "manifest.json", {"format": "fastclt.activations", "version": 1, "n_layers": L, "d_in": d,
                                           "d_out": d, "dtype": "float32", "n_tokens": sum(sizes), "shards": entries})
@@ -191,31 +216,53 @@ def _spoil_count(j, x, y, e):
     (_spoil_rows, "holds 48 rows of x and 45 of y"),
     (_spoil_count, "the manifest says 53"),
 ])
-def test_shards_are_checked_against_the_manifest_at_start(bad, message, tmp_path, capsys):
-    shards = _shards(tmp_path / "sh", [48, 48, 48], bad=bad)
+@pytest.mark.parametrize("fmt", ["safetensors", "npy"])
+def test_shards_are_checked_against_the_manifest_at_start(bad, message, fmt, tmp_path, capsys):
+    shards = _shards(tmp_path / "sh", [48, 48, 48], bad=bad, fmt=fmt)
     assert main(TINY + ["--data.source", "shards", "--data.path", str(shards), "--out_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: data.path: shard") and "shard_00001.safetensors" in err and message in err, err
+    name = "shard_00001.safetensors" if fmt == "safetensors" else "_00001.npy"
+    assert err.startswith("error: data.path: shard") and name in err and message in err, err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
-def test_truncated_and_tampered_shards(tmp_path, capsys):
-    shards = _shards(tmp_path / "sh", [48, 48, 48])
+@pytest.mark.parametrize("fmt, name, unreadable", [("safetensors", "shard_00002.safetensors", "safetensors"),
+                                                   ("npy", "y_00002.npy", ".npy")])
+def test_truncated_and_tampered_shards(fmt, name, unreadable, tmp_path, capsys):
+    shards = _shards(tmp_path / "sh", [48, 48, 48], fmt=fmt)
     args = TINY + ["--data.source", "shards", "--data.path", str(shards), "--out_dir", str(tmp_path / "o")]
-    f = shards / "shard_00002.safetensors"
+    f = shards / name
     good = f.read_bytes()
     f.write_bytes(good[:-64])
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "data.path" in err and "shard_00002.safetensors" in err and "not a readable safetensors file" in err, err
+    assert "data.path" in err and name in err and f"not a readable {unreadable} file" in err, err
     tampered = bytearray(good)
     tampered[-8] ^= 0x40  # one float of y changed: a header-valid file
     f.write_bytes(bytes(tampered))
     assert main(args + ["--data.verify", "true"]) == 2
     err = capsys.readouterr().err
-    assert "data.verify" in err and "shard_00002.safetensors" in err and "SHA-256" in err, err
+    assert "data.verify" in err and name in err and "SHA-256" in err, err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
     assert main(args) == 0  # not verified unless asked (it reads all the data)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["shards"].__setitem__(1, "shard_00001.safetensors"), "manifest entry 1 .* is not an object naming"),
+    (lambda m: m["shards"][2].pop("file"), "manifest entry 2 .* is not an object naming"),
+    (lambda m: m["shards"][0].pop("y"), "manifest entry 0 .* is not an object naming"),
+    (lambda m: m.pop("d_in"), "records d_in None; expected an integer"),
+    (lambda m: m.__setitem__("shards", {}), "is not a fastclt activations manifest with shards"),
+])
+def test_malformed_manifest_is_a_clear_error(edit, message, tmp_path, capsys):
+    fmt = "npy" if "entry 0" in message else "safetensors"
+    shards = _shards(tmp_path / "sh", [48, 48, 48], fmt=fmt)
+    m = json.loads((shards / "manifest.json").read_text())
+    edit(m)
+    (shards / "manifest.json").write_text(json.dumps(m))
+    assert main(TINY + ["--data.source", "shards", "--data.path", str(shards), "--out_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.path: ") and re.search(message, err), err
 
 
 def test_model_section_is_the_union_of_the_model_configs():

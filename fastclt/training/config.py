@@ -401,10 +401,14 @@ def build_parser(description: str = ""):
 
         def _fill_text(self, text, width, indent):
             return "\n".join(indent + line for line in text.splitlines())
+    # print_config=None: jsonargparse's own --print_config (unresolved, unvalidated, exits the process)
+    # is replaced by the trainer's (fastclt.train.main prints the resolved, validated configuration)
     p = ArgumentParser(prog="python -m fastclt.train", usage=USAGE, description=description, epilog=EPILOG,
-                       exit_on_error=False, formatter_class=Formatter)
+                       exit_on_error=False, formatter_class=Formatter, print_config=None)
     p.add_argument("--config", action=ActionConfigFile,
                    help="YAML file with sections model/train/data/eval/checkpoint/log and out_dir")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the resolved configuration as YAML and exit (nothing is trained)")
     for name, cls in SECTIONS.items():
         p.add_class_arguments(cls, name, sub_configs=False)
     p.add_argument("--out_dir", type=str, default=RunConfig.out_dir,

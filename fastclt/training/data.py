@@ -94,12 +94,16 @@ def read_manifest(folder) -> dict:
     from fastclt.checkpoint import read_json
     folder = Path(folder)
     m = read_json(folder / MANIFEST, "data.path manifest")
-    if not isinstance(m, dict) or m.get("format") != FORMAT or not m.get("shards"):
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list) or not m["shards"]:
         raise ConfigError(f"data.path: {folder / MANIFEST} is not a fastclt activations manifest with shards")
-    for s in m["shards"]:
-        for key in ("x", "y") if "x" in s else ("file",):
-            if not (folder / s[key]).is_file():
-                raise ConfigError(f"data.path: shard file {folder / s[key]} listed in the manifest is missing")
+    for key in ("n_layers", "d_in", "d_out"):
+        if isinstance(m.get(key), bool) or not isinstance(m.get(key), int):
+            raise ConfigError(f"data.path: {folder / MANIFEST} records {key} {m.get(key)!r}; expected an integer")
+    for j, s in enumerate(m["shards"]):
+        names = ("x", "y") if isinstance(s, dict) and "x" in s else ("file",)
+        if not isinstance(s, dict) or any(not isinstance(s.get(k), str) for k in names):
+            raise ConfigError(f"data.path: manifest entry {j} of {folder / MANIFEST} is not an object naming its "
+                              f"file (\"file\", or \"x\" and \"y\"): {s!r}")
     return m
 
 
@@ -112,16 +116,16 @@ def check_shards(folder: Path, manifest: dict, n_layers: int, d_in: int, d_out: 
     from fastclt.checkpoint import CheckpointError, read_header, sha256_file
     want = {"x": (n_layers, d_in), "y": (n_layers, d_out)}
     total = 0
-    for j, s in enumerate(manifest["shards"]):
-        if not isinstance(s, dict):
-            raise ConfigError(f"data.path: manifest entry {j} of {folder / MANIFEST} is not an object")
-        files = {"x": s["x"], "y": s["y"]} if "x" in s else {"x": s.get("file"), "y": s.get("file")}
+    for j, s in enumerate(manifest["shards"]):  # (entries as read_manifest checked them)
+        one_file = "x" not in s  # one safetensors file holding x and y, or x and y .npy files
+        names = ("file",) if one_file else ("x", "y")
+        files = {"x": s["file"], "y": s["file"]} if one_file else {"x": s["x"], "y": s["y"]}
         shapes = {}
         for key, name in files.items():
-            path = folder / str(name)
-            if name is None or not path.is_file():
+            path = folder / name
+            if not path.is_file():
                 raise ConfigError(f"data.path: shard file {path} listed in the manifest is missing")
-            if "file" in s:
+            if one_file:
                 try:
                     entries, _ = read_header(path, "data.path shard")
                 except CheckpointError as e:
@@ -144,20 +148,17 @@ def check_shards(folder: Path, manifest: dict, n_layers: int, d_in: int, d_out: 
             shapes[key] = tuple(shape)
         n = shapes["x"][0]
         if shapes["y"][0] != n or s.get("n_tokens", n) != n:
-            raise ConfigError(f"data.path: shard {folder / str(files['x'])} holds {n} rows of x and {shapes['y'][0]} "
+            raise ConfigError(f"data.path: shard {folder / files['x']} holds {n} rows of x and {shapes['y'][0]} "
                               f"of y; the manifest says {s.get('n_tokens')}")
         total += n
         if verify:
-            digests = s.get("sha256")
-            if "file" in s:
-                digests = {"file": digests}
-            if not isinstance(digests, dict) or any(not isinstance(digests.get(k), str) for k in digests) or not digests:
+            digests = {"file": s.get("sha256")} if one_file else s.get("sha256")
+            if not isinstance(digests, dict) or any(not isinstance(digests.get(k), str) for k in names):
                 raise ConfigError(f"data.verify: the manifest records no SHA-256 for shard {j} ({files['x']})")
-            for key, digest in digests.items():
-                path = folder / str(s[key])
-                if sha256_file(path) != digest:
-                    raise ConfigError(f"data.verify: shard {path} does not match the SHA-256 in the manifest "
-                                      f"(modified or corrupt)")
+            for k in names:
+                if sha256_file(folder / s[k]) != digests[k]:
+                    raise ConfigError(f"data.verify: shard {folder / s[k]} does not match the SHA-256 in the "
+                                      f"manifest (modified or corrupt)")
     if manifest.get("n_tokens", total) != total:
         raise ConfigError(f"data.path: the shards hold {total} tokens; {folder / MANIFEST} says {manifest['n_tokens']}")
 
