@@ -113,6 +113,23 @@ def test_saved_config_round_trips(tmp_path):
     assert json.loads((out / "config.json").read_text()) == first.to_dict()
 
 
+def test_a_section_from_its_own_file(tmp_path, capsys):
+    """--model FILE.yaml reads the model section (a section's name is never the shorthand of a field
+    of that name, here data.model), also from inside --config; a missing file is an error naming it."""
+    (tmp_path / "model.yaml").write_text("n_features: 64\nactivation: topk\n")
+    cfg = load_config(["--model", str(tmp_path / "model.yaml"), "--model.k", "8"])
+    assert (cfg.model.n_features, cfg.model.activation, cfg.model.k, cfg.data.model) == (64, "topk", 8, None)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": str(tmp_path / "model.yaml"), "train": {"lr": 1e-4}}))
+    cfg = load_config(["--config", str(tmp_path / "run.yaml")])
+    assert (cfg.model.n_features, cfg.train.lr) == (64, 1e-4)
+    assert load_config(["--train", "{lr: 2.0e-4, steps: 7}"]).train.steps == 7
+    assert main(["--model", str(tmp_path / "lm"), "--out_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model: file {tmp_path / 'lm'} does not exist"), err
+    assert main(["--train", str(tmp_path / "model.yaml"), "--out_dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: train.n_features: unknown option")
+
+
 def test_print_config_prints_the_resolved_configuration(tmp_path, capsys):
     """--print_config: the validated configuration, model section resolved, as YAML that loads back
     to it; nothing is written. An invalid value is an error as in training."""

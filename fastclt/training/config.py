@@ -421,9 +421,10 @@ def _fields() -> dict:
 
 
 def _expand(argv: list) -> list:
-    """The shorthand and checks the parser does not do: ``--key`` naming one field → ``--section.key``;
-    ``-`` in a key → ``_``; unknown sections and keys, and the model fields the trainer records, are
-    errors naming them; ``--config`` goes first (the command line overrides the file)."""
+    """The shorthand and checks the parser does not do: ``--key`` naming one field → ``--section.key``
+    (a section's name is the section: ``--model FILE.yaml``, not data.model); ``-`` in a key → ``_``;
+    unknown sections and keys, and the model fields the trainer records, are errors naming them;
+    ``--config`` goes first (the command line overrides the file)."""
     fields = _fields()
     first, rest = [], []
     i = 0
@@ -445,6 +446,12 @@ def _expand(argv: list) -> list:
         i += 1
         if key == "config":
             first += ["--config", text]
+            continue
+        if key in SECTIONS:  # --section FILE.yaml (or an inline YAML mapping): that section, for jsonargparse
+            if text and not text.lstrip().startswith("{") and not Path(text).is_file():
+                raise ConfigError(f"{key}: file {text} does not exist (--{key} reads the {key} section from a "
+                                  f"YAML file; a field of it is --{key}.NAME)")
+            rest.append(f"--{key}={text}")
             continue
         if "." not in key and key != "out_dir":
             hits = [s for s, names in fields.items() if key in names]
@@ -517,7 +524,8 @@ def load_config(argv: list) -> RunConfig:
         if not hasattr(body, "as_dict"):
             raise ConfigError(f"{name}: expected a section mapping (model, train, data, eval, checkpoint, log) "
                               f"or out_dir, got {body!r}")
-        sections[name] = cls(**body.as_dict())
+        # (a section read from its own file carries that file's path as __path__)
+        sections[name] = cls(**{k: v for k, v in body.as_dict().items() if k != "__path__"})
     cfg = RunConfig(**sections, out_dir=ns.get("out_dir"))
     validate(cfg)
     return cfg
