@@ -41,6 +41,7 @@ TEST = [
     ("transformers", "transformers"),
     ("datasets", "datasets"),
     ("matplotlib", "matplotlib"),
+    ("ruff", "ruff"),
 ]
 # (import name, pip arguments): optional; see the module docstring.
 INTEROP = [
