@@ -1,4 +1,4 @@
-# fastclt: `make train` trains the default CLT, `make test` runs the test suite.
+# fastclt: `make train` trains the default CLT, `make test` runs the test suite, `make lint` the linter.
 # Each creates .venv (reusing a system-wide PyTorch when there is one) and installs what is missing.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: env install train test bench gpu-check gpu-check-dry clean
+.PHONY: env install train test lint bench gpu-check gpu-check-dry clean
 
 $(VENV)/.bootstrapped: tools/bootstrap.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -23,6 +23,10 @@ train: install
 
 test: install
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# ruff (installed by tools/bootstrap.py with the test dependencies), configured in pyproject.toml
+lint: env
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) -m benchmarks.run --suite all

@@ -1,5 +1,5 @@
 """End-to-end training step: ``model.loss(x, y).loss.backward()`` then ``torch.optim.Adam.step()``,
-through the public API (SPEC §8), for
+through the public API (docs/DESIGN.md §10), for
 
     sae-topk                      fastclt.SparseAutoencoder, TopK            (shapes with "sae")
     plt-jumprelu                  fastclt.CrossLayerTranscoder, n_layers=1   (shapes with "sae")

@@ -57,18 +57,21 @@ class Stage:
     dry_bench: list = field(default_factory=list)
 
 
-EXT_TESTS = ["test_ext_cuda.py", "test_ext_ops.py", "test_ext_encode.py", "test_ext_clt_decode.py"]
-TRITON_TESTS = ["test_triton_*.py"]
-MODEL_TESTS = ["test_dispatch.py", "test_clt_decoder_norms.py"]
+OP_TESTS = ["ops/test_*.py"]  # every op on every implementation: the CUDA extension's and Triton's at real sizes
+EXT_TESTS = ["ops/ext/test_*.py"]
+TRITON_TESTS = ["ops/triton/test_*.py"]
+MODEL_TESTS = ["test_model_kernels.py", "test_clt_decoder_norms.py"]
 TINY = ["--shapes", "tiny", "--device", "cpu"]
 
 # The plan, in order of value: what has never run on a GPU first, then the goal benchmarks, then the rest.
 STAGES = [
     Stage("build", "build fastclt._C with its CUDA kernels in place (nvcc, FASTCLT_CUDA_ARCH_LIST)", "build", 210, 60),
-    Stage("tests-ext-cuda", "extension CUDA ops: every shared case on CUDA, real sizes, hot features", "tests",
-          90, 20, files=EXT_TESTS),
-    Stage("tests-triton", "Triton kernels at real sizes (autotune limited to 2 configs)", "tests", 140, 30,
-          files=TRITON_TESTS),
+    Stage("tests-ops", "every op on every implementation on CUDA (the extension's CUDA kernels, never run "
+          "before, and Triton's), real sizes, against the reference", "tests", 160, 30, files=OP_TESTS),
+    Stage("tests-ext-cuda", "the extension's own CUDA checks: against the CPU kernels, hot features, opcheck",
+          "tests", 40, 15, files=EXT_TESTS),
+    Stage("tests-triton", "the Triton kernels' own checks at real sizes (autotune limited to 2 configs)", "tests",
+          60, 20, files=TRITON_TESTS),
     Stage("tests-models-cuda", "the models' default path and decoder norms on CUDA", "tests", 50, 20,
           files=MODEL_TESTS),
     Stage("bench-goals", "benchmarks of the goal cases (--quick)", "bench", 120, 40,
@@ -216,7 +219,7 @@ class Check:
             return sorted({str(p.relative_to(REPO)) for pat in stage.files for p in TESTS.glob(pat)})
         ran = {str(p.relative_to(REPO)) for s in STAGES if s.kind == "tests" and s.files for pat in s.files
                for p in TESTS.glob(pat)}
-        return sorted(str(p.relative_to(REPO)) for p in TESTS.glob("test_*.py")
+        return sorted(str(p.relative_to(REPO)) for p in TESTS.rglob("test_*.py")
                       if str(p.relative_to(REPO)) not in ran and p.name not in NOT_HERE)
 
     # ------------------------------------------------------------------ driver

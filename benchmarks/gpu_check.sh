@@ -7,13 +7,14 @@
 # What a GPU run does, in this order (each stage has a time budget; when it is spent the stage stops
 # cleanly, and a stage with too little time left is skipped — the summary says which):
 #   1. build              build fastclt._C with its CUDA kernels (sm_90a), in place        ≤ 210 s
-#   2. tests-ext-cuda     the extension's CUDA ops, never run before: every shared case on
-#                         CUDA, real sizes, hot features, against the CPU kernels           ≤  90 s
-#   3. tests-triton       the Triton kernels at real sizes (FASTCLT_AUTOTUNE_CONFIGS=2)      ≤ 140 s
-#   4. tests-models-cuda  the models' default path (kernels vs reference) on CUDA           ≤  50 s
-#   5. bench-goals        benchmarks of the goal cases (--quick)                           ≤ 120 s
-#   6. tests-rest         the rest of the test suite                                        ≤ 120 s
-#   7. bench-rest         the other benchmark cases, while time remains
+#   2. tests-ops          every op on every implementation on CUDA, real sizes, against the
+#                         reference: the extension's CUDA kernels (never run before), Triton ≤ 160 s
+#   3. tests-ext-cuda     the extension's own CUDA checks: vs the CPU kernels, hot features  ≤  40 s
+#   4. tests-triton       the Triton kernels' own checks (FASTCLT_AUTOTUNE_CONFIGS=2)        ≤  60 s
+#   5. tests-models-cuda  the models' default path (kernels vs reference) on CUDA           ≤  50 s
+#   6. bench-goals        benchmarks of the goal cases (--quick)                           ≤ 120 s
+#   7. tests-rest         the rest of the test suite                                        ≤ 120 s
+#   8. bench-rest         the other benchmark cases, while time remains
 # Exit status 1 when the build fails or any test fails. Outputs in OUT_DIR (at most 8 files):
 # summary.txt (plain: device, versions, each stage's status and counts, what was skipped, the
 # goal table, the verdict), build.log, tests.log, junit.xml, results.csv, results.md, bench.tar.gz.

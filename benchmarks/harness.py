@@ -258,15 +258,18 @@ def measure_peaks(device: torch.device, quick: bool = False) -> dict:
         n, dtype = (1024 if quick else 4096), torch.float32
         copy_bytes = min(max(2 * llc, 256 << 20), 512 << 20) if quick else min(max(4 * llc, 256 << 20), 1 << 30)
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    t_gemm = time_fns([lambda: torch.matmul(a, b, out=c)], device, policy).median_ms / 1e3
-    del a, b, c
-    src = torch.arange(copy_bytes // 4, device=device, dtype=torch.float32)  # cheap to make, not zeros
-    dst = torch.empty_like(src)
-    t_copy = time_fns([lambda: dst.copy_(src)], device, policy).median_ms / 1e3
-    del src, dst
+    def gemm_s() -> float:  # the operands are freed on return
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        return time_fns([lambda: torch.matmul(a, b, out=c)], device, policy).median_ms / 1e3
+
+    def copy_s() -> float:
+        src = torch.arange(copy_bytes // 4, device=device, dtype=torch.float32)  # cheap to make, not zeros
+        dst = torch.empty_like(src)
+        return time_fns([lambda: dst.copy_(src)], device, policy).median_ms / 1e3
+
+    t_gemm, t_copy = gemm_s(), copy_s()
     release(device)
     return {
         "peak_flops": 2 * n**3 / t_gemm, "peak_flops_dtype": str(dtype).replace("torch.", ""),

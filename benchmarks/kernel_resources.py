@@ -17,7 +17,7 @@ stack as loaded) and the shared memory Triton launches the kernel with.
 Output: one line per specialisation and a summary on stdout; ``resources.csv`` (one row per
 specialisation), ``resources.md`` (summary, then the table) and ``meta.json`` (versions, commit,
 summary) in ``<out>/ptxas-<target>-triton<version>/`` (default out: ``benchmarks/results``). ``--quick``: the CI
-subset (``tests/test_triton_compile.py``). ``--save-specs`` / ``--specs``: record with one Triton,
+subset (``tests/ops/triton/test_triton_compile.py``). ``--save-specs`` / ``--specs``: record with one Triton,
 compile with another (an interpreter that cannot run the workload, e.g. Triton 3.6 with NumPy ≥ 2.4).
 
 Exit status: 1 when a hot-path specialisation (``is_hot``: the bf16 encode in every mode and
@@ -141,9 +141,10 @@ def workload(B: int, d: int, F: int, L: int, D: int, D_hot: int, D_clt: int) -> 
     hot-feature path) columns, CLT decode to D_clt."""
     import torch
 
+    import fastclt.ops.triton._common as tk
     import fastclt.ops.triton.clt_decode as tcd
+    import fastclt.ops.triton.decode as tsd
     import fastclt.ops.triton.encode as tenc
-    import fastclt.ops.triton.sparse_decode as tsd
     from fastclt.codes import SparseCodes
     from fastclt.ops.triton.auxk import auxk_select
 
@@ -173,14 +174,14 @@ def workload(B: int, d: int, F: int, L: int, D: int, D_hot: int, D_clt: int) -> 
             v = codes.value.clone().requires_grad_(need_v)
             tsd.sparse_decode(SparseCodes(codes.row_ptr, codes.index, v, F), Wd,
                               torch.zeros(D, dtype=dtype, requires_grad=True)).float().sum().backward()
-        chunk, tsd.SEGMENT_CHUNK = tsd.SEGMENT_CHUNK, 2
+        chunk, tk.SEGMENT_CHUNK = tk.SEGMENT_CHUNK, 2
         try:
             hot = SparseCodes.from_topk(torch.zeros(B, 1, dtype=torch.int32), torch.rand(B, 1, generator=g).to(dtype), F)
             Wd = torch.randn(F, D_hot, generator=g).to(dtype).requires_grad_(True)
             tsd.sparse_decode(SparseCodes(hot.row_ptr, hot.index, hot.value.requires_grad_(True), F), Wd) \
                 .float().sum().backward()
         finally:
-            tsd.SEGMENT_CHUNK = chunk
+            tk.SEGMENT_CHUNK = chunk
         # CLT decode: every tying, with and without the feature affine, W trained or frozen
         cl = [SparseCodes.from_topk(torch.randint(0, F, (B, 2), generator=g, dtype=torch.int32),
                                     torch.rand(B, 2, generator=g).to(dtype), F) for _ in range(L)]
@@ -599,7 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "to compile with a Triton whose interpreter cannot run the workload (Triton 3.6 with "
                          "NumPy >= 2.4), record with another")
     ap.add_argument("--quick", action="store_true",
-                    help="the CI subset (tests/test_triton_compile.py): every small kernel, the encode's "
+                    help="the CI subset (tests/ops/triton/test_triton_compile.py): every small kernel, the encode's "
                          "TopK/BatchTopK candidates mode at every config, its other modes at the first")
     ap.add_argument("--jobs", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                     help="parallel compiles (default: CPU count, at most 8)")

@@ -43,7 +43,7 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
     Shape("btk-8192", B=8192, d=4096, F=131072, k=64, ops=("topk", "batch_topk"),
           note="the BatchTopK goal: h of 8192 x 131072"),
     Shape("cpu-small", B=2048, d=768, F=16384, k=32, L=4, k_aux=256, device="cpu",
-          note="the CPU goals (issue 6); L is used by the CLT ops only"),
+          note="the CPU goals of the README; L is used by the CLT ops only"),
     Shape("tiny", B=64, d=32, F=256, k=4, L=3, models=("sae", "clt"), k_aux=16, device="ci",
           note="CI: every suite in seconds on a CPU"),
 ]}

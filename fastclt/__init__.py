@@ -1,5 +1,5 @@
 """fastclt: sparse dictionaries (SAEs, per-layer and cross-layer transcoders) at the speed limit
-of the GPU. See SPEC §8 for the public API."""
+of the GPU. See docs/DESIGN.md §10 for the public API."""
 from fastclt.codes import SparseCodes
 from fastclt.config import CLTConfig, SAEConfig
 from fastclt.models import CrossLayerTranscoder, LossOutput, SparseAutoencoder

@@ -145,11 +145,11 @@ _PY_KERNELS = []  # the torch.library.Library holding Python kernels (kept alive
 
 def _register_python_kernels() -> None:
     """Device kernels written in Python over the C++ ops: ``batch_topk`` on CUDA is the radix select
-    of ``fastclt.ops.ext_ops.batch_topk_radix`` (histogram passes, then one compaction)."""
+    of ``fastclt.ops.ext.select.batch_topk_radix`` (histogram passes, then one compaction)."""
     lib = torch.library.Library("fastclt", "IMPL")
 
     def batch_topk_cuda(h, k_total):
-        from fastclt.ops.ext_ops import batch_topk_radix
+        from fastclt.ops.ext.select import batch_topk_radix
 
         return batch_topk_radix(h, k_total)
 

@@ -1,4 +1,4 @@
-"""Sparse codes: the one interchange form between ops (SPEC §6).
+"""Sparse codes: the one interchange form between ops (docs/DESIGN.md §6).
 
 Per layer, token-major CSR:
 
@@ -8,7 +8,7 @@ Per layer, token-major CSR:
 
 TopK codes are the special case of a fixed row length k; ``index`` / ``value`` can then be viewed
 as [B, k] (``SparseCodes.k`` is set). JumpReLU codes may also hold explicit zero entries just below
-the threshold (the straight-through band of SPEC §3) so that the sparse backward visits them; an
+the threshold (the straight-through band of docs/DESIGN.md §3) so that the sparse backward visits them; an
 entry is *active* when its value is > 0.
 """
 from __future__ import annotations

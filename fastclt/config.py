@@ -1,4 +1,4 @@
-"""Model configurations (SPEC §8): ``CLTConfig`` and ``SAEConfig``.
+"""Model configurations (docs/DESIGN.md §10): ``CLTConfig`` and ``SAEConfig``.
 
 Both are plain dataclasses validated on construction; every error names the field and what was
 expected. ``to_dict`` / ``from_dict`` round-trip through JSON (``config.json`` of a saved model).
@@ -9,12 +9,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from fastclt.names import ACTIVATIONS, NORMALIZATIONS, SELECTIONS, SPARSITY_KINDS, TYINGS
+
 __all__ = ["CLTConfig", "SAEConfig", "ACTIVATIONS", "TYINGS", "NORMALIZATIONS", "INPUT_HOOKS"]
 
-ACTIVATIONS = ("jumprelu", "relu", "topk", "batchtopk")
-TYINGS = ("none", "per_source", "per_target")
-NORMALIZATIONS = ("none", "mean_std", "sqrt_d")
-SPARSITY = ("tanh", "l1")
 THRESHOLD_PARAMS = ("raw", "log")
 RECONSTRUCTION = ("mse", "fvu")
 NONFINITE = ("error", "skip", "ignore")
@@ -69,13 +67,13 @@ class _DictionaryConfig:
         _positive_int("n_features", n_features)
         _choice("activation", self.activation, ACTIVATIONS)
         _positive_int("k", self.k)
-        if self.activation in ("topk", "batchtopk") and self.k > n_features:
+        if self.activation in SELECTIONS and self.k > n_features:
             raise ValueError(f"k: expected 1 <= k <= n_features={n_features}, got {self.k}")
         _choice("normalization", self.normalization, NORMALIZATIONS)
         _nonneg_float("threshold_init", self.threshold_init, strictly_positive=self.threshold_param == "log")
         _choice("threshold_param", self.threshold_param, THRESHOLD_PARAMS)
         _nonneg_float("jumprelu_bandwidth", self.jumprelu_bandwidth, strictly_positive=True)
-        _choice("sparsity", self.sparsity, SPARSITY)
+        _choice("sparsity", self.sparsity, SPARSITY_KINDS)
         _nonneg_float("sparsity_coef", self.sparsity_coef)
         _nonneg_float("sparsity_c", self.sparsity_c, strictly_positive=True)
         _nonneg_float("preact_coef", self.preact_coef)
@@ -134,7 +132,7 @@ class _DictionaryConfig:
 
 @dataclass
 class CLTConfig(_DictionaryConfig):
-    """Cross-layer transcoder (``n_layers=1``: a per-layer transcoder). SPEC §2–§5, §8.
+    """Cross-layer transcoder (``n_layers=1``: a per-layer transcoder). docs/DESIGN.md §2–§5, §10.
 
     n_layers, d_in, d_out, n_features (per layer): sizes.
     activation: "jumprelu" | "relu" | "topk" | "batchtopk"; k: active features per token per layer
@@ -195,7 +193,7 @@ class CLTConfig(_DictionaryConfig):
 
 @dataclass
 class SAEConfig(_DictionaryConfig):
-    """Sparse autoencoder (SPEC §2): ``a = act(W_enc (x − b_dec) + b_enc)``, ``x̂ = W_decᵀ a + b_dec``.
+    """Sparse autoencoder (docs/DESIGN.md §2): ``a = act(W_enc (x − b_dec) + b_enc)``, ``x̂ = W_decᵀ a + b_dec``.
 
     Fields as CLTConfig; d_in is both input and output width. The decoder rows are kept at unit
     norm by ``post_step()`` when ``unit_norm_decoder``. b_dec_init: "geometric_median" | "mean" |

@@ -28,7 +28,6 @@ hooks removed, also when the call raises.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional

@@ -1,11 +1,11 @@
-"""Cases shared by the encode kernels' tests (Triton: test_triton_encode.py; the extension:
-test_ext_encode.py): inputs, a run that backpropagates a fixed fp64 upstream through the dense
-codes, checks of the CSR layout and of a kept set, and the fp64 oracle on a given kept set."""
+"""Cases shared by the encode tests (tests/ops/test_encode.py, test_auxk.py and the backends'
+own): inputs, a run that backpropagates a fixed fp64 upstream through the dense codes, checks of
+the CSR layout and of a kept set, and the fp64 oracle on a given kept set."""
 import torch
 
-from fastclt.ops.activation import jumprelu_dense
-from fastclt.ops.encode import encode as ref_encode
-from fastclt.ops.encode import preacts
+from fastclt.ops.reference.activation import jumprelu_dense
+from fastclt.ops.reference.encode import encode as ref_encode
+from fastclt.ops.reference.encode import preacts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BW = 0.5  # a wide JumpReLU band, so that the tiny tests hold band entries

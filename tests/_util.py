@@ -1,4 +1,4 @@
-"""Closeness checks used by the tests (relative RMSE with an absolute floor; see STYLE.md)."""
+"""Closeness checks used by the tests (relative error with an absolute floor)."""
 import torch
 
 

@@ -26,13 +26,15 @@ EXT_DEVICES = [
 
 @pytest.fixture(params=EXT_DEVICES)
 def ext_device(request) -> str:
-    """Each device the extension's kernels run on (tests of fastclt.ops.ext_ops)."""
+    """Each device the extension's kernels run on (tests of fastclt.ops.ext)."""
     return request.param
 
 
 @pytest.fixture
-def poisoned():
-    """fastclt._C outputs start as NaN / -1, so an element a kernel forgets to write fails the test."""
+def poisoned(monkeypatch):
+    """Kernel outputs start as NaN (-1 for indices), so an element a kernel forgets to write fails
+    the test: fastclt._C's (set_poison_outputs) and the Triton launchers' (FASTCLT_POISON=1)."""
+    monkeypatch.setenv("FASTCLT_POISON", "1")
     if _ext._C is None:  # not built: the tests that use it skip on their own
         yield
         return

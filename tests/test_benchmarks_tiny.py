@@ -25,19 +25,15 @@ STAMP = ("device", "device_name", "torch", "triton", "cuda", "commit", "date")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One run of every suite at the tiny shape on the CPU (one thread: CI machines are shared)."""
-    from fastclt.ops import _dispatch
     out = tmp_path_factory.mktemp("bench_tiny")
     threads = torch.get_num_threads()
-    registry = {op: dict(impls) for op, impls in _dispatch._REGISTRY.items()}
     env = {k: os.environ.get(k) for k in ("FASTCLT_IMPL", "SPARSIFY_DISABLE_TRITON")}
     torch.set_num_threads(1)
     try:
         res = run_suites(["ops", "train"], get_shapes("tiny"), out, device=torch.device("cpu"), quick=True,
                          log=lambda line: None)
-    finally:  # leave no trace for the tests that run after: threads, registered kernels, environment
+    finally:  # leave no trace for the tests that run after: threads, environment
         torch.set_num_threads(threads)
-        _dispatch._REGISTRY.clear()
-        _dispatch._REGISTRY.update(registry)
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)

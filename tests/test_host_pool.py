@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastclt import _ext
-from fastclt.ops import ext_ops
+from fastclt import ops
 
 pytestmark = pytest.mark.skipif(not _ext.build_info()["loaded"], reason=_ext.missing_message("cpu"))
 
@@ -76,15 +76,15 @@ def test_op_outputs_come_from_the_pool_and_are_poisoned_on_reuse():
     poisoned in poison mode: a kernel cannot hide an unwritten element behind last step's data."""
     B, F, d, k = 64, 2048, 512, 4  # dW_dec: 4 MiB
     h = torch.randn(B, F)
-    codes = ext_ops.topk(h, k)
+    codes = ops.topk(h, k, impl="cpu")
     W = torch.randn(F, d, requires_grad=True)
-    ext_ops.sparse_decode(codes, W).square().sum().backward()
+    ops.sparse_decode(codes, W, impl="cpu").square().sum().backward()
     first = W.grad.clone()
     W.grad = None
     hits = _ext.host_pool_stats()["hits"]
     _ext._C.set_poison_outputs(True)
     try:
-        ext_ops.sparse_decode(codes, W).square().sum().backward()
+        ops.sparse_decode(codes, W, impl="cpu").square().sum().backward()
     finally:
         _ext._C.set_poison_outputs(False)
     assert _ext.host_pool_stats()["hits"] > hits, "the second gradient did not reuse the first's block"
@@ -104,7 +104,7 @@ def test_bad_limit_in_the_environment_is_a_clear_error():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_preacts_into_a_pooled_buffer_matches_linear(dtype, bias):
-    from fastclt.ops.encode import preacts, preacts_layers
+    from fastclt.ops.reference.encode import preacts, preacts_layers
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(37, 3, 29, generator=g).to(dtype)

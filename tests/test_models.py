@@ -1,4 +1,4 @@
-"""The public API of SPEC §8: shapes, save/load, conversions, initialisation, normalisation."""
+"""The public API of docs/DESIGN.md §10: shapes, save/load, conversions, initialisation, normalisation."""
 import json
 
 import pytest

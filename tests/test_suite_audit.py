@@ -17,8 +17,8 @@ DEAD_MARK = re.compile(r"skipif\(\s*True\b|mark\.skip\(|^\s*if\s+(False|0)\s*:")
 
 
 def _sources():
-    """The test sources, this file excepted (its patterns would match themselves)."""
-    return [p for p in sorted(TESTS.glob("*.py")) if p.name != pathlib.Path(__file__).name]
+    """The test sources (every folder), this file excepted (its patterns would match themselves)."""
+    return [p for p in sorted(TESTS.rglob("*.py")) if p.name != pathlib.Path(__file__).name]
 
 
 def _comments(path: pathlib.Path):
@@ -29,13 +29,13 @@ def _comments(path: pathlib.Path):
 
 
 def test_no_test_cases_in_comments():
-    found = [f"{p.name}:{line}: {text}" for p in _sources() for line, text in _comments(p)
+    found = [f"{p.relative_to(TESTS)}:{line}: {text}" for p in _sources() for line, text in _comments(p)
              if CODE_IN_COMMENT.search(text)]
     assert not found, "test cases (sizes, GPU switches) inside comments run nowhere:\n" + "\n".join(found)
 
 
 def test_no_dead_skips():
-    found = [f"{p.name}:{i}: {line.strip()}" for p in _sources()
+    found = [f"{p.relative_to(TESTS)}:{i}: {line.strip()}" for p in _sources()
              for i, line in enumerate(p.read_text().splitlines(), 1) if DEAD_MARK.search(line)]
     assert not found, "unconditional skips / dead branches in tests:\n" + "\n".join(found)
 

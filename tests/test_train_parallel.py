@@ -1,6 +1,7 @@
 """Tensor parallel (tp=2 over gloo) equals one process: the sharded model's loss, metrics and every
 gradient (model level), and whole training runs — loss curve and final merged weights — for TopK,
-BatchTopK and JumpReLU. One torch.multiprocessing spawn of 2 ranks does all of it."""
+BatchTopK and JumpReLU. One torch.multiprocessing spawn of 2 ranks does all of it. (The sharded
+selections themselves: tests/ops/test_sharded.py.)"""
 import json
 import os
 
@@ -11,9 +12,7 @@ import torch.multiprocessing as mp
 
 import fastclt
 from fastclt.training.config import load_config
-from fastclt import _ext
-from fastclt.training import parallel
-from fastclt.training.parallel import TensorParallel, float_keys, shard_state, torch_histogram
+from fastclt.training.parallel import TensorParallel, shard_state
 
 RUN_ARGS = ["--model.n_layers", "3", "--model.d_in", "16", "--model.d_out", "16", "--model.n_features", "32",
             "--model.dtype", "float64", "--data.n_true", "16", "--data.true_l0", "2",
@@ -117,163 +116,6 @@ def _worker(rank, world, store_path, out_root):
 
 def _losses(path):
     return [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl"))]
-
-
-def test_radix_threshold_torch_path_is_exact():
-    """The torch histograms (any float dtype) find the exact cut: ties, ±0 (one key), ±Inf."""
-    from fastclt.ops.ext_ops import radix_threshold
-    torch.manual_seed(0)
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        h = torch.randn(3, 500).to(dtype)
-        h[0, :50] = 0.25  # ties
-        h[1, :10] = -0.0
-        h[1, 10:20] = 0.0
-        h[1, 20:] = -h[1, 20:].abs() - 1  # the cut of row 1 falls among the zeros of both signs
-        h[2, :5] = float("-inf")
-        h[2, 5] = float("inf")
-        bits = 64 if dtype == torch.float64 else 32
-        for k in (1, 7, 15, 60, 500):
-            cuts = radix_threshold(torch_histogram(list(h), bits), [k] * 3, bits, 8)
-            for g, c in enumerate(cuts):
-                keys = float_keys(h[g])
-                key = c.key - (1 << (bits - 1))
-                kth = torch.sort(h[g].double(), descending=True).values[k - 1]
-                assert int((keys > key).sum()) == c.n_greater and c.n_greater + c.n_take == k
-                assert c.n_equal_local == int((keys == key).sum()) >= c.n_take >= 1
-                assert bool((h[g][keys == key].double() == kth).all())
-    assert torch.equal(float_keys(torch.tensor([-0.0, 0.0])), float_keys(torch.tensor([0.0, 0.0])))
-
-
-@pytest.mark.skipif(not _ext.has_cpu_ext(), reason="needs the CPU kernels of fastclt._C")
-def test_torch_histogram_equals_the_extension_op():
-    """Both paths histogram the same keys (the extension's uint32 key, −0 folded), so ranks on
-    different paths could not disagree on counts — the paths are agreed anyway."""
-    h = torch.randn(7, 300)
-    h[:, :20] = 0.0
-    h[:, 20:40] = -0.0
-    hist = torch_histogram([h.reshape(-1)], 32)
-    for prefix, bits, step in ((0, 0, 8), (0x80, 8, 8), (0x7f, 8, 8), (0x3f80, 16, 8)):
-        assert torch.equal(hist([prefix], bits, step)[0], torch.ops.fastclt.batch_topk_histogram(h, prefix, bits, step))
-
-
-def _tp_expected(h: torch.Tensor, world: int, k_total_of, across: bool) -> torch.Tensor:
-    """bool [L, B, F]: the kept entries of sharded BatchTopK — the k_total largest, ties to the lowest
-    rank (feature block) first, then the lowest flat index within that rank's shard."""
-    L, B, F = h.shape
-    n = F // world
-    groups = [h] if across else [h[l:l + 1] for l in range(L)]
-    out = []
-    for g in groups:
-        shards = [g[..., r * n:(r + 1) * n] for r in range(world)]
-        flat = torch.cat([s.reshape(-1) for s in shards]).double() + 0.0  # the ±0 fold
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[torch.sort(flat, descending=True, stable=True).indices[:k_total_of(g)]] = True
-        parts = keep.split([s.numel() for s in shards])
-        out.append(torch.cat([p.view(s.shape) for p, s in zip(parts, shards)], -1))
-    return torch.cat(out, 0)
-
-
-def _tp_case(seed, dtype, L=3, B=16, F=64):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(L, B, F, generator=g)
-    h[:, :, ::3] = torch.randint(-2, 3, (L, B, (F + 2) // 3), generator=g).float() / 2  # ties, ±0 at the cut
-    h[:, ::2, ::5] = -0.0
-    return h.to(dtype)
-
-
-def _tp_batchtopk_worker(rank, world, store_path, fail_rank):
-    import warnings
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    F, k = 64, 5
-    n = F // world
-    dtypes = (torch.float32, torch.bfloat16, torch.float64)
-    for case in ("plain", "fail", "no_ext_here"):
-        tp = TensorParallel(None, world, rank)
-        if case == "fail" and rank == fail_rank:  # the extension's histogram raises on its second pass
-            real = parallel._ext_histogram
-
-            def failing(groups):
-                inner, calls = real(groups), []
-
-                def histogram(prefixes, bits, step):
-                    calls.append(1)
-                    if len(calls) == 2:
-                        raise RuntimeError("injected failure")
-                    return inner(prefixes, bits, step)
-                return histogram
-            parallel._ext_histogram = failing
-        if case == "no_ext_here" and rank == fail_rank:  # as if this rank had no CPU kernels
-            has_cpu_ext = _ext.has_cpu_ext
-            _ext.has_cpu_ext = lambda: False
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for dtype in dtypes:
-                for across in (False, True):
-                    h = _tp_case(7, dtype).requires_grad_()
-                    shard = h.detach()[..., rank * n:(rank + 1) * n].clone().requires_grad_()
-                    codes = tp.batch_topk(shard, k, across_layers=across)
-                    mine = torch.stack([torch.zeros(16, n, dtype=torch.bool).index_put_(
-                        (c.row_ids(), c.index.long()), torch.tensor(True)) for c in codes])
-                    want = _tp_expected(h.detach(), world, lambda g: k * 16 * g.shape[0], across)[..., rank * n:(rank + 1) * n]
-                    assert torch.equal(mine, want), (case, dtype, across, rank)
-                    for l, c in enumerate(codes):
-                        assert torch.equal(c.value, torch.relu(shard.detach()[l][c.row_ids(), c.index.long()]))
-                    sum(c.value.float().sum() for c in codes).backward()
-                    grad = torch.where(want & (shard.detach() > 0), 1.0, 0.0).to(dtype)
-                    assert torch.equal(shard.grad, grad), (case, dtype, across)
-        ext_ok = tp._ext_ok.get(("cpu", torch.float32))
-        if case == "plain":
-            assert ext_ok is _ext.has_cpu_ext() and not caught
-        else:  # every rank on the torch path together, from the agreement or the failed pass on
-            assert ext_ok is False, (case, rank)
-            if case == "fail" and _ext.has_cpu_ext():
-                assert any("failed on 1 rank" in str(w.message) for w in caught), (rank, [str(w.message) for w in caught])
-        if case == "fail" and rank == fail_rank:
-            parallel._ext_histogram = real
-        if case == "no_ext_here" and rank == fail_rank:
-            _ext.has_cpu_ext = has_cpu_ext
-    # NaN on one rank only: a ValueError on every rank (the count is all-reduced), no hang
-    tp = TensorParallel(None, world, rank)
-    for dtype in (torch.float32, torch.float64):
-        shard = _tp_case(8, dtype)[..., rank * n:(rank + 1) * n].clone()
-        if rank == 1:
-            shard[1, 2, 3] = float("nan")
-        with pytest.raises(ValueError, match="NaN"):
-            tp.batch_topk(shard, k)
-    dist.destroy_process_group()
-
-
-def test_tp_batch_topk_exact_agreed_and_failure_safe(tmp_path):
-    """Two gloo ranks: sharded BatchTopK (per layer and across layers; fp32, bf16 — the extension's
-    ops —, fp64 — torch ops) keeps exactly the entries of the unsharded selection with ties to the
-    lower rank, with ±0 tying at the cut; when the extension's histogram raises on one rank, or one
-    rank lacks the extension, every rank takes the torch path together and the result is the same."""
-    mp.spawn(_tp_batchtopk_worker, args=(2, str(tmp_path / "store"), 1), nprocs=2, join=True)
-
-
-def test_tp_batch_topk_memory_is_o_of_kept(tmp_path, monkeypatch):
-    """Extra memory of the sharded BatchTopK (one rank of one): a small multiple of the kept entries
-    plus the torch path's CHUNK-element temporaries, never keys or masks of all of h."""
-    from _alloc import AllocationTracker
-    monkeypatch.setattr(parallel, "CHUNK", 1 << 14)
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        tp = TensorParallel(None, 1, 0)
-        L, B, F, k = 2, 64, 8192, 8
-        kept = k * B * L
-        for dtype in (torch.float32, torch.float64):
-            h = torch.randn(L, B, F, dtype=dtype)
-            for across in (False, True):
-                tp.batch_topk(h, k, across_layers=across)  # warm: the path agreement
-                with AllocationTracker() as t:
-                    codes = tp.batch_topk(h, k, across_layers=across)
-                assert sum(c.nnz for c in codes) == kept
-                bound = 64 * kept + 48 * parallel.CHUNK + (1 << 16)  # fp64 keys: 8 bytes, and masks
-                assert t.peak <= bound, (dtype, across, t.peak, bound, sorted(t.log, key=lambda e: -e[1])[:5])
-                assert t.peak < h.numel(), (dtype, across)  # under one byte per element of h
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tp2_equals_one_process(tmp_path):

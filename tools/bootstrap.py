@@ -43,6 +43,7 @@ TEST = [
     ("transformers", "transformers"),
     ("datasets", "datasets"),
     ("matplotlib", "matplotlib"),
+    ("ruff", "ruff"),
 ]
 # (import name, pip arguments): optional; see the module docstring.
 INTEROP = [

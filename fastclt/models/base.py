@@ -1,4 +1,4 @@
-"""What every sparse dictionary shares: input checks, normalisation, the loss of SPEC §4, the
+"""What every sparse dictionary shares: input checks, normalisation, the loss of docs/DESIGN.md §4, the
 BatchTopK → JumpReLU statistics, and safetensors save/load.
 
 Internally every dictionary is *layered*: inputs are [B, L, d_in], targets [B, L, d_out], encoder
@@ -108,8 +108,9 @@ class SparseDictionary(nn.Module):
         self.cfg = cfg
         self.impl = "auto"
         # Tensor parallelism (fastclt.training.parallel.TensorParallel, or None): this module then
-        # holds F/tp features of every layer; selections, partial decodes and feature sums go
-        # through ``self.tp`` so that the result equals the unsharded model's.
+        # holds F/tp features of every layer; the selection ops run over all shards (their
+        # ``group=`` is ``tp.process_group``) and partial decodes and feature sums go through
+        # ``self.tp``, so that the result equals the unsharded model's.
         self.tp = None
         L, F = self.n_layers, cfg.n_features
         dt = _DTYPES[cfg.dtype]
@@ -135,7 +136,7 @@ class SparseDictionary(nn.Module):
         return self.b_enc.device
 
     def _make_threshold(self, shape: tuple) -> None:
-        """JumpReLU thresholds of ``shape``: raw θ (default) or log θ, per SPEC §3."""
+        """JumpReLU thresholds of ``shape``: raw θ (default) or log θ, per docs/DESIGN.md §3."""
         if self.cfg.activation != "jumprelu":
             return
         init = torch.full(shape, float(self.cfg.threshold_init), dtype=self.param_dtype)
@@ -160,7 +161,7 @@ class SparseDictionary(nn.Module):
 
     @torch.no_grad()
     def post_step(self) -> None:
-        """Call after each optimizer step: keeps a raw JumpReLU threshold ≥ 0 (SPEC §3)."""
+        """Call after each optimizer step: keeps a raw JumpReLU threshold ≥ 0 (docs/DESIGN.md §3)."""
         if self.cfg.activation == "jumprelu" and self.cfg.threshold_param == "raw":
             self._parameters["threshold"].clamp_(min=0)
 
@@ -253,34 +254,30 @@ class SparseDictionary(nn.Module):
         x_c = xn.to(cdt)
         W_c, b_c = W_enc.to(cdt), b_enc.to(cdt)
         L = self.n_layers
-        # per-layer views by unbind (one stack in the backward), not by indexing: each ``W_c[l]``
-        # would allocate and zero a full [L, F, d] gradient in the backward (L² traffic)
         tp = self.tp
+        group = None if tp is None else tp.process_group  # selections run over all feature shards
         if tp is not None and pre_bias is not None:
             # The pre-bias is replicated; its gradient through the sharded encoder is a partial sum.
             x_c = tp.copy_in(x_c - pre_bias)
             pre_bias = None
-        if tp is not None and cfg.activation in ("topk", "batchtopk"):
-            h = ops.preacts_layers(x_c, W_c, b_c, pre_bias)
-            if cfg.activation == "topk":
-                codes = [tp.topk(h[l], cfg.k) for l in range(L)]
-            else:
-                codes = tp.batch_topk(h, cfg.k, across_layers=getattr(cfg, "batchtopk_across_layers", False))
-            return codes, (list(h.unbind(0)) if need_preacts else None)
-        if cfg.activation == "batchtopk" and getattr(cfg, "batchtopk_across_layers", False):
-            if not need_preacts:  # fused: no dense [L, B, F] kept for autograd
-                return ops.encode_layers(x_c, W_c, b_c, cfg.k, pre_bias, impl=self.impl), None
-            h = ops.preacts_layers(x_c, W_c, b_c, pre_bias)
-            codes = ops.batch_topk_layers(h, cfg.k, impl=self.impl)
-            return codes, list(h.unbind(0))
+        if cfg.activation == "batchtopk":
+            across = getattr(cfg, "batchtopk_across_layers", False)
+            if not need_preacts:  # fused: no dense [L, B, F] kept for autograd; one selection for all layers
+                return ops.encode_layers(x_c, W_c, b_c, cfg.k, pre_bias, across_layers=across, group=group,
+                                         impl=self.impl), None
+            if across:
+                h = ops.preacts_layers(x_c, W_c, b_c, pre_bias)
+                return ops.batch_topk_layers(h, cfg.k, group=group, impl=self.impl), list(h.unbind(0))
         codes, hs = [], []
+        # per-layer views by unbind (one stack in the backward), not by indexing: each ``W_c[l]``
+        # would allocate and zero a full [L, F, d] gradient in the backward (L² traffic)
         xs, Ws, bs = _per_layer(x_c, 1), _per_layer(W_c), _per_layer(b_c)
         thetas = None if theta is None else _per_layer(theta.to(cdt))
         for l in range(L):
             out = ops.encode(xs[l], Ws[l], bs[l], activation=cfg.activation, k=cfg.k,
                              threshold=None if thetas is None else thetas[l],
                              bandwidth=cfg.jumprelu_bandwidth, pre_bias=pre_bias,
-                             return_preacts=need_preacts, impl=self.impl)
+                             return_preacts=need_preacts, group=group, impl=self.impl)
             if need_preacts:
                 codes.append(out[0])
                 hs.append(out[1])
@@ -316,7 +313,7 @@ class SparseDictionary(nn.Module):
 
     def loss(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, dead_mask: Optional[torch.Tensor] = None, *,
              sparsity_coef: Optional[float] = None, preact_coef: Optional[float] = None) -> LossOutput:
-        """The training loss of SPEC §4 on a batch (in normalised space).
+        """The training loss of docs/DESIGN.md §4 on a batch (in normalised space).
 
         sparsity_coef / preact_coef override the config's λ / λ_p (the trainer ramps λ).
         dead_mask: [L, F] bool (SAE: [F]) — adds AuxK for TopK/BatchTopK dictionaries.
@@ -339,8 +336,8 @@ class SparseDictionary(nn.Module):
         codes, hs = self._encode_n(xn, need_preacts=need_pre)
         y_hat = self._decode_n(codes, xn, bias=True)
 
-        sq = ops.losses.squared_error(yn, y_hat)  # [L]
-        tv = ops.losses.total_variance(yn).clamp_min(1e-12)
+        sq = ops.squared_error(yn, y_hat)  # [L]
+        tv = ops.total_variance(yn).clamp_min(1e-12)
         B = max(xn.shape[0], 1)
         mse_l, fvu_l = sq / B, sq / tv
         recon = (fvu_l if cfg.reconstruction_loss == "fvu" else mse_l).sum()
@@ -400,7 +397,7 @@ class SparseDictionary(nn.Module):
         gradient (an SAE with unit-norm decoder rows); nothing for other dictionaries."""
 
     def _auxk(self, xn, yn, y_hat, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK (SPEC §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip."""
+        """AuxK (docs/DESIGN.md §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip."""
         tp = self.tp
         n_dead = int(dead.sum()) if tp is None else int(tp.sum_detached(dead.sum()))
         if n_dead == 0:
@@ -411,10 +408,9 @@ class SparseDictionary(nn.Module):
         # b_dec enters an SAE's encoder as a pre-bias; AuxK must not train it through that path either.
         pre_bias = None if pre_bias is None else pre_bias.detach().to(cdt)
         k_aux = self.cfg.effective_k_aux
-        select = ops.auxk_select if tp is None else tp.auxk_select
-        kw = {"impl": self.impl} if tp is None else {}
-        aux_codes = [select(xn[:, l].to(cdt), W_enc[l].to(cdt), b_enc[l].to(cdt), dead[l], k_aux, pre_bias, **kw)
-                     for l in range(self.n_layers)]
+        group = None if tp is None else tp.process_group
+        aux_codes = [ops.auxk_select(xn[:, l].to(cdt), W_enc[l].to(cdt), b_enc[l].to(cdt), dead[l], k_aux, pre_bias,
+                                     group=group, impl=self.impl) for l in range(self.n_layers)]
         e_hat = self._decode_n(aux_codes, None, bias=False)
         residual = (yn - y_hat).detach()
         return ops.auxk_loss(e_hat, residual, yn, n_dead / self.n_layers, k_aux)
@@ -465,7 +461,7 @@ class SparseDictionary(nn.Module):
         return torch.where(self.feature_cut_count >= min_count, per_feature, layer)
 
     def to_jumprelu(self, min_count: int = 100):
-        """A JumpReLU copy of this TopK/BatchTopK dictionary (SPEC §3), for inference, with the
+        """A JumpReLU copy of this TopK/BatchTopK dictionary (docs/DESIGN.md §3), for inference, with the
         thresholds of the training statistics (see ``calibrate_jumprelu`` for thresholds set on
         held-out activations)."""
         return self._jumprelu_copy(self.jumprelu_thresholds(min_count))

@@ -1,4 +1,4 @@
-"""Cross-layer transcoder (SPEC §2, §8); ``n_layers=1`` is a per-layer transcoder (PLT).
+"""Cross-layer transcoder (docs/DESIGN.md §2, §10); ``n_layers=1`` is a per-layer transcoder (PLT).
 
     a_s = act(W_enc[s] x_s + b_enc[s])                      x: [B, L, d_in] → L sparse codes over F
     ŷ_t = Σ_{s ≤ t} D^{s→t}(a_s) + b_dec[t] (+ W_skip[t] x_t)  → [B, L, d_out]
@@ -65,7 +65,7 @@ class CrossLayerTranscoder(SparseDictionary):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """SPEC §5: encoder rows random unit directions (pre-activations O(1) on data with
+        """docs/DESIGN.md §5: encoder rows random unit directions (pre-activations O(1) on data with
         E‖x‖ = √d); decoders small, uniform ±1/√(L·F) (±1/√F for a per-layer set, as L
         separate transcoders); biases zero."""
         cfg = self.cfg
@@ -105,7 +105,7 @@ class CrossLayerTranscoder(SparseDictionary):
 
     def decoder_norms(self) -> torch.Tensor:
         """[L, F] fp32 (fp64 for an fp64 model): ‖W_dec,i^s‖ = sqrt(Σ_{t≥s} ‖W^{s→t}[i]‖²), the
-        concatenated norm of SPEC §4 (including the per-target scale when the feature affine is on).
+        concatenated norm of docs/DESIGN.md §4 (including the per-target scale when the feature affine is on).
         Each decoder row's norm is one fused reduction with fp32 accumulation (``_row_norms``): no
         fp32 copy or square of the decoder, forward or backward; zero rows get a zero gradient."""
         tying = self.cfg.decoder_tying
@@ -161,7 +161,7 @@ class CrossLayerTranscoder(SparseDictionary):
     # ------------------------------------------------------ initialisation
     @torch.no_grad()
     def initialize_from_data(self, x: torch.Tensor, y: torch.Tensor, fire_rate: Optional[float] = None) -> None:
-        """SPEC §5 from a data sample x: [N, L, d_in], y: [N, L, d_out]: fit the normalisation
+        """docs/DESIGN.md §5 from a data sample x: [N, L, d_in], y: [N, L, d_out]: fit the normalisation
         statistics, set b_dec to the mean of (normalised) y, and for JumpReLU with ``fire_rate``
         set b_enc so that each feature fires on that fraction of the sample."""
         xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))

@@ -1,4 +1,4 @@
-"""Sparse autoencoder (SPEC §2, §8): x: [B, d_in] → codes → x̂: [B, d_in].
+"""Sparse autoencoder (docs/DESIGN.md §2, §10): x: [B, d_in] → codes → x̂: [B, d_in].
 
     a = act(W_enc (x − b_dec) + b_enc),   x̂ = W_decᵀ a + b_dec
 
@@ -43,7 +43,7 @@ class SparseAutoencoder(SparseDictionary):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """SPEC §5: W_enc rows random unit directions; W_dec rows a unit-normed copy; biases zero."""
+        """docs/DESIGN.md §5: W_enc rows random unit directions; W_dec rows a unit-normed copy; biases zero."""
         W = torch.randn(self.W_enc.shape, dtype=torch.float32)
         W = W / W.norm(dim=1, keepdim=True)
         self.W_enc.copy_(W)
@@ -112,7 +112,7 @@ class SparseAutoencoder(SparseDictionary):
 
     @torch.no_grad()
     def initialize_from_data(self, x: torch.Tensor, fire_rate: Optional[float] = None) -> None:
-        """SPEC §5 from a sample x: [N, d_in]: fit the normalisation, set b_dec to the geometric
+        """docs/DESIGN.md §5 from a sample x: [N, d_in]: fit the normalisation, set b_dec to the geometric
         median (or mean, per ``b_dec_init``) of the normalised sample, and optionally b_enc so that
         each JumpReLU feature fires on ``fire_rate`` of the sample."""
         xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))

@@ -1,9 +1,17 @@
-"""fastclt ops (SPEC §7): functional entry points with ``impl="auto"|"cuda"|"triton"|"cpu"|"reference"``.
+"""fastclt ops (docs/DESIGN.md §11): functional entry points with ``impl="auto"|"cuda"|"triton"|"cpu"|"reference"``.
 
-Each entry point validates its arguments, picks an implementation through ``_dispatch.resolve``
-(env ``FASTCLT_IMPL`` overrides "auto") and calls it. The pure-PyTorch references live in
-``activation``, ``select``, ``encode``, ``decode``, ``auxk`` and ``losses``: they are the test
-oracle and the eager baseline of every benchmark.
+Each entry point validates its arguments once (``_checks``), picks an implementation from the op
+table (``_registry``: ``FASTCLT_IMPL`` overrides "auto"; a dtype a kernel does not take runs the
+reference) and calls it. The implementations of an op live in files of the same name under
+``reference/`` (pure PyTorch: the test oracle and the eager baseline of every benchmark),
+``triton/`` and ``ext/`` (the fastclt._C extension); ``python -c "import fastclt.ops as o;
+print(o.implementations('topk'))"`` lists an op's.
+
+The selection ops (``topk``, ``batch_topk``, ``batch_topk_layers``, ``encode``, ``encode_layers``,
+``auxk_select``) take ``group=``: a torch.distributed process group over whose ranks the features
+are sharded (tensor parallelism; rank r holds the r-th contiguous block of F). They then select
+exactly over all shards and return this rank's share, with local feature indices
+(``fastclt.ops.sharded``; docs/DESIGN.md §14).
 """
 from __future__ import annotations
 
@@ -12,111 +20,128 @@ from typing import Optional, Sequence, Union
 import torch
 
 from fastclt.codes import SparseCodes
-from fastclt.ops import _dispatch
-from fastclt.ops._dispatch import implementations, resolve
-from fastclt.ops.activation import band_mask, jumprelu_dense, jumprelu_step
-from fastclt.ops.decode import TYINGS, feature_affine
-from fastclt.ops.encode import ACTIVATIONS, preacts, preacts_layers
-from fastclt.ops.losses import auxk_loss, fvu, mse, preact_loss, sparsity_loss
+from fastclt.names import ACTIVATIONS, SELECTIONS, TYINGS
+from fastclt.ops import _checks
+from fastclt.ops._registry import implementations, resolve
+from fastclt.ops.reference.activation import band_mask, jumprelu_dense, jumprelu_step
+from fastclt.ops.reference.clt_decode import feature_affine
+from fastclt.ops.reference.encode import preacts, preacts_layers
+from fastclt.ops.reference.losses import auxk_loss, fvu, mse, preact_loss, sparsity_loss, squared_error, total_variance
+from fastclt.ops.sharded import as_shards
 
 __all__ = [
     "SparseCodes", "ACTIVATIONS", "TYINGS",
     "encode", "encode_layers", "relu", "jumprelu", "topk", "batch_topk", "batch_topk_layers",
     "sparse_decode", "clt_decode", "auxk_select",
     "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts", "preacts_layers",
-    "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss",
+    "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss", "squared_error", "total_variance",
     "implementations", "resolve",
 ]
 
-_REFERENCE = {
-    "encode": "fastclt.ops.encode:encode",
-    "encode_layers": "fastclt.ops.encode:encode_layers",
-    "relu": "fastclt.ops.activation:relu",
-    "jumprelu": "fastclt.ops.activation:jumprelu",
-    "topk": "fastclt.ops.select:topk",
-    "batch_topk": "fastclt.ops.select:batch_topk",
-    "batch_topk_layers": "fastclt.ops.select:batch_topk_layers",
-    "sparse_decode": "fastclt.ops.decode:sparse_decode",
-    "clt_decode": "fastclt.ops.decode:clt_decode",
-    "auxk_select": "fastclt.ops.auxk:auxk_select",
-}
-for _op, _target in _REFERENCE.items():
-    _dispatch.register(_op, "reference", _target)
 
-# The kernels register lazily-imported targets: neither Triton nor fastclt._C is imported here.
-from fastclt.ops.ext_ops import register_ext_impls  # noqa: E402
-from fastclt.ops.triton import register_triton_impls  # noqa: E402
-
-register_triton_impls()
-register_ext_impls()
-
-
-def _call(op: str, impl: str, like: Optional[torch.Tensor], *args, **kwargs):
-    """Run ``op`` with the implementation chosen for the device and dtype of the tensor ``like``."""
+def _call(op: str, impl: str, like: Optional[torch.Tensor], shards, *args, **kwargs):
+    """Run ``op`` with the implementation chosen for the device and dtype of the tensor ``like``
+    (and that takes a process group, when ``shards`` is given)."""
     if isinstance(like, torch.Tensor):
         device, dtype = like.device, like.dtype
     else:
         device, dtype = torch.device("cpu"), None
-    _, fn = resolve(op, impl, device, dtype)
+    _, fn = resolve(op, impl, device, dtype, sharded=shards is not None)
+    if shards is not None:
+        kwargs["shards"] = shards
     return fn(*args, **kwargs)
+
+
+def _n(shards) -> int:
+    return 1 if shards is None else shards.size
 
 
 def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], *, activation: str,
            k: Optional[int] = None, threshold: Optional[torch.Tensor] = None, bandwidth: float = 0.01,
-           pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False, impl: str = "auto"):
+           pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False, group=None,
+           impl: str = "auto"):
     """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → SparseCodes of ``act(W_enc (x − pre_bias) + b_enc)``
-    (and the dense h: [B, F] when ``return_preacts``; fused kernels then fall back to writing it)."""
-    return _call("encode", impl, x, x, W_enc, b_enc, activation=activation, k=k, threshold=threshold,
+    (and the dense h: [B, F] when ``return_preacts``; fused kernels then fall back to writing it).
+    activation: one of ACTIVATIONS; k for TopK / BatchTopK; threshold [F] and bandwidth ε for JumpReLU.
+    ``group``: W_enc, b_enc, threshold hold this rank's features (TopK/BatchTopK select over all)."""
+    shards = as_shards(group) if activation in SELECTIONS else None
+    _checks.check_encode(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias, _n(shards))
+    return _call("encode", impl, x, shards, x, W_enc, b_enc, activation=activation, k=k, threshold=threshold,
                  bandwidth=bandwidth, pre_bias=pre_bias, return_preacts=return_preacts)
 
 
 def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], k: int,
-                  pre_bias: Optional[torch.Tensor] = None, *, impl: str = "auto") -> list[SparseCodes]:
-    """BatchTopK across layers: x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L SparseCodes
-    with exactly k·B·L entries over all layers together (a CLT's ``batchtopk_across_layers``)."""
-    return _call("encode_layers", impl, x, x, W_enc, b_enc, k, pre_bias)
+                  pre_bias: Optional[torch.Tensor] = None, *, across_layers: bool = True, group=None,
+                  impl: str = "auto") -> list[SparseCodes]:
+    """BatchTopK of L layers: x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L SparseCodes
+    with exactly k·B·L entries over all layers together (a CLT's ``batchtopk_across_layers``), or
+    k·B per layer when not ``across_layers`` (one selection for all layers under a ``group``)."""
+    shards = as_shards(group)
+    _checks.check_encode_layers(x, W_enc, b_enc, k, pre_bias, _n(shards))
+    return _call("encode_layers", impl, x, shards, x, W_enc, b_enc, k, pre_bias, across_layers=across_layers)
 
 
 def relu(h: torch.Tensor, *, impl: str = "auto") -> SparseCodes:
     """h: [B, F] → SparseCodes of the positive entries."""
-    return _call("relu", impl, h, h)
+    _checks.check_h(h, 2, "[B, F]")
+    return _call("relu", impl, h, None, h)
 
 
 def jumprelu(h: torch.Tensor, threshold: torch.Tensor, bandwidth: float, *, impl: str = "auto") -> SparseCodes:
-    """h: [B, F], threshold: [F] → SparseCodes of the active and threshold-band entries (SPEC §3)."""
-    return _call("jumprelu", impl, h, h, threshold, bandwidth)
+    """h: [B, F], threshold: [F] → SparseCodes of the active and threshold-band entries
+    (docs/DESIGN.md §3: the band entries are stored as zeros for the straight-through θ gradient)."""
+    _checks.check_jumprelu(h, threshold, bandwidth)
+    return _call("jumprelu", impl, h, None, h, threshold, bandwidth)
 
 
-def topk(h: torch.Tensor, k: int, *, impl: str = "auto") -> SparseCodes:
+def topk(h: torch.Tensor, k: int, *, group=None, impl: str = "auto") -> SparseCodes:
     """h: [B, F] → SparseCodes with the k largest entries of each row, ReLU applied."""
-    return _call("topk", impl, h, h, k)
+    shards = as_shards(group)
+    _checks.check_h(h, 2, "[B, F]")
+    _checks.check_k(k, h.shape[1] * _n(shards))
+    return _call("topk", impl, h, shards, h, k)
 
 
-def batch_topk(h: torch.Tensor, k: int, *, impl: str = "auto") -> SparseCodes:
+def batch_topk(h: torch.Tensor, k: int, *, group=None, impl: str = "auto") -> SparseCodes:
     """h: [B, F] → SparseCodes with exactly k·B entries, the largest of the batch, ReLU applied."""
-    return _call("batch_topk", impl, h, h, k)
+    shards = as_shards(group)
+    _checks.check_h(h, 2, "[B, F]")
+    _checks.check_k(k, h.shape[1] * _n(shards))
+    return _call("batch_topk", impl, h, shards, h, k)
 
 
-def batch_topk_layers(h: torch.Tensor, k: int, *, impl: str = "auto") -> list[SparseCodes]:
+def batch_topk_layers(h: torch.Tensor, k: int, *, group=None, impl: str = "auto") -> list[SparseCodes]:
     """h: [L, B, F] → L SparseCodes with exactly k·B·L entries over all layers together."""
-    return _call("batch_topk_layers", impl, h, h, k)
+    shards = as_shards(group)
+    _checks.check_h(h, 3, "[L, B, F]")
+    _checks.check_k(k, h.shape[2] * _n(shards))
+    return _call("batch_topk_layers", impl, h, shards, h, k)
 
 
 def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor] = None, *,
                   impl: str = "auto") -> torch.Tensor:
     """codes over B rows, W_dec: [F, D] (or [F, T, d]) → y: [B, D] (or [B, T, d])."""
-    return _call("sparse_decode", impl, W_dec, codes, W_dec, b_dec)
+    _checks.check_sparse_decode(codes, W_dec, b_dec)
+    return _call("sparse_decode", impl, W_dec, None, codes, W_dec, b_dec)
 
 
 def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
                b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
                feature_scale: Optional[torch.Tensor] = None, *, impl: str = "auto") -> torch.Tensor:
-    """L codes (one per source layer) → ŷ: [B, L, d_out]; see ``fastclt.ops.decode.clt_decode``."""
-    like = W_dec if isinstance(W_dec, torch.Tensor) else (W_dec[0] if len(W_dec) else None)
-    return _call("clt_decode", impl, like, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+    """codes: L SparseCodes (source layers) → ŷ: [B, L, d_out] (no skip term; add it outside).
+
+    W_dec: L tensors [F, L−s, d_out] (tying "none") or [L, F, d_out] (tied: "per_source",
+    "per_target"); b_dec: [L, d_out] or None (None for AuxK: never add b_dec there);
+    feature_offset / feature_scale: [L, F] per target layer (tied only) or None (docs/DESIGN.md §2.1)."""
+    _checks.check_clt_decode(codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+    like = W_dec if isinstance(W_dec, torch.Tensor) else W_dec[0]
+    return _call("clt_decode", impl, like, None, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
 
 
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
-                k_aux: int, pre_bias: Optional[torch.Tensor] = None, *, impl: str = "auto") -> SparseCodes:
-    """Top k_aux of the dead features' pre-activations per row → SparseCodes with global indices."""
-    return _call("auxk_select", impl, x, x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
+                k_aux: int, pre_bias: Optional[torch.Tensor] = None, *, group=None, impl: str = "auto") -> SparseCodes:
+    """Top min(k_aux, n_dead) of the dead features' pre-activations per row → SparseCodes with global
+    feature indices (docs/DESIGN.md §4). ``group``: W_enc, b_enc, dead_mask hold this rank's features."""
+    shards = as_shards(group)
+    _checks.check_auxk(x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
+    return _call("auxk_select", impl, x, shards, x, W_enc, b_enc, dead_mask, k_aux, pre_bias)

@@ -1,4 +1,4 @@
-"""Fused AuxK selection (SPEC §4): the top k_aux of the *dead* features' pre-activations per token.
+"""Fused AuxK selection (docs/DESIGN.md §4): the top k_aux of the *dead* features' pre-activations per token.
 
     x: [B, d_in] fp32|bf16|fp16, W_enc: [F, d_in] (x's dtype), b_enc: [F] or None,
     dead_mask: [F] bool, pre_bias: [d_in] or None
@@ -21,25 +21,20 @@ from typing import Optional
 import torch
 
 from fastclt.codes import SparseCodes
-from fastclt.ops.auxk import _check_auxk_args
-from fastclt.ops.sparse_encode import folded_bias
-from fastclt.ops.triton.encode import _check_inputs, _codes, _inner_contiguous, _Pattern, _topk_pattern, available
+from fastclt.ops.encoder_backward import folded_bias
+from fastclt.ops.reference.auxk import empty_codes
+from fastclt.ops.triton.encode import _codes, _inner_contiguous, _Pattern, _topk_pattern
 
-__all__ = ["auxk_select", "available"]
+__all__ = ["auxk_select"]
 
 
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
                 k_aux: int, pre_bias: Optional[torch.Tensor] = None) -> SparseCodes:
     """See the module docstring. Rows with no dead feature (or B = 0) give empty codes."""
-    _check_inputs(x, W_enc, b_enc, None, pre_bias)
-    _check_auxk_args(x, W_enc, dead_mask, k_aux)
-    F = W_enc.shape[0]
-    B = x.shape[0]
     dead = dead_mask.nonzero().squeeze(1)
     n_dead = dead.numel()
-    if n_dead == 0 or B == 0:
-        return SparseCodes(torch.zeros(B + 1, dtype=torch.int64, device=x.device),
-                           torch.zeros(0, dtype=torch.int32, device=x.device), x.new_zeros(0), F)
+    if n_dead == 0 or x.shape[0] == 0:
+        return empty_codes(x, W_enc.shape[0])
     k = min(k_aux, n_dead)
     x, W_enc = _inner_contiguous(x), _inner_contiguous(W_enc)
     with torch.no_grad():

@@ -1,8 +1,8 @@
-"""Triton CLT decode (SPEC §2, §7): codes of every source layer s decoded into every target t ≥ s.
+"""Triton CLT decode (docs/DESIGN.md §2.1, §7): codes of every source layer s decoded into every target t ≥ s.
 
     ŷ[b, t] = Σ_{s ≤ t} Σ_{j ∈ row b of source s} c_t(j) · W_{s→t}[i_j]  (+ b_dec[t])
 
-with, per tying (W_dec shapes as in ``fastclt.ops.decode.clt_decode``):
+with, per tying (W_dec shapes as in ``fastclt.ops.clt_decode``):
 
     none        W_{s→t}[i] = W_dec[s][i, t − s]          W_dec: L tensors [F, L − s, d]
     per_source  W_{s→t}[i] = W_dec[s, i]                 W_dec: [L, F, d]
@@ -48,12 +48,10 @@ import triton
 import triton.language as tl
 
 from fastclt.codes import SparseCodes
-from fastclt.ops.triton.sparse_decode import (block_d, check_device, check_float, decode_grads, feature_scatter,
-                                              feature_scatter_dot, feature_segments, gather_decode, new_output)
+from fastclt.ops.triton._common import (block_d, check_float, decode_grads, feature_scatter, feature_scatter_dot,
+                                        feature_segments, gather_decode, new_output)
 
 __all__ = ["clt_decode", "CLTDecodeFunction"]
-
-TYINGS = ("none", "per_source", "per_target")
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -341,7 +339,7 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
 
     W_dec: L tensors [F, L−s, d_out] (tying "none") or [L, F, d_out] (tied); b_dec: [L, d_out] or None;
     feature_offset / feature_scale: [L, F] per target layer (tied only) or None. Same semantics as
-    ``fastclt.ops.decode.clt_decode``; differentiable in every codes.value, W_dec, b_dec, offset, scale.
+    ``fastclt.ops.clt_decode``; differentiable in every codes.value, W_dec, b_dec, offset, scale.
     """
     plan, W_list = _check_clt_args(codes, W_dec, tying, b_dec, feature_offset, feature_scale)
     row_ptrs = tuple(c.row_ptr.contiguous() for c in codes)
@@ -354,68 +352,27 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
 
 
 def _check_clt_args(codes, W_dec, tying, b_dec, offset, scale):
-    if tying not in TYINGS:
-        raise ValueError(f"tying: expected one of {TYINGS}, got {tying!r}")
-    if isinstance(codes, SparseCodes) or len(codes) == 0:
-        raise ValueError("codes: expected a sequence of one SparseCodes per source layer")
+    """The plan of a CLT decode whose arguments ``fastclt.ops.clt_decode`` checked, and the weight
+    list; what these kernels need beyond that: float values they take, contiguous untied blocks,
+    unit inner stride of a tied W_dec."""
     for s, c in enumerate(codes):
-        if not isinstance(c, SparseCodes):
-            raise TypeError(f"codes[{s}]: expected SparseCodes, got {type(c).__name__}")
         check_float(f"codes[{s}].value", c.value)
-    L, B, device = len(codes), codes[0].batch_size, codes[0].device
-    for s, c in enumerate(codes):
-        if c.batch_size != B:
-            raise ValueError(f"codes[{s}]: expected {B} rows like codes[0], got {c.batch_size}")
-        check_device(f"codes[{s}]", c.value, device)
-    affine = offset is not None or scale is not None
+    L, B = len(codes), codes[0].batch_size
     if tying == "none":
-        if affine:
-            raise ValueError("feature_offset/feature_scale: only tied decoders take a feature affine")
-        if isinstance(W_dec, torch.Tensor) or len(W_dec) != L:
-            raise ValueError(f"W_dec: expected {L} per-source tensors [F, L − s, d_out] for tying 'none'")
         W_list = list(W_dec)
         F, d = W_list[0].shape[0], W_list[0].shape[-1]
         for s, W in enumerate(W_list):
-            if not isinstance(W, torch.Tensor) or W.dim() != 3 or W.shape != (F, L - s, d):
-                shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
-                raise ValueError(f"W_dec[{s}]: expected [{F}, {L - s}, {d}], got {shape}")
-            _check_weight(f"W_dec[{s}]", W, device, W_list[0].dtype)
             if F * d > 0 and not W.is_contiguous():
                 raise ValueError(f"W_dec[{s}]: expected a contiguous [F, L − s, d_out] tensor "
                                  f"(got strides {W.stride()}); pass W_dec[{s}].contiguous()")
     else:
-        if not isinstance(W_dec, torch.Tensor) or W_dec.dim() != 3 or W_dec.shape[0] != L:
-            shape = tuple(W_dec.shape) if isinstance(W_dec, torch.Tensor) else type(W_dec).__name__
-            raise ValueError(f"W_dec: expected [L={L}, F, d_out] for tying {tying!r}, got {shape}")
-        _check_weight("W_dec", W_dec, device, W_dec.dtype)
         F, d = W_dec.shape[1], W_dec.shape[2]
         if d > 1 and W_dec.stride(2) != 1:
             raise ValueError(f"W_dec: expected unit stride in the last dimension (got strides {W_dec.stride()}); "
                              "pass W_dec.contiguous()")
         W_list = [W_dec]
-    for s, c in enumerate(codes):
-        if c.n_features is not None and c.n_features != F:
-            raise ValueError(f"codes[{s}]: n_features={c.n_features} but W_dec has {F} features")
-    if b_dec is not None:
-        if b_dec.shape != (L, d):
-            raise ValueError(f"b_dec: expected [{L}, {d}], got {tuple(b_dec.shape)}")
-        check_device("b_dec", b_dec, device)
-        check_float("b_dec", b_dec)
-    for name, t in (("feature_offset", offset), ("feature_scale", scale)):
-        if t is not None:
-            if t.shape != (L, F):
-                raise ValueError(f"{name}: expected [{L}, {F}], got {tuple(t.shape)}")
-            check_device(name, t, device)
-            check_float(name, t)
     plan = _Plan(tying, L, B, F, d, b_dec is not None, offset is not None, scale is not None,
                  tuple(c.value.dtype for c in codes), W_list[0].dtype,
                  b_dec.dtype if b_dec is not None else None, offset.dtype if offset is not None else None,
                  scale.dtype if scale is not None else None)
     return plan, W_list
-
-
-def _check_weight(name: str, W: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-    check_device(name, W, device)
-    check_float(name, W)
-    if W.dtype != dtype:
-        raise TypeError(f"{name}: expected {dtype} like W_dec[0], got {W.dtype}")

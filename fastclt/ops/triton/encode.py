@@ -1,4 +1,4 @@
-"""Fused encode (SPEC §3, §7): ``h = W_enc (x − pre_bias) + b_enc`` as a tiled Triton GEMM with the
+"""Fused encode (docs/DESIGN.md §3, §7): ``h = W_enc (x − pre_bias) + b_enc`` as a tiled Triton GEMM with the
 activation in the epilogue, returning SparseCodes. The training path never writes a dense [B, F] h.
 
     x: [B, d_in] fp32|bf16|fp16, W_enc: [F, d_in] (x's dtype), b_enc: [F] or None,
@@ -16,7 +16,7 @@ truncates). The COO is then sorted by ``row·F + col`` (unique keys: determinist
 
 TopK / BatchTopK select exactly among the candidates; see README_encode.md for the speculative
 threshold τ and its fallbacks, which make the result identical to the reference in every case.
-Backward (``fastclt.ops.sparse_encode``, with Triton kernels): ``dh = dvalue·act'(h)`` at the entries, then
+Backward (``fastclt.ops.encoder_backward``, with Triton kernels): ``dh = dvalue·act'(h)`` at the entries, then
 ``dW_enc = feature_scatter(index, row, dh, x − pre_bias)``, ``db_enc[f] = Σ dh``,
 ``dx = sparse_decode(codes with value dh, W_enc)``, ``dθ[f] = Σ dvalue·(−θ/ε)·rect((h − θ)/ε)``,
 ``d pre_bias = −W_encᵀ db_enc``. Only what needs a gradient is computed.
@@ -33,13 +33,11 @@ import triton
 import triton.language as tl
 
 from fastclt.codes import SparseCodes
-from fastclt.ops.encode import ACTIVATIONS, activate
-from fastclt.ops.select import check_k
-from fastclt.ops.sparse_encode import encode_codes, folded_bias, vecmat_f32
-from fastclt.ops.triton import autotune_limit, first_configs
-from fastclt.ops.triton.sparse_decode import feature_scatter, feature_segments, gather_decode
+from fastclt.ops.encoder_backward import encode_codes, folded_bias, vecmat_f32
+from fastclt.ops.reference.encode import activate
+from fastclt.ops.triton._common import autotune_limit, feature_scatter, feature_segments, first_configs, gather_decode
 
-__all__ = ["encode", "encode_layers", "available"]
+__all__ = ["encode", "encode_layers"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 autotune_limit()  # a bad FASTCLT_AUTOTUNE_CONFIGS fails here, not at the first launch
@@ -47,12 +45,6 @@ autotune_limit()  # a bad FASTCLT_AUTOTUNE_CONFIGS fails here, not at the first 
 MODE_RELU, MODE_JUMPRELU, MODE_CANDIDATES, MODE_DENSE = 0, 1, 2, 3
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def available(device: torch.device) -> bool:
-    """True when Triton kernels can run on ``device`` (a CUDA device, or the interpreter on the CPU)."""
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -441,7 +433,7 @@ def _w_key(W: torch.Tensor, *extra):
 # ---------------------------------------------------------------------------- autograd Function
 class _TritonKernels:
     """The grouped-by-feature sums and the gather of the sparse encoder backward, as Triton kernels
-    (``fastclt.ops.sparse_encode.SparseKernels``)."""
+    (``fastclt.ops.encoder_backward.SparseKernels``)."""
 
     @staticmethod
     def segments(col, n_features):
@@ -501,43 +493,7 @@ class _DensePreacts(torch.autograd.Function):
         return dx, dW, db, dp, None
 
 
-# ------------------------------------------------------------------------------------ validation
-def _check_tensor(name, t, device, ndim, shape=None, floating=True):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (x's device), got {t.device}")
-    if floating and not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if t.dim() != ndim or (shape is not None and tuple(t.shape) != tuple(shape)):
-        want = "x".join(str(s) for s in shape) if shape is not None else f"{ndim}-D"
-        raise ValueError(f"{name}: expected shape [{want}], got {tuple(t.shape)}")
-
-
-def _check_inputs(x, W, b, threshold=None, pre_bias=None, *, x_dims=2, w_dims=2):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-    device = x.device
-    if not available(device):
-        raise RuntimeError(f"x: the Triton encode needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
-                           f"fastclt is imported, for CPU tensors); got a tensor on {device}")
-    _check_tensor("x", x, device, x_dims)
-    if x.dtype not in _TL_DTYPE:
-        raise TypeError(f"x: expected float32, bfloat16 or float16, got {x.dtype}")
-    _check_tensor("W_enc", W, device, w_dims)
-    if W.dtype != x.dtype:
-        raise TypeError(f"W_enc: expected x's dtype {x.dtype}, got {W.dtype}")
-    if W.shape[-1] != x.shape[-1]:
-        raise ValueError(f"W_enc: expected [..., F, d_in={x.shape[-1]}], got {tuple(W.shape)}")
-    fshape = W.shape[:-1]
-    if b is not None:
-        _check_tensor("b_enc", b, device, len(fshape), fshape)
-    if threshold is not None:
-        _check_tensor("threshold", threshold, device, len(fshape), fshape)
-    if pre_bias is not None:
-        _check_tensor("pre_bias", pre_bias, device, 1, (x.shape[-1],))
-
-
+# ------------------------------------------------------------------------------------ layouts
 def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -752,21 +708,8 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
            k: Optional[int] = None, threshold: Optional[torch.Tensor] = None, bandwidth: float = 0.01,
            pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False):
     """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → SparseCodes of ``act(W_enc (x − pre_bias) + b_enc)``
-    (values in x's dtype), identical to ``fastclt.ops.encode.encode``; with ``return_preacts`` also
-    the dense h: [B, F] (written densely: the documented fallback)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    _check_inputs(x, W_enc, b_enc, threshold, pre_bias)
-    F = W_enc.shape[0]
-    if activation in ("topk", "batchtopk"):
-        if k is None:
-            raise ValueError(f"k: activation {activation!r} needs k")
-        check_k(k, F)
-    if activation == "jumprelu":
-        if threshold is None:
-            raise ValueError(f"threshold: expected [{F}] for 'jumprelu', got None")
-        if not bandwidth > 0:
-            raise ValueError(f"bandwidth: expected a positive JumpReLU bandwidth ε, got {bandwidth}")
+    (values in x's dtype), identical to the reference encode; with ``return_preacts`` also the dense
+    h: [B, F] (written densely: the documented fallback). Arguments as checked by ``fastclt.ops.encode``."""
     x, W_enc = _inner_contiguous(x), _inner_contiguous(W_enc)
     bias = folded_bias(W_enc, b_enc, pre_bias)
     Wd = W_enc.detach()
@@ -789,16 +732,16 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
 
 
 def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], k: int,
-                  pre_bias: Optional[torch.Tensor] = None) -> list[SparseCodes]:
+                  pre_bias: Optional[torch.Tensor] = None, *, across_layers: bool = True) -> list[SparseCodes]:
     """BatchTopK across layers (CLTs): x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L
     SparseCodes holding exactly k·B·L entries over all layers together (the largest h, ReLU applied);
-    identical to ``select.batch_topk_layers`` on the stacked h. pre_bias: [d_in] or None."""
-    _check_inputs(x, W_enc, b_enc, None, pre_bias, x_dims=3, w_dims=3)
+    identical to the reference's ``batch_topk_layers`` on the stacked h. pre_bias: [d_in] or None.
+    Not ``across_layers``: each layer's own BatchTopK of k·B (one ``encode`` per layer)."""
     B, L, d = x.shape
-    if W_enc.shape[0] != L:
-        raise ValueError(f"W_enc: expected [L={L}, F, d_in={d}], got {tuple(W_enc.shape)}")
-    F = W_enc.shape[1]
-    check_k(k, F)
+    if not across_layers:
+        bs = [None] * L if b_enc is None else b_enc.unbind(0)
+        return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias)
+                for x_l, W_l, b_l in zip(x.unbind(1), W_enc.unbind(0), bs)]
     xs = [_inner_contiguous(x[:, l]) for l in range(L)]
     Ws = [_inner_contiguous(W_enc[l]) for l in range(L)]
     bs = [None if b_enc is None else b_enc[l] for l in range(L)]

@@ -1,0 +1,142 @@
+"""The sparse encoder backward (docs/DESIGN.md §7), shared by every kernel backend.
+
+An encode kernel (the fused Triton GEMM, or a dense GEMM plus an extension select) finds the
+pattern of its codes — entries (row, col) and their fp32 pre-activations h — without autograd.
+``encode_codes`` turns that pattern into SparseCodes whose values are differentiable in x, W_enc,
+b_enc, θ and the pre-bias, with the backward computed from the entries only (never a dense [B, F]):
+
+    dh[j]        = dvalue[j] · act'(h[j])            (JumpReLU: 1[h > θ]; ReLU/TopK: 1[h > 0])
+    dW_enc[f]    = Σ_{j: col=f} dh[j] · (x − pre_bias)[row j]
+    db_enc[f]    = Σ_{j: col=f} dh[j]
+    dθ[f]        = Σ_{j: col=f} dvalue[j] · (−θ_f/ε) · rect((h[j] − θ_f)/ε)
+    dx[b]        = Σ_{j ∈ row b} dh[j] · W_enc[col j]
+    d pre_bias   = −W_encᵀ db_enc                     (reduce over the batch first, then one mat-vec)
+
+The grouped-by-feature sums and the gather come from a ``SparseKernels`` backend (Triton, or the
+C++/CUDA extension), so every backend has the same math and the same tests.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from fastclt.codes import SparseCodes
+
+__all__ = ["SparseKernels", "encode_codes", "matvec_f32", "vecmat_f32", "folded_bias"]
+
+
+class SparseKernels(Protocol):
+    """What the encoder backward needs from a kernel backend (all sums in fp32, deterministic)."""
+
+    def segments(self, col: torch.Tensor, n_features: int):
+        """Any reusable grouping of the entries by feature (or None)."""
+
+    def feature_sums(self, col: torch.Tensor, coef: torch.Tensor, n_features: int, segments) -> torch.Tensor:
+        """coef: fp32 [nnz, m] → fp32 [F, m], out[f] = Σ_{j: col=f} coef[j]."""
+
+    def feature_scatter(self, col: torch.Tensor, row: torch.Tensor, row_ptr: torch.Tensor, coef: torch.Tensor,
+                        G: torch.Tensor, n_features: int, segments) -> torch.Tensor:
+        """coef: fp32 [nnz], G: [B, D] → [F, D], out[f] = Σ_{j: col=f} coef[j] · G[row j]."""
+
+    def gather(self, row_ptr: torch.Tensor, col: torch.Tensor, coef: torch.Tensor, W: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+        """coef: fp32 [nnz], W: [F, D] → [B, D], out[b] = Σ_{j ∈ row b} coef[j] · W[col j]."""
+
+
+_CHUNK = 8192  # rows of W_enc converted to fp32 at a time (bounds the temporary to 8192·d_in floats)
+
+
+def matvec_f32(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """W: [F, d] @ v: [d] → fp32 [F], without an fp32 copy of all of W."""
+    v = v.detach().float()
+    if W.shape[0] == 0:
+        return v.new_zeros(0)
+    return torch.cat([W[i:i + _CHUNK].detach().float() @ v for i in range(0, W.shape[0], _CHUNK)])
+
+
+def vecmat_f32(s: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """s: [F] @ W: [F, d] → fp32 [d] (chunks summed in a fixed order: deterministic)."""
+    out = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
+    for i in range(0, W.shape[0], _CHUNK):
+        out += s[i:i + _CHUNK].float() @ W[i:i + _CHUNK].detach().float()
+    return out
+
+
+def folded_bias(W: torch.Tensor, b: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """b_enc − W_enc·pre_bias in fp32, once per call (None when both are absent)."""
+    with torch.no_grad():
+        bias = None if b is None else b.detach().float()
+        if pre_bias is not None:
+            wp = matvec_f32(W, pre_bias)
+            bias = -wp if bias is None else bias - wp
+        return None if bias is None else bias.contiguous()
+
+
+class _SparseEncodeValue(torch.autograd.Function):
+    """values = act(h) at fixed entries (row, col); the backward is the sparse encoder backward."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth, kernels):
+        if act == "jumprelu":
+            value = h * (h > threshold.float()[col.long()]).float()
+        elif act == "relu":
+            value = h
+        else:  # topk / batchtopk: ReLU applied to the kept values
+            value = torch.relu(h)
+        ctx.save_for_backward(x, W, threshold, pre_bias, row_ptr, row, col, h)
+        ctx.act, ctx.bandwidth, ctx.kernels = act, bandwidth, kernels
+        ctx.b_dtype = None if b is None else b.dtype
+        return value.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dvalue):
+        x, W, threshold, pre_bias, row_ptr, row, col, h = ctx.saved_tensors
+        need_x, need_W, need_b, need_t, need_p = ctx.needs_input_grad[:5]
+        kern: SparseKernels = ctx.kernels
+        F = W.shape[0]
+        dv = dvalue.float()
+        dx = dW = db = dt = dp = None
+        seg = kern.segments(col, F) if (need_W or need_b or need_t or need_p) else None  # one grouping
+        if ctx.act == "jumprelu":
+            theta = threshold.float()[col.long()]
+            dh = dv * (h > theta).float()
+        elif ctx.act == "relu":
+            dh = dv
+        else:
+            dh = dv * (h > 0).float()
+        sums = []  # per-feature sums in one grouped pass: [dh] and/or [dθ terms]
+        if need_b or need_p:
+            sums.append(dh)
+        if need_t:
+            eps = ctx.bandwidth
+            rect = (((h - theta) / eps).abs() < 0.5).float()
+            sums.append(dv * (-(theta / eps)) * rect)
+        if sums:
+            S = kern.feature_sums(col, torch.stack(sums, 1).contiguous(), F, seg)  # fp32 [F, 1|2]
+            if need_t:
+                dt = S[:, -1].to(threshold.dtype)
+            if need_b or need_p:
+                s_dh = S[:, 0].contiguous()
+                if need_b:
+                    db = s_dh.to(ctx.b_dtype)
+                if need_p:
+                    dp = (-vecmat_f32(s_dh, W)).to(pre_bias.dtype)
+        if need_x:
+            dx = kern.gather(row_ptr, col, dh, W, x.dtype)
+        if need_W:
+            G = x if pre_bias is None else x.float() - pre_bias.float()
+            G = G if G.stride(-1) == 1 else G.contiguous()
+            dW = kern.feature_scatter(col, row, row_ptr, dh, G, F, seg).to(W.dtype)
+        return dx, dW, db, dt, dp, None, None, None, None, None, None, None
+
+
+def encode_codes(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], threshold: Optional[torch.Tensor],
+                 pre_bias: Optional[torch.Tensor], row_ptr: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                 h: torch.Tensor, act: str, bandwidth: float, kernels: SparseKernels,
+                 k: Optional[int] = None) -> SparseCodes:
+    """The pattern (row_ptr [B+1] int64, row int64 [nnz], col int32 [nnz], h fp32 [nnz]; sorted by
+    (row, col)) of ``act(W (x − pre_bias) + b)`` → SparseCodes over W's F features, values in x's
+    dtype and differentiable through ``kernels`` (see the module docstring). k: fixed row length."""
+    value = _SparseEncodeValue.apply(x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth, kernels)
+    return SparseCodes(row_ptr, col, value, W.shape[0], k)

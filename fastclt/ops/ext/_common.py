@@ -1,0 +1,62 @@
+"""What the extension's ops share: loading fastclt._C, the sparse encoder backward's kernels
+(``EXT_KERNELS``) and host-pool buffers for dense intermediates on the CPU."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["ops", "EXT_KERNELS", "h_out"]
+
+
+def ops():
+    """torch.ops.fastclt, after loading fastclt._C (a clear error when it is not built)."""
+    from fastclt import _ext
+
+    if not _ext.build_info()["loaded"]:
+        raise RuntimeError(_ext.missing_message("cpu"))
+    return torch.ops.fastclt
+
+
+class _ExtKernels:
+    """The sparse encoder backward's sums and gather as fastclt._C kernels (CPU or CUDA; see
+    ``fastclt.ops.encoder_backward.SparseKernels``): ``feature_scatter`` groups entries by feature
+    itself (counting sort, deterministic), so there is no reusable grouping."""
+
+    @staticmethod
+    def segments(col, n_features):
+        return None
+
+    @staticmethod
+    def feature_sums(col, coef, n_features, segments):
+        nnz = col.shape[0]
+        per_entry = torch.arange(nnz + 1, dtype=torch.int64, device=col.device)  # each entry its own row
+        ones = torch.ones(nnz, dtype=torch.float32, device=col.device)
+        return ops().feature_scatter(per_entry, col.contiguous(), ones, coef.float().contiguous(), n_features)[0]
+
+    @staticmethod
+    def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
+        # G in fp32: the kernel takes coef in G's dtype, and dh must not be rounded to bf16 here
+        return ops().feature_scatter(row_ptr.contiguous(), col.contiguous(), coef.float().contiguous(),
+                                     G.float().contiguous(), n_features)[0]
+
+    @staticmethod
+    def gather(row_ptr, col, coef, W, out_dtype):
+        # coef (dh) stays fp32 with bf16 weights: the kernel sums it in fp32, one rounding at the end
+        W = W.detach().contiguous()
+        coef = coef.float() if W.dtype == torch.bfloat16 else coef.to(W.dtype)
+        return ops().sparse_decode(row_ptr.contiguous(), col.contiguous(), coef.contiguous(), W, None).to(out_dtype)
+
+
+EXT_KERNELS = _ExtKernels()
+
+
+def h_out(x: torch.Tensor, *shape: int) -> Optional[torch.Tensor]:
+    """Where a no-grad dense h goes: on the CPU a reused host-pool block (a fresh 128 MiB tensor
+    costs ~30 ms of page faults per step there; csrc/host_pool.h), elsewhere None (the GEMM
+    allocates it, bias fused)."""
+    if x.device.type != "cpu":
+        return None
+    from fastclt import _ext
+
+    return _ext.host_empty(shape, x.dtype, x.device)

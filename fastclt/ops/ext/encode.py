@@ -1,0 +1,107 @@
+"""Encode on the extension's kernels (impl "cpu" and "cuda"; docs/DESIGN.md §3, §7, §8).
+
+Forward: the dense encoder GEMM (the CPU BLAS / cuBLAS) outside autograd, the entries found by the
+extension's exact selections (``fastclt.ops.ext.select``) or, for ReLU and JumpReLU, by
+``fastclt::threshold_compact`` on the CPU (a mask elsewhere); h is gathered at the entries and the
+dense h freed. Backward: the sparse encoder backward (``fastclt.ops.encoder_backward``) on
+``fastclt::feature_scatter`` and ``fastclt::sparse_decode`` — no dense [B, F] gradient and no
+backward GEMM. ``return_preacts`` keeps h in autograd and returns it too. Same codes as the reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastclt.codes import SparseCodes
+from fastclt.ops import sharded
+from fastclt.ops.encoder_backward import encode_codes
+from fastclt.ops.ext import select as ext_select
+from fastclt.ops.ext._common import EXT_KERNELS, h_out, ops
+from fastclt.ops.reference.activation import band_mask
+from fastclt.ops.reference.encode import activate, preacts, preacts_layers
+
+__all__ = ["encode", "encode_layers"]
+
+
+def _pattern(h: torch.Tensor, activation: str, k: Optional[int], threshold: Optional[torch.Tensor],
+             bandwidth: float, shards: Optional[sharded.Shards]):
+    """Dense h: [B, F] (no grad) → (row_ptr, row int64, col int32, h fp32 at the entries), sorted by (row, col)."""
+    if activation in ("relu", "jumprelu") and h.device.type == "cpu":
+        # one read of h, no dense mask (csrc/cpu/select_cpu.cpp); the band's half-width rounded to
+        # h's dtype, as `band_mask`'s comparison does
+        thr = None if activation == "relu" else threshold.to(h.dtype).contiguous()
+        half = 0.0 if activation == "relu" else float(torch.tensor(0.5 * bandwidth, dtype=h.dtype))
+        row_ptr, col, h_e = ops().threshold_compact(h, thr, half)
+        return row_ptr, SparseCodes.rows_of(row_ptr, col.shape[0]), col, h_e
+    if activation in ("relu", "jumprelu"):
+        mask = h > 0 if activation == "relu" else band_mask(h, threshold.to(h.dtype), bandwidth)
+        row_ptr, row, col = SparseCodes.pattern_from_mask(mask)
+    elif shards is not None:
+        if activation == "topk":
+            row_ptr, col = ext_select.topk_entries(h, k, shards)
+        else:
+            row_ptr, col = ext_select.sharded_batch_topk_entries(h[None], k, False, shards)[0]
+        col = col.long()
+        row = SparseCodes.rows_of(row_ptr, col.shape[0])
+    else:
+        c = ext_select.topk(h, k) if activation == "topk" else ext_select.batch_topk(h, k)
+        row_ptr, col, row = c.row_ptr, c.index.long(), c.row_ids()
+    return row_ptr, row, col.to(torch.int32), h[row, col].float()
+
+
+def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], *, activation: str,
+           k: Optional[int] = None, threshold: Optional[torch.Tensor] = None, bandwidth: float = 0.01,
+           pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False,
+           shards: Optional[sharded.Shards] = None):
+    """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → SparseCodes of ``act(W_enc (x − pre_bias) + b_enc)``
+    (see the module docstring)."""
+    if return_preacts:
+        h = preacts(x, W_enc, b_enc, pre_bias)
+        return activate(h, activation, k=k, threshold=threshold, bandwidth=bandwidth, shards=shards,
+                        select=ext_select), h
+    with torch.no_grad():
+        # CPU fp32 TopK: the GEMM without its bias (no broadcast copy, beta = 0), the bias folded
+        # into the select (fastclt::topk_bias); elsewhere the GEMM adds it
+        fold = (activation == "topk" and shards is None and x.device.type == "cpu" and x.dtype == torch.float32
+                and b_enc is not None and b_enc.dtype == torch.float32)
+        h = preacts(x.detach(), W_enc.detach(), None if b_enc is None or fold else b_enc.detach(),
+                    None if pre_bias is None else pre_bias.detach(), out=h_out(x, x.shape[0], W_enc.shape[0]))
+        if fold:
+            index, value = ops().topk_bias(h, b_enc.detach().contiguous(), k)
+            c = SparseCodes.from_topk(index, value, h.shape[1])
+            row_ptr, row, col, h_e = c.row_ptr, c.row_ids(), c.index, c.value  # relu'd: the same codes and mask
+        else:
+            row_ptr, row, col, h_e = _pattern(h, activation, k, None if threshold is None else threshold.detach(),
+                                              bandwidth, shards)
+        del h
+    return encode_codes(x, W_enc, b_enc, threshold, pre_bias, row_ptr, row, col, h_e, activation, bandwidth,
+                        EXT_KERNELS, k if activation == "topk" and shards is None else None)
+
+
+def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], k: int,
+                  pre_bias: Optional[torch.Tensor] = None, *, across_layers: bool = True,
+                  shards: Optional[sharded.Shards] = None) -> list[SparseCodes]:
+    """BatchTopK of a CLT's L layers: x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L SparseCodes
+    with exactly k·B·L entries over all layers together (k·B per layer when not ``across_layers``);
+    one exact selection over the stacked h (no grad), then the sparse encoder backward per layer."""
+    L, F = W_enc.shape[0], W_enc.shape[1]
+    xs, Ws = x.unbind(1), W_enc.unbind(0)
+    bs = [None] * L if b_enc is None else b_enc.unbind(0)
+    if not across_layers and shards is None:
+        return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias) for x_l, W_l, b_l in zip(xs, Ws, bs)]
+    with torch.no_grad():
+        h = preacts_layers(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
+                           None if pre_bias is None else pre_bias.detach(), out=h_out(x, L, x.shape[0], F))
+        if shards is None:
+            parts = [(c.row_ptr, c.index) for c in ext_select.batch_topk_layers(h, k)]
+        else:
+            parts = ext_select.sharded_batch_topk_entries(h, k, across_layers, shards)
+        pats = []
+        for h_l, (row_ptr, col) in zip(h.unbind(0), parts):
+            col = col.long()
+            row = SparseCodes.rows_of(row_ptr, col.shape[0])
+            pats.append((row_ptr, row, col.to(torch.int32), h_l[row, col].float()))
+        del h, parts
+    return [encode_codes(x_l, W_l, b_l, None, pre_bias, *pat, "batchtopk", 0.01, EXT_KERNELS)
+            for x_l, W_l, b_l, pat in zip(xs, Ws, bs, pats)]

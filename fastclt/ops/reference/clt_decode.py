@@ -1,0 +1,98 @@
+"""Reference CLT decode (docs/DESIGN.md §2.1, §7): codes of source s decoding into every target t ≥ s.
+
+    none        W_dec: list of L tensors [F, L−s, d_out]; one gather of a contiguous block per entry
+    per_source  W_dec: [L, F, d_out];   ŷ_t = Σ_{s≤t} W_dec[s]ᵀ g_t(a_s)
+    per_target  W_dec: [L, F, d_out];   ŷ_t = W_dec[t]ᵀ Σ_{s≤t} g_t(a_s)
+
+with the optional affine ``g_t(a) = (a + offset_t·1[a > 0])·scale_t`` (offset, scale: [L, F],
+tied decoders only); ``g_t`` is the identity when no affine is given. Accumulation is in fp32 (or
+fp64 for fp64 inputs); the output has W_dec's dtype. ``clt_decode_with`` builds the same from any
+backend's ``sparse_decode`` (the extension's CLT decode is that).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from fastclt.codes import SparseCodes
+from fastclt.ops.reference.decode import acc_dtype, sparse_decode
+
+__all__ = ["clt_decode", "clt_decode_with", "feature_affine"]
+
+
+def feature_affine(codes: SparseCodes, offset: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> SparseCodes:
+    """g(a) = (a + offset·1[a > 0])·scale at the codes' entries; offset, scale: [F] (either may be None).
+    Computed in fp32 (fp64 for fp64 values): the values come back in that dtype, not rounded to bf16."""
+    if offset is None and scale is None:
+        return codes
+    idx = codes.index.long()
+    v = codes.value.to(acc_dtype(codes.value.dtype))
+    if offset is not None:
+        v = v + offset[idx].to(v.dtype) * (v.detach() > 0).to(v.dtype)
+    if scale is not None:
+        v = v * scale[idx].to(v.dtype)
+    return codes.with_value(v)
+
+
+def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
+               b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
+               feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """codes: L SparseCodes (source layers) → ŷ: [B, L, d_out] (no skip term; add it outside).
+
+    W_dec: list of L [F, L−s, d_out] (tying "none") or [L, F, d_out] (tied);
+    b_dec: [L, d_out] or None (None for AuxK: never add b_dec there);
+    feature_offset / feature_scale: [L, F] per target layer (tied only) or None.
+    """
+    return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+
+
+def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]],
+                    tying: str, b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
+                    feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``clt_decode`` built from ``decode(codes, W [F, D] or [F, T, d]) -> [B, D] or [B, T, d]``
+    (this module's reference ``sparse_decode``, or a kernel's): L decodes for untied and plain
+    per_source decoders, L(L+1)/2 with the feature affine or per_target tying. The decodes' results
+    are summed in fp32 (fp64 for fp64 decoders) and rounded to W_dec's dtype once; the feature
+    affine's values are fp32 (``feature_affine``). Arguments as checked by ``fastclt.ops.clt_decode``."""
+    L = len(codes)
+    B = codes[0].batch_size
+    affine = feature_offset is not None or feature_scale is not None
+    if tying == "none":
+        d_out = W_dec[0].shape[-1]
+        parts = [decode(codes[s], W_dec[s]) for s in range(L)]  # [B, L−s, d]
+        y = _sum_shifted(parts, B, L, d_out)
+    else:
+        # Layer views by unbind, not W_dec[s]: each W_dec[s] in a graph backpropagates a zero-filled
+        # full [L, F, d] gradient (L·(L+1)/2 of them for per_target); unbind's backward stacks the
+        # per-layer gradients once.
+        Wl = W_dec.unbind(0)
+        off = (lambda t: None) if feature_offset is None else (lambda t: feature_offset[t])
+        sc = (lambda t: None) if feature_scale is None else (lambda t: feature_scale[t])
+        if tying == "per_source" and not affine:
+            # every target t ≥ s receives the same W_dec[s]ᵀ a_s: a prefix sum over sources
+            per_source = torch.stack([decode(codes[s], Wl[s]) for s in range(L)], 1)
+            y = per_source.cumsum(1, dtype=acc_dtype(per_source.dtype)).to(per_source.dtype)
+        else:
+            acc_type = acc_dtype(W_dec.dtype)
+            outs = []
+            for t in range(L):
+                acc = None
+                for s in range(t + 1):
+                    W = Wl[s] if tying == "per_source" else Wl[t]
+                    part = decode(feature_affine(codes[s], off(t), sc(t)), W).to(acc_type)
+                    acc = part if acc is None else acc + part
+                outs.append(acc.to(W_dec.dtype))
+            y = torch.stack(outs, 1)
+    if b_dec is not None:
+        y = y + b_dec.to(y.dtype)
+    return y
+
+
+def _sum_shifted(parts: list[torch.Tensor], B: int, L: int, d: int) -> torch.Tensor:
+    """parts[s]: [B, L−s, d] → [B, L, d] with parts[s] added at targets s..L−1."""
+    acc = acc_dtype(parts[0].dtype)
+    y = torch.zeros(B, L, d, dtype=acc, device=parts[0].device)
+    for s, p in enumerate(parts):
+        y = y + torch.nn.functional.pad(p.to(acc), (0, 0, s, 0))
+    return y.to(parts[0].dtype)

@@ -1,0 +1,85 @@
+"""Reference losses (docs/DESIGN.md §4). Per layer l, over a batch of B tokens:
+
+    MSE_l      = mean_b ‖y_l − ŷ_l‖²
+    FVU_l      = Σ_b ‖y_l − ŷ_l‖² / Σ_b ‖y_l − ȳ_l‖²          (ȳ_l: the batch mean)
+    sparsity   = Σ_s mean_b Σ_i tanh(c · a_{s,i} · ‖W_dec,i^s‖)   ("tanh")  or  Σ_s mean_b Σ_i a·‖W‖  ("l1")
+    pre-act    = Σ_s mean_b Σ_i ReLU(θ_i − h_{s,i}) · ‖W_dec,i^s‖
+    AuxK       = min(n_dead / k_aux, 1) · Σ_b ‖ê − e‖² / Σ_b ‖y − ȳ‖²   (ê decoded WITHOUT b_dec, e detached)
+
+‖W_dec,i^s‖ is the concatenated norm of feature (s, i) over all its targets (``decoder_norms``).
+The weighting coefficients (λ, λ_p, the AuxK coefficient) are applied by the caller.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastclt.codes import SparseCodes
+from fastclt.names import SPARSITY_KINDS
+
+__all__ = ["squared_error", "total_variance", "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss",
+           "SPARSITY_KINDS"]
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulate in fp32, or fp64 for fp64 inputs (the oracle's precision)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def squared_error(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """y, y_hat: [B, ..., d] → Σ_b ‖y − ŷ‖² per middle index: [...] in fp32."""
+    if y.shape != y_hat.shape:
+        raise ValueError(f"y_hat: expected the shape of y {tuple(y.shape)}, got {tuple(y_hat.shape)}")
+    diff = _acc(y) - _acc(y_hat)
+    return diff.pow(2).sum(-1).sum(0)
+
+
+def total_variance(y: torch.Tensor) -> torch.Tensor:
+    """y: [B, ..., d] → Σ_b ‖y − ȳ‖² per middle index: [...] in fp32 (ȳ: the batch mean)."""
+    yf = _acc(y)
+    return (yf - yf.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)
+
+
+def mse(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """y, y_hat: [B, L, d] (or [B, d]) → MSE per layer [L] (or a scalar): mean_b ‖y − ŷ‖²."""
+    return squared_error(y, y_hat) / max(y.shape[0], 1)
+
+
+def fvu(y: torch.Tensor, y_hat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """y, y_hat: [B, L, d] (or [B, d]) → FVU per layer [L] (or a scalar)."""
+    return squared_error(y, y_hat) / total_variance(y).clamp_min(eps)
+
+
+def sparsity_loss(codes: Sequence[SparseCodes], decoder_norms: torch.Tensor, kind: str = "tanh",
+                  c: float = 1.0) -> torch.Tensor:
+    """codes: L SparseCodes over B rows; decoder_norms: [L, F] → scalar Σ_s mean_b Σ_i penalty(a·‖W‖)."""
+    if kind not in SPARSITY_KINDS:
+        raise ValueError(f"sparsity: expected one of {SPARSITY_KINDS}, got {kind!r}")
+    total = _acc(decoder_norms).new_zeros(())
+    for s, cs in enumerate(codes):
+        if cs.batch_size == 0:
+            continue
+        scaled = _acc(cs.value) * _acc(decoder_norms[s])[cs.index.long()]
+        pen = torch.tanh(c * scaled) if kind == "tanh" else scaled
+        total = total + pen.sum() / cs.batch_size
+    return total
+
+
+def preact_loss(h: torch.Tensor, threshold: torch.Tensor, decoder_norms: torch.Tensor) -> torch.Tensor:
+    """h: [B, F] (one layer), threshold: [F], decoder_norms: [F] → scalar mean_b Σ_i ReLU(θ − h)·‖W‖."""
+    if h.shape[0] == 0:
+        return h.new_zeros((), dtype=torch.float32)
+    gap = torch.relu(_acc(threshold) - _acc(h))
+    return (gap * _acc(decoder_norms)).sum() / h.shape[0]
+
+
+def auxk_loss(aux_recon: torch.Tensor, residual: torch.Tensor, y: torch.Tensor, n_dead: int, k_aux: int,
+              eps: float = 1e-12) -> torch.Tensor:
+    """aux_recon ê, residual e = y − ŷ, y: [B, L, d] (or [B, d]) → scalar
+    min(n_dead/k_aux, 1) · Σ_l Σ_b‖ê_l − e_l‖² / Σ_b‖y_l − ȳ_l‖².  ``residual`` is detached here."""
+    if n_dead <= 0:
+        return aux_recon.new_zeros((), dtype=torch.float32)
+    scale = min(n_dead / k_aux, 1.0)
+    ratio = squared_error(residual.detach(), aux_recon) / total_variance(y).clamp_min(eps)
+    return scale * ratio.sum()

@@ -1,0 +1,423 @@
+"""What only the fastclt._C extension does (the ops ``torch.ops.fastclt.*`` beneath
+fastclt/ops/ext/), on every device it runs on here (the ``ext_device`` fixture of tests/conftest.py:
+the CPU kernels, and CUDA when built and a GPU is present): op schemas and fake impls (opcheck), a
+kernel for every shared op on every device, the CUDA BatchTopK's radix driver against the CPU
+kernel, the ops' own argument checks, fp32 sums of bf16 decodes, and the CPU-only ops
+(threshold_compact, feature_scatter_dot, topk_bias, the CUDA scatter plan replayed). What every
+implementation of an op must do: tests/ops/test_<op>.py. CUDA-only cases: tests/ops/ext/test_ext_cuda.py.
+Outputs are NaN-poisoned (fastclt._C.set_poison_outputs) so that an element a kernel forgot to
+write fails the test.
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from _select_cases import DTYPES, assert_close_rel, make_h
+from fastclt import _ext, ops
+from fastclt.codes import SparseCodes
+from fastclt.ops import _registry
+from fastclt.ops.ext import _common as ext_common
+from fastclt.ops.ext import select as ext_select
+
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+
+def _round_trip_codes(B, F, per_row, gen):
+    """CSR codes with per_row distinct features in each row, and fp32 values that bf16 cannot hold."""
+    index = torch.rand(B, F, generator=gen).argsort(1)[:, :per_row].sort(1).values.to(torch.int32).flatten()
+    row_ptr = torch.arange(B + 1, dtype=torch.int64) * per_row
+    value = torch.randn(B * per_row, generator=gen) * (1 + torch.rand(B * per_row, generator=gen) / 64)
+    return row_ptr, index, value
+
+
+def _exact_decode(row_ptr, index, value, W):
+    dense = torch.zeros(row_ptr.shape[0] - 1, W.shape[0], dtype=torch.float64)
+    rows = torch.repeat_interleave(torch.arange(row_ptr.shape[0] - 1), row_ptr.diff())
+    dense.index_put_((rows, index.long()), value.double(), accumulate=True)
+    return dense @ W.double()
+
+
+def test_sparse_decode_fp32_values_with_bf16_weights(ext_device, gen):
+    """fp32 values with bf16 weights are summed in fp32 and rounded once: y equals the exact sum
+    rounded to bf16 (up to fp32 accumulation at rounding ties); rounding the values to bf16 first
+    (what the decode did before) misses that on a large share of the outputs."""
+    row_ptr, index, value = _round_trip_codes(64, 300, 24, gen)
+    W = torch.randn(300, 40, generator=gen).bfloat16()
+    exact = _exact_decode(row_ptr, index, value, W).to(torch.bfloat16)
+    dev = ext_device
+    y = torch.ops.fastclt.sparse_decode(row_ptr.to(dev), index.to(dev), value.to(dev), W.to(dev), None)
+    assert y.dtype == torch.bfloat16
+    assert (y.cpu() == exact).float().mean() > 0.99
+    rounded = torch.ops.fastclt.sparse_decode(row_ptr.to(dev), index.to(dev), value.bfloat16().to(dev), W.to(dev), None)
+    assert (rounded.cpu() == exact).float().mean() < 0.9  # the test can tell the two apart
+    # through the op with autograd: fp32 values keep an fp32 gradient
+    v = value.to(dev).requires_grad_()
+    Wt = W.to(dev).requires_grad_()
+    codes = SparseCodes(row_ptr.to(dev), index.to(dev), v, 300)
+    out = ops.sparse_decode(codes, Wt, impl="cpu" if dev == "cpu" else "cuda")
+    assert torch.equal(out, y)
+    G = torch.randn(64, 40, generator=gen)
+    (out.float() * G.to(dev)).sum().backward()
+    assert v.grad.dtype == torch.float32 and Wt.grad.dtype == torch.bfloat16
+    rows = torch.repeat_interleave(torch.arange(64), row_ptr.diff())
+    want_dv = (G.bfloat16().double()[rows] * W.double()[index.long()]).sum(1)
+    assert_close_rel(v.grad.cpu(), want_dv, 1e-2, "dvalue")
+
+
+def test_encoder_gather_keeps_dh_in_fp32(ext_device, gen):
+    """The extension's dx gather of the sparse encoder backward takes dh in fp32 with bf16 weights."""
+    row_ptr, index, dh = _round_trip_codes(64, 300, 24, gen)
+    W = torch.randn(300, 40, generator=gen).bfloat16()
+    dev = ext_device
+    dx = ext_common.EXT_KERNELS.gather(row_ptr.to(dev), index.to(dev), dh.to(dev), W.to(dev), torch.bfloat16)
+    exact = _exact_decode(row_ptr, index, dh, W).to(torch.bfloat16)
+    assert (dx.cpu() == exact).float().mean() > 0.99
+
+
+# ------------------------------------------------------------------- torch.library
+def _shared_op_cases(device):
+    """(op name, args) of every op the tests above run on each device (opcheck runs each one)."""
+    h = torch.randn(8, 37, device=device)
+    codes = ext_select.topk(h, 4)
+    W, G = torch.randn(37, 6, device=device), torch.randn(8, 6, device=device)
+    thr = ext_select.batch_topk_threshold(h, 32)
+    value = codes.value.detach()
+    return [
+        ("topk", (h, 4)),
+        ("batch_topk_histogram", (h, 0, 0, 8)),
+        ("batch_topk_compact", (h, thr.key, 0, thr.n_take, 32)),
+        ("batch_topk", (h, 32)),
+        ("batch_topk", (torch.randn(3, 5, 200, device=device), 20)),
+        ("sparse_decode", (codes.row_ptr, codes.index, value, W, None)),
+        ("sparse_decode", (codes.row_ptr, codes.index, value, W.bfloat16(), None)),  # fp32 values, bf16 W
+        ("sparse_dot", (codes.row_ptr, codes.index, G, W)),
+        ("feature_scatter", (codes.row_ptr, codes.index, value, G, 37)),
+    ]
+
+
+SHARED_OPS = ("topk", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "sparse_decode", "sparse_dot",
+              "feature_scatter")
+
+
+def test_opcheck(ext_device):
+    """Schemas, fake (meta) impls and dispatch registrations are consistent (torch.compile-ready)."""
+    cases = _shared_op_cases(ext_device)
+    assert {name for name, _ in cases} == set(SHARED_OPS)
+    for name, args in cases:
+        torch.library.opcheck(getattr(torch.ops.fastclt, name), args)
+
+
+def _cuda_kernels_in_source() -> set:
+    """The ops csrc/cuda/ops_cuda.cpp registers for CUDA (that file does not build here)."""
+    import pathlib
+    import re
+
+    src = (pathlib.Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "ops_cuda.cpp").read_text()
+    block = src[src.index("TORCH_LIBRARY_IMPL(fastclt, CUDA, m)"):]
+    return set(re.findall(r'm\.impl\("(\w+)"', block[:block.index("}")]))
+
+
+@pytest.mark.skipif(not _ext.build_info()["loaded"], reason=_ext.missing_message("cpu"))
+def test_every_shared_op_has_a_kernel_on_every_device():
+    """The ops the tests above run on every device have a kernel there: on CUDA a C++ one
+    (csrc/cuda/ops_cuda.cpp, read as source when it is not built) or a Python one (fastclt._ext)."""
+    def has(op, key):
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastclt::{op}", key)
+
+    cuda = _cuda_kernels_in_source() | {op for op in SHARED_OPS if has(op, "CUDA")}
+    assert sorted(set(SHARED_OPS) - cuda) == []
+    if _ext.has_cpu_ext():
+        assert sorted(op for op in SHARED_OPS if not has(op, "CPU")) == []
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k_total,kind", [
+    ((8, 37), 40, "randn"), ((6, 40), 54, "ties"), ((3, 16), 12, "equal"), ((7, 50), 63, "negties"),
+    ((6, 45), 72, "inf"), ((12, 250), 60, "hotrow"), ((0, 37), 0, "randn"), ((4, 37), 148, "randn"),
+    ((3, 5, 200), 20, "randn"), ((2, 4, 90), 33, "ties"),
+])
+def test_batch_topk_radix_equals_the_cpu_kernel(shape, k_total, kind, dtype):
+    """batch_topk_radix — the CUDA kernel of fastclt::batch_topk, histogram passes + compaction —
+    gives exactly the CPU kernel's CSR (bound + filter) on the CPU ops."""
+    h = make_h(shape[-2] if len(shape) == 2 else shape[0] * shape[1], shape[-1], dtype, "cpu", kind).view(shape)
+    got = ext_select.batch_topk_radix(h, k_total)
+    want = torch.ops.fastclt.batch_topk(h, k_total)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"k_total must be in \[0, h.numel\(\)"):
+        ext_select.batch_topk_radix(h, h.numel() + 1)
+
+
+# ----------------------------------------------------------------------- bad input
+def test_bad_input_messages(ext_device):
+    """The extension's ops check their own arguments (the Python entry points' checks:
+    tests/ops/test_<op>.py::test_bad_input)."""
+    dev = ext_device
+    ops = torch.ops.fastclt
+    h = torch.randn(4, 37, device=dev)
+    for k in (0, 38, -1):
+        with pytest.raises(RuntimeError, match="k must be"):
+            ops.topk(h, k)
+    with pytest.raises(RuntimeError, match="h must be float32 or bfloat16"):
+        ops.topk(h.double(), 3)
+    with pytest.raises(RuntimeError, match="h must be 2-D"):
+        ops.topk(h.view(-1), 3)
+    with pytest.raises(RuntimeError, match="h must be contiguous"):
+        ops.topk(h.t(), 3)
+    with pytest.raises(RuntimeError, match="digit_bits"):
+        ops.batch_topk_histogram(h, 0, 0, 17)
+    with pytest.raises(RuntimeError, match="prefix"):
+        ops.batch_topk_histogram(h, 5, 2, 8)
+    with pytest.raises(RuntimeError, match="nnz"):
+        ops.batch_topk_compact(h, 0x80000000, 0, 0, 3)
+    for k_total in (-1, h.numel() + 1):
+        with pytest.raises(ValueError, match=r"k_total must be in \[0, h.numel\(\)=148\]"):
+            ops.batch_topk(h, k_total)
+    with pytest.raises(RuntimeError, match="at least 2 dims"):
+        ops.batch_topk(h.view(-1), 3)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.batch_topk(h.double(), 3)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.batch_topk(h.t(), 3)
+    empty = ops.batch_topk(h, 0)
+    assert empty[0].tolist() == [0] * 5 and empty[1].numel() == 0
+
+    codes = ext_select.topk(h, 3)
+    W = torch.randn(37, 8, device=dev)
+    rp, idx, val = codes.row_ptr, codes.index, codes.value
+    with pytest.raises(RuntimeError, match="index must be a 1-D int32"):
+        ops.sparse_decode(rp, idx.long(), val, W, None)
+    with pytest.raises(RuntimeError, match="row_ptr must be a 1-D int64"):
+        ops.sparse_decode(rp.int(), idx, val, W, None)
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        ops.sparse_decode(rp, idx, val, W.view(-1), None)
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        ops.sparse_decode(rp, idx, val, torch.randn(8, 37, device=dev).t(), None)
+    with pytest.raises(RuntimeError, match="must have weight's dtype"):
+        ops.sparse_decode(rp, idx, val.bfloat16(), W, None)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        ops.sparse_decode(rp, idx, val, W, torch.zeros(9, device=dev))
+    with pytest.raises(RuntimeError, match="value must be 1-D"):
+        ops.sparse_decode(rp, idx, val[:-1], W, None)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        ops.sparse_dot(rp, idx, torch.zeros(3, 8, device=dev), W)
+    with pytest.raises(RuntimeError, match="x must have B="):
+        ops.feature_scatter(rp, idx, val, torch.zeros(3, 8, device=dev), 37)
+    if dev == "cpu":  # content checks (the CUDA path does not scan codes on the host)
+        with pytest.raises(RuntimeError, match="index must lie in"):
+            ops.sparse_decode(rp, idx, val, W[:10].contiguous(), None)
+        with pytest.raises(RuntimeError, match="row_ptr must start at 0"):
+            ops.sparse_decode(rp + 1, idx, val, W, None)
+        with pytest.raises(RuntimeError, match="index must lie in"):
+            ops.feature_scatter(rp, idx, val, torch.zeros(4, 8, device=dev), 10)
+
+
+def test_build_info_and_availability():
+    """build_info() has its documented keys, and availability follows what was built."""
+    info = _ext.build_info()
+    assert set(info) >= {"loaded", "cpu", "cuda", "openmp", "cuda_arch_list", "torch_version", "import_error"}
+    assert _registry.available("cpu", torch.device("cpu")) == _ext.has_cpu_ext()
+    assert not _registry.available("cuda", torch.device("cpu"))
+
+
+# ------------------------------------------------------------- threshold_compact (CPU only)
+def _band_reference(h, threshold, half):
+    """The pattern and fp32 values the extension encode's mask path gives (its CUDA path)."""
+    from fastclt.ops.reference.activation import band_mask
+
+    mask = h > 0 if threshold is None else band_mask(h, threshold, 2 * half)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return mask.sum(1), cols, h[rows, cols].float()
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F,mode", [(9, 37, "relu"), (7, 1003, "relu"), (9, 37, "jumprelu"), (6, 517, "jumprelu"),
+                                      (0, 37, "jumprelu"), (5, 16, "relu")])
+def test_threshold_compact_matches_the_mask(B, F, mode, dtype):
+    g = torch.Generator().manual_seed(B * 1000 + F)
+    h = torch.randn(B, F, generator=g).to(dtype)
+    threshold = half = None
+    if mode == "jumprelu":
+        threshold = (torch.rand(F, generator=g) * 2 - 0.5).to(dtype)  # some negative thresholds
+        half = float(torch.tensor(0.05, dtype=dtype))
+        if B:
+            # entries on and next to the band's edges, and at θ itself
+            t = threshold.float()
+            for j, off in enumerate((0.0, half, -half, half * (1 + 2 ** -7), -half * (1 + 2 ** -7),
+                                     -half * (1 - 2 ** -7), 2 * half, -2 * half)):
+                h[j % B, j::9] = (t[j::9] + off).to(dtype)
+    if B:
+        h[0, 1], h[-1, 2], h[B // 2, 3] = float("nan"), float("inf"), float("-inf")  # NaN never kept
+        h[B // 2, 5:] = -5.0  # a row with few or no entries
+    _ext._C.set_poison_outputs(True)
+    try:
+        row_ptr, index, value = torch.ops.fastclt.threshold_compact(h, threshold, half or 0.0)
+    finally:
+        _ext._C.set_poison_outputs(False)
+    counts, cols, vals = _band_reference(h, threshold, half or 0.0)
+    assert row_ptr.dtype == torch.int64 and index.dtype == torch.int32 and value.dtype == torch.float32
+    assert row_ptr[0] == 0 and torch.equal(row_ptr.diff(), counts)
+    assert torch.equal(index.long(), cols)
+    assert torch.equal(value, vals)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_threshold_compact_bad_input_and_opcheck():
+    ops = torch.ops.fastclt
+    h, thr = torch.randn(4, 37), torch.rand(37)
+    with pytest.raises(RuntimeError, match="h must be 2-D"):
+        ops.threshold_compact(h.view(-1), None, 0.0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.threshold_compact(h.double(), None, 0.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.threshold_compact(h.t(), None, 0.0)
+    with pytest.raises(RuntimeError, match=r"threshold must have shape \[F=37\]"):
+        ops.threshold_compact(h, thr[:-1], 0.1)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.threshold_compact(h, thr.bfloat16(), 0.1)
+    with pytest.raises(RuntimeError, match="half_band must be a finite number >= 0"):
+        ops.threshold_compact(h, thr, -0.1)
+    with pytest.raises(RuntimeError, match="half_band must be a finite number >= 0"):
+        ops.threshold_compact(h, thr, float("nan"))
+    with pytest.raises(RuntimeError, match="half_band needs a threshold"):
+        ops.threshold_compact(h, None, 0.1)
+    torch.library.opcheck(ops.threshold_compact, (h, thr, 0.1))
+    torch.library.opcheck(ops.threshold_compact, (h, None, 0.0))
+
+
+# ----------------------------------------------------------- feature_scatter_dot (CPU only)
+# ------------------------------------------- the CUDA feature_scatter's work split, replayed on the CPU
+def _scatter_case(B, F, D, hot, gen, dtype):
+    """Codes of B rows with a few random features each; the first `hot` features in every row."""
+    rows = []
+    for b in range(B):
+        extra = torch.randperm(F - hot, generator=gen)[: int(torch.randint(0, 4, (1,), generator=gen))] + hot
+        rows.append(torch.cat([torch.arange(hot), extra.sort().values]))
+    row_ptr = torch.zeros(B + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.tensor([len(r) for r in rows]).cumsum(0)
+    index = torch.cat(rows + [torch.zeros(0, dtype=torch.int64)]).to(torch.int32)
+    coef = torch.randn(index.shape[0], generator=gen).to(dtype)
+    x = torch.randn(B, D, generator=gen).to(dtype)
+    return row_ptr, index, coef, x
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F,D,hot,chunk", [(40, 23, 9, 2, 7), (40, 23, 9, 2, 40), (33, 11, 5, 3, 1),
+                                             (17, 50, 0, 1, 4), (0, 6, 4, 0, 3), (25, 8, 33, 8, 512)])
+def test_scatter_plan_replay_matches_float64(B, F, D, hot, chunk, dtype, gen):
+    """The CUDA feature_scatter splits a feature's entries into chunks of `chunk` (hot features over
+    several warps, summed from fp32 partial rows in order; csrc/scatter_plan.h). Its work split —
+    plan tables, work item → (feature, entries, partial slot), the second pass — replayed on the CPU
+    equals float64 math and the CPU kernel, uses exactly the expected work items and partial rows,
+    and writes every output element (poisoned outputs)."""
+    row_ptr, index, coef, x = _scatter_case(B, F, D, hot, gen, dtype)
+    out, coef_sum, n_work, n_partials = _ext._C._feature_scatter_replay(row_ptr, index, coef, x, F, chunk)
+    counts = torch.bincount(index.long(), minlength=F)
+    chunks = ((counts + chunk - 1) // chunk).clamp_min(1)
+    assert n_work == int(chunks.sum())
+    assert n_partials == int(chunks[counts > chunk].sum())
+    rows = torch.repeat_interleave(torch.arange(B), row_ptr.diff())
+    want = torch.zeros(F, D, dtype=torch.float64).index_add_(0, index.long(), coef.double()[:, None] * x.double()[rows])
+    want_sum = torch.zeros(F, dtype=torch.float64).index_add_(0, index.long(), coef.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and coef_sum.dtype == torch.float32
+    assert_close_rel(out, want, tol, "out")
+    assert_close_rel(coef_sum, want_sum, 1e-5, "coef_sum")
+    cpu_out, cpu_sum = torch.ops.fastclt.feature_scatter(row_ptr, index, coef, x, F)
+    assert_close_rel(out, cpu_out.double(), tol, "out vs the CPU kernel")
+    again = _ext._C._feature_scatter_replay(row_ptr, index, coef, x, F, chunk)
+    assert torch.equal(again[0], out) and torch.equal(again[1], coef_sum)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F,D,k", [(13, 37, 19, 5), (64, 300, 130, 9), (5, 11, 3, 11), (0, 7, 4, 1)])
+def test_feature_scatter_dot_matches_float64(B, F, D, k, dtype):
+    """dW = Aᵀ X and dvalue[j] = <X[row(j)], W[index[j]]> in one sweep, against float64; a hot
+    feature (entries in every row: 4-row sweeps and a tail), unused features (zero rows)."""
+    g = torch.Generator().manual_seed(B * 100 + F)
+    h = torch.randn(B, F, generator=g)
+    if B:
+        h[:, 3] += 10.0  # feature 3 in every row
+        h[:, -1] -= 10.0  # the last feature in none
+    codes = ext_select.topk(h.to(dtype), k)
+    coef = (torch.rand(codes.nnz, generator=g) + 0.1).to(dtype)
+    X = torch.randn(B, D, generator=g).to(dtype)
+    W = torch.randn(F, D, generator=g).to(dtype)
+    _ext._C.set_poison_outputs(True)
+    try:
+        out, coef_sum, dot = torch.ops.fastclt.feature_scatter_dot(codes.row_ptr, codes.index, coef, X, W)
+    finally:
+        _ext._C.set_poison_outputs(False)
+    rows, cols = codes.row_ids(), codes.index.long()
+    A = torch.zeros(B, F, dtype=torch.float64)
+    A[rows, cols] = coef.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and dot.dtype == dtype and coef_sum.dtype == torch.float32
+    assert_close_rel(out, A.t() @ X.double(), tol, "out")
+    assert_close_rel(dot, (X.double()[rows] * W.double()[cols]).sum(1), tol, "dot")
+    assert_close_rel(coef_sum, A.sum(0), 1e-6, "coef_sum")
+    if B and k < F:
+        assert not out[-1].any(), "an unused feature's row must be zero"
+    ref_out = torch.ops.fastclt.feature_scatter(codes.row_ptr, codes.index, coef, X, F)[0]
+    assert_close_rel(out, ref_out, 1e-6 if dtype == torch.float32 else 1e-2, "out vs feature_scatter")
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_feature_scatter_dot_bad_input_and_opcheck():
+    ops = torch.ops.fastclt
+    codes = ext_select.topk(torch.randn(4, 37), 3)
+    rp, idx = codes.row_ptr, codes.index
+    coef, X, W = torch.rand(12), torch.randn(4, 8), torch.randn(37, 8)
+    with pytest.raises(RuntimeError, match="weight must have D=8"):
+        ops.feature_scatter_dot(rp, idx, coef, X, W[:, :5].contiguous())
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.feature_scatter_dot(rp, idx, coef, X, W.bfloat16())
+    with pytest.raises(RuntimeError, match="x must have B=4"):
+        ops.feature_scatter_dot(rp, idx, coef, X[:3], W)
+    with pytest.raises(RuntimeError, match="index must lie in"):
+        ops.feature_scatter_dot(rp, idx, coef, X, W[:10].contiguous())
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        ops.feature_scatter_dot(rp, idx, coef, X, W.view(-1))
+    torch.library.opcheck(ops.feature_scatter_dot, (rp, idx, coef, X, W))
+
+
+# ---------------------------------------------------------------------- topk_bias (CPU only)
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("B,F,k,kind", [(7, 37, 5, "randn"), (5, 1001, 32, "randn"), (4, 600, 8, "ties"),
+                                        (3, 1003, 7, "ascending"), (6, 500, 3, "hotrow"), (4, 45, 12, "inf"),
+                                        (0, 37, 3, "randn"), (3, 300, 300, "randn")])
+def test_topk_bias_is_topk_of_the_sum(B, F, k, kind):
+    """topk_bias(h, b, k) == topk(h + b, k) exactly (one fp32 rounding of the sum either way),
+    on both of topk_row's paths, without forming h + b."""
+    h = make_h(B, F, torch.float32, "cpu", kind, seed=11)
+    bias = torch.randn(F, generator=torch.Generator().manual_seed(12))
+    if kind == "ties":
+        bias = (bias * 2).round() / 2  # sums with ties
+    index, value = torch.ops.fastclt.topk_bias(h, bias, k)
+    ref = ext_select.topk(h + bias, k)
+    assert torch.equal(index.view(-1), ref.index) and torch.equal(value.view(-1), ref.value)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_topk_bias_bad_input_and_opcheck():
+    ops = torch.ops.fastclt
+    h, b = torch.randn(4, 1000), torch.randn(1000)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[F=1000\]"):
+        ops.topk_bias(h, b[:-1], 3)
+    with pytest.raises(RuntimeError, match="h must be float32"):
+        ops.topk_bias(h.bfloat16(), b.bfloat16(), 3)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.topk_bias(h, b.bfloat16(), 3)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        ops.topk_bias(h, b, 1001)
+    nan_sum = b.clone()
+    nan_sum[999], h[3, 999] = float("inf"), float("-inf")  # inf + -inf: a NaN in the sum only
+    with pytest.raises(RuntimeError, match="h \\+ bias contains NaN"):
+        ops.topk_bias(h, nan_sum, 3)
+    torch.library.opcheck(ops.topk_bias, (torch.randn(4, 37), torch.randn(37), 3))
