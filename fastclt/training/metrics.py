@@ -39,7 +39,6 @@ class MetricsLogger:
         self.file = None
         self.bar = None
         self.wandb = self.tb = None
-        self.history: list = []
         self.notes: dict = {}
         if not is_main:
             return
@@ -81,7 +80,6 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.is_main:
             return
-        self.history.append(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
