@@ -1,6 +1,6 @@
 """The default command (no flags but --out_dir) trains a small CLT on synthetic activations and
 recovers the planted features; an SAE trains through the same entry point; the README's "Use"
-example runs. (torchrun: tests/test_train_torchrun.py.)"""
+example runs. (torchrun: tests/training/test_train_torchrun.py.)"""
 import json
 import subprocess
 import sys
@@ -51,7 +51,7 @@ def torch_norms_are_unit(sae):
 
 def test_readme_use_example_runs_in_seconds(tmp_path, monkeypatch):
     """The README's first "Use" block, as written (in a scratch folder: it saves clt/)."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (Path(__file__).parents[2] / "README.md").read_text()
     block = text.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
     scope = {}
