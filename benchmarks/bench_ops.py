@@ -241,7 +241,8 @@ def _decode_cases(s: Shape, c: _Ctx, priority_of) -> list[Case]:
     for mode in MODES:
         common = dict(suite="ops", op="sparse_decode", variant=f"k={k}", mode=mode, shape=s.name, dtype=c.dname,
                       flops=flops[mode], bytes=byts[mode], input_bytes=in_bytes,
-                      need_bytes=c.max_sets * in_bytes + 3 * F * d * e, priority=priority_of("sparse_decode", "", mode, s.name))
+                      need_bytes=c.max_sets * in_bytes + 3 * F * d * e,
+                      priority=priority_of("sparse_decode", "", mode, s.name))
         for impl, why in c.impls("sparse_decode"):
             def fwd(inp, impl=impl):
                 return ops.sparse_decode(inp["codes"], inp["W"], impl=impl)
@@ -318,7 +319,8 @@ def _auxk_cases(s: Shape, c: _Ctx, priority_of) -> list[Case]:
         dead = torch.zeros(F, dtype=torch.bool, device=c.device)
         dead[torch.randperm(F, generator=g, device=c.device)[:n_dead]] = True
         return {"x": _randn((B, d), g, c.device, c.dtype), "W_enc": _randn((F, d), g, c.device, c.dtype, d ** -0.5),
-                "b_enc": _randn((F,), g, c.device, c.dtype, 0.01), "W_dec": _randn((F, d), g, c.device, c.dtype, d ** -0.5),
+                "b_enc": _randn((F,), g, c.device, c.dtype, 0.01),
+                "W_dec": _randn((F, d), g, c.device, c.dtype, d ** -0.5),
                 "resid": _randn((B, d), g, c.device, c.dtype, 0.3), "y": _randn((B, d), g, c.device, c.dtype),
                 "dead": dead}
 
@@ -327,7 +329,8 @@ def _auxk_cases(s: Shape, c: _Ctx, priority_of) -> list[Case]:
     for mode in ("fwd", "fwd+bwd"):
         common = dict(suite="ops", op="auxk", variant=f"k_aux={k_aux},dead={n_dead}", mode=mode, shape=s.name,
                       dtype=c.dname, flops=flops[mode], bytes=byts[mode], input_bytes=in_bytes,
-                      need_bytes=c.max_sets * in_bytes + 3 * B * n_dead * e, priority=priority_of("auxk", "", mode, s.name))
+                      need_bytes=c.max_sets * in_bytes + 3 * B * n_dead * e,
+                      priority=priority_of("auxk", "", mode, s.name))
         for impl, why in c.impls("auxk_select"):
             dec = impl if impl in decode_impls and decode_impls[impl] is None else "reference"
             note = "" if dec == impl else f"sparse_decode impl={dec}"

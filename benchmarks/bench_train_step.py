@@ -64,7 +64,8 @@ def _variants(s: Shape) -> list[tuple[str, str, str]]:
     if "sae" in s.models:
         out += [("sae", "topk", ""), ("plt", "jumprelu", "")]
     if "clt" in s.models:
-        out += [("clt", act, tying) for tying in ("none", "per_source", "per_target") for act in ("batchtopk", "jumprelu")]
+        out += [("clt", act, tying) for tying in ("none", "per_source", "per_target")
+                for act in ("batchtopk", "jumprelu")]
     return out
 
 
@@ -195,18 +196,21 @@ def train_cases(shape: Shape, device: torch.device, *, priority_of: Callable[...
     cases = []
     for family, act, tying in _variants(s):
         L = s.L if family == "clt" else 1
-        gather = {"": 1, "none": L * (L + 1) / 2, "per_source": L, "per_target": L * (L + 1) / 2}[tying] if family == "clt" else 1
+        gather = {"": 1, "none": L * (L + 1) / 2, "per_source": L,
+                  "per_target": L * (L + 1) / 2}[tying] if family == "clt" else 1
         P = _n_params(family, tying, s)
         # encoder GEMM + sparse encoder backward per layer, decoder gathers fwd (2) + bwd (4)
         flops = 2.0 * s.B * s.d * s.F * L + 4.0 * s.B * s.k * s.d * L + 6.0 * s.B * s.k * s.d * gather
         byts = 28.0 * P + 3 * s.B * L * s.d * e
-        need = 16 * P + 16 * s.B * s.F * L  # fp32 param, grad, Adam m, v; ~4 dense [B, F] fp32 buffers per layer (eager)
+        # fp32 param, grad, Adam m, v; ~4 dense [B, F] fp32 buffers per layer (eager)
+        need = 16 * P + 16 * s.B * s.F * L
         variant = _name(family, act, tying)
         for impl in TRAIN_IMPLS:
             note = _resolved(device) if impl == "auto" else ""
             cases.append(Case(suite="train", op="train_step", variant=variant, mode="fwd+bwd+adam", shape=s.name,
                               impl=impl, dtype=dname, flops=flops, bytes=byts, need_bytes=need, rotate=False,
-                              make=_make_fastclt(family, act, tying, s, device, impl), note=note, priority=priority_of("train_step", variant, "", s.name)))
+                              make=_make_fastclt(family, act, tying, s, device, impl), note=note,
+                              priority=priority_of("train_step", variant, "", s.name)))
         if family == "sae":
             why = sparsify_available(device)
             P_sp = 2 * s.F * s.d + s.F + s.d

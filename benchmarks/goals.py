@@ -141,16 +141,19 @@ class Goal:
 
 
 GOALS = [
-    Goal("fused encode fwd vs cuBLAS GEMM", "cuda", "sae-2304", "≥ 0.9× cuBLAS, peak extra memory O(nnz)", _encode_vs_gemm),
+    Goal("fused encode fwd vs cuBLAS GEMM", "cuda", "sae-2304", "≥ 0.9× cuBLAS, peak extra memory O(nnz)",
+         _encode_vs_gemm),
     Goal("sparse decode fwd+bwd bandwidth", "cuda", "sae-2304", "≥ 70% of HBM bandwidth on gathered bytes", _decode_bw),
     Goal("SAE TopK step vs eager", "cuda", "sae-2304", "≥ 4× eager", _step_speedup("sae-topk", "sae-2304", 4.0)),
-    Goal("SAE TopK step vs eai-sparsify", "cuda", "sae-2304", "≤ 0.3× its peak memory, and faster", _vs_sparsify_memory),
+    Goal("SAE TopK step vs eai-sparsify", "cuda", "sae-2304", "≤ 0.3× its peak memory, and faster",
+         _vs_sparsify_memory),
     Goal("CLT step (untied, BatchTopK) vs eager", "cuda", "gpt2-clt", "≥ 20× eager",
          _step_speedup("clt-none-batchtopk", "gpt2-clt", 20.0)),
     Goal("BatchTopK 8192×131072 bf16 vs one read", "cuda", "btk-8192", "≤ 2× one read of h", _btk_vs_read),
     Goal("BatchTopK 8192×131072 vs torch.topk flattened", "cuda", "btk-8192", "≥ 10× torch.topk",
          _topk_vs("batch_topk", "btk-8192", "torch.topk-flat", 10.0)),
-    Goal("sparse decode fwd+bwd vs dense eager", "cpu", "cpu-small", "≥ 30× a_dense @ W", _decode_vs("dense-matmul", 30.0)),
+    Goal("sparse decode fwd+bwd vs dense eager", "cpu", "cpu-small", "≥ 30× a_dense @ W",
+         _decode_vs("dense-matmul", 30.0)),
     Goal("sparse decode fwd+bwd vs embedding_bag", "cpu", "cpu-small", "≥ 1.5× embedding_bag",
          _decode_vs("embedding_bag", 1.5)),
     Goal("exact BatchTopK [2048, 16384] vs torch.topk flattened", "cpu", "cpu-small", "≥ 10× torch.topk",

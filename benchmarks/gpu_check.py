@@ -199,7 +199,8 @@ class Check:
         if self.res_dir is None:
             slug = subprocess.run([self.py, "-c", "import torch; from benchmarks.harness import device_slug; "
                                    f"print(device_slug(torch.device('{self.device}')))"],
-                                  cwd=REPO, capture_output=True, text=True, timeout=120).stdout.strip() or "unknown-device"
+                                  cwd=REPO, capture_output=True, text=True,
+                                  timeout=120).stdout.strip() or "unknown-device"
             root = self.work / "bench_results" if self.dry else REPO / "benchmarks" / "results"
             self.res_dir = root / slug
         args = stage.dry_bench if self.dry else stage.bench
@@ -325,7 +326,8 @@ def _probe(py: str) -> str:
             "print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda,"
             " '| cuda available', torch.cuda.is_available())\n"
             "if torch.cuda.is_available(): print('device', torch.cuda.get_device_name(0))\n"
-            "try:\n    import triton; print('triton', triton.__version__)\nexcept Exception as e: print('triton: not importable')\n")
+            "try:\n    import triton; print('triton', triton.__version__)\n"
+            "except Exception as e: print('triton: not importable')\n")
     out = subprocess.run([py, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     commit = subprocess.run([py, "-c", "from benchmarks.harness import git_commit; print(git_commit())"], cwd=REPO,
                             capture_output=True, text=True, timeout=120).stdout.strip()
@@ -391,7 +393,8 @@ def _check_out_limits(out: Path) -> None:
     entries = list(out.iterdir())
     bad = [p.name for p in entries if not p.is_file() or not OUT_NAME.match(p.name) or p.stat().st_size > MAX_BYTES]
     if len(entries) > MAX_FILES or bad:
-        raise SystemExit(f"gpu_check: outputs exceed what comes back from the device: {len(entries)} entries, bad: {bad}")
+        raise SystemExit(f"gpu_check: outputs exceed what comes back from the device: {len(entries)} entries, "
+                         f"bad: {bad}")
 
 
 def main(argv=None) -> int:

@@ -426,7 +426,8 @@ def sort_rows(rows: list[dict]) -> list[dict]:
     def key(ir):
         i, r = ir
         return (0 if r["suite"] == "train" else 1, first[("shape", r["shape"])], rank(_OP_ORDER, r["op"]),
-                first[("variant", r["op"], r["variant"])], rank(_MODE_ORDER, r["mode"]), rank(_IMPL_ORDER, r["impl"]), i)
+                first[("variant", r["op"], r["variant"])], rank(_MODE_ORDER, r["mode"]),
+                rank(_IMPL_ORDER, r["impl"]), i)
     return [r for _, r in sorted(enumerate(rows), key=key)]
 
 
@@ -484,7 +485,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path, goal_lines: Optiona
               f"- torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}",
               f"- commit `{meta.get('commit')}`, {meta.get('date')}",
               f"- measured peaks: {fmt((meta.get('peak_flops') or 0) / 1e12)} TFLOP/s "
-              f"({meta.get('peak_flops_how')}), {fmt((meta.get('peak_bw') or 0) / 1e9)} GB/s ({meta.get('peak_bw_how')})",
+              f"({meta.get('peak_flops_how')}), {fmt((meta.get('peak_bw') or 0) / 1e9)} GB/s "
+              f"({meta.get('peak_bw_how')})",
               f"- timing: median of n runs after warm-up (p20–p80 beside it); "
               f"{meta.get('timer')}; quick={meta.get('quick')}; peak memory: {meta.get('memory')}",
               "- roofline % = max(FLOPs / peak FLOP/s, bytes / peak bandwidth) / median time; "

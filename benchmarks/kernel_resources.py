@@ -176,7 +176,8 @@ def workload(B: int, d: int, F: int, L: int, D: int, D_hot: int, D_clt: int) -> 
                               torch.zeros(D, dtype=dtype, requires_grad=True)).float().sum().backward()
         chunk, tk.SEGMENT_CHUNK = tk.SEGMENT_CHUNK, 2
         try:
-            hot = SparseCodes.from_topk(torch.zeros(B, 1, dtype=torch.int32), torch.rand(B, 1, generator=g).to(dtype), F)
+            hot = SparseCodes.from_topk(torch.zeros(B, 1, dtype=torch.int32),
+                                        torch.rand(B, 1, generator=g).to(dtype), F)
             Wd = torch.randn(F, D_hot, generator=g).to(dtype).requires_grad_(True)
             tsd.sparse_decode(SparseCodes(hot.row_ptr, hot.index, hot.value.requires_grad_(True), F), Wd) \
                 .float().sum().backward()

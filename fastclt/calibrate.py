@@ -58,7 +58,8 @@ def _read_shards(path: str, n_tokens: int, n_layers: int, d_in: int, d_out: int)
     have = int(m.get("n_tokens", 0))
     if n_tokens > have:
         raise ConfigError(f"--tokens: {n_tokens} requested but {path} holds {have}")
-    cfg = RunConfig(train=TrainSection(batch_size=n_tokens), data=DataSection(source="shards", path=path, shuffle=False))
+    cfg = RunConfig(train=TrainSection(batch_size=n_tokens),
+                    data=DataSection(source="shards", path=path, shuffle=False))
     return ShardSource(cfg, n_layers, d_in, d_out, dp_rank=0, dp=1).get_global(0)
 
 

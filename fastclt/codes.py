@@ -31,15 +31,20 @@ class SparseCodes:
 
     def __post_init__(self) -> None:
         if self.row_ptr.dtype != torch.int64 or self.row_ptr.dim() != 1:
-            raise TypeError(f"row_ptr: expected a 1-D int64 tensor, got {self.row_ptr.dtype} of shape {tuple(self.row_ptr.shape)}")
+            raise TypeError(f"row_ptr: expected a 1-D int64 tensor, got {self.row_ptr.dtype} of shape "
+                            f"{tuple(self.row_ptr.shape)}")
         if self.index.dtype != torch.int32 or self.index.dim() != 1:
-            raise TypeError(f"index: expected a 1-D int32 tensor, got {self.index.dtype} of shape {tuple(self.index.shape)}")
+            raise TypeError(f"index: expected a 1-D int32 tensor, got {self.index.dtype} of shape "
+                            f"{tuple(self.index.shape)}")
         if self.value.dim() != 1 or not self.value.is_floating_point():
-            raise TypeError(f"value: expected a 1-D floating tensor, got {self.value.dtype} of shape {tuple(self.value.shape)}")
+            raise TypeError(f"value: expected a 1-D floating tensor, got {self.value.dtype} of shape "
+                            f"{tuple(self.value.shape)}")
         if self.index.shape[0] != self.value.shape[0]:
-            raise ValueError(f"index and value: expected the same length, got {self.index.shape[0]} and {self.value.shape[0]}")
+            raise ValueError(f"index and value: expected the same length, got {self.index.shape[0]} and "
+                             f"{self.value.shape[0]}")
         if self.k is not None and self.index.shape[0] != self.k * self.batch_size:
-            raise ValueError(f"k: codes with k={self.k} per row need {self.k * self.batch_size} entries, got {self.index.shape[0]}")
+            raise ValueError(f"k: codes with k={self.k} per row need {self.k * self.batch_size} entries, "
+                             f"got {self.index.shape[0]}")
 
     # ------------------------------------------------------------------ shape
     @property
@@ -104,7 +109,8 @@ class SparseCodes:
     def from_topk(index: torch.Tensor, value: torch.Tensor, n_features: Optional[int] = None) -> "SparseCodes":
         """Codes from per-row top-k results ``index, value: [B, k]``."""
         if index.dim() != 2 or index.shape != value.shape:
-            raise ValueError(f"index/value: expected two [B, k] tensors, got {tuple(index.shape)} and {tuple(value.shape)}")
+            raise ValueError(f"index/value: expected two [B, k] tensors, got {tuple(index.shape)} and "
+                             f"{tuple(value.shape)}")
         B, k = index.shape
         row_ptr = torch.arange(0, (B + 1) * k, k, device=index.device, dtype=torch.int64)
         return SparseCodes(row_ptr, index.reshape(-1).to(torch.int32), value.reshape(-1), n_features, k)

@@ -36,7 +36,8 @@ def _nonneg_float(name: str, value: Any, strictly_positive: bool = False) -> Non
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
     if value != value or value < 0 or (strictly_positive and value == 0):
-        raise ValueError(f"{name}: expected a {'positive' if strictly_positive else 'non-negative'} number, got {value}")
+        raise ValueError(f"{name}: expected a {'positive' if strictly_positive else 'non-negative'} number, "
+                         f"got {value}")
 
 
 @dataclass

@@ -62,8 +62,8 @@ def to_circuit_tracer(model, path: Union[str, Path], *, lm_name: Optional[str] =
     from fastclt.models import CrossLayerTranscoder
 
     if not isinstance(model, CrossLayerTranscoder):
-        raise NotRepresentableError(f"model: circuit-tracer reads transcoders (cross_layer_transcoder, transcoder_set); "
-                                    f"a {type(model).__name__} has no place in it")
+        raise NotRepresentableError(f"model: circuit-tracer reads transcoders (cross_layer_transcoder, "
+                                    f"transcoder_set); a {type(model).__name__} has no place in it")
     cfg = model.cfg
     L = cfg.n_layers
     _refuse(model)
@@ -173,9 +173,11 @@ def _prepare(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"path: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    old = [p for p in out.iterdir() if p.name == CONFIG_FILE or (p.suffix == ".safetensors" and p.name.startswith(_OURS))]
+    old = [p for p in out.iterdir()
+           if p.name == CONFIG_FILE or (p.suffix == ".safetensors" and p.name.startswith(_OURS))]
     if old and not overwrite:
-        raise ValueError(f"path: {out} already holds a circuit-tracer export ({', '.join(sorted(p.name for p in old)[:4])}"
+        raise ValueError(f"path: {out} already holds a circuit-tracer export "
+                         f"({', '.join(sorted(p.name for p in old)[:4])}"
                          f"{', …' if len(old) > 4 else ''}); pass overwrite=True (--overwrite) to replace it")
     for p in old:  # stale layer files of a larger export would be read as layers
         p.unlink()
@@ -206,7 +208,8 @@ def _model_card(model, config: dict, files: list, dtype: str, card: dict) -> str
              f"| layers (L) | {L} |", f"| width d (input = output) | {cfg.d_in} |",
              f"| features per layer (F) | {cfg.n_features} |",
              f"| activation | {'JumpReLU, a = h·1[h > θ]' if cfg.activation == 'jumprelu' else 'ReLU'} |",
-             f"| decoder (as trained) | {'cross-layer, tying ' + repr(cfg.decoder_tying) if cfg.cross_layer else 'per layer'}"
+             f"| decoder (as trained) | "
+             f"{'cross-layer, tying ' + repr(cfg.decoder_tying) if cfg.cross_layer else 'per layer'}"
              f"{', feature scale' if cfg.feature_affine else ''} |",
              f"| skip connection | {'yes (W_skip per layer)' if cfg.skip_connection else 'no'} |",
              f"| stored dtype | {dtype} (trained in {cfg.dtype}) |", "",
@@ -219,9 +222,11 @@ def _model_card(model, config: dict, files: list, dtype: str, card: dict) -> str
              ])) + ". Inputs and outputs are in the LM's own activation space.", "",
              "## Language model and hooks", "",
              f"- language model: {cfg.lm_name or 'not recorded'}",
-             f"- LM blocks: {cfg.lm_layers if cfg.lm_layers is not None else 'not recorded (layer l is read as block l)'}",
-             f"- input: {'the MLP input, after the pre-MLP norm' if cfg.input_hook == 'mlp_in' else 'the residual stream before the pre-MLP norm'}"
-             f" (`feature_input_hook: {config['feature_input_hook']}`)",
+             f"- LM blocks: "
+             f"{cfg.lm_layers if cfg.lm_layers is not None else 'not recorded (layer l is read as block l)'}",
+             "- input: " + ("the MLP input, after the pre-MLP norm" if cfg.input_hook == "mlp_in"
+                            else "the residual stream before the pre-MLP norm")
+             + f" (`feature_input_hook: {config['feature_input_hook']}`)",
              f"- target: the MLP module's output (`feature_output_hook: {config['feature_output_hook']}`)", ""]
     if card.get("source"):
         lines += [f"Exported from `{card['source']}`.", ""]
@@ -234,7 +239,8 @@ def _model_card(model, config: dict, files: list, dtype: str, card: dict) -> str
     metrics = card.get("metrics")
     if metrics:
         keep = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list)) and not isinstance(v, bool)}
-        lines += ["## Evaluation", "", "Measured by fastclt on held-out batches at the end of training, on the model as "
+        lines += ["## Evaluation", "",
+                  "Measured by fastclt on held-out batches at the end of training, on the model as "
                   "trained (FVU and L0 in the training's normalised space):", "", "```json",
                   json.dumps(keep, indent=2, sort_keys=True), "```", ""]
     cal = card.get("calibration")

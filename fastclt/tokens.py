@@ -79,7 +79,8 @@ class TokenSource:
         elif a.ndim == 2:
             if a.shape[1] < self.body:
                 raise ValueError(f"tokens: {path} rows hold {a.shape[1]} tokens, fewer than the {self.body} a "
-                                 f"sequence needs (ctx_len {self.ctx_len}{', BOS prepended' if self.bos is not None else ''})")
+                                 f"sequence needs (ctx_len {self.ctx_len}"
+                                 f"{', BOS prepended' if self.bos is not None else ''})")
             self.rows = a
         else:
             raise ValueError(f"tokens: {path} has shape {a.shape}; expected a 1-D stream or 2-D [N, T] rows")

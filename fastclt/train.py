@@ -519,7 +519,8 @@ class _Run:
             l0 = z if l0 is None else l0 + z
             n += 1
         # every rank draws them (an LM source broadcasts batches across tp ranks); rank 0 uses them
-        cal_batches = [self.pref.get() for _ in range(cfg.train.calibrate_batches)] if cfg.train.calibrate_jumprelu else None
+        cal_batches = ([self.pref.get() for _ in range(cfg.train.calibrate_batches)] if cfg.train.calibrate_jumprelu
+                       else None)
         dead = (self.since_fired >= cfg.train.dead_tokens).float().sum()
         if lay.tp > 1:
             dist.all_reduce(dead, group=lay.tp_group)

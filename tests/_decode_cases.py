@@ -160,4 +160,5 @@ def clt_dense64(codes, W, tying, b, off, sc):
 
 def clt_grad_names(tying, L, affine):
     names = ["y"] + [f"dvalue[{s}]" for s in range(L)] + ([f"dW[{s}]" for s in range(L)] if tying == "none" else ["dW"])
-    return names + ["db"] + (["doffset"] if affine in ("both", "offset") else []) + (["dscale"] if affine in ("both", "scale") else [])
+    return (names + ["db"] + (["doffset"] if affine in ("both", "offset") else [])
+            + (["dscale"] if affine in ("both", "scale") else []))

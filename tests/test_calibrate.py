@@ -159,9 +159,9 @@ def test_cli(gen, tmp_path, capsys):
 
 def test_trainer_calibrates_at_the_end(tmp_path):
     out = tmp_path / "run"
-    args = ["--train.steps", "6", "--train.batch_size", "64", "--train.init_samples", "128", "--train.eval_batches", "1",
-            "--train.calibrate_jumprelu", "true", "--train.calibrate_batches", "3", "--log.progress", "false",
-            "--log.plot", "false", "--out_dir", str(out)]
+    args = ["--train.steps", "6", "--train.batch_size", "64", "--train.init_samples", "128",
+            "--train.eval_batches", "1", "--train.calibrate_jumprelu", "true", "--train.calibrate_batches", "3",
+            "--log.progress", "false", "--log.plot", "false", "--out_dir", str(out)]
     assert train_main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     cal = json.loads((out / "model_jumprelu" / "calibration.json").read_text())

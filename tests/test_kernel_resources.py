@@ -83,8 +83,9 @@ def test_cli_files_and_exit_status(tmp_path, monkeypatch, capsys, hot_spill):
     """The CLI writes ptxas-<target>-triton<version>/resources.{csv,md} and meta.json and exits 1
     exactly when a hot-path specialisation spills (here: compiles replaced by fixed results)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(kr, "recorded_specs", lambda targets, quick=False: [dict(_spec(), targets=list(targets)),
-                                                                            dict(_spec(dtype="fp32"), targets=list(targets))])
+    monkeypatch.setattr(kr, "recorded_specs",
+                        lambda targets, quick=False: [dict(_spec(), targets=list(targets)),
+                                                      dict(_spec(dtype="fp32"), targets=list(targets))])
 
     def compile_specs(specs, jobs=2):
         return [kr.describe(s, t, _res(spill_stores=8 if (s["signature"]["x_ptr"] == "*fp32" or hot_spill) else 0))

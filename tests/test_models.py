@@ -173,8 +173,8 @@ def test_fold_normalization_is_equivalent(normalization, tying):
 
 def test_fold_normalization_sae():
     torch.manual_seed(4)
-    sae = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=8, n_features=20, activation="relu", normalization="mean_std",
-                                                      dtype="float64"))
+    sae = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=8, n_features=20, activation="relu",
+                                                      normalization="mean_std", dtype="float64"))
     x = torch.randn(50, 8, dtype=torch.float64) * 2 + 3
     sae.initialize_from_data(x)
     assert_close(sae.fold_normalization()(x), sae(x), 1e-10)

@@ -35,8 +35,8 @@ def _cuda_includes() -> list[str]:
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("source", sorted(p.name for p in CUDA_DIR.glob("*.cu")))
 def test_nvcc_compiles(source, tmp_path):
-    cmd = [NVCC, "-c", "-O3", "-std=c++17", *TORCH_NVCC_FLAGS, *GENCODE, "-Werror", "all-warnings", str(CUDA_DIR / source),
-           "-o", str(tmp_path / "out.o")]
+    cmd = [NVCC, "-c", "-O3", "-std=c++17", *TORCH_NVCC_FLAGS, *GENCODE, "-Werror", "all-warnings",
+           str(CUDA_DIR / source), "-o", str(tmp_path / "out.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"nvcc failed on {source}:\n{proc.stdout}\n{proc.stderr}"
 

@@ -269,8 +269,8 @@ def _reference_metrics(model, lm, ids, layers, hook):
         per = []
         for l in range(L):
             lq = run([l], "replace")
-            e = {"kl": float((p * (lp - lq)).sum(-1).mean()), "ce_spliced": ce(lq), "ce_ablated": ce(run([l], "ablate")),
-                 "fvu": fvu[l]}
+            e = {"kl": float((p * (lp - lq)).sum(-1).mean()), "ce_spliced": ce(lq),
+                 "ce_ablated": ce(run([l], "ablate")), "fvu": fvu[l]}
             e["ce_recovered"] = (e["ce_ablated"] - e["ce_spliced"]) / (e["ce_ablated"] - out["ce_clean"])
             per.append(e)
         out["per_layer"] = per

@@ -138,7 +138,8 @@ def test_lm_metadata_round_trips(tmp_path):
 
 
 def test_old_config_without_metadata_loads(tmp_path):
-    fastclt.CrossLayerTranscoder(fastclt.CLTConfig(n_layers=2, d_in=8, d_out=8, n_features=16)).save_pretrained(tmp_path)
+    fastclt.CrossLayerTranscoder(fastclt.CLTConfig(n_layers=2, d_in=8, d_out=8,
+                                                   n_features=16)).save_pretrained(tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     for key in ("lm_name", "lm_layers", "input_hook", "cross_layer"):
         del meta["config"][key]

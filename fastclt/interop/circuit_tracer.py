@@ -25,7 +25,8 @@ from typing import Union
 import torch
 
 from fastclt.config import CLTConfig
-from fastclt.interop._io import CheckpointError, NotRepresentableError, TensorFile, build, common_dtype, inside, read_config
+from fastclt.interop._io import (CheckpointError, NotRepresentableError, TensorFile, build, common_dtype, inside,
+                                 read_config)
 
 __all__ = ["load_circuit_tracer", "INPUT_HOOK_NAMES", "OUTPUT_HOOK_NAME", "CONFIG_FILE", "is_circuit_tracer"]
 
@@ -140,7 +141,8 @@ def _load_set(folder: Path, cfg: dict, meta: dict):
     if "transcoders" in cfg:
         paths = cfg["transcoders"]
         if not isinstance(paths, list) or not paths:
-            raise CheckpointError(f"circuit-tracer {CONFIG_FILE}: transcoders: expected a list of layer files, got {paths!r}")
+            raise CheckpointError(f"circuit-tracer {CONFIG_FILE}: transcoders: expected a list of layer files, "
+                                  f"got {paths!r}")
         files = [inside(folder, p, f"circuit-tracer {CONFIG_FILE}: transcoders[{i}]") for i, p in enumerate(paths)]
         for p in files:
             if p.suffix != ".safetensors":

@@ -95,7 +95,8 @@ def load_crosslayer_coding(path: Union[str, Path]):
                                     f"JumpReLU with its convert_batchtopk_to_jumprelu script, then load that")
     if act not in ("relu", "jumprelu"):
         raise NotRepresentableError(f"{what}: activation_fn {act!r} has no fastclt form")
-    tying = field(cfg, "decoder_tying", str, what, default="none", check=lambda v: v in ("none", "per_source", "per_target"))
+    tying = field(cfg, "decoder_tying", str, what, default="none",
+                  check=lambda v: v in ("none", "per_source", "per_target"))
     offset = field(cfg, "enable_feature_offset", bool, what, default=False)
     scale = field(cfg, "enable_feature_scale", bool, what, default=False)
     skip = field(cfg, "skip_connection", bool, what, default=False)

@@ -320,7 +320,8 @@ class SparseDictionary(nn.Module):
         """
         cfg = self.cfg
         xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
-        yl = xl if y is None else self._check_tensor(self._layered(y, "y"), "y", self.d_out, self._shape_msg(self.d_out))
+        yl = xl if y is None else self._check_tensor(self._layered(y, "y"), "y", self.d_out,
+                                                     self._shape_msg(self.d_out))
         if yl.shape[0] != xl.shape[0]:
             raise ValueError(f"y: expected {xl.shape[0]} tokens like x, got {yl.shape[0]}")
         B0 = xl.shape[0]
@@ -453,9 +454,11 @@ class SparseDictionary(nn.Module):
         """[L, F] thresholds for inference: per feature (mean of its smallest kept values) where the
         feature was seen in at least ``min_count`` steps, else the layer's running cut."""
         if self.cfg.activation not in ("topk", "batchtopk"):
-            raise ValueError(f"activation: only a TopK/BatchTopK dictionary converts to JumpReLU, not {self.cfg.activation!r}")
+            raise ValueError(f"activation: only a TopK/BatchTopK dictionary converts to JumpReLU, "
+                             f"not {self.cfg.activation!r}")
         if int(self.cut_steps) == 0:
-            raise ValueError("jumprelu_thresholds: no training batches seen yet (statistics are collected by loss() in train mode)")
+            raise ValueError("jumprelu_thresholds: no training batches seen yet "
+                             "(statistics are collected by loss() in train mode)")
         per_feature = self.feature_cut_sum / self.feature_cut_count.clamp_min(1)
         layer = self.cut_mean[:, None].expand_as(per_feature)
         return torch.where(self.feature_cut_count >= min_count, per_feature, layer)
@@ -577,7 +580,8 @@ class SparseDictionary(nn.Module):
         if "config" not in meta:
             raise CheckpointError(f"config.json: {path / CONFIG_FILE} has no 'config' object")
         if meta.get("model_type") != cls.__name__:
-            raise CheckpointError(f"config.json: model_type {meta.get('model_type')!r} cannot be loaded as {cls.__name__}")
+            raise CheckpointError(f"config.json: model_type {meta.get('model_type')!r} cannot be loaded as "
+                                  f"{cls.__name__}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"config.json: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
         try:
@@ -614,7 +618,8 @@ class SparseDictionary(nn.Module):
                 raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(got.shape)}, the config "
                                       f"implies {tuple(ref.shape)}")
             if got.dtype != ref.dtype:
-                raise CheckpointError(f"{source}: tensor {name!r} has dtype {got.dtype}, the config implies {ref.dtype}")
+                raise CheckpointError(f"{source}: tensor {name!r} has dtype {got.dtype}, the config "
+                                      f"implies {ref.dtype}")
         self.load_state_dict(tensors, strict=True)
 
     # ------------------------------------------------------------ overrides

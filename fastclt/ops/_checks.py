@@ -99,7 +99,8 @@ def check_encode(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias,
         check_k(k, F * n_shards)
     if activation == "jumprelu":
         if threshold is None or not isinstance(threshold, torch.Tensor) or threshold.shape != (F,):
-            raise ValueError(f"threshold: expected [{F}] for 'jumprelu', got {None if threshold is None else _shape(threshold)}")
+            raise ValueError(f"threshold: expected [{F}] for 'jumprelu', "
+                             f"got {None if threshold is None else _shape(threshold)}")
         check_bandwidth(bandwidth)
     _check_weights(x, W_enc, b_enc, threshold, pre_bias, (F,), f"[F, d_in={x.shape[1]}]")
 

@@ -138,7 +138,8 @@ def check_shards(folder: Path, manifest: dict, n_layers: int, d_in: int, d_out: 
                     a = np.load(path, mmap_mode="r")
                 except (ValueError, OSError, EOFError) as e:
                     raise ConfigError(f"data.path: shard {path} is not a readable .npy file ({e})") from None
-                shape, dt = a.shape, {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}.get(a.dtype, str(a.dtype))
+                shape, dt = a.shape, {np.dtype(np.float32): "F32",
+                                      np.dtype(np.float16): "F16"}.get(a.dtype, str(a.dtype))
             if dt not in ("F32", "F16", "BF16"):
                 raise ConfigError(f"data.path: shard {path} tensor {key} has dtype {dt}; expected F32, F16 or BF16")
             if len(shape) != 3 or tuple(shape[1:]) != want[key]:

@@ -46,8 +46,8 @@ def test_auxk_never_trains_b_dec_and_reaches_the_encoder(gen):
     for model, x, y, dead in [
         (fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=6, n_features=24, activation="topk", k=2)),
          torch.randn(16, 6), None, torch.rand(24) > 0.5),
-        (fastclt.CrossLayerTranscoder(fastclt.CLTConfig(n_layers=3, d_in=6, d_out=5, n_features=24, activation="batchtopk",
-                                                        k=2, skip_connection=True)),
+        (fastclt.CrossLayerTranscoder(fastclt.CLTConfig(n_layers=3, d_in=6, d_out=5, n_features=24,
+                                                        activation="batchtopk", k=2, skip_connection=True)),
          torch.randn(16, 3, 6), torch.randn(16, 3, 5), torch.rand(3, 24) > 0.5),
     ]:
         out = model.loss(x, y, dead_mask=dead)

@@ -157,7 +157,8 @@ def make(tying, affine, dtype, device, seed):
 def run(fn, tying, codes, W, b, off, sc, up):
     vals = [c.value.detach().clone().requires_grad_(True) for c in codes]
     codes = [SparseCodes(c.row_ptr, c.index, v, F) for c, v in zip(codes, vals)]
-    Ws = [w.detach().clone().requires_grad_(True) for w in W] if tying == "none" else W.detach().clone().requires_grad_(True)
+    Ws = ([w.detach().clone().requires_grad_(True) for w in W] if tying == "none"
+          else W.detach().clone().requires_grad_(True))
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (b, off, sc)]
     y = fn(codes, Ws, tying, *leaves)
     (y.double() * up).sum().backward()

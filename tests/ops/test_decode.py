@@ -21,7 +21,8 @@ from fastclt.ops.reference.decode import sparse_decode as ref_decode
 
 KERNELS = impl_params("sparse_decode")
 # (B, F, D, k): odd sizes, not multiples of any block size; D = 300: several 256-column blocks
-SIZES = [(13, 37, 45, 5), (3, 7, 1, 1), (4, 9, 300, 3)] + ([(1031, 4099, 771, 32), (4096, 16384, 2304, 64)] if GPU else [])
+SIZES = [(13, 37, 45, 5), (3, 7, 1, 1), (4, 9, 300, 3)] + ([(1031, 4099, 771, 32), (4096, 16384, 2304, 64)]
+                                                           if GPU else [])
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
 
 

@@ -209,7 +209,8 @@ def test_encode_layers_matches_reference(impl, device, dtype, pre_bias, poisoned
     up = [torch.randn(B, F, dtype=torch.float64, generator=g).to(device) for _ in range(L)]
     results = []
     for fn in (functools.partial(ops.encode_layers, impl=impl), ref_encode_layers):
-        leaves_ = [t.clone().requires_grad_(True) for t in (x, W, b)] + [None if p is None else p.clone().requires_grad_(True)]
+        leaves_ = ([t.clone().requires_grad_(True) for t in (x, W, b)]
+                   + [None if p is None else p.clone().requires_grad_(True)])
         codes = fn(*leaves_[:3], k, leaves_[3])
         sum((c.to_dense(F).double() * u).sum() for c, u in zip(codes, up)).backward()
         results.append((codes, [t.grad for t in leaves_ if t is not None]))

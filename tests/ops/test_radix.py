@@ -56,7 +56,8 @@ def test_torch_histogram_equals_the_extension_op():
     hb = h.bfloat16()
     hist = torch_histogram([hb.reshape(-1)], 16)
     for prefix, bits, step in ((0, 0, 8), (0xbf, 8, 8), (0x3f, 8, 8)):
-        assert torch.equal(hist([prefix], bits, step)[0], torch.ops.fastclt.batch_topk_histogram(hb, prefix, bits, step))
+        assert torch.equal(hist([prefix], bits, step)[0],
+                           torch.ops.fastclt.batch_topk_histogram(hb, prefix, bits, step))
 
 
 @pytest.mark.parametrize("impl,device", [pytest.param("cpu", "cpu", id="cpu-cpu"),

@@ -57,7 +57,8 @@ def test_dispatch_prefers_the_extension(ext_device, monkeypatch):
 
 def test_triton_availability():
     assert _registry.available("triton", DEVICE) == (_registry._triton_imports()
-                                                     and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"))
+                                                     and (DEVICE.type == "cuda"
+                                                          or os.environ.get("TRITON_INTERPRET") == "1"))
     assert not _registry.available("triton", torch.device("meta"))
     if _registry.available("triton", DEVICE):
         from fastclt.ops.triton import decode

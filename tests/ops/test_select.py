@@ -101,8 +101,10 @@ def test_every_implementation_equals_the_reference(impl, device, op, dtype, gen,
     up = randn(gen, *shape).to(device)
     for l, (a, b) in enumerate(zip(got, want)):
         assert a.value.dtype == dtype and torch.equal(a.to_dense(129), b.to_dense(129)), (op, l)
-    sum((c.to_dense(129).double() * (up[l] if op == "batch_topk_layers" else up)).sum() for l, c in enumerate(got)).backward()
-    sum((c.to_dense(129).double() * (up[l] if op == "batch_topk_layers" else up)).sum() for l, c in enumerate(want)).backward()
+    sum((c.to_dense(129).double() * (up[l] if op == "batch_topk_layers" else up)).sum()
+        for l, c in enumerate(got)).backward()
+    sum((c.to_dense(129).double() * (up[l] if op == "batch_topk_layers" else up)).sum()
+        for l, c in enumerate(want)).backward()
     assert torch.equal(h.grad, h_ref.grad)
 
 

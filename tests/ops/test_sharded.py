@@ -49,7 +49,8 @@ def _ties_case(seed, dtype):
 
 
 def _mask(codes, n) -> torch.Tensor:
-    return torch.stack([torch.zeros(B, n, dtype=torch.bool).index_put_((c.row_ids(), c.index.long()), torch.tensor(True))
+    return torch.stack([torch.zeros(B, n, dtype=torch.bool).index_put_((c.row_ids(), c.index.long()),
+                                                                       torch.tensor(True))
                         for c in codes])
 
 
@@ -75,7 +76,8 @@ def _batch_topk_cases(rank, world, impl, tag):
                 codes = [ops.batch_topk(shard[l], K, group=group, impl=impl) for l in range(L)]
             else:  # what encode_layers(across_layers=False) runs: one selection for all layers
                 codes = _backend(impl, dtype).batch_topk_per_layer(shard, K, as_shards(group))
-            want = _expected_batch_topk(h, world, lambda g: K * B * g.shape[0], mode == "across")[..., rank * n:(rank + 1) * n]
+            want = _expected_batch_topk(h, world, lambda g: K * B * g.shape[0],
+                                        mode == "across")[..., rank * n:(rank + 1) * n]
             assert torch.equal(_mask(codes, n), want), (tag, impl, dtype, mode, rank)
             for l, c in enumerate(codes):
                 assert torch.equal(c.value, torch.relu(shard.detach()[l][c.row_ids(), c.index.long()]))
@@ -125,7 +127,8 @@ def _topk_auxk_encode_cases(rank, world, impl):
         for a, r, name in zip(got, ref, ("codes", "dW_enc", "db_enc")):
             assert torch.allclose(a, r[..., lo:hi] if name == "codes" else r[lo:hi], atol=1e-5), (impl, k_aux, name)
     for act in ("topk", "batchtopk"):
-        got = run(lambda W_, b_: ops.encode(x, W_, b_, activation=act, k=K, group=group, impl=impl), W[mine], b[mine], mine)
+        got = run(lambda W_, b_: ops.encode(x, W_, b_, activation=act, k=K, group=group, impl=impl),
+                  W[mine], b[mine], mine)
         ref = run(lambda W_, b_: reference_encode.encode(x, W_, b_, activation=act, k=K), W, b, full)
         for a, r, name in zip(got, ref, ("codes", "dW_enc", "db_enc")):
             assert torch.allclose(a, r[..., lo:hi] if name == "codes" else r[lo:hi], atol=1e-5), (impl, act, name)

@@ -103,7 +103,8 @@ def _worker(rank, world, store_path, out_root):
     dist.barrier()
     train(load_config(RUN_ARGS + RUNS["batchtopk"] + ["--train.tp", "2", "--out_dir", resumed]))
     hf = load_config(RUN_ARGS + RUNS["topk"] + HF_ARGS + ["--data.model", os.path.join(out_root, "gpt2"),
-                                                          "--train.tp", "2", "--out_dir", os.path.join(out_root, "tp2_hf")])
+                                                          "--train.tp", "2",
+                                                          "--out_dir", os.path.join(out_root, "tp2_hf")])
     train(hf)
     from fastclt.training.data import make_source
     from fastclt.training.parallel import init_distributed

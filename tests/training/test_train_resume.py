@@ -119,7 +119,8 @@ def test_resume_never_refuses_a_folder_with_checkpoints(reference, capsys):
 def _snapshot(out):
     """{relative path: bytes} of every file under ``out`` but the lock (which records its last holder):
     what a refused run must leave as it was."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def test_unusable_checkpoints_are_never_trained_over(reference, tmp_path, capsys):
@@ -162,7 +163,8 @@ def test_explicit_defaults_resume_and_files_follow_the_umask(reference, tmp_path
     old = os.umask(0o022)
     try:
         assert main(ARGS + ["--out_dir", str(tmp_path), "--train.max_steps", "7"]) == 0
-        stale = [tmp_path / ".config.json.0badc0de.tmp", find_checkpoints(tmp_path)[0] / ".rank_00000.json.1a2b3c4d.tmp"]
+        stale = [tmp_path / ".config.json.0badc0de.tmp",
+                 find_checkpoints(tmp_path)[0] / ".rank_00000.json.1a2b3c4d.tmp"]
         for p in stale:
             p.write_text("half a write")
         assert main(ARGS + ["--out_dir", str(tmp_path), "--model.normalization", "none",

@@ -95,7 +95,8 @@ def test_torchrun_entry_point(uninterrupted, tmp_path):
     assert len(a) == 24 and all(abs(x - y) <= 1e-9 * abs(x) for x, y in zip(a, b))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the workers' parent-death signal is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="reads /proc; the workers' parent-death signal is Linux's")
 def test_killed_at_random_points_then_resumed_is_bit_identical(uninterrupted, tmp_path):
     rng = random.Random(20261203)
     out, log = tmp_path / "run", tmp_path / "log.txt"

@@ -89,7 +89,8 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
     xs, Ws = x.unbind(1), W_enc.unbind(0)
     bs = [None] * L if b_enc is None else b_enc.unbind(0)
     if not across_layers and shards is None:
-        return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias) for x_l, W_l, b_l in zip(xs, Ws, bs)]
+        return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias)
+                for x_l, W_l, b_l in zip(xs, Ws, bs)]
     with torch.no_grad():
         h = preacts_layers(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
                            None if pre_bias is None else pre_bias.detach(), out=h_out(x, L, x.shape[0], F))

@@ -13,13 +13,13 @@ Reusable launchers (no autograd; contracts the decode, CLT decode and encode bac
     with more than ``SEGMENT_CHUNK`` (1024) entries is walked in chunks by several programs that write
     fp32 partial rows, summed in chunk order by a second kernel (work tables built on the device,
     no host sync). Deterministic (bit-identical across runs), no atomics; every row is written, rows
-    of features with no entry are zeros. Pass ``segments=feature_segments(index, n_features)`` to reuse one sort across several
-    calls with the same index (e.g. dW_enc and db_enc of an encoder backward).
+    of features with no entry are zeros. Pass ``segments=feature_segments(index, n_features)`` to reuse
+    one sort across several calls with the same index (e.g. dW_enc and db_enc of an encoder backward).
     ``feature_sum(index, coef, n_features) -> fp32 [n_features]`` is the D = 1 case (Σ coef per
     feature, e.g. db_enc = feature_sum(index, dh, F)).
-    ``feature_scatter_dot(index, row, coef, G, W, *, segments=None, out_dtype=fp32) -> (dW [F, D], dot fp32 [N])`` adds, in the
-    same pass, ``dot[j] = ⟨G[row[j]], W[index[j]]⟩`` (W: [F, D]), reading each W row once per
-    feature: the decode backward's dvalue and dW together.
+    ``feature_scatter_dot(index, row, coef, G, W, *, segments=None, out_dtype=fp32) -> (dW [F, D], dot fp32 [N])``
+    adds, in the same pass, ``dot[j] = ⟨G[row[j]], W[index[j]]⟩`` (W: [F, D]), reading each W row once
+    per feature: the decode backward's dvalue and dW together.
 
 ``gather_decode(row_ptr, index, value, W, bias=None, *, out_dtype=None) -> [B, D]``
     the forward kernel on raw CSR (e.g. an encoder's ``dx[b] = Σ_j dh[j]·W_enc[index[j]]``).
@@ -352,7 +352,8 @@ def _chunk_tables(seg_ptr: torch.Tensor, N: int, C: int):
     counts = seg_ptr[1:] - seg_ptr[:-1]
     hot = counts > C
     n_chunks = torch.where(hot, (counts + C - 1) // C, torch.zeros_like(counts))
-    chunk_end_ptr = n_chunks.cumsum(0)                       # chunks of feature f: [end_ptr[f] − n_chunks[f], end_ptr[f])
+    # chunks of feature f: [end_ptr[f] − n_chunks[f], end_ptr[f])
+    chunk_end_ptr = n_chunks.cumsum(0)
     cid = torch.arange(2 * triton.cdiv(N, C), device=device)
     f = torch.searchsorted(chunk_end_ptr, cid, right=True)  # feature owning chunk cid (F: padding)
     valid = f < F
@@ -381,10 +382,12 @@ def decode_grads(row_ptr, index, value, W, G, need_v: bool, need_w: bool):
     """Gradients of y = decode(codes, W) given G = ∂L/∂y: (dvalue in value's dtype, dW in W's dtype)."""
     dvalue = dW = None
     if need_v and need_w:  # one feature-grouped pass: each W row read once
-        dW, dvalue = feature_scatter_dot(index, SparseCodes.rows_of(row_ptr, index.shape[0]), value, G, W, out_dtype=W.dtype)
+        dW, dvalue = feature_scatter_dot(index, SparseCodes.rows_of(row_ptr, index.shape[0]), value, G, W,
+                                         out_dtype=W.dtype)
         dvalue = dvalue.to(value.dtype)
     elif need_v:
         dvalue = gather_dot(row_ptr, index, W, G, out_dtype=value.dtype)
     elif need_w:
-        dW = feature_scatter(index, SparseCodes.rows_of(row_ptr, index.shape[0]), value, G, W.shape[0], out_dtype=W.dtype)
+        dW = feature_scatter(index, SparseCodes.rows_of(row_ptr, index.shape[0]), value, G, W.shape[0],
+                             out_dtype=W.dtype)
     return dvalue, dW

@@ -29,7 +29,8 @@ triton = pytest.importorskip("triton")
 from benchmarks import kernel_resources as kr  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="records launches under the interpreter (on a GPU the other tests compile every kernel)")
+                                reason="records launches under the interpreter "
+                                       "(on a GPU the other tests compile every kernel)")
 
 KERNELS = {"_encode_kernel", "_gather_decode_kernel", "_gather_dot_kernel", "_feature_scatter_kernel",
            "_chunk_reduce_kernel", "_clt_tied_decode_kernel", "_clt_tied_dot_kernel"}

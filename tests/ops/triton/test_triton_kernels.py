@@ -71,7 +71,8 @@ def test_feature_scatter_and_sum():
         finally:
             tk.SEGMENT_CHUNK = default
     s = tk.feature_sum(index, coef, F, segments=segs)
-    check_close("feature_sum", s, torch.zeros(F, dtype=torch.float64, device=DEVICE).index_add_(0, index, coef.double()), 1e-6)
+    check_close("feature_sum", s,
+                torch.zeros(F, dtype=torch.float64, device=DEVICE).index_add_(0, index, coef.double()), 1e-6)
     assert tk.feature_scatter(index[:0], row[:0], coef[:0], G, F).abs().sum() == 0
 
 
