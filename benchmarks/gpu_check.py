@@ -96,6 +96,13 @@ class Result:
     failures: list = field(default_factory=list)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default action. A shell that starts this script
+    in the background (``cmd &``) passes SIGINT on as ignored, and a Python started with SIGINT
+    ignored keeps ignoring it: pytest would then not stop at its budget nor write its report."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Check:
     def __init__(self, out: Path, dry: bool, total_s: float, only: Optional[set] = None) -> None:
         self.out, self.dry, self.total_s, self.only = out, dry, total_s, only
@@ -125,7 +132,8 @@ class Check:
         with log.open("a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
-            p = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            p = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                 preexec_fn=_default_sigint)
             try:
                 return p.wait(timeout=max(budget, 1)), False
             except subprocess.TimeoutExpired:

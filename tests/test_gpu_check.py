@@ -85,7 +85,7 @@ def test_a_stage_stops_cleanly_at_its_budget(tmp_path):
     junit = tmp_path / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", str(tmp_path / "test_slow.py"), "-q", "-p", "no:cacheprovider",
            f"--junitxml={junit}"]
-    rc, stopped = check.run(cmd, tmp_path / "log.txt", 15, check.env())  # time for pytest to start on a loaded machine
+    rc, stopped = check.run(cmd, tmp_path / "log.txt", 10, check.env())  # time for pytest to start on a loaded machine
     assert stopped
     n = gpu_check._junit_counts(junit)
     assert n is not None and n["passed"] >= 1
