@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 import fastclt
 from fastclt.checkpoint import CheckpointError
+from fastclt.models import MODEL_KINDS
 from fastclt.training import checkpointing as ckpt
 from fastclt.training.config import ConfigError, RunConfig, help_text, load_config
 from fastclt.training.data import Prefetcher, make_source, share_batch
@@ -118,7 +119,7 @@ class _Run:
         self.cfg, self.layout, self.device = cfg, layout, device
         self.out = Path(cfg.out_dir)
         self.mcfg = cfg.model_config()
-        self.cls = fastclt.SparseAutoencoder if cfg.kind == "sae" else fastclt.CrossLayerTranscoder
+        self.cls = MODEL_KINDS[cfg.kind]
 
     # ------------------------------------------------------------------ helpers
     def barrier(self) -> None:
@@ -408,7 +409,7 @@ class _Run:
                                 "fvu_per_layer": (fvu / n).tolist(), "l0_per_layer": (l0 / n).tolist()})
             flops_per_token = step_flops(self.mcfg, cfg.kind, 1, summary.get("l0", 0.0))
             summary["tflops"] = flops_per_token * summary["tokens_per_s"] / 1e12
-            if cfg.data.source == "synthetic":
+            if cfg.data.source == "synthetic" and hasattr(full, "decoder_weight"):  # a MOLT has no decoder rows
                 from fastclt.training.synthetic import mmcs
                 m, per = mmcs(full, self.source.gen)
                 summary["mmcs"], summary["mmcs_per_layer"] = m, per

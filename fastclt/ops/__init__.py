@@ -2,8 +2,9 @@
 
 Each entry point validates its arguments, picks an implementation through ``_dispatch.resolve``
 (env ``FASTCLT_IMPL`` overrides "auto") and calls it. The pure-PyTorch references live in
-``activation``, ``select``, ``encode``, ``decode``, ``auxk`` and ``losses``: they are the test
-oracle and the eager baseline of every benchmark.
+``activation``, ``select``, ``encode``, ``decode``, ``auxk``, ``molt`` and ``losses``: they are the
+test oracle and the eager baseline of every benchmark. ``split_codes`` and ``matryoshka`` compose
+the dispatched ops (Matryoshka prefix decodes on every backend); ``molt_norms`` is batched matmuls.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from fastclt.ops.activation import band_mask, jumprelu_dense, jumprelu_step
 from fastclt.ops.decode import TYINGS, feature_affine
 from fastclt.ops.encode import ACTIVATIONS, preacts, preacts_layers
 from fastclt.ops.losses import auxk_loss, fvu, mse, preact_loss, sparsity_loss
+from fastclt.ops.matryoshka import (matryoshka_blocks, matryoshka_clt_blocks, matryoshka_clt_decode, matryoshka_decode,
+                                   prefix_errors, prefix_sums)
+from fastclt.ops.molt import molt_decode, molt_norms
+from fastclt.ops.split_codes import split_codes
 
 __all__ = [
     "SparseCodes", "ACTIVATIONS", "TYINGS",
@@ -25,6 +30,9 @@ __all__ = [
     "sparse_decode", "clt_decode", "auxk_select",
     "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts", "preacts_layers",
     "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss",
+    "split_codes", "matryoshka_blocks", "matryoshka_clt_blocks", "matryoshka_decode", "matryoshka_clt_decode",
+    "prefix_sums", "prefix_errors",
+    "molt_decode", "molt_norms",
     "implementations", "resolve",
 ]
 
@@ -39,16 +47,19 @@ _REFERENCE = {
     "sparse_decode": "fastclt.ops.decode:sparse_decode",
     "clt_decode": "fastclt.ops.decode:clt_decode",
     "auxk_select": "fastclt.ops.auxk:auxk_select",
+    "molt_decode": "fastclt.ops.molt:reference_molt_decode",
 }
 for _op, _target in _REFERENCE.items():
     _dispatch.register(_op, "reference", _target)
 
 # The kernels register lazily-imported targets: neither Triton nor fastclt._C is imported here.
+from fastclt.ops.ext_molt import register_ext_molt  # noqa: E402
 from fastclt.ops.ext_ops import register_ext_impls  # noqa: E402
 from fastclt.ops.triton import register_triton_impls  # noqa: E402
 
 register_triton_impls()
 register_ext_impls()
+register_ext_molt()
 
 
 def _call(op: str, impl: str, like: Optional[torch.Tensor], *args, **kwargs):

@@ -133,7 +133,7 @@ def restore(tensors: dict, model, optimizer, param_names: list, device) -> dict:
 
 def merge_checkpoint(folder, out: Optional[Path] = None):
     """The full model of a checkpoint folder: tp shards of dp group 0 (ranks 0 … tp−1), read from
-    disk and concatenated along the feature axis → a CrossLayerTranscoder / SparseAutoencoder
+    disk and concatenated along the feature axis → a CrossLayerTranscoder / SparseAutoencoder / MOLT
     (saved with save_pretrained to ``out`` when given)."""
     import fastclt
     from fastclt.training.parallel import merge_states
@@ -141,7 +141,7 @@ def merge_checkpoint(folder, out: Optional[Path] = None):
     meta = read_json(folder / "meta.json", "checkpoint meta.json")
     cfg_dict = meta["config"]
     mcfg = {k: v for k, v in cfg_dict["model"].items() if k != "kind"}
-    cls = fastclt.SparseAutoencoder if cfg_dict["model"].get("kind", "clt") == "sae" else fastclt.CrossLayerTranscoder
+    cls = fastclt.models.MODEL_KINDS[cfg_dict["model"].get("kind", "clt")]
     model = cls(cls.config_class(**mcfg))
     shards = []
     for r in range(meta["tp"]):

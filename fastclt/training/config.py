@@ -1,4 +1,4 @@
-"""The trainer's configuration: ``model`` (a CLTConfig / SAEConfig), ``train``, ``data``, ``eval``,
+"""The trainer's configuration: ``model`` (a CLTConfig / SAEConfig / MOLTConfig), ``train``, ``data``, ``eval``,
 ``checkpoint``, ``log`` and ``out_dir``.
 
 Sources, later ones winning: the defaults here < ``--config FILE.yaml`` (yaml.safe_load, nested
@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from fastclt.config import CLTConfig, SAEConfig
+from fastclt.config import CONFIG_KINDS, CLTConfig
 
 __all__ = ["ConfigError", "RunConfig", "TrainSection", "DataSection", "EvalSection", "CheckpointSection",
            "LogSection", "load_config", "help_text", "RUN_CONTROL_KEYS"]
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 # Defaults of the trainer's model (differ from CLTConfig's, so that a bare run is small).
 MODEL_DEFAULTS = dict(n_layers=4, d_in=32, d_out=32, n_features=128, activation="batchtopk", k=4)
-MODEL_KINDS = ("clt", "sae")
+MODEL_KINDS = tuple(CONFIG_KINDS)  # clt, sae, molt
 
 
 @dataclass
@@ -118,7 +118,7 @@ class LogSection:
 
 
 MODEL_HELP = {
-    "kind": "clt (CLT; n_layers 1 = per-layer transcoder) | sae (on the first layer's input)",
+    "kind": "clt (CLT; n_layers 1 = per-layer transcoder) | sae (on the first layer's input) | molt (MOLTs)",
     "activation": "topk | batchtopk | jumprelu | relu",
     "k": "active features per token per layer (TopK), their batch mean (BatchTopK)",
     "normalization": "none | mean_std | sqrt_d (statistics from the first batches)",
@@ -140,6 +140,11 @@ MODEL_HELP = {
     "skip_connection": "W_skip per layer (CLT)",
     "cross_layer": "false: a per-layer transcoder set (L independent transcoders; decoder_tying none)",
     "unit_norm_decoder": "SAE: unit-norm decoder rows",
+    "matryoshka_prefixes": "Matryoshka prefix ends [m_1, ..., n_features] (SAE, CLT)",
+    "matryoshka_weights": "loss weight of each prefix (default 1/G each)",
+    "ranks": "MOLT: rank of each rank group (default 512, 256, ... scaled to the width)",
+    "rank_counts": "MOLT: transforms per rank group (default N, 2N, 4N, ...; sum n_features)",
+    "output_bias": "MOLT: a per-layer output bias",
 }
 # Model fields the trainer records from its data source (the LM, its blocks, the input hook), not options.
 RECORDED_MODEL_FIELDS = {"lm_name": "data.model", "lm_layers": "data.layers", "input_hook": "data.input_hook"}
@@ -158,7 +163,7 @@ RUN_CONTROL_KEYS = {"train.max_steps", "train.device", "train.impl", "train.eval
 
 @dataclass
 class RunConfig:
-    model: dict = field(default_factory=dict)  # kind ("clt" | "sae") + CLTConfig/SAEConfig fields
+    model: dict = field(default_factory=dict)  # kind ("clt" | "sae" | "molt") + CLTConfig/SAEConfig/MOLTConfig fields
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -171,9 +176,9 @@ class RunConfig:
         return self.model.get("kind", "clt")
 
     def model_config(self):
-        """The CLTConfig / SAEConfig of the FULL (unsharded) model."""
+        """The CLTConfig / SAEConfig / MOLTConfig of the FULL (unsharded) model."""
         kw = {k: v for k, v in self.model.items() if k != "kind"}
-        cls = SAEConfig if self.kind == "sae" else CLTConfig
+        cls = CONFIG_KINDS.get(self.kind, CLTConfig)
         try:
             return cls(**kw)
         except (TypeError, ValueError) as e:
@@ -213,9 +218,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _model_fields() -> dict:
-    """{name: default} over CLTConfig ∪ SAEConfig, with the trainer's defaults."""
+    """{name: default} over every model kind's config, with the trainer's defaults."""
     out = {"kind": "clt"}
-    for cls in (CLTConfig, SAEConfig):
+    for cls in CONFIG_KINDS.values():
         for f in dataclasses.fields(cls):
             if f.name not in out and f.name not in RECORDED_MODEL_FIELDS:
                 out[f.name] = f.default
@@ -387,7 +392,14 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"model.{k}: not an SAE option (model.kind sae)")
         for k in ("n_layers", "d_out"):
             cfg.model.pop(k, None)
+    own = {f.name for f in dataclasses.fields(CONFIG_KINDS[cfg.kind])}
+    for k in cfg.model:
+        if k != "kind" and k not in own:
+            raise ConfigError(f"model.{k}: not an option of model.kind {cfg.kind}")
     mc = cfg.model_config()
+    if cfg.train.tp > 1 and (cfg.kind == "molt" or getattr(mc, "matryoshka_prefixes", None)):
+        raise ConfigError(f"train.tp: {'a MOLT' if cfg.kind == 'molt' else 'a Matryoshka model'} trains without "
+                          f"tensor parallelism (train.tp = 1; data parallelism works), got {cfg.train.tp}")
     t, d, c, lg = cfg.train, cfg.data, cfg.checkpoint, cfg.log
     for key in ("steps", "batch_size", "grad_accum", "tp", "dead_tokens", "init_samples", "eval_batches", "eval_every"):
         _pos(f"train.{key}", getattr(t, key), zero_ok=key in ("eval_batches", "eval_every"))
@@ -493,7 +505,8 @@ def help_text() -> str:
              "", f"  {'--config FILE.yaml':<36} {'None':<12} nested sections model/train/data/checkpoint/log, out_dir",
              f"  {'--out_dir DIR':<36} {RunConfig().out_dir!r:<12} config, metrics, checkpoints, model/, summary",
              "",
-             "model (fastclt.CLTConfig fields; model.kind sae: fastclt.SAEConfig on the first layer's input):"]
+             "model (fastclt.CLTConfig fields; model.kind sae: fastclt.SAEConfig on the first layer's input; "
+             "model.kind molt: fastclt.MOLTConfig):"]
     for name, default in _model_fields().items():
         lines.append(f"  {'--model.' + name:<36} {default!r:<12} {MODEL_HELP.get(name, '')}".rstrip())
     for section, cls in SECTIONS.items():

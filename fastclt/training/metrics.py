@@ -22,7 +22,10 @@ __all__ = ["step_flops", "MetricsLogger", "write_summary"]
 
 def step_flops(mcfg, kind: str, tokens: int, l0: float) -> float:
     """Counted FLOPs of one step on ``tokens`` tokens: forward = dense encoder 2·L·F·d_in + sparse
-    decoder 2·l0·d_out per (source, target) pair; backward ≈ 2 × forward."""
+    decoder 2·l0·d_out per (source, target) pair; backward ≈ 2 × forward. A config with its own
+    count (``MOLTConfig.step_flops``) gives it."""
+    if hasattr(mcfg, "step_flops"):
+        return mcfg.step_flops(tokens, l0)
     L = 1 if kind == "sae" else mcfg.n_layers
     d_out = mcfg.d_in if kind == "sae" else mcfg.d_out
     enc = 2.0 * L * mcfg.n_features * mcfg.d_in

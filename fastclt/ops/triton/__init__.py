@@ -20,6 +20,7 @@ TRITON_IMPLS = [
     ("auxk_select", "fastclt.ops.triton.auxk:auxk_select"),
     ("sparse_decode", "fastclt.ops.triton.sparse_decode:sparse_decode"),
     ("clt_decode", "fastclt.ops.triton.clt_decode:clt_decode"),
+    ("molt_decode", "fastclt.ops.triton.molt:molt_decode"),
 ]
 
 
