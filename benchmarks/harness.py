@@ -30,8 +30,10 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -355,8 +357,10 @@ class Runner:
             if len(fns) == 1:
                 fns = fns * 2
             mem: list = []
+            before = _encode_stats()
             timing = time_fns(fns, self.device, self.policy, memory=mem)
-            return self.row(case, "ok", timing=timing, mem=mem[0], n_sets=n_sets)
+            return self.row(case, "ok", _stats_note(before, _encode_stats()), timing=timing, mem=mem[0],
+                            n_sets=n_sets)
         except torch.OutOfMemoryError:
             return self.row(case, "skipped", "out of memory")
         except Exception as e:  # a broken impl is a row with a note, never a crashed run
@@ -366,6 +370,21 @@ class Runner:
         finally:
             del fns
             release(self.device, big=case.need_bytes > (256 << 20))
+
+
+def _encode_stats() -> Counter:
+    """The Triton encode's fallback counters (``fastclt.ops.triton.encode.STATS``) if it is loaded."""
+    mod = sys.modules.get("fastclt.ops.triton.encode")
+    return Counter(mod.STATS) if mod is not None else Counter()
+
+
+def _stats_note(before: Counter, after: Counter) -> str:
+    """The fallbacks the Triton encode took during a case (overflow reruns, τ samples and retries,
+    dense rows): each one costs a launch or more, so a steady state should show few."""
+    diff = after - before
+    if not diff:
+        return ""
+    return "triton encode fallbacks: " + ", ".join(f"{k}={v}" for k, v in sorted(diff.items()))
 
 
 # ---------------------------------------------------------------------------------------- output

@@ -24,7 +24,7 @@ def make_inputs(B, d, F, dtype, seed=0, pre_bias=False, scale=1.0, shift=0.0, de
 
 def leaves(inputs, dtype=None, keep=()):
     """Fresh leaf copies of the inputs; the names in ``keep`` are used as they are (persistent
-    leaves, grads reset: the speculative τ is cached by W_enc's address, as for a parameter)."""
+    leaves, grads reset, as for a model's parameter)."""
     out = {}
     for n, t in inputs.items():
         if n in keep:

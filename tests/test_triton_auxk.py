@@ -39,13 +39,8 @@ def make_inputs(B, d, F, dtype, seed=0, n_dead=None, scale=1.0, shift=0.0):
     return t, dead.to(DEVICE)
 
 
-def run(fn, inputs, dead, k_aux, upstream, pre_bias=True, dtype=None, keep=()):
-    """``keep``: names of inputs used as they are (persistent leaves: the speculative τ is cached by
-    W_enc's address, as for a model's parameter)."""
-    t = {n: (v if n in keep else v.detach().clone().to(dtype or v.dtype).requires_grad_(True))
-         for n, v in inputs.items()}
-    for n in keep:
-        t[n].grad = None
+def run(fn, inputs, dead, k_aux, upstream, pre_bias=True, dtype=None):
+    t = {n: v.detach().clone().to(dtype or v.dtype).requires_grad_(True) for n, v in inputs.items()}
     F = t["W_enc"].shape[0]
     codes = fn(t["x"], t["W_enc"], t["b_enc"], dead, k_aux, t["pre_bias"] if pre_bias else None)
     dense = codes.to_dense(F)
@@ -59,10 +54,10 @@ def rel_rmse(a, b):
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
-def compare(inputs, dead, k_aux, pre_bias=True, keep=()):
+def compare(inputs, dead, k_aux, pre_bias=True):
     B, F = inputs["x"].shape[0], inputs["W_enc"].shape[0]
     up = torch.randn(B, F, dtype=torch.float64, device=DEVICE)
-    tc, td, tg = run(auxk_select, inputs, dead, k_aux, up, pre_bias, keep=keep)
+    tc, td, tg = run(auxk_select, inputs, dead, k_aux, up, pre_bias)
     tg = {n: g.clone() for n, g in tg.items()}
     rc, rd, rg = run(ref_auxk, inputs, dead, k_aux, up, pre_bias)
     assert tc.k == rc.k and tc.nnz == rc.nnz and tc.n_features == F
@@ -116,14 +111,27 @@ def test_empty_batch():
     assert codes.batch_size == 0 and codes.nnz == 0
 
 
-def test_speculative_threshold_fallbacks():
-    """Second and later calls on very different data: τ wrong in both directions, still exact."""
+def test_no_state_across_calls():
+    """AuxK's inputs are per-step casts and gathers (nothing stable to key a cache on): each call
+    samples its own τ and capacity, and leaves no speculative state behind. Calls on very
+    different data are all exact."""
     tenc.STATS.clear()
     inputs, dead = make_inputs(13, 19, 37, torch.float32, seed=3)
-    inputs["W_enc"].requires_grad_(True)
-    for scale, shift, seed in [(1.0, 0.0, 3), (0.02, 0.0, 4), (30.0, 0.0, 5), (1.0, 2.0, 6)]:
+    for i, (scale, shift, seed) in enumerate([(1.0, 0.0, 3), (0.02, 0.0, 4), (30.0, 0.0, 5), (1.0, 2.0, 6)]):
         x = make_inputs(13, 19, 37, torch.float32, seed=seed, scale=scale, shift=shift)[0]["x"]
-        compare(dict(inputs, x=x), dead, 3, keep=("W_enc",))
+        compare(dict(inputs, x=x), dead, 3)
+        assert tenc.STATS["sample_tau"] == i + 1
+    assert len(tenc._TAU) == 0 and len(tenc._CAP) == 0 and len(tenc._DENSITY) == 0
+
+
+def test_sampled_threshold_too_high_falls_back(monkeypatch):
+    """A τ sampled from rows whose k-th value is far above the others' (here: the one sampled row
+    is scaled up): the rows short of candidates take the exact dense-rows path."""
+    inputs, dead = make_inputs(13, 19, 37, torch.float32, seed=10)
+    inputs["x"][0] *= 50.0
+    monkeypatch.setattr(tenc, "_sample_rows", lambda B, n, device: torch.zeros(1, dtype=torch.long, device=device))
+    tenc.STATS.clear()
+    compare(inputs, dead, 3)
     assert tenc.STATS["topk_dense_rows"] > 0
 
 

@@ -268,3 +268,142 @@ def test_available():
     assert tenc.available(torch.device(DEVICE))
     if not ON_GPU:
         assert tenc.available(torch.device("cpu")) == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# --------------------------------------------------------------- autotune keys and speculative state
+def _autotune_keys(monkeypatch) -> list:
+    """Collects, for every launch of the encode kernel, the key the autotuner caches its choice
+    under (a new key = a new tuning run on a GPU)."""
+    kern = tenc._encode_kernel
+    keys = []
+    run = type(kern).run
+
+    def recording_run(self, *args, **kwargs):
+        if self is kern:
+            named = dict(zip(self.arg_names, args), **kwargs)
+            keys.append(tuple(named[k] for k in self.keys))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(kern), "run", recording_run)
+    return keys
+
+
+def test_auxk_dead_count_drift_does_not_retune(monkeypatch):
+    """AuxK launches the encode GEMM over the n_dead dead features, a count that changes every
+    step: the autotune key holds n_dead rounded up to a power of two, so 31 different counts in
+    (32, 64] give one key per launch mode (candidates and the dense τ sample), not 31."""
+    from fastclt.ops.triton.auxk import auxk_select
+
+    B, d, F = 13, 19, 64
+    inputs = make_inputs(B, d, F, torch.float32, seed=20)
+    keys = _autotune_keys(monkeypatch)
+    for n_dead in range(33, 64):
+        dead = torch.zeros(F, dtype=torch.bool, device=DEVICE)
+        dead[torch.randperm(F, generator=torch.Generator().manual_seed(n_dead))[:n_dead].to(DEVICE)] = True
+        auxk_select(inputs["x"], inputs["W_enc"], inputs["b_enc"], dead, 4)
+    assert len(keys) >= 2 * 31
+    assert len(set(keys)) == 2, sorted(set(keys))
+    assert {k[0] for k in keys} == {64}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33, 1000, 65536, 65537])
+def test_size_bucket(n):
+    b = tenc.size_bucket(n)
+    assert b >= n and b & (b - 1) == 0 and (b == 1 or b // 2 < n)
+
+
+def test_speculative_state_survives_a_per_step_cast():
+    """Models pass a per-step cast of their weights (``W_enc.to(bf16)``: a new tensor, at a new
+    address, every step): the cached τ must still be found (one τ sample over two calls)."""
+    B, d, F = ODD
+    inputs = make_inputs(B, d, F, torch.float32, seed=21)
+    tenc.STATS.clear()
+    casts = []  # both alive: the second cast cannot reuse the first one's memory
+    for _ in range(2):
+        casts.append(inputs["W_enc"].clone())
+        tenc.encode(inputs["x"], casts[-1], inputs["b_enc"], activation="topk", k=3)
+    assert casts[0].data_ptr() != casts[1].data_ptr()
+    assert tenc.STATS["sample_tau"] == 1
+    assert len(tenc._TAU) == 1
+
+
+def test_speculative_state_is_per_layer_view():
+    """Layer views of one weight tensor (a PLT's per-layer encodes) keep one τ each."""
+    B, d, F, L = 13, 19, 37, 3
+    g = torch.Generator().manual_seed(22)
+    W = (torch.randn(L, F, d, generator=g) * torch.tensor([0.5, 1.0, 4.0])[:, None, None]).to(DEVICE)
+    x = torch.randn(B, d, generator=g).to(DEVICE)
+    for _ in range(2):
+        for l in range(L):
+            tenc.encode(x, W[l], None, activation="topk", k=3)
+    assert len(tenc._TAU) == L
+
+
+def test_clt_batchtopk_capacity_is_learned_per_layer():
+    """encode_layers with layers of very different scales (one layer holds most candidates above
+    the shared τ): after the first call, each layer's candidate buffer fits its own count, so
+    repeated calls never rerun a layer's GEMM for an overflowing buffer."""
+    B, d, F, L, k = 32, 16, 64, 3, 4
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(B, L, d, generator=g).to(DEVICE)
+    W = (torch.randn(L, F, d, generator=g) * torch.tensor([4.0, 1.0, 0.5])[:, None, None] / d ** 0.5).to(DEVICE)
+    b = torch.zeros(L, F, device=DEVICE)
+    ref = batch_topk_layers(torch.einsum("bld,lfd->lbf", x, W), k)
+    tenc.encode_layers(x, W, b, k)  # learns τ and the capacities
+    tenc.STATS.clear()
+    for _ in range(3):
+        codes = tenc.encode_layers(x, W, b, k)
+        for l in range(L):
+            assert torch.equal(pattern(codes[l], F), pattern(ref[l], F))
+    assert max(c.nnz for c in codes) > 2 * min(c.nnz for c in codes)  # the layers do differ
+    assert tenc.STATS["overflow_rerun"] == 0, dict(tenc.STATS)
+    assert tenc.STATS["batchtopk_retry"] == 0, dict(tenc.STATS)
+
+
+def test_benchmark_rows_note_the_fallbacks():
+    """benchmarks print the encode's fallback counters (overflow reruns, τ samples) per case."""
+    from collections import Counter
+
+    from benchmarks.harness import _stats_note
+
+    assert _stats_note(Counter(sample_tau=1), Counter(sample_tau=1)) == ""
+    assert _stats_note(Counter(sample_tau=1), Counter(sample_tau=1, overflow_rerun=2, topk_dense_rows=3)) == \
+        "triton encode fallbacks: overflow_rerun=2, topk_dense_rows=3"
+
+
+# ------------------------------------------------------------------------- FASTCLT_AUTOTUNE_CONFIGS
+def test_autotune_configs_env_limits_every_space(monkeypatch):
+    from fastclt.ops.triton import AUTOTUNE_CONFIGS_ENV, autotune_limit, first_configs
+
+    monkeypatch.delenv(AUTOTUNE_CONFIGS_ENV, raising=False)
+    assert autotune_limit() is None and first_configs([1, 2, 3]) == [1, 2, 3]
+    monkeypatch.setenv(AUTOTUNE_CONFIGS_ENV, "")
+    assert autotune_limit() is None
+    monkeypatch.setenv(AUTOTUNE_CONFIGS_ENV, " 2 ")
+    assert first_configs([1, 2, 3]) == [1, 2]
+    monkeypatch.setenv(AUTOTUNE_CONFIGS_ENV, "9")
+    assert first_configs([1, 2, 3]) == [1, 2, 3]
+    # the encode's pruning applies it after dropping what does not fit
+    configs = tenc._gpu_configs()
+    x = torch.zeros(2, 2, device=DEVICE)
+    fitting = configs
+    if ON_GPU:
+        major, minor = torch.cuda.get_device_capability()
+        fitting = tenc.gpu_configs(4, 10 * major + minor, tenc.smem_limit(x.device), tenc._aligned(x))
+    monkeypatch.setenv(AUTOTUNE_CONFIGS_ENV, "1")
+    assert tenc._early_prune(configs, {"x_ptr": x, "w_ptr": x}) == fitting[:1]
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(AUTOTUNE_CONFIGS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{AUTOTUNE_CONFIGS_ENV}: expected a positive integer"):
+            autotune_limit()
+
+
+def test_autotune_configs_env_bad_value_fails_at_import():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTCLT_AUTOTUNE_CONFIGS="all")
+    proc = subprocess.run([sys.executable, "-c", "import fastclt.ops.triton.encode"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "FASTCLT_AUTOTUNE_CONFIGS: expected a positive integer" in proc.stderr

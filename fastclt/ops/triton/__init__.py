@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["TRITON_IMPLS", "available", "register_triton_impls"]
+__all__ = ["TRITON_IMPLS", "AUTOTUNE_CONFIGS_ENV", "autotune_limit", "first_configs", "available",
+           "register_triton_impls"]
+
+# Environment variable: keep only the first N configs of every Triton autotune space (after the
+# configs that do not fit the device are dropped); unset or empty = all. For runs that must bound
+# autotuning time (GPU tests); the configs are listed best-guess first.
+AUTOTUNE_CONFIGS_ENV = "FASTCLT_AUTOTUNE_CONFIGS"
 
 # (op, "module:attribute") of every Triton implementation; add new ops here.
 TRITON_IMPLS = [
@@ -36,6 +43,28 @@ def _triton_imports() -> bool:
     except Exception:
         return False
     return True
+
+
+def autotune_limit() -> Optional[int]:
+    """N from ``FASTCLT_AUTOTUNE_CONFIGS`` (a positive integer), None when unset or empty; any other
+    value raises ValueError naming the variable."""
+    raw = os.environ.get(AUTOTUNE_CONFIGS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{AUTOTUNE_CONFIGS_ENV}: expected a positive integer (how many autotune configs to "
+                         f"keep), or unset for all; got {raw!r}")
+    return n
+
+
+def first_configs(configs: Sequence) -> list:
+    """``configs`` cut to the first ``autotune_limit()`` (all when unset)."""
+    n = autotune_limit()
+    return list(configs) if n is None else list(configs)[:n]
 
 
 def available(device: torch.device) -> bool:

@@ -23,8 +23,7 @@ import torch
 from fastclt.codes import SparseCodes
 from fastclt.ops.auxk import _check_auxk_args
 from fastclt.ops.sparse_encode import folded_bias
-from fastclt.ops.triton.encode import (_check_inputs, _codes, _inner_contiguous, _Pattern,
-                                       _topk_pattern, _w_key, available)
+from fastclt.ops.triton.encode import _check_inputs, _codes, _inner_contiguous, _Pattern, _topk_pattern, available
 
 __all__ = ["auxk_select", "available"]
 
@@ -47,6 +46,8 @@ def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tens
         W_dead = W_enc.detach().index_select(0, dead)  # compact [n_dead, d_in]
         b_dead = None if b_enc is None else b_enc.detach().index_select(0, dead)
         bias = folded_bias(W_dead, b_dead, pre_bias)
-        local = _topk_pattern(x.detach(), W_dead, bias, k, _w_key(W_enc, "auxk", k, n_dead))
+        # no state across calls (key None): the inputs are per-step casts and gathers with nothing
+        # stable to key a cache on (a model casts each layer's W_enc separately), and n_dead drifts
+        local = _topk_pattern(x.detach(), W_dead, bias, k, None)
         pattern = _Pattern(local.row, dead[local.col.long()].to(torch.int32), local.h)  # global ids, sorted
     return _codes(x, W_enc, b_enc, None, pre_bias, pattern, "topk", 0.01, k)

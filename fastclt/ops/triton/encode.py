@@ -36,11 +36,13 @@ from fastclt.codes import SparseCodes
 from fastclt.ops.encode import ACTIVATIONS, activate
 from fastclt.ops.select import check_k
 from fastclt.ops.sparse_encode import encode_codes, folded_bias, vecmat_f32
+from fastclt.ops.triton import autotune_limit, first_configs
 from fastclt.ops.triton.sparse_decode import feature_scatter, feature_segments, gather_decode
 
 __all__ = ["encode", "encode_layers", "available"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+autotune_limit()  # a bad FASTCLT_AUTOTUNE_CONFIGS fails here, not at the first launch
 
 MODE_RELU, MODE_JUMPRELU, MODE_CANDIDATES, MODE_DENSE = 0, 1, 2, 3
 
@@ -55,21 +57,64 @@ def available(device: torch.device) -> bool:
 
 # ---------------------------------------------------------------------------------------- kernel
 def _configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
+    if _INTERPRET:  # 8-column chunks: the interpreter's 16-wide tiles walk two, as the GPU's walk several
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4, "CHUNK_N": 8})]
     return _gpu_configs()
 
 
+# The GPU autotune space, best guess first (``FASTCLT_AUTOTUNE_CONFIGS=N`` keeps the first N that
+# fit): BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, CHUNK_N (the epilogue's column chunk),
+# then what each config is for: input element sizes (bytes), GPU families (``_family``) and rows
+# aligned to 16 elements (``_aligned``: vectorised, pipelined loads) or not (one scalar load and
+# one 64-bit address per element: a 128×128 tile at most). Every entry compiles without register
+# spills, in every mode, for what it is for, with Triton 3.6 and 3.9. The 128×256 tiles (128
+# accumulator registers per thread) walk the epilogue 16 columns at a time; the other tiles with
+# 128 accumulator registers per thread, 256×128 with 8 warps and 128×128 with 4, spill even so
+# (Triton 3.6 on sm_90, 3.9 on sm_80) and are not listed. fp32 has its own smaller tiles (its
+# "ieee" dot runs on the FMA units, operands in registers); its 128×128×32 with 4 stages spills on
+# sm_80. Checked by ``python -m benchmarks.kernel_resources`` (its CI subset:
+# tests/test_triton_compile.py).
+_SPACE = [
+    (128, 256, 64, 3, 8, 16, (2,), (80, 90), True),
+    (128, 256, 64, 4, 8, 16, (2,), (80, 90), True),
+    (128, 128, 64, 4, 8, 32, (2,), (80, 90), True),
+    (64, 256, 64, 4, 8, 32, (2,), (80, 90), True),
+    (128, 256, 32, 4, 8, 16, (2,), (80, 90), True),
+    (128, 256, 32, 3, 8, 16, (2,), (80, 90), True),
+    (128, 128, 32, 4, 8, 32, (2,), (80, 90), True),
+    (128, 128, 32, 4, 8, 32, (4,), (90,), True),
+    (128, 128, 32, 3, 8, 32, (4,), (80, 90), True),
+    (64, 256, 32, 4, 8, 32, (4,), (80, 90), True),
+    (128, 64, 32, 4, 4, 32, (4,), (80, 90), True),
+    (64, 128, 32, 4, 4, 32, (4,), (80, 90), True),
+    (128, 128, 32, 2, 8, 16, (2, 4), (80, 90), False),
+]
+
+
+def _family(cc: int) -> int:
+    """The configs' GPU family of compute capability ``cc`` (major·10 + minor): 90 for Hopper and
+    the data-centre Blackwells (wgmma / tcgen05: accumulators need no operand registers), 80 for
+    the others (Ampere, Ada, consumer Blackwell: mma.sync)."""
+    return 90 if 90 <= cc < 120 else 80
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Rows that start on 16-element boundaries (what lets the compiler vectorise the loads)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
+
+
 def _gpu_configs():
-    """The autotune configs on a GPU, before pruning by shared memory (``prune_configs``);
-    tests/test_triton_compile.py compiles the pruned ones for sm_90 and sm_80."""
-    cfgs = []
-    for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
-                             (64, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 256, 32, 4, 8), (128, 256, 32, 3, 8),
-                             (128, 128, 32, 4, 8)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_stages=s, num_warps=w))
-    return cfgs
+    """Every config of ``_SPACE`` (all dtypes, families and alignments), in order, once each."""
+    tiles = list(dict.fromkeys(entry[:6] for entry in _SPACE))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "CHUNK_N": cn},
+                          num_stages=s, num_warps=w) for bm, bn, bk, s, w, cn in tiles]
+
+
+def _fits(cfg, elem_bytes: int, cc: int, aligned: bool) -> bool:
+    k = cfg.kwargs
+    key = (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], cfg.num_stages, cfg.num_warps, k["CHUNK_N"])
+    return any(entry[:6] == key and elem_bytes in entry[6] and _family(cc) in entry[7] and entry[8] == aligned
+               for entry in _SPACE)
 
 
 def _pipeline_bytes(cfg, elem_bytes: int) -> int:
@@ -94,26 +139,41 @@ def prune_configs(configs, elem_bytes: int, limit: int):
     return keep or [min(configs, key=lambda c: _pipeline_bytes(c, elem_bytes))]
 
 
+def gpu_configs(elem_bytes: int, cc: int, smem: int, aligned: bool = True, configs=None):
+    """The autotune configs (of ``configs``, default all) that a GPU of compute capability ``cc``
+    (major·10 + minor) with ``smem`` bytes of shared memory per block runs for inputs of
+    ``elem_bytes`` bytes, with rows ``aligned`` to 16 elements or not: those of ``_SPACE`` for
+    that, pruned by shared memory."""
+    configs = _gpu_configs() if configs is None else configs
+    return prune_configs([c for c in configs if _fits(c, elem_bytes, cc, aligned)], elem_bytes, smem)
+
+
 def _early_prune(configs, named_args, **kwargs):
-    x = named_args["x_ptr"]
-    if _INTERPRET:
-        return configs
-    return prune_configs(configs, x.element_size(), smem_limit(x.device))
+    x, W = named_args["x_ptr"], named_args["w_ptr"]
+    if not _INTERPRET:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        configs = gpu_configs(x.element_size(), 10 * major + minor, smem_limit(x.device), _aligned(x, W), configs)
+    return first_configs(configs)
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "MODE"], reset_to_zero=["counter_ptr"],
+def size_bucket(n: int) -> int:
+    """n rounded up to a power of two: the autotune key's size (AuxK's N, the number of dead
+    features, drifts every step; keyed on N itself, every new value would re-tune)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@triton.autotune(configs=_configs(), key=["N_BUCKET", "K", "ALIGNED", "MODE"], reset_to_zero=["counter_ptr"],
                  prune_configs_by={"early_config_prune": _early_prune})
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-                    "SPLIT_N": lambda args: 2 if args["BLOCK_N"] >= 128 or _INTERPRET else 1})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr,
                    rows_ptr, cols_ptr, vals_ptr, counter_ptr, dense_ptr,
-                   M, N, K,
+                   M, N, K, N_BUCKET, ALIGNED,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_dm,
                    tau, half_band, capacity,
                    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_DTYPE: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
-                   SPLIT_N: tl.constexpr,
+                   CHUNK_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped tile order: GROUP_M row-tiles share the W_enc column tiles while they are in L2
     pid = tl.program_id(0)
@@ -124,13 +184,14 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr,
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + ((pid % group) % size_m)
     pid_n = (pid % group) // size_m
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
     # rows/features past the edge read a valid row (modulo) instead of a masked load, so the main
-    # loop loads are unmasked when K % BLOCK_K == 0; their results are dropped by ``valid`` below
+    # loop loads are unmasked when K % BLOCK_K == 0; their results are never emitted (``_keep``)
     rm = (offs_m % M).to(tl.int64)
     rn = (offs_n % N).to(tl.int64)
     x_tile = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -151,9 +212,13 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr,
         x_tile += BLOCK_K * stride_xk
         w_tile += BLOCK_K * stride_wk
 
+    # columns past N hold h = −inf (a bias of −inf; h may be NaN there if acc is +inf): no mode
+    # emits them, so the epilogue needs no column mask
     h = acc
     if HAS_BIAS:
-        h += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        h += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=-float("inf"))[None, :]
+    else:
+        h = tl.where((offs_n < N)[None, :], h, -float("inf"))
     # round to the output dtype first, so that the kept set is decided on the stored value
     if UPCAST and ROUND_DTYPE == tl.bfloat16:
         # round-to-nearest-even by hand: the interpreter's fp32 → bf16 cast truncates (Triton 3.9)
@@ -162,53 +227,73 @@ def _encode_kernel(x_ptr, w_ptr, bias_ptr, thr_ptr,
         h = bits.to(tl.float32, bitcast=True)
     else:
         h = h.to(ROUND_DTYPE).to(tl.float32)
-    if SPLIT_N == 1:
-        _epilogue(h, offs_m, offs_n, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, counter_ptr, dense_ptr,
-                  stride_dm, tau, half_band, capacity, MODE, BLOCK_M, BLOCK_N)
+    if MODE == 3:
+        _chunks(h, offs_m, n0, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, dense_ptr, stride_dm, tau, half_band,
+                0, 0, MODE, BLOCK_M, BLOCK_N, CHUNK_N)
     else:
-        # two column halves, one after the other: the epilogue's layout conversions then need half
-        # the shared memory (a 128×256 tile of 64-bit store pointers alone would be 256 KB)
-        h0, h1 = tl.split(tl.permute(tl.reshape(h, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        _epilogue(h0, offs_m, n0, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, counter_ptr, dense_ptr,
-                  stride_dm, tau, half_band, capacity, MODE, BLOCK_M, BLOCK_N // 2)
-        _epilogue(h1, offs_m, n0 + BLOCK_N // 2, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, counter_ptr,
-                  dense_ptr, stride_dm, tau, half_band, capacity, MODE, BLOCK_M, BLOCK_N // 2)
+        # one atomic per tile reserves its entries; the chunks then write them in order
+        keep = _keep(h, offs_m, offs_n, thr_ptr, tau, half_band, M, N, MODE)
+        total = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
+        base = tl.atomic_add(counter_ptr, total.to(tl.int64))
+        # positions inside the tile stay int32; the int64 base goes into three scalar pointers
+        room = tl.minimum(tl.maximum(capacity - base, 0), BLOCK_M * BLOCK_N).to(tl.int32)
+        _chunks(h, offs_m, n0, M, N, thr_ptr, rows_ptr + base, cols_ptr + base, vals_ptr + base, dense_ptr,
+                stride_dm, tau, half_band, room, 0, MODE, BLOCK_M, BLOCK_N, CHUNK_N)
 
 
 @triton.jit
-def _epilogue(h, offs_m, offs_n, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, counter_ptr, dense_ptr,
-              stride_dm, tau, half_band, capacity, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """One [BM, BN] (sub-)tile of h (fp32, already rounded): store it (dense mode) or emit its entries."""
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    valid = m_ok[:, None] & n_ok[None, :]
-    if MODE == 3:
-        d_ptrs = dense_ptr + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :]
-        tl.store(d_ptrs, h, mask=valid)
+def _keep(h, offs_m, offs_n, thr_ptr, tau, half_band, M, N, MODE: tl.constexpr):
+    """The entries of h that the mode emits, in rows < M (columns ≥ N hold h = −inf or NaN: never)."""
+    if MODE == 0:
+        keep = h > 0.0
+    elif MODE == 1:
+        thr = tl.load(thr_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        keep = (h > thr) | (tl.abs(h - thr) < half_band)
     else:
-        if MODE == 0:
-            keep = h > 0.0
-        elif MODE == 1:
-            thr = tl.load(thr_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-            keep = (h > thr) | (tl.abs(h - thr) < half_band)
-        else:
-            keep = h > tau
-        keep = keep & valid
-        ki = keep.to(tl.int32)
+        keep = h > tau
+    return keep & (offs_m < M)[:, None]
+
+
+@triton.jit
+def _chunks(h, offs_m, n0, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, dense_ptr, stride_dm, tau, half_band,
+            room, done, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CN: tl.constexpr):
+    """The epilogue on h: [BM, BN] (columns n0 …) in column chunks of CN, left to right, so that the
+    temporaries (masks, positions, store addresses, the scans' layout conversion) are those of one
+    [BM, CN] chunk. The halves come from ``reshape → permute → split`` (register renames),
+    recursively. Returns ``done`` + the entries this part emitted."""
+    if BN == CN:
+        done = _chunk(h, offs_m, n0, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, dense_ptr, stride_dm, tau,
+                      half_band, room, done, MODE, BM, CN)
+    else:
+        left, right = tl.split(tl.permute(tl.reshape(h, (BM, 2, BN // 2)), (0, 2, 1)))
+        done = _chunks(left, offs_m, n0, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, dense_ptr, stride_dm, tau,
+                       half_band, room, done, MODE, BM, BN // 2, CN)
+        done = _chunks(right, offs_m, n0 + BN // 2, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, dense_ptr,
+                       stride_dm, tau, half_band, room, done, MODE, BM, BN // 2, CN)
+    return done
+
+
+@triton.jit
+def _chunk(h, offs_m, n0, M, N, thr_ptr, rows_ptr, cols_ptr, vals_ptr, dense_ptr, stride_dm, tau, half_band,
+           room, done, MODE: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr):
+    """One [BM, CN] chunk of h (fp32, rounded): store it (dense mode), or write its entries at
+    positions ``done …`` of the tile's reservation (pointers already offset by the tile's base),
+    row-major inside the chunk; positions ≥ room are counted, not written."""
+    offs_n = n0 + tl.arange(0, CN)
+    if MODE == 3:
+        ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        tl.store(dense_ptr + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :], h, mask=ok)
+    else:
+        ki = _keep(h, offs_m, offs_n, thr_ptr, tau, half_band, M, N, MODE).to(tl.int32)
         row_cnt = tl.sum(ki, axis=1)
-        total = tl.sum(row_cnt, axis=0)
-        base = tl.atomic_add(counter_ptr, total.to(tl.int64))
-        # positions inside the tile stay int32 (registers); the int64 base goes into the pointers
-        room = tl.minimum(tl.maximum(capacity - base, 0), BM * BN).to(tl.int32)
-        row_off = tl.cumsum(row_cnt, axis=0) - row_cnt
-        rel = row_off[:, None] + tl.cumsum(ki, axis=1) - 1  # inclusive scan − 1: valid where keep
-        ok = keep & (rel < room)
-        rows = tl.zeros((BM, BN), dtype=tl.int32) + offs_m[:, None]
-        cols = tl.zeros((BM, BN), dtype=tl.int32) + offs_n[None, :]
-        tl.store(rows_ptr + base + rel, rows, mask=ok)
-        tl.store(cols_ptr + base + rel, cols, mask=ok)
-        tl.store(vals_ptr + base + rel, h, mask=ok)
+        row_end = done + tl.cumsum(row_cnt, axis=0)  # exclusive end of each row's positions
+        pos = (row_end - row_cnt)[:, None] + tl.cumsum(ki, axis=1) - 1  # int32; valid where ki = 1
+        ok = (ki != 0) & (pos < room)
+        tl.store(rows_ptr + pos, offs_m[:, None] + tl.zeros((BM, CN), dtype=tl.int32), mask=ok)
+        tl.store(cols_ptr + pos, offs_n[None, :] + tl.zeros((BM, CN), dtype=tl.int32), mask=ok)
+        tl.store(vals_ptr + pos, h, mask=ok)
+        done += tl.sum(row_cnt, axis=0)
+    return done
 
 
 # ------------------------------------------------------------------------------------- launchers
@@ -252,7 +337,7 @@ def _launch(x, W, bias, mode, *, threshold=None, half_band=0.0, tau=0.0, capacit
         _encode_kernel[grid](
             x, W, bias if bias is not None else dummy, threshold if threshold is not None else dummy,
             rows, cols, vals, counter, dense,
-            M, N, K, x.stride(0), x.stride(1), W.stride(0), W.stride(1),
+            M, N, K, size_bucket(N), int(_aligned(x, W)), x.stride(0), x.stride(1), W.stride(0), W.stride(1),
             dense.stride(0) if mode == MODE_DENSE else 0,
             float(tau), float(half_band), int(capacity),
             MODE=mode, HAS_BIAS=bias is not None, ROUND_DTYPE=_TL_DTYPE[x.dtype],
@@ -331,9 +416,9 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
-_DENSITY = _LRU()  # (W ptr, shape, mode) → entries per (row·feature) of the previous call
-_TAU = _LRU()      # (W ptr, shape, tag, k) → speculative threshold τ for the next call
-_CAP = _LRU()      # (W ptr, shape, tag, k) → candidate buffer capacity for the next call
+_DENSITY = _LRU()  # (call site, mode) → entries per (row·feature) of the previous call
+_TAU = _LRU()      # (call site, tag, k) → speculative threshold τ for the next call
+_CAP = _LRU()      # (call site, tag, k) → candidate buffer capacity (one per layer) for the next call
 # How often each fallback ran (tests check that they are exercised; a benchmark can report them).
 STATS: Counter = Counter()
 
@@ -346,7 +431,11 @@ def clear_caches() -> None:
 
 
 def _w_key(W: torch.Tensor, *extra):
-    return (W.data_ptr(), tuple(W.shape), W.dtype, str(W.device)) + extra
+    """Where a call's speculative state lives: W_enc's shape, strides, offset in its storage, dtype
+    and device — not its address: models pass a per-step cast of their weights (``W_enc.to(bf16)``,
+    a new tensor every step) or views of one (a layer's offset tells the layers apart). Calls that
+    share a key (two models of one shape) only share a guess: the results are exact either way."""
+    return (tuple(W.shape), W.stride(), W.storage_offset(), W.dtype, str(W.device)) + extra
 
 
 # ---------------------------------------------------------------------------- autograd Function
@@ -500,38 +589,46 @@ def _dense_topk_rows(x, W, bias, rows, k, chunk: int = 1024):
 def _topk_pattern(x, W, bias, k, key) -> _Pattern:
     """Exactly k entries per row (the k largest of h), via candidates h > τ; rows with fewer than k
     candidates are recomputed densely. Identical to ``select.topk`` up to ties at the cut.
-    ``key``: where the speculative τ of this call site lives (``_w_key(W_enc, ...)``)."""
+    ``key``: where the speculative τ and capacity of this call site live (``_w_key(W_enc, ...)``);
+    None keeps no state: τ and the capacity come from a sample of this call's rows."""
     B, F = x.shape[0], W.shape[0]
     dev = x.device
     if B == 0:
         return _Pattern.empty(dev)
+
     def sample_tau():
-        # τ from 64 evenly spaced rows computed densely (first call, or a cached τ far too low)
+        """τ from 64 evenly spaced rows computed densely (first call, a cached τ far too low, or no
+        state), and a capacity for its candidates: the sample's count scaled to B rows, × 1.25."""
         STATS["sample_tau"] += 1
-        hs = _dense_rows(x[_sample_rows(B, 64, dev)], W, bias)
+        rows = _sample_rows(B, 64, dev)
+        hs = _dense_rows(x[rows], W, bias)
         kth = torch.topk(hs, k, dim=1).values[:, -1]
         lo, mid = float(kth.min()), float(kth.median())
-        return lo - 0.5 * (mid - lo) - 1e-6 * abs(lo)
+        t = lo - 0.5 * (mid - lo) - 1e-6 * abs(lo)
+        n = int((hs > t).sum())
+        return t, int(1.25 * n * B / rows.numel()) + 64
 
-    tau = _TAU.get_(key)
+    cap_key = None if key is None else key + ("cap",)
+    tau = None if key is None else _TAU.get_(key)
+    cap = None if key is None else _CAP.get_(cap_key)
     sampled = tau is None
     if k == F:
         tau = -math.inf
     elif tau is None:
-        tau = sample_tau()
-    cap_key = key + ("cap",)
-    cap = _CAP.get_(cap_key) or 2 * k * B + 64
+        tau, cap = sample_tau()
+    cap = cap or 2 * k * B + 64
     # more candidates than 16·k·B (+64) means τ is far too low: do not hold a huge COO
     max_count = None if k == F else 16 * k * B + 64
     cand, count = _emit(x, W, bias, MODE_CANDIDATES, capacity=cap, max_count=max_count, tau=tau)
     if cand is None:
         STATS["topk_tau_too_low"] += 1
         if not sampled:  # the cached τ was far too low (the data changed): one retry with a fresh one
-            tau = sample_tau()
+            tau, cap = sample_tau()
             cand, count = _emit(x, W, bias, MODE_CANDIDATES, capacity=cap, max_count=max_count, tau=tau)
         if cand is None:  # still too low: every row goes through the exact dense-rows path below
             cand, count = _Pattern.empty(dev), 0
-    _CAP.put(cap_key, int(1.25 * count) + 64)
+    if key is not None:
+        _CAP.put(cap_key, int(1.25 * count) + 64)
 
     # rank the candidates inside each row by value (descending, stable), then keep the first k
     n = cand.nnz
@@ -561,7 +658,7 @@ def _topk_pattern(x, W, bias, k, key) -> _Pattern:
         # down for every row; the ~1 % of rows below it take the dense-rows path
         lo, mid = torch.quantile(kth.float(), torch.tensor([0.01, 0.5], device=dev)).tolist()
         tau_next = lo - 0.1 * (mid - lo) - 1e-6 * abs(lo)
-        if math.isfinite(tau_next):  # NaN/inf in h: keep the old τ (the fallbacks stay exact)
+        if math.isfinite(tau_next) and key is not None:  # NaN/inf in h: keep the old τ (exact anyway)
             _TAU.put(key, tau_next)
     return kept
 
@@ -597,18 +694,20 @@ def _batch_topk_pattern(xs, Ws, biases, k, tag) -> list[_Pattern]:
         if isinstance(tau, tuple):
             STATS["sample_tau"] += 1
             tau = sample_tau(tau[1])
-        cap = _CAP.get_(cap_key) or 2 * want + 64
-        pats, total = [], 0
+        # one capacity per layer, learned from that layer's previous count: layers differ (a
+        # share of the total would make every layer above the mean overflow and rerun each call)
+        caps = _CAP.get_(cap_key) or [2 * k * B + 64] * L
+        pats, counts = [], []
         for l in range(L):
-            p, c = _emit(xs[l], Ws[l], biases[l], MODE_CANDIDATES, capacity=cap // L + 64,
+            p, c = _emit(xs[l], Ws[l], biases[l], MODE_CANDIDATES, capacity=caps[l],
                          max_count=None if k == F else 8 * want + 64, tau=tau)
-            total += c
+            counts.append(c)
             if p is None:
                 break
             pats.append(p)
-        if len(pats) < L or total < want:
+        if len(pats) < L or sum(counts) < want:
             continue  # τ too low (too many candidates) or too high (too few): next estimate
-        _CAP.put(cap_key, int(1.25 * total) + 64)
+        _CAP.put(cap_key, [int(1.25 * c) + 64 for c in counts])
         return _select_largest(pats, want, key, tau)
     # exact dense path (rare): h of every layer written densely, one top-k over all of them
     STATS["batchtopk_dense"] += 1
