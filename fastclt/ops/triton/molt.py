@@ -123,6 +123,8 @@ def _apply_kernel(P, stride_p, W, stride_w, O, stride_o, order, tile_tr, tile_pt
     mmask = offs_m < n_tile
     ent = e0 + offs_m
     k_end = tl.where(n_tile > 0, r, 0)
+    # the destination rows are read before the K loop: read after it, ptxas spilled (bf16, sm_90)
+    dst = tl.load(order + ent, mask=mmask, other=0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -135,7 +137,6 @@ def _apply_kernel(P, stride_p, W, stride_w, O, stride_o, order, tile_tr, tile_pt
         else:
             p = p.to(w.dtype)
         acc = tl.dot(p, w, acc, input_precision=INPUT_PRECISION)
-    dst = tl.load(order + ent, mask=mmask, other=0)
     tl.store(O + dst[:, None] * stride_o + cols[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
