@@ -44,6 +44,13 @@ TORCH_LIBRARY(fastclt, m) {
   m.def("molt_backward(Tensor row_ptr, Tensor index, Tensor gate, Tensor x, Tensor U, Tensor V, Tensor rank_ptr,"
         " Tensor h, Tensor grad_y, bool need_gate, bool need_x, bool need_U, bool need_V)"
         " -> (Tensor d_gate, Tensor dx, Tensor dU, Tensor dV)");
+  // Matryoshka prefix errors (cpu/matryoshka_cpu.cpp), fp32: y [B, M, d], base [M, d] or [B, M, d],
+  // blocks [G, B, M, d] -> sq [G, M] = sum_b ||y - base - (blocks[0] + ... + blocks[g])||^2 and
+  // y_hat = base + sum_g blocks[g]. CPU.
+  m.def("prefix_errors_forward(Tensor y, Tensor base, Tensor blocks) -> (Tensor sq, Tensor y_hat)");
+  // Its backward for the upstream gradient dsq [G, M]: (dy, dbase, dblocks); one not asked for is empty. CPU.
+  m.def("prefix_errors_backward(Tensor y, Tensor base, Tensor blocks, Tensor dsq, bool need_y, bool need_base,"
+        " bool need_blocks) -> (Tensor dy, Tensor dbase, Tensor dblocks)");
 }
 
 #include <atomic>

@@ -182,6 +182,56 @@ def test_prefix_errors_match_explicit_prefixes(gen):
         assert torch.allclose(y_hat, prefixes[-1].detach()) and not y_hat.requires_grad
 
 
+@pytest.mark.parametrize("impl", ["reference", pytest.param("cpu", marks=NEED_CPU)])
+def test_prefix_errors_on_every_backend_match_the_formed_prefixes(impl, gen, poison_all):
+    """prefix_errors of each implementation against the formed prefixes in float64: odd sizes (d not
+    a multiple of 8, more tokens than one chunk of the C++ token sums), a bias shared by the tokens
+    ([d], [L, d], [1, L, d]) and a per-token base; every gradient, and only some of them."""
+    G, B, L, d = 4, 37, 3, 21
+    for base_shape in ((d,), (L, d), (1, L, d), (B, L, d)):
+        y, base, blocks = (torch.randn(*s, generator=gen) for s in ((B, L, d), base_shape, (G, B, L, d)))
+        w = torch.randn(G, L, generator=gen, dtype=torch.float64)
+        y64, base64, blocks64 = (t.double().requires_grad_(True) for t in (y, base, blocks))
+        want_sq = (y64 - ops.prefix_sums(blocks64, base64)).pow(2).sum(-1).sum(1)
+        (want_sq * w).sum().backward()
+        for grads in ((True, True, True), (False, False, True), (True, False, False)):
+            leaves = [t.clone().requires_grad_(g) for t, g in zip((y, base, blocks), grads)]
+            sq, y_hat = ops.prefix_errors(*leaves, impl=impl)
+            assert sq.shape == (G, L) and sq.dtype == torch.float32 and not y_hat.requires_grad
+            assert_close(sq, want_sq, 1e-5, f"{impl} sq, base {base_shape}")
+            assert_close(y_hat, ops.prefix_sums(blocks64, base64)[-1], 1e-5, f"{impl} y_hat")
+            (sq * w.float()).sum().backward()
+            for leaf, want, g, name in zip(leaves, (y64.grad, base64.grad, blocks64.grad), grads, ("y", "base", "blocks")):
+                if g:
+                    assert_close(leaf.grad, want, 1e-5, f"{impl} d{name}, base {base_shape}")
+                else:
+                    assert leaf.grad is None
+    # an SAE's y [B, 1, d] with b_dec [d]; and dtypes the kernels do not take go to the reference
+    y, b, blocks = torch.randn(9, 1, 8, generator=gen), torch.randn(8, generator=gen), torch.randn(2, 9, 1, 8, generator=gen)
+    for dtype in (torch.float32, torch.float64):
+        sq, _ = ops.prefix_errors(y.to(dtype), b.to(dtype), blocks.to(dtype), impl=impl)
+        assert sq.dtype == dtype
+        assert_close(sq, (y.double() - ops.prefix_sums(blocks.double(), b.double())).pow(2).sum((1, 3)), 1e-5, "SAE")
+    with pytest.raises(ValueError, match="base: expected a shape that broadcasts"):
+        ops.prefix_errors(y, torch.zeros(3), blocks, impl=impl)
+    with pytest.raises(ValueError, match="blocks: expected"):
+        ops.prefix_errors(y, b, blocks[:, :4], impl=impl)
+
+
+@NEED_CPU
+def test_opcheck_of_the_cpu_prefix_error_ops(gen):
+    y, base, blocks = torch.randn(5, 2, 9, generator=gen), torch.randn(2, 9, generator=gen), \
+        torch.randn(3, 5, 2, 9, generator=gen)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastclt.prefix_errors_forward, (y, base, blocks), test_utils=utils)
+    torch.library.opcheck(torch.ops.fastclt.prefix_errors_backward,
+                          (y, base, blocks, torch.randn(3, 2, generator=gen), True, True, False), test_utils=utils)
+    with pytest.raises(RuntimeError, match="blocks must be"):
+        torch.ops.fastclt.prefix_errors_forward(y, base, blocks[:, :4].contiguous())
+    with pytest.raises(RuntimeError, match="must be float32"):
+        torch.ops.fastclt.prefix_errors_forward(y.double(), base, blocks)
+
+
 # ------------------------------------------------------------------------------------- models
 def _dense_model_loss(m, x, y):
     """The Matryoshka loss from the definition, float64: pre-activations, ONE selection over each

@@ -362,7 +362,9 @@ class SparseDictionary(nn.Module):
             sq = ops.losses.squared_error(yn, y_hat)  # [L]
         else:  # the squared errors of every prefix [G, L], for the cost of one decode
             blocks, base = self._decode_blocks(codes, xn)
-            sq_prefix, y_hat = ops.prefix_errors(yn, base, blocks)
+            # (an implementation without its own prefix_errors uses the device's default one)
+            impl = self.impl if self.impl in ops.implementations("prefix_errors") else "auto"
+            sq_prefix, y_hat = ops.prefix_errors(yn, base, blocks, impl=impl)
             sq = sq_prefix[-1]
         tv = ops.losses.total_variance(yn).clamp_min(1e-12)
         B = max(xn.shape[0], 1)

@@ -2,9 +2,10 @@
 
 Each entry point validates its arguments, picks an implementation through ``_dispatch.resolve``
 (env ``FASTCLT_IMPL`` overrides "auto") and calls it. The pure-PyTorch references live in
-``activation``, ``select``, ``encode``, ``decode``, ``auxk``, ``molt`` and ``losses``: they are the
-test oracle and the eager baseline of every benchmark. ``split_codes`` and ``matryoshka`` compose
-the dispatched ops (Matryoshka prefix decodes on every backend); ``molt_norms`` is batched matmuls.
+``activation``, ``select``, ``encode``, ``decode``, ``auxk``, ``molt``, ``matryoshka`` (``prefix_errors``)
+and ``losses``: they are the test oracle and the eager baseline of every benchmark. ``split_codes`` and
+``matryoshka`` compose the dispatched ops (Matryoshka prefix decodes on every backend); ``molt_norms``
+is batched matmuls.
 """
 from __future__ import annotations
 
@@ -48,11 +49,13 @@ _REFERENCE = {
     "clt_decode": "fastclt.ops.decode:clt_decode",
     "auxk_select": "fastclt.ops.auxk:auxk_select",
     "molt_decode": "fastclt.ops.molt:reference_molt_decode",
+    "prefix_errors": "fastclt.ops.matryoshka:reference_prefix_errors",
 }
 for _op, _target in _REFERENCE.items():
     _dispatch.register(_op, "reference", _target)
 
 # The kernels register lazily-imported targets: neither Triton nor fastclt._C is imported here.
+from fastclt.ops.ext_matryoshka import register_ext_matryoshka  # noqa: E402
 from fastclt.ops.ext_molt import register_ext_molt  # noqa: E402
 from fastclt.ops.ext_ops import register_ext_impls  # noqa: E402
 from fastclt.ops.triton import register_triton_impls  # noqa: E402
@@ -60,6 +63,7 @@ from fastclt.ops.triton import register_triton_impls  # noqa: E402
 register_triton_impls()
 register_ext_impls()
 register_ext_molt()
+register_ext_matryoshka()
 
 
 def _call(op: str, impl: str, like: Optional[torch.Tensor], *args, **kwargs):

@@ -28,8 +28,8 @@ from torch.autograd.function import once_differentiable
 from fastclt.codes import SparseCodes
 from fastclt.ops.split_codes import check_bounds, split_codes
 
-__all__ = ["prefix_bounds", "prefix_sums", "prefix_errors", "matryoshka_blocks", "matryoshka_decode",
-           "matryoshka_clt_blocks", "matryoshka_clt_decode"]
+__all__ = ["prefix_bounds", "prefix_sums", "prefix_errors", "reference_prefix_errors", "check_prefix_errors_args",
+           "matryoshka_blocks", "matryoshka_decode", "matryoshka_clt_blocks", "matryoshka_clt_decode"]
 
 
 def prefix_bounds(prefixes: Sequence[int], n_features: int) -> list:
@@ -137,12 +137,39 @@ class _PrefixErrors(torch.autograd.Function):
         return dy, dbase, dblocks
 
 
-def prefix_errors(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor):
-    """y: [B, ..., d] targets, base: broadcastable to y (b_dec, plus a skip term), blocks: [G, B, ..., d]
-    → (sq [G, ...]: Σ_b ‖y − ŷ_g‖² per middle index for ŷ_g = base + Σ_{g' ≤ g} blocks[g'],
-    differentiable in y, base and blocks; ŷ_{G-1}, the full reconstruction, detached). One running
-    error tensor, in fp32 (fp64 for fp64 y); the prefix reconstructions are never stored."""
+def check_prefix_errors_args(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor) -> None:
+    """The shapes ``prefix_errors`` takes (every implementation runs this first), or a ValueError."""
+    for name, t in (("y", y), ("base", base), ("blocks", blocks)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if y.dim() < 2:
+        raise ValueError(f"y: expected [B, ..., d], got {tuple(y.shape)}")
     if blocks.dim() != y.dim() + 1 or blocks.shape[1:] != y.shape:
         raise ValueError(f"blocks: expected [G, *y.shape] = [G, {', '.join(map(str, y.shape))}], got "
                          f"{tuple(blocks.shape)}")
+    try:
+        torch.broadcast_shapes(base.shape, y.shape)
+        ok = base.dim() <= y.dim()
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"base: expected a shape that broadcasts to y {tuple(y.shape)}, got {tuple(base.shape)}")
+
+
+def reference_prefix_errors(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor):
+    """``prefix_errors`` in PyTorch: one running error tensor, G subtractions forward, G scaled adds
+    backward (any device and dtype)."""
+    check_prefix_errors_args(y, base, blocks)
     return _PrefixErrors.apply(y, base, blocks)
+
+
+def prefix_errors(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor, *, impl: str = "auto"):
+    """y: [B, ..., d] targets, base: broadcastable to y (b_dec, plus a skip term), blocks: [G, B, ..., d]
+    → (sq [G, ...]: Σ_b ‖y − ŷ_g‖² per middle index for ŷ_g = base + Σ_{g' ≤ g} blocks[g'],
+    differentiable in y, base and blocks; ŷ_{G-1}, the full reconstruction, detached). Accumulated
+    in fp32 (fp64 for fp64 y); the prefix reconstructions are never stored. Implementations:
+    "reference" (PyTorch ops) and "cpu" (``fastclt.ops.ext_matryoshka``: one pass each way, fp32)."""
+    from fastclt.ops import _call
+
+    return _call("prefix_errors", impl, y, y, base, blocks)
