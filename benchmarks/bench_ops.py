@@ -7,6 +7,8 @@ with eager baselines where meaningful.
     sparse_decode     fwd | bwd | fwd+bwd                              + "dense-matmul", "embedding_bag"
     clt_decode        fwd | bwd | fwd+bwd, tying none / per_source / per_target (shapes with L > 1)
     auxk              fwd | fwd+bwd: auxk_select → sparse_decode (no b_dec) → auxk_loss
+    molt              fwd | bwd | fwd+bwd: a MOLT layer, TopK gates (encode) → molt_decode (shapes
+                      with "molt"; T = F transforms in the default rank groups)   + "gate-gemm" (fwd)
 
 "fwd" runs under ``torch.no_grad()``; "bwd" replays the backward of one recorded forward
 (``retain_graph=True``, gradients reset to None before each run, as a training step does);
@@ -23,9 +25,10 @@ import torch.nn.functional as Fn
 from benchmarks.harness import Case
 from benchmarks.shapes import Shape
 
-__all__ = ["ops_cases", "random_codes", "OPS"]
+__all__ = ["ops_cases", "random_codes", "OPS", "shape_ops", "molt_config", "molt_flops"]
 
-OPS = ("encode", "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "auxk")
+OPS = ("encode", "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "auxk", "molt")
+DICTIONARY_OPS = OPS[:-1]  # the ops of the SAE / PLT / CLT shapes
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -344,15 +347,101 @@ def _auxk_cases(s: Shape, c: _Ctx, priority_of) -> list[Case]:
     return cases
 
 
+# -------------------------------------------------------------------------------------- molt
+
+
+def molt_config(s: Shape, activation: str = "topk"):
+    """The benchmarks' MOLT layer at a shape: d_in = d_out = d, T = F transforms in the default
+    rank groups (at d = 768: N = F/31 of rank 512, 2N of 256, … 16N of 32), k gates open per token."""
+    import fastclt
+    return fastclt.MOLTConfig(n_layers=1, d_in=s.d, d_out=s.d, n_features=s.F, activation=activation, k=s.k,
+                              normalization="none", sparsity_coef=1e-3)
+
+
+def molt_flops(s: Shape) -> dict:
+    """Counted FLOPs of a MOLT layer per mode, and "active": what the transforms and the sparse gate
+    backward cost (everything but the gate GEMM). nnz = B·k gates, r̄ = R/T the mean rank of an
+    active transform (TopK gates on random data open every transform alike): forward the gate GEMM
+    2·B·d·T and 4·nnz·r̄·d (V_i x, then U_i h); backward 2·nnz·d (the gate vectors' sparse gradient)
+    and 6·nnz·r̄·d (U_iᵀ dy, dU_i, dV_i; x is data: no dx)."""
+    cfg = molt_config(s)
+    nnz, r_mean = s.B * s.k, cfg.total_rank / cfg.n_features
+    gate = 2.0 * s.B * s.d * s.F
+    fwd_active, bwd = 4.0 * nnz * r_mean * s.d, 2.0 * nnz * s.d + 6.0 * nnz * r_mean * s.d
+    return {"fwd": gate + fwd_active, "bwd": bwd, "fwd+bwd": gate + fwd_active + bwd, "gate": gate,
+            "active": fwd_active + bwd}
+
+
+def _molt_cases(s: Shape, c: _Ctx, priority_of) -> list[Case]:
+    ops = _ops()
+    cfg = molt_config(s)
+    groups, R, T = cfg.rank_groups, cfg.total_rank, cfg.n_features
+    B, d, k, e = s.B, s.d, s.k, c.e
+    flops = molt_flops(s)
+    # x, the gate vectors and every transform's factors read (a batch opens every transform); the
+    # backward reads dy, x and U and writes dU, dV and the gate vectors' gradient
+    byts = {"fwd": (2 * B * d + T * d + 2 * R * d) * e, "bwd": (2 * B * d + 2 * T * d + 3 * R * d) * e}
+    byts["fwd+bwd"] = byts["fwd"] + byts["bwd"]
+    in_bytes = (B * d + T * d + 2 * R * d) * e
+    # the eager reference holds a few dense [B, R] fp32 activations, and the factors' gradients
+    need = c.max_sets * in_bytes + 4 * R * d * e + 16 * B * R
+    encode_impls = {impl for impl, why in c.impls("encode") if why is None}
+
+    def build(seed):
+        g = _gen(c.device, seed)
+        W = torch.randn((T, d), generator=g, device=c.device, dtype=torch.float32)
+        return {"x": _randn((B, d), g, c.device, c.dtype), "W": (W / W.norm(dim=1, keepdim=True)).to(c.dtype),
+                "b": torch.zeros(T, device=c.device, dtype=c.dtype),
+                "U": _randn((R, d), g, c.device, c.dtype, d ** -0.5), "V": _randn((R, d), g, c.device, c.dtype, d ** -0.5),
+                "b_dec": _randn((d,), g, c.device, c.dtype, 0.01)}
+
+    def leaves(inp):  # x is data: no gradient, as in training
+        return [inp["W"], inp["b"], inp["U"], inp["V"], inp["b_dec"]]
+
+    cases = []
+    for mode in MODES:
+        common = dict(suite="ops", op="molt", variant=f"topk k={k}", mode=mode, shape=s.name, dtype=c.dname,
+                      flops=flops[mode], bytes=byts[mode], input_bytes=in_bytes, need_bytes=need,
+                      priority=priority_of("molt", "", mode, s.name))
+        for impl, why in c.impls("molt_decode"):
+            enc = impl if impl in encode_impls else "auto"
+
+            def fwd(inp, impl=impl, enc=enc):
+                gates = ops.encode(inp["x"], inp["W"], inp["b"], activation="topk", k=k, impl=enc)
+                return ops.molt_decode(gates, inp["x"], inp["U"], inp["V"], groups, inp["b_dec"], impl=impl)
+            cases.append(Case(impl=impl, skip=why, note="" if why else f"gates: encode impl={enc}",
+                              make=None if why else _modal(mode, build, fwd, leaves), **common))
+        if mode == "fwd":
+            cases.append(Case(impl="gate-gemm", note="F.linear(x, W_gate, b_gate): the gate GEMM alone",
+                              make=_modal(mode, build, lambda inp: Fn.linear(inp["x"], inp["W"], inp["b"]),
+                                          lambda inp: []),
+                              **dict(common, flops=flops["gate"], bytes=(B * d + T * d + B * T) * e,
+                                     priority=priority_of("molt", "gate-gemm", mode, s.name))))
+    return cases
+
+
 # ------------------------------------------------------------------------------------ entry
+
+
+def shape_ops(shape: Shape) -> tuple:
+    """The ops a shape runs by default: its own ``ops``, else those of its model families (the
+    dictionary ops for "sae" / "clt", "molt" for "molt")."""
+    if shape.ops is not None:
+        return tuple(shape.ops)
+    out = DICTIONARY_OPS if {"sae", "clt"} & set(shape.models) else ()
+    return out + (("molt",) if "molt" in shape.models else ())
 
 
 def ops_cases(shape: Shape, device: torch.device, dtype: torch.dtype, *, ops: Optional[tuple] = None,
               priority_of: Callable[..., int] = lambda *a: 1) -> list[Case]:
-    """Every op case of one shape. ``ops`` restricts to a few op names (default: the shape's own
-    restriction, else all of OPS); ``priority_of(op, variant, mode, shape)`` orders the run."""
+    """Every op case of one shape. ``ops`` restricts to a few op names (default: ``shape_ops``);
+    ``priority_of(op, variant, mode, shape)`` orders the run."""
     c = _Ctx(device, dtype)
-    wanted = set(ops or shape.ops or OPS)
+    wanted = set(ops or shape_ops(shape))
+    if "molt" not in shape.models:  # a MOLT op needs a MOLT shape, a dictionary op a dictionary shape
+        wanted.discard("molt")
+    if not {"sae", "clt"} & set(shape.models):
+        wanted &= {"molt"}
     cases: list[Case] = []
     if "encode" in wanted:
         cases += _encode_cases(shape, c, priority_of)
@@ -364,4 +453,6 @@ def ops_cases(shape: Shape, device: torch.device, dtype: torch.dtype, *, ops: Op
         cases += _clt_decode_cases(shape, c, priority_of)
     if "auxk" in wanted:
         cases += _auxk_cases(shape, c, priority_of)
+    if "molt" in wanted:
+        cases += _molt_cases(shape, c, priority_of)
     return cases

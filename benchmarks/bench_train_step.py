@@ -2,9 +2,17 @@
 through the public API (docs/DESIGN.md §10), for
 
     sae-topk                      fastclt.SparseAutoencoder, TopK            (shapes with "sae")
+    sae-batchtopk[-matryoshka5]   the same with BatchTopK, plain and with 5 Matryoshka prefixes
+                                  m_g = F/16, F/8, F/4, F/2, F (``auto`` only: its goal compares
+                                  it with the plain step)                    (shapes with "sae")
     plt-jumprelu                  fastclt.CrossLayerTranscoder, n_layers=1   (shapes with "sae")
     clt-<tying>-<activation>      tying none | per_source | per_target,
                                   activation batchtopk | jumprelu            (shapes with "clt")
+    clt-none-batchtopk-matryoshka5   the untied BatchTopK CLT with those 5 prefixes (``auto`` only)
+    molt-topk, molt-jumprelu      fastclt.MOLT, one layer, T = F transforms in the default rank
+                                  groups (``bench_ops.molt_config``), k gates open per token (TopK;
+                                  JumpReLU with the g·‖U V‖_F tanh penalty, whose Gram products cost
+                                  8·d·Σ_i r_i² whatever B)                   (shapes with "molt")
 
 Implementations are compared through the environment: ``FASTCLT_IMPL=reference`` (every op eager)
 against ``FASTCLT_IMPL=auto`` (the kernels), set and restored around each step by ``fastclt_impl``.
@@ -22,6 +30,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from benchmarks.bench_ops import molt_config, molt_flops
 from benchmarks.harness import Case
 from benchmarks.shapes import Shape
 
@@ -58,26 +67,52 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _variants(s: Shape) -> list[tuple[str, str, str]]:
-    """(family, activation, tying) for the shape's model families."""
+MATRYOSHKA_G = 5
+
+
+def _variants(s: Shape) -> list[tuple[str, str, str, int]]:
+    """(family, activation, tying, Matryoshka prefixes or 0) for the shape's model families."""
     out = []
     if "sae" in s.models:
-        out += [("sae", "topk", ""), ("plt", "jumprelu", "")]
+        out += [("sae", "topk", "", 0), ("sae", "batchtopk", "", 0), ("sae", "batchtopk", "", MATRYOSHKA_G),
+                ("plt", "jumprelu", "", 0)]
     if "clt" in s.models:
-        out += [("clt", act, tying) for tying in ("none", "per_source", "per_target")
+        out += [("clt", act, tying, 0) for tying in ("none", "per_source", "per_target")
                 for act in ("batchtopk", "jumprelu")]
+        out.append(("clt", "batchtopk", "none", MATRYOSHKA_G))
+    if "molt" in s.models:
+        out += [("molt", "topk", "", 0), ("molt", "jumprelu", "", 0)]
     return out
 
 
-def _name(family: str, act: str, tying: str) -> str:
-    return f"{family}-{tying}-{act}" if tying else f"{family}-{act}"
+def _name(family: str, act: str, tying: str, prefixes: int = 0) -> str:
+    name = f"{family}-{tying}-{act}" if tying else f"{family}-{act}"
+    return name + (f"-matryoshka{prefixes}" if prefixes else "")
+
+
+def _prefixes(F: int, G: int) -> list[int]:
+    """G prefix ends F/2^(G-1), …, F/2, F (at least one feature per block)."""
+    ends = sorted({max(g + 1, F >> (G - 1 - g)) for g in range(G)})
+    return ends if ends[-1] == F else ends + [F]
 
 
 def _n_params(family: str, tying: str, s: Shape) -> int:
+    if family == "molt":  # gate vectors and biases, U and V, b_dec
+        return s.F * s.d + s.F + molt_config(s).total_rank * 2 * s.d + s.d
     L = s.L if family == "clt" else 1
     enc = L * s.F * s.d
     dec = s.F * s.d * (L * (L + 1) // 2 if tying == "none" else L)
     return enc + dec + L * (s.F + 2 * s.d)
+
+
+def molt_step_flops(act: str, s: Shape) -> float:
+    """A MOLT step's counted FLOPs: those of the ops suite's MOLT layer forward and backward
+    (``bench_ops.molt_flops``); JumpReLU gates add the norm penalty's Gram products, independent of
+    B: U_iᵀU_i and V_i V_iᵀ forward and their backward, 8·d·Σ_i r_i²."""
+    flops = molt_flops(s)["fwd+bwd"]
+    if act == "jumprelu":
+        flops += 8.0 * s.d * sum(n * r * r for n, r in molt_config(s).rank_groups)
+    return flops
 
 
 def sparsify_available(device: torch.device) -> Optional[str]:
@@ -120,20 +155,26 @@ def _calibrate_threshold(model, x: torch.Tensor, k: int, F: int) -> str:
     return "JumpReLU threshold not calibrated (no leaf threshold attribute)"
 
 
-def _build_fastclt(family: str, act: str, tying: str, s: Shape, device: torch.device, seed: int):
+def _build_fastclt(family: str, act: str, tying: str, s: Shape, device: torch.device, seed: int, prefixes: int = 0):
     import fastclt
     g = torch.Generator(device=device).manual_seed(seed)
+    mat = {"matryoshka_prefixes": _prefixes(s.F, prefixes)} if prefixes else {}
     if family == "sae":
         with torch.device(device):  # initialise on the device: a 2G-parameter CLT is slow on a CPU
-            model = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=s.d, n_features=s.F, activation=act, k=s.k))
+            model = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=s.d, n_features=s.F, activation=act, k=s.k, **mat))
         x = torch.randn(s.B, s.d, generator=g, device=device)
         y = x
+    elif family == "molt":
+        with torch.device(device):
+            model = fastclt.MOLT(molt_config(s, act))
+        x = torch.randn(s.B, 1, s.d, generator=g, device=device)
+        y = 0.5 * x + torch.randn(s.B, 1, s.d, generator=g, device=device)
     else:
         L = s.L if family == "clt" else 1
         with torch.device(device):
             model = fastclt.CrossLayerTranscoder(fastclt.CLTConfig(
                 n_layers=L, d_in=s.d, d_out=s.d, n_features=s.F, activation=act, k=s.k,
-                decoder_tying=tying or "none", skip_connection=False, normalization="none"))
+                decoder_tying=tying or "none", skip_connection=False, normalization="none", **mat))
         x = torch.randn(s.B, L, s.d, generator=g, device=device)
         y = 0.5 * x + torch.randn(s.B, L, s.d, generator=g, device=device)
     model = model.to(device)
@@ -146,7 +187,7 @@ def _resolved(device: torch.device) -> str:
     try:
         import fastclt.ops as ops
         parts = []
-        for op in ("encode", "batch_topk", "sparse_decode", "clt_decode"):
+        for op in ("encode", "batch_topk", "sparse_decode", "clt_decode", "molt_decode"):
             with contextlib.suppress(Exception):
                 parts.append(f"{op}={ops.resolve(op, 'auto', device)[0]}")
         return "auto: " + ", ".join(parts)
@@ -154,9 +195,9 @@ def _resolved(device: torch.device) -> str:
         return ""
 
 
-def _make_fastclt(family, act, tying, s, device, impl) -> Callable[[int], Callable[[], None]]:
+def _make_fastclt(family, act, tying, s, device, impl, prefixes=0) -> Callable[[int], Callable[[], None]]:
     def make(seed: int):
-        model, x, y, _ = _build_fastclt(family, act, tying, s, device, seed)
+        model, x, y, _ = _build_fastclt(family, act, tying, s, device, seed, prefixes)
         opt = _adam(model.parameters())
 
         def step():
@@ -194,24 +235,30 @@ def train_cases(shape: Shape, device: torch.device, *, priority_of: Callable[...
     dname = "bf16-autocast" if device.type == "cuda" else "fp32"
     e = 2 if device.type == "cuda" else 4
     cases = []
-    for family, act, tying in _variants(s):
+    for family, act, tying, prefixes in _variants(s):
         L = s.L if family == "clt" else 1
         gather = {"": 1, "none": L * (L + 1) / 2, "per_source": L,
                   "per_target": L * (L + 1) / 2}[tying] if family == "clt" else 1
         P = _n_params(family, tying, s)
         # encoder GEMM + sparse encoder backward per layer, decoder gathers fwd (2) + bwd (4)
         flops = 2.0 * s.B * s.d * s.F * L + 4.0 * s.B * s.k * s.d * L + 6.0 * s.B * s.k * s.d * gather
-        byts = 28.0 * P + 3 * s.B * L * s.d * e
         # fp32 param, grad, Adam m, v; ~4 dense [B, F] fp32 buffers per layer (eager)
         need = 16 * P + 16 * s.B * s.F * L
-        variant = _name(family, act, tying)
-        for impl in TRAIN_IMPLS:
+        if family == "molt":  # the eager reference holds a few dense [B, R] activations
+            flops = molt_step_flops(act, s)
+            need = 16 * P + 16 * s.B * molt_config(s).total_rank
+        byts = 28.0 * P + 3 * s.B * L * s.d * e
+        variant = _name(family, act, tying, prefixes)
+        # a Matryoshka step is compared with the plain step of the same kernels: no eager row
+        for impl in ("auto",) if prefixes else TRAIN_IMPLS:
             note = _resolved(device) if impl == "auto" else ""
+            if prefixes:
+                note = f"prefixes {_prefixes(s.F, prefixes)}" + (f"; {note}" if note else "")
             cases.append(Case(suite="train", op="train_step", variant=variant, mode="fwd+bwd+adam", shape=s.name,
                               impl=impl, dtype=dname, flops=flops, bytes=byts, need_bytes=need, rotate=False,
-                              make=_make_fastclt(family, act, tying, s, device, impl), note=note,
+                              make=_make_fastclt(family, act, tying, s, device, impl, prefixes), note=note,
                               priority=priority_of("train_step", variant, "", s.name)))
-        if family == "sae":
+        if family == "sae" and act == "topk":
             why = sparsify_available(device)
             P_sp = 2 * s.F * s.d + s.F + s.d
             cases.append(Case(suite="train", op="train_step", variant=variant, mode="fwd+bwd+adam", shape=s.name,

@@ -131,6 +131,35 @@ def _cpu_step_vs_sparsify(rows, meta) -> Result:
     return f"{r:.2f}× ({a['median_ms']:.4g} ms vs {sp['median_ms']:.4g} ms)", r >= 1.8, ""
 
 
+def _step_ratio(variant: str, base: str, shape: str, target: float) -> Callable:
+    """The ``auto`` training step of ``variant`` costs at most ``target`` × that of ``base``."""
+    def f(rows, meta) -> Result:
+        a = _one(rows, suite="train", variant=variant, shape=shape, impl="auto")
+        b = _one(rows, suite="train", variant=base, shape=shape, impl="auto")
+        if a is None or b is None:
+            return None, None, _missing((a, f"auto {variant} train step"), (b, f"auto {base} train step"))
+        r = a["median_ms"] / b["median_ms"]
+        return f"{r:.2f}× ({a['median_ms']:.4g} ms vs {b['median_ms']:.4g} ms)", r <= target, ""
+    return f
+
+
+def _molt_vs_floor(shape: str, target: float) -> Callable:
+    """The fastest MOLT-layer kernel row (gates + transforms, fwd+bwd) against the floor: the
+    measured gate GEMM (``gate-gemm`` row, forward) plus the other counted FLOPs at the measured
+    peak FLOP/s (bench_ops.molt_flops: the transforms forward and backward, the sparse gate backward)."""
+    def f(rows, meta) -> Result:
+        k = _kernel(rows, suite="ops", op="molt", mode="fwd+bwd", shape=shape)
+        g = _one(rows, suite="ops", op="molt", mode="fwd", shape=shape, impl="gate-gemm")
+        if k is None or g is None or not k.get("flops") or not g.get("flops"):
+            return None, None, _missing((k, "molt kernel (cpu/triton)"), (g, "gate-gemm")) or "no FLOP counts"
+        active_ms = (k["flops"] - g["flops"]) / meta["peak_flops"] * 1e3
+        floor = g["median_ms"] + active_ms
+        r = k["median_ms"] / floor
+        return (f"{r:.2f}× the floor ({k['impl']} {k['median_ms']:.4g} ms vs {g['median_ms']:.3g} ms gate GEMM + "
+                f"{active_ms:.3g} ms of transforms at {meta['peak_flops'] / 1e12:.3g} TFLOP/s)"), r <= target, ""
+    return f
+
+
 @dataclass(frozen=True)
 class Goal:
     name: str
@@ -159,6 +188,21 @@ GOALS = [
     Goal("exact BatchTopK [2048, 16384] vs torch.topk flattened", "cpu", "cpu-small", "≥ 10× torch.topk",
          _topk_vs("batch_topk", "cpu-small", "torch.topk-flat", 10.0)),
     Goal("TopK SAE step vs eai-sparsify", "cpu", "cpu-small", "≥ 1.8× eai-sparsify", _cpu_step_vs_sparsify),
+    # Matryoshka (5 prefixes) and MOLT (d = 768, N = 32, 2% of the transforms open)
+    Goal("Matryoshka (G = 5) SAE step vs the plain BatchTopK SAE step", "cuda", "sae-2304", "≤ 1.25× the plain step",
+         _step_ratio("sae-batchtopk-matryoshka5", "sae-batchtopk", "sae-2304", 1.25)),
+    Goal("Matryoshka (G = 5) CLT step vs the plain BatchTopK CLT step", "cuda", "gpt2-clt", "≤ 1.25× the plain step",
+         _step_ratio("clt-none-batchtopk-matryoshka5", "clt-none-batchtopk", "gpt2-clt", 1.25)),
+    Goal("MOLT step (TopK gates) vs the dense eager reference", "cuda", "molt-768", "≥ 10× eager",
+         _step_speedup("molt-topk", "molt-768", 10.0)),
+    Goal("MOLT layer fwd+bwd vs gate GEMM + active FLOPs", "cuda", "molt-768", "≤ 2× the floor",
+         _molt_vs_floor("molt-768", 2.0)),
+    Goal("Matryoshka (G = 5) SAE step vs the plain BatchTopK SAE step", "cpu", "cpu-small", "≤ 1.25× the plain step",
+         _step_ratio("sae-batchtopk-matryoshka5", "sae-batchtopk", "cpu-small", 1.25)),
+    Goal("MOLT step (TopK gates) vs the dense eager reference", "cpu", "molt-cpu", "≥ 10× eager",
+         _step_speedup("molt-topk", "molt-cpu", 10.0)),
+    Goal("MOLT layer fwd+bwd vs gate GEMM + active FLOPs", "cpu", "molt-cpu", "≤ 2× the floor",
+         _molt_vs_floor("molt-cpu", 2.0)),
 ]
 
 

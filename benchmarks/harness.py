@@ -407,7 +407,8 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedup_vs_eager"] = t / r["median_ms"]
 
 
-_OP_ORDER = ("train_step", "encode", "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "auxk")
+_OP_ORDER = ("train_step", "encode", "topk", "batch_topk", "batch_topk_layers", "sparse_decode", "clt_decode", "auxk",
+             "molt")
 _MODE_ORDER = ("fwd", "bwd", "fwd+bwd", "fwd+bwd+adam")
 _IMPL_ORDER = ("reference", "auto", "cuda", "triton", "cpu")
 

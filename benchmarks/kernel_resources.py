@@ -21,7 +21,7 @@ subset (``tests/ops/triton/test_triton_compile.py``). ``--save-specs`` / ``--spe
 compile with another (an interpreter that cannot run the workload, e.g. Triton 3.6 with NumPy ≥ 2.4).
 
 Exit status: 1 when a hot-path specialisation (``is_hot``: the bf16 encode in every mode and
-every decode and scatter kernel) spills, uses more shared memory than the target has, or fails
+every decode, scatter and MOLT kernel) spills, uses more shared memory than the target has, or fails
 to compile; 2 for bad arguments. Other specialisations (fp32 encode) are reported, not judged.
 """
 from __future__ import annotations
@@ -138,7 +138,8 @@ SIZES = {"aligned": dict(B=16, d=32, F=48, L=3, D=256, D_hot=64, D_clt=32),
 def workload(B: int, d: int, F: int, L: int, D: int, D_hot: int, D_clt: int) -> None:
     """Launch every Triton kernel in every mode the ops use (tiny sizes, interpreter, CPU): encode
     [B, d] → F features, AuxK, CLT encode over L layers, sparse decode to D (and D_hot for the
-    hot-feature path) columns, CLT decode to D_clt."""
+    hot-feature path) columns, CLT decode to D_clt, MOLT transforms d → D_clt (a rank of two rank
+    blocks, gates in the weights' dtype and in fp32, with and without dx)."""
     import torch
 
     import fastclt.ops.triton._common as tk
@@ -201,7 +202,29 @@ def workload(B: int, d: int, F: int, L: int, D: int, D_hot: int, D_clt: int) -> 
                     vals = [SparseCodes(c.row_ptr, c.index, c.value.clone().requires_grad_(True), F) for c in cl]
                     tcd.clt_decode(vals, Wc, tying, torch.zeros(L, D_clt, dtype=dtype), off, sc) \
                         .float().sum().backward()
+        molt_workload(B, d, D_clt, dtype, g)
     tenc.clear_caches()
+
+
+def molt_workload(B: int, d: int, D: int, dtype, g) -> None:
+    """The MOLT transforms d → D in ``dtype``: forward, and backward with and without dx (x is data
+    in training); ranks of two rank blocks and of one row, gates in ``dtype`` and in fp32."""
+    import torch
+
+    import fastclt.ops.triton.molt as tmolt
+    from fastclt.codes import SparseCodes
+
+    groups = ((2, 80), (3, 16), (4, 1))
+    T, R = sum(n for n, _ in groups), sum(n * r for n, r in groups)
+    gates = SparseCodes.from_topk(torch.randint(0, T, (B, 2), generator=g, dtype=torch.int32),
+                                  torch.rand(B, 2, generator=g), T)
+    for x_grad in (True, False):
+        x = torch.randn(B, d, generator=g).to(dtype).requires_grad_(x_grad)
+        U = (torch.randn(R, D, generator=g) / 4).to(dtype).requires_grad_(True)
+        V = (torch.randn(R, d, generator=g) / 4).to(dtype).requires_grad_(True)
+        v = gates.value.to(dtype if x_grad else torch.float32).requires_grad_(True)
+        tmolt.molt_decode(SparseCodes(gates.row_ptr, gates.index, v, T), x, U, V, groups,
+                          torch.zeros(D, dtype=dtype, requires_grad=True)).float().sum().backward()
 
 
 def gpu_specs(specs: Sequence[dict], targets: Sequence[str] = tuple(TARGETS), quick: bool = False) -> list[dict]:
@@ -457,7 +480,7 @@ def _dtype(spec: dict) -> str:
 
 
 def is_hot(kernel: str, dtype: str) -> bool:
-    """The training hot path: the bf16 encode (every mode), every decode and scatter kernel."""
+    """The training hot path: the bf16 encode (every mode), every decode, scatter and MOLT kernel."""
     return kernel != ENCODE or dtype == "bf16"
 
 
@@ -564,7 +587,7 @@ def write_report(rows: Sequence[dict], out: Path, meta: dict) -> list[Path]:
               f"- triton {meta.get('triton')}, ptxas {meta.get('ptxas', {}).get(target)}",
               f"- commit `{meta.get('commit')}`, {meta.get('date')}",
               f"- regenerate: `python -m benchmarks.kernel_resources --target {target}`",
-              "- hot path (bf16 encode in every mode, every decode / scatter kernel): "
+              "- hot path (bf16 encode in every mode, every decode / scatter / MOLT kernel): "
               + (f"**{len(bad)} specialisations spill, exceed shared memory or fail**" if bad
                  else "no spills, within shared memory"), "",
               "## Summary", ""]

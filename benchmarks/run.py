@@ -2,7 +2,7 @@
 
     python -m benchmarks.run --suite ops|train|all [--shapes tiny,cpu-small,...] [--out DIR] [--quick]
                              [--ops encode,sparse_decode,...] [--device cuda|cpu] [--budget-s SECONDS]
-                             [--select all|goals|rest] [--append]
+                             [--select all|goals|rest] [--variants V1,V2,...] [--append]
 
 Default shapes: the named GPU shapes on a GPU, ``cpu-small`` on a CPU (benchmarks/shapes.py).
 Default output: ``benchmarks/results/<device-slug>/``. Writes ``results.csv`` (one row per case,
@@ -12,8 +12,9 @@ measured peaks, goals) and one PNG per suite and shape (skipped with a warning w
 A case that does not fit in memory, or an implementation that is unavailable or fails, becomes a
 row with a note; cases left when ``--budget-s`` runs out (or on SIGTERM) are rows "skipped".
 ``--select goals`` runs only the cases a goal reads (benchmarks/goals.py), ``--select rest`` the
-others; ``--append`` keeps the rows already in the output folder's results.csv (a later pass adds
-its rows to an earlier one's, as ``benchmarks/gpu_check.sh`` does).
+others; ``--variants`` keeps only the cases of a few variants (e.g. ``sae-batchtopk-matryoshka5``);
+``--append`` keeps the rows already in the output folder's results.csv (a later pass adds its rows to
+an earlier one's, as ``benchmarks/gpu_check.sh`` does).
 """
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ _GOAL_KEYS = {
     ("batch_topk", "", "fwd", "btk-8192"), ("sparse_decode", "", "fwd+bwd", "cpu-small"),
     ("batch_topk", "", "fwd", "cpu-small"), ("train_step", "sae-topk", "", "sae-2304"),
     ("train_step", "clt-none-batchtopk", "", "gpt2-clt"), ("train_step", "sae-topk", "", "cpu-small"),
+    ("train_step", "sae-batchtopk", "", "sae-2304"), ("train_step", "sae-batchtopk-matryoshka5", "", "sae-2304"),
+    ("train_step", "clt-none-batchtopk-matryoshka5", "", "gpt2-clt"),
+    ("train_step", "sae-batchtopk", "", "cpu-small"), ("train_step", "sae-batchtopk-matryoshka5", "", "cpu-small"),
+    ("train_step", "molt-topk", "", "molt-768"), ("molt", "", "fwd+bwd", "molt-768"), ("molt", "gate-gemm", "fwd", "molt-768"),
+    ("train_step", "molt-topk", "", "molt-cpu"), ("molt", "", "fwd+bwd", "molt-cpu"), ("molt", "gate-gemm", "fwd", "molt-cpu"),
 }
 
 
@@ -77,10 +83,12 @@ def _collect(suites: Sequence[str], shapes: Sequence[Shape], device: torch.devic
 def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]] = None, out_dir: Optional[Path] = None,
                *, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, quick: bool = False,
                budget_s: Optional[float] = None, ops: Optional[Sequence[str]] = None,
-               select: str = "all", append: bool = False, log: Callable[[str], None] = print) -> dict:
+               select: str = "all", variants: Optional[Sequence[str]] = None, append: bool = False,
+               log: Callable[[str], None] = print) -> dict:
     """Run ``suites`` on ``shapes`` (the ops suite restricted to ``ops`` when given; ``select``: all
-    cases, only those a goal reads, or the rest) and write the outputs into ``out_dir`` (``append``:
-    after the rows of its results.csv). Returns {"rows", "meta", "goals", "files"}."""
+    cases, only those a goal reads, or the rest; ``variants``: only the cases of those variants) and
+    write the outputs into ``out_dir`` (``append``: after the rows of its results.csv). Returns
+    {"rows", "meta", "goals", "files"}."""
     for s in suites:
         if s not in SUITES:
             raise ValueError(f"suite: expected one of {SUITES}, got {s!r}")
@@ -105,11 +113,13 @@ def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]]
             "memory": ("torch.cuda.max_memory_allocated minus memory allocated before the run (extra); "
                        "mem_before_mb: memory held before it" if device.type == "cuda"
                        else "not measured on CPU (empty columns)"),
-            "argv": sys.argv[1:], "select": select}
+            "argv": sys.argv[1:], "select": select, "variants": list(variants) if variants else None}
 
     cases = sorted(_collect(suites, shapes, device, dtype, ops), key=lambda c: c.priority)  # goal cases first
     if select != "all":
         cases = [c for c in cases if (c.priority == 0) == (select == "goals")]
+    if variants:
+        cases = [c for c in cases if c.variant in set(variants)]
     runner = Runner(device, peaks, quick=quick, stamp=stamp)
     csv_path = out_dir / "results.csv"
     rows: list[dict] = read_csv(csv_path) if append and csv_path.exists() else []
@@ -184,12 +194,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shapes", default=None, help="comma-separated names from benchmarks/shapes.py")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>/)")
     p.add_argument("--ops", default=None, help="comma-separated op names: restrict the ops suite "
-                   "(encode, topk, batch_topk, batch_topk_layers, sparse_decode, clt_decode, auxk)")
+                   "(encode, topk, batch_topk, batch_topk_layers, sparse_decode, clt_decode, auxk, molt)")
     p.add_argument("--quick", action="store_true", help="fewer runs per case (for CI and tight budgets)")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
     p.add_argument("--budget-s", type=float, default=None, help="stop starting cases after this many seconds")
     p.add_argument("--select", default="all", choices=SELECTS, help="all cases, only those a goal reads, or the rest")
+    p.add_argument("--variants", default=None, help="comma-separated variant names: run only their cases "
+                   "(e.g. sae-batchtopk,sae-batchtopk-matryoshka5)")
     p.add_argument("--append", action="store_true", help="keep the rows already in the output folder's results.csv")
     p.add_argument("--render", default=None, metavar="DIR", help="re-render the report of an existing results "
                    "folder from its results.csv and meta.json, measuring nothing")
@@ -209,7 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ops and set(ops) - set(OPS):
         p.error(f"--ops: unknown {sorted(set(ops) - set(OPS))}; known: {list(OPS)}")
     res = run_suites(suites, shapes, Path(a.out) if a.out else None, device=device, dtype=dtype, quick=a.quick,
-                     budget_s=a.budget_s, ops=ops, select=a.select, append=a.append)
+                     budget_s=a.budget_s, ops=ops, select=a.select, append=a.append,
+                     variants=[v.strip() for v in a.variants.split(",") if v.strip()] if a.variants else None)
     print("\n".join(goals_mod.goal_table(res["goals"])))
     return 0
 

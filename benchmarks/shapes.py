@@ -4,9 +4,13 @@
     k  active per token (TopK / BatchTopK average)     L  layers (CLT; 1 for SAEs and PLTs)
     k_aux  AuxK selection size          dead_frac  fraction of features marked dead for AuxK
 
-``models`` says which model families the train suite builds for a shape ("sae": SAE TopK and PLT
-JumpReLU; "clt": CLT with every decoder tying, BatchTopK and JumpReLU). ``ops`` limits the ops suite to a
-few op names (None: every op). ``device`` is where the shape is a default ("cuda", "cpu", "ci").
+``models`` says which model families the train suite builds for a shape ("sae": SAE TopK and
+BatchTopK (plain and with 5 Matryoshka prefixes) and PLT JumpReLU; "clt": CLT with every decoder
+tying, BatchTopK and JumpReLU, and the untied BatchTopK CLT with 5 Matryoshka prefixes; "molt": a
+one-layer MOLT with T = F transforms in the default rank groups, TopK gates with k open per token and
+JumpReLU gates with the norm penalty) and which ops the ops suite runs (the dictionary ops for
+"sae" / "clt", the MOLT layer for "molt"). ``ops`` limits the ops suite to a few op names (None:
+those of the model families). ``device`` is where the shape is a default ("cuda", "cpu", "ci").
 """
 from __future__ import annotations
 
@@ -44,7 +48,11 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
           note="the BatchTopK goal: h of 8192 x 131072"),
     Shape("cpu-small", B=2048, d=768, F=16384, k=32, L=4, k_aux=256, device="cpu",
           note="the CPU goals of the README; L is used by the CLT ops only"),
-    Shape("tiny", B=64, d=32, F=256, k=4, L=3, models=("sae", "clt"), k_aux=16, device="ci",
+    Shape("molt-768", B=4096, d=768, F=992, k=20, models=("molt",),
+          note="MOLT goals: d = 768, N = 32 (992 transforms of rank 512 ... 32), 20 open per token (2%)"),
+    Shape("molt-cpu", B=1024, d=768, F=992, k=20, models=("molt",), device="cpu",
+          note="the MOLT goals on a CPU: molt-768 with a batch the dense eager reference runs in seconds"),
+    Shape("tiny", B=64, d=32, F=256, k=4, L=3, models=("sae", "clt", "molt"), k_aux=16, device="ci",
           note="CI: every suite in seconds on a CPU"),
 ]}
 

@@ -34,6 +34,23 @@ TORCH_LIBRARY(fastclt, m) {
   // (a decode backward's dW and dvalue in one sweep over the entries grouped by feature). CPU.
   m.def("feature_scatter_dot(Tensor row_ptr, Tensor index, Tensor coef, Tensor x, Tensor weight)"
         " -> (Tensor out, Tensor coef_sum, Tensor dot)");
+  // MOLT (cpu/molt_cpu.cpp): gates (row_ptr, index = transform, gate) over T transforms whose rank
+  // rows are rank_ptr[i]:rank_ptr[i+1] of U [R, d_out] and V [R, d_in] -> y [B, d_out] =
+  // sum_j gate[j] * U_i^T V_i x_b (+ bias), and h fp32 [sum_j r_{index[j]}]: V_i x_b of every
+  // entry, grouped by transform (what the backward reads). CPU.
+  m.def("molt_forward(Tensor row_ptr, Tensor index, Tensor gate, Tensor x, Tensor U, Tensor V, Tensor rank_ptr,"
+        " Tensor? bias) -> (Tensor y, Tensor h)");
+  // Its backward from h: (d_gate [nnz], dx, dU, dV); an output not asked for is empty. CPU.
+  m.def("molt_backward(Tensor row_ptr, Tensor index, Tensor gate, Tensor x, Tensor U, Tensor V, Tensor rank_ptr,"
+        " Tensor h, Tensor grad_y, bool need_gate, bool need_x, bool need_U, bool need_V)"
+        " -> (Tensor d_gate, Tensor dx, Tensor dU, Tensor dV)");
+  // Matryoshka prefix errors (cpu/matryoshka_cpu.cpp), fp32: y [B, M, d], base [M, d] or [B, M, d],
+  // blocks [G, B, M, d] -> sq [G, M] = sum_b ||y - base - (blocks[0] + ... + blocks[g])||^2 and
+  // y_hat = base + sum_g blocks[g]. CPU.
+  m.def("prefix_errors_forward(Tensor y, Tensor base, Tensor blocks) -> (Tensor sq, Tensor y_hat)");
+  // Its backward for the upstream gradient dsq [G, M]: (dy, dbase, dblocks); one not asked for is empty. CPU.
+  m.def("prefix_errors_backward(Tensor y, Tensor base, Tensor blocks, Tensor dsq, bool need_y, bool need_base,"
+        " bool need_blocks) -> (Tensor dy, Tensor dbase, Tensor dblocks)");
 }
 
 #include <atomic>

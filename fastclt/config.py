@@ -1,4 +1,4 @@
-"""Model configurations (docs/DESIGN.md §10): ``CLTConfig`` and ``SAEConfig``.
+"""Model configurations (docs/DESIGN.md §10): ``CLTConfig``, ``SAEConfig`` and ``MOLTConfig``.
 
 Both are plain dataclasses validated on construction; every error names the field and what was
 expected. ``to_dict`` / ``from_dict`` round-trip through JSON (``config.json`` of a saved model).
@@ -6,12 +6,14 @@ expected. ``to_dict`` / ``from_dict`` round-trip through JSON (``config.json`` o
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from fastclt.names import ACTIVATIONS, NORMALIZATIONS, SELECTIONS, SPARSITY_KINDS, TYINGS
 
-__all__ = ["CLTConfig", "SAEConfig", "ACTIVATIONS", "TYINGS", "NORMALIZATIONS", "INPUT_HOOKS"]
+__all__ = ["CLTConfig", "SAEConfig", "MOLTConfig", "CONFIG_KINDS", "ACTIVATIONS", "TYINGS", "NORMALIZATIONS",
+           "INPUT_HOOKS"]
 
 THRESHOLD_PARAMS = ("raw", "log")
 RECONSTRUCTION = ("mse", "fvu")
@@ -107,6 +109,45 @@ class _DictionaryConfig:
         if layers[0] < 0 or any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"lm_layers: expected strictly increasing block indices >= 0, got {layers}")
 
+    def _validate_matryoshka(self) -> None:
+        """Matryoshka prefix ends m_1 < … < m_G = n_features and their loss weights (docs/DESIGN.md §15)."""
+        p, w = self.matryoshka_prefixes, self.matryoshka_weights
+        if p is None:
+            if w is not None:
+                raise ValueError("matryoshka_weights: given without matryoshka_prefixes (the prefix ends they weight)")
+            return
+        if isinstance(p, tuple):
+            p = self.matryoshka_prefixes = list(p)
+        if not isinstance(p, list) or not p or any(isinstance(v, bool) or not isinstance(v, int) for v in p):
+            raise TypeError(f"matryoshka_prefixes: expected a non-empty list of ints [m_1, ..., m_G] (prefix ends of "
+                            f"the feature index), got {p!r}")
+        if p[0] < 1 or any(b <= a for a, b in zip(p, p[1:])):
+            raise ValueError(f"matryoshka_prefixes: expected strictly increasing prefix ends >= 1, got {p}")
+        if p[-1] != self.n_features:
+            raise ValueError(f"matryoshka_prefixes: the last prefix end must be n_features={self.n_features} (the "
+                             f"full dictionary), got {p[-1]}")
+        if w is None:
+            return
+        if isinstance(w, tuple):
+            w = self.matryoshka_weights = list(w)
+        if not isinstance(w, list) or len(w) != len(p):
+            raise ValueError(f"matryoshka_weights: expected a list of {len(p)} numbers (one per prefix), got {w!r}")
+        for v in w:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"matryoshka_weights: expected finite numbers >= 0, got {w}")
+        if not any(v > 0 for v in w):
+            raise ValueError(f"matryoshka_weights: expected at least one positive weight, got {w}")
+        self.matryoshka_weights = [float(v) for v in w]
+
+    @property
+    def matryoshka_loss_weights(self) -> Optional[list]:
+        """The weight w_g of each prefix's reconstruction loss (default 1/G each), or None."""
+        p = getattr(self, "matryoshka_prefixes", None)
+        if p is None:
+            return None
+        w = self.matryoshka_weights
+        return list(w) if w is not None else [1.0 / len(p)] * len(p)
+
     @property
     def effective_k_aux(self) -> int:
         """k_aux, defaulting to half the output width (at most n_features)."""
@@ -156,6 +197,10 @@ class CLTConfig(_DictionaryConfig):
         "resid_mid" (the residual stream before that norm). The target is always the MLP module's
         output. The trainer records these three from its data source; ``fastclt.replacement``
         splices the dictionary back at these places.
+    matryoshka_prefixes: nested dictionaries — increasing prefix ends m_1 < … < m_G = n_features of
+        each source layer's feature index; prefix g reconstructs from features i < m_g alone and the
+        loss is Σ_g w_g · (reconstruction loss of prefix g) (docs/DESIGN.md §15). None: a plain model.
+    matryoshka_weights: w_g per prefix (default 1/G each).
     """
 
     n_layers: int = 1
@@ -167,6 +212,8 @@ class CLTConfig(_DictionaryConfig):
     feature_affine: bool = False
     skip_connection: bool = False
     cross_layer: bool = True
+    matryoshka_prefixes: Optional[list] = None
+    matryoshka_weights: Optional[list] = None
 
     def __post_init__(self) -> None:
         _positive_int("n_layers", self.n_layers)
@@ -184,6 +231,7 @@ class CLTConfig(_DictionaryConfig):
             raise ValueError("feature_affine: only tied decoders (decoder_tying 'per_source' or 'per_target') take it")
         if self.batchtopk_across_layers and self.activation != "batchtopk":
             raise ValueError(f"batchtopk_across_layers: needs activation 'batchtopk', got {self.activation!r}")
+        self._validate_matryoshka()
 
     def _aux_width(self) -> int:
         return self.d_out
@@ -199,7 +247,8 @@ class SAEConfig(_DictionaryConfig):
     Fields as CLTConfig; d_in is both input and output width. The decoder rows are kept at unit
     norm by ``post_step()`` when ``unit_norm_decoder``. b_dec_init: "geometric_median" | "mean" |
     "zeros" (used by ``initialize_from_data``). lm_name / lm_layers (one block) / input_hook: as
-    CLTConfig; an SAE reconstructs the input hook's activation.
+    CLTConfig; an SAE reconstructs the input hook's activation. matryoshka_prefixes /
+    matryoshka_weights: as CLTConfig.
     """
 
     d_in: int = 768
@@ -208,6 +257,8 @@ class SAEConfig(_DictionaryConfig):
     k: int = 32
     unit_norm_decoder: bool = True
     b_dec_init: str = "geometric_median"
+    matryoshka_prefixes: Optional[list] = None
+    matryoshka_weights: Optional[list] = None
 
     def __post_init__(self) -> None:
         _positive_int("d_in", self.d_in)
@@ -215,9 +266,114 @@ class SAEConfig(_DictionaryConfig):
         _choice("b_dec_init", self.b_dec_init, ("geometric_median", "mean", "zeros"))
         if not isinstance(self.unit_norm_decoder, bool):
             raise TypeError(f"unit_norm_decoder: expected a bool, got {self.unit_norm_decoder!r}")
+        self._validate_matryoshka()
 
     def _aux_width(self) -> int:
         return self.d_in
 
     def _n_dictionary_layers(self) -> int:
         return 1
+
+
+@dataclass
+class MOLTConfig(_DictionaryConfig):
+    """Sparse mixture of linear transforms (MOLT), one per layer of ``n_layers`` MLP layers: input
+    x_l (the MLP input, like a transcoder's) → the MLP output (docs/DESIGN.md §16):
+
+        g_{l,i} = act(e_{l,i} · x_l + b_{l,i})          ŷ_l = Σ_i g_{l,i} · U_{l,i} (V_{l,i} x_l)  (+ b_dec[l])
+
+    n_layers, d_in, d_out: sizes. n_features: T, transforms per layer (the gates are the "features").
+    ranks: the rank of each rank group (transforms are ordered by group); default r_0, r_0/2, …,
+        r_0/16 with r_0 the largest power of two <= 2/3 · min(d_in, d_out) (512 at d = 768).
+    rank_counts: transforms per group, summing to n_features; default N, 2N, 4N, … (proportional to
+        1 : 2 : 4 : …, the first group taking what the rounding leaves), i.e. N = T / 31 for 5 groups.
+    output_bias: a per-layer output bias b_dec.
+    activation: the gate φ — "jumprelu" (value-passing, g = z · 1[z > θ]), "topk", "batchtopk" or
+        "relu"; k, threshold_*, jumprelu_bandwidth as CLTConfig. sparsity / sparsity_coef /
+        sparsity_c: the penalty on g_i · ‖U_i V_i‖_F (tanh or L1). preact_coef, k_aux / auxk_coef,
+        normalization, reconstruction_loss, nonfinite, dtype, lm_name / lm_layers / input_hook: as
+        CLTConfig.
+    """
+
+    n_layers: int = 1
+    d_in: int = 768
+    d_out: int = 768
+    n_features: int = 992
+    ranks: Optional[list] = None
+    rank_counts: Optional[list] = None
+    output_bias: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("n_layers", self.n_layers)
+        _positive_int("d_in", self.d_in)
+        _positive_int("d_out", self.d_out)
+        self._validate_common(self.n_features, self.d_out)
+        if not isinstance(self.output_bias, bool):
+            raise TypeError(f"output_bias: expected a bool, got {self.output_bias!r}")
+        width = min(self.d_in, self.d_out)
+        ranks = self.ranks
+        if ranks is not None:
+            if isinstance(ranks, tuple):
+                ranks = self.ranks = list(ranks)
+            if not isinstance(ranks, list) or not ranks or any(isinstance(r, bool) or not isinstance(r, int)
+                                                               for r in ranks):
+                raise TypeError(f"ranks: expected a non-empty list of ints (the rank of each group), got {ranks!r}")
+            bad = [r for r in ranks if not 1 <= r <= width]
+            if bad:
+                raise ValueError(f"ranks: every rank must be in [1, min(d_in, d_out)={width}] (a transform of "
+                                 f"d_out x d_in has no higher rank), got {bad}")
+        n_groups = len(self.group_ranks)
+        counts = self.rank_counts
+        if counts is not None:
+            if isinstance(counts, tuple):
+                counts = self.rank_counts = list(counts)
+            if (not isinstance(counts, list) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0
+                                                    for c in counts)):
+                raise TypeError(f"rank_counts: expected a list of ints >= 0 (transforms per rank group), got {counts!r}")
+            if len(counts) != n_groups:
+                raise ValueError(f"rank_counts: expected {n_groups} counts (one per rank group), got {len(counts)}")
+            if sum(counts) != self.n_features:
+                raise ValueError(f"rank_counts: must sum to n_features={self.n_features}, got {sum(counts)}")
+
+    @property
+    def group_ranks(self) -> list:
+        """The rank of each group (``ranks``, or the default r_0, r_0/2, …, r_0/16)."""
+        if self.ranks is not None:
+            return list(self.ranks)
+        r0 = 1 << max(0, (max(1, (2 * min(self.d_in, self.d_out)) // 3)).bit_length() - 1)
+        return sorted({max(1, r0 >> j) for j in range(5)}, reverse=True)
+
+    @property
+    def rank_groups(self) -> tuple:
+        """((count, rank), ...) of the non-empty groups, in the order the transforms are stored."""
+        ranks = self.group_ranks
+        counts = self.rank_counts
+        if counts is None:
+            G, T = len(ranks), self.n_features
+            total = (1 << G) - 1
+            counts = [T * (1 << j) // total for j in range(G)]
+            counts[0] += T - sum(counts)
+        return tuple((int(c), int(r)) for c, r in zip(counts, ranks) if c > 0)
+
+    @property
+    def total_rank(self) -> int:
+        """R = Σ_i r_i: rows of each layer's packed U [R, d_out] and V [R, d_in]."""
+        return sum(c * r for c, r in self.rank_groups)
+
+    def step_flops(self, tokens: int, l0: float) -> float:
+        """Counted FLOPs of a training step on ``tokens`` tokens with ``l0`` active transforms per
+        token per layer (of mean rank): the gate GEMM 2·T·d_in and per active transform
+        2·r̄·(d_in + d_out), each per layer; backward ≈ 2 × forward."""
+        mean_rank = self.total_rank / self.n_features
+        per_token = 2.0 * self.n_features * self.d_in + 2.0 * l0 * mean_rank * (self.d_in + self.d_out)
+        return 3.0 * tokens * self.n_layers * per_token
+
+    def _aux_width(self) -> int:
+        return self.d_out
+
+    def _n_dictionary_layers(self) -> int:
+        return self.n_layers
+
+
+# The model kinds (the trainer's ``model.kind``) and their configurations.
+CONFIG_KINDS = {"clt": CLTConfig, "sae": SAEConfig, "molt": MOLTConfig}

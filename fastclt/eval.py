@@ -208,11 +208,10 @@ def plot_per_layer(m: dict, path) -> bool:
 
 
 def load_dictionary(path, device="cpu"):
-    """A CrossLayerTranscoder or SparseAutoencoder folder written by save_pretrained (by its model_type)."""
+    """A CrossLayerTranscoder, SparseAutoencoder or MOLT folder written by save_pretrained (by its model_type)."""
     from fastclt.checkpoint import read_json
-    from fastclt.models import CrossLayerTranscoder, SparseAutoencoder
+    from fastclt.models import MODEL_CLASSES as classes
     meta = read_json(Path(path) / "config.json", "model config.json")
-    classes = {c.__name__: c for c in (CrossLayerTranscoder, SparseAutoencoder)}
     cls = classes.get(meta.get("model_type") if isinstance(meta, dict) else None)
     if cls is None:
         raise ValueError(f"model: {path}/config.json has model_type {meta.get('model_type')!r}; expected one of "

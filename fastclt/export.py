@@ -23,7 +23,9 @@ each is computed in float64 and rounded once to the output dtype. What has no ex
 refused (``NotRepresentableError``, naming the field): TopK/BatchTopK (no threshold: convert with
 ``calibrate_jumprelu`` first), a non-zero feature offset (it adds to active codes only, which no
 circuit-tracer decoder does), a skip connection on a CLT with L > 1 (circuit-tracer's CLT loader
-reads none), an SAE, d_in ≠ d_out, and LM blocks other than 0..L−1.
+reads none), an SAE, a MOLT, d_in ≠ d_out, and LM blocks other than 0..L−1. A Matryoshka
+transcoder exports as its full dictionary (its prefixes are an ordering of the features: every
+feature is there, in order).
 """
 from __future__ import annotations
 
@@ -59,8 +61,13 @@ def to_circuit_tracer(model, path: Union[str, Path], *, lm_name: Optional[str] =
     layer files would be read as layers). card: extra model-card content — {"training_config":
     dict, "metrics": dict, "calibration": dict, "source": str}.
     """
-    from fastclt.models import CrossLayerTranscoder
+    from fastclt.models import MOLT, CrossLayerTranscoder
 
+    if isinstance(model, MOLT):
+        raise NotRepresentableError("model: circuit-tracer's formats hold transcoders, one fixed decoder row per "
+                                    "feature; a MOLT's outputs are input-dependent low-rank transforms "
+                                    "g_i · U_i V_i x, which none of its loaders reads (save it with "
+                                    "save_pretrained instead)")
     if not isinstance(model, CrossLayerTranscoder):
         raise NotRepresentableError(f"model: circuit-tracer reads transcoders (cross_layer_transcoder, "
                                     f"transcoder_set); a {type(model).__name__} has no place in it")

@@ -19,6 +19,10 @@ already carries its error. Each source is encoded when its input hook fires and 
 the spliced targets through ``fastclt.ops.sparse_decode`` (one decode per source, or one per (source,
 target) pair for per-target tying and the feature affine — the decodes of ``ops.clt_decode``).
 
+MOLT: spliced like a transcoder set — the output of MLP ``layers[l]`` becomes
+ŷ_l = denorm_l(b_dec[l] + Σ_i g_{l,i} U_{l,i} V_{l,i} x̃_l) with the gates and the transforms read
+from x_l of the same forward pass (``fastclt.ops.molt_decode``), exactly ``model(x)[:, l]``.
+
 Sparse autoencoder: the hooked activation x itself is replaced by x̂ = model(x). For "mlp_in" the
 MLP reads x̂; for "resid_mid" the residual stream becomes x̂ (the norm reads x̂, and x̂ − x is added to
 the MLP branch's output — after the post-MLP norm where the block has one — so that the block's
@@ -43,7 +47,7 @@ from torch import nn
 from fastclt import ops
 from fastclt.config import INPUT_HOOKS
 from fastclt.lm import HookPaths, find_paths, hidden_size, resolve_sites
-from fastclt.models import CrossLayerTranscoder, SparseAutoencoder, SparseDictionary
+from fastclt.models import MOLT, CrossLayerTranscoder, SparseAutoencoder, SparseDictionary
 
 __all__ = ["Splice", "splice", "resolve_layers", "MODES"]
 
@@ -145,7 +149,7 @@ class _Layerwise:
                           threshold=None if v["theta"] is None else v["theta"][s], bandwidth=cfg.jumprelu_bandwidth,
                           impl=self.model.impl)
 
-    def contributions(self, s: int, codes, targets: Sequence[int]) -> dict:
+    def contributions(self, s: int, codes, targets: Sequence[int], xn: Optional[torch.Tensor] = None) -> dict:
         """{t: D^{s→t}(a_s) [B, d_out]} for the targets t ≥ s (normalised space, no b_dec)."""
         m, cfg, v = self.model, self.model.cfg, self.views
         ts = [t for t in targets if t >= s]
@@ -180,11 +184,38 @@ class _Layerwise:
         return y
 
 
+class _MOLTLayerwise(_Layerwise):
+    """A MOLT one layer at a time: the gates of layer s from x_s, then ŷ_s = Σ_i g_i U_i V_i x̃_s
+    (+ b_dec, denormalised) into its own MLP output — a transcoder whose decoder reads x_s."""
+
+    def begin(self) -> None:
+        m = self.model
+        cdt = m._compute_dtype()
+        W_enc, b_enc, theta = m._enc_layers()
+        self.views = {"cdt": cdt, "W_enc": W_enc.to(cdt).unbind(0), "b_enc": b_enc.to(cdt).unbind(0),
+                      "theta": None if theta is None else theta.to(cdt).unbind(0),
+                      "U": m.U.to(cdt).unbind(0), "V": m.V.to(cdt).unbind(0),
+                      "b_dec": m.b_dec.unbind(0) if m.cfg.output_bias else None}
+
+    def contributions(self, s: int, codes, targets: Sequence[int], xn: Optional[torch.Tensor] = None) -> dict:
+        if s not in targets:
+            return {}
+        v, m = self.views, self.model
+        return {s: ops.molt_decode(codes, xn.to(v["cdt"]), v["U"][s], v["V"][s], m.rank_groups, impl=m.impl)}
+
+    def output(self, t: int, acc: torch.Tensor, xn_t: torch.Tensor) -> torch.Tensor:
+        m, v = self.model, self.views
+        y = acc if v["b_dec"] is None else acc + v["b_dec"][t].to(acc.dtype)
+        if m.cfg.normalization != "none":
+            y = y * m.output_scale[t].to(acc.dtype) + m.output_mean[t].to(acc.dtype)
+        return y
+
+
 class Splice:
     """A dictionary spliced into ``lm`` (see the module docstring). ``attach()`` / ``remove()`` the
     hooks, or use it as a context manager. Every argument is checked here, before any forward pass.
 
-    model: CrossLayerTranscoder or SparseAutoencoder on the LM's device. layers / input_hook: see
+    model: CrossLayerTranscoder, SparseAutoencoder or MOLT on the LM's device. layers / input_hook: see
     ``resolve_layers``. targets: dictionary layers to replace (default all). mode: "replace" |
     "ablate". paths: ``fastclt.lm.HookPaths`` (or a dict) for an architecture outside the known
     families. topk_as_jumprelu: splice a TopK dictionary through its learned JumpReLU thresholds
@@ -195,8 +226,9 @@ class Splice:
     def __init__(self, model: SparseDictionary, lm: nn.Module, layers=None, input_hook: Optional[str] = None, *,
                  targets: Optional[Sequence[int]] = None, mode: str = "replace", paths=None,
                  topk_as_jumprelu: bool = False, record_stats: bool = False) -> None:
-        if not isinstance(model, (CrossLayerTranscoder, SparseAutoencoder)):
-            raise TypeError(f"model: expected a CrossLayerTranscoder or SparseAutoencoder, got {type(model).__name__}")
+        if not isinstance(model, (CrossLayerTranscoder, SparseAutoencoder, MOLT)):
+            raise TypeError(f"model: expected a CrossLayerTranscoder, SparseAutoencoder or MOLT, got "
+                            f"{type(model).__name__}")
         if not isinstance(lm, nn.Module):
             raise TypeError(f"lm: expected a torch.nn.Module (a transformers causal LM), got {type(lm).__name__}")
         if model.tp is not None:
@@ -226,7 +258,7 @@ class Splice:
         self.lm, self.mode, self.record = lm, mode, bool(record_stats)
         self.source_model = model
         self.model = _inference_model(model, topk_as_jumprelu) if mode == "replace" else model
-        self.layerwise = None if self.sae else _Layerwise(self.model)
+        self.layerwise = None if self.sae else (_MOLTLayerwise if isinstance(model, MOLT) else _Layerwise)(self.model)
         self.handles: list = []
         self._state: dict = {}
         self.reset_stats()
@@ -293,7 +325,7 @@ class Splice:
                 self._l0[s] += (codes.value.detach() > 0).sum().double()
                 self._n_src[s] += xn.shape[0]
             acc_dtype = torch.float64 if xn.dtype == torch.float64 else torch.float32
-            for t, part in lw.contributions(s, codes, self.targets).items():
+            for t, part in lw.contributions(s, codes, self.targets, xn).items():
                 part = part.to(acc_dtype)
                 st["acc"][t] = part if t not in st["acc"] else st["acc"][t] + part
             return None

@@ -549,7 +549,7 @@ class _Run:
                                 "fvu_per_layer": (fvu / n).tolist(), "l0_per_layer": (l0 / n).tolist()})
             if tps is not None:
                 summary["tflops"] = step_flops(self.mcfg, 1, summary.get("l0", 0.0)) * tps / 1e12
-            if cfg.data.source == "synthetic":
+            if cfg.data.source == "synthetic" and hasattr(full, "decoder_weight"):  # a MOLT has no decoder rows
                 from fastclt.training.synthetic import mmcs
                 m, per = mmcs(full, self.source.gen)
                 summary["mmcs"], summary["mmcs_per_layer"] = m, per

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import goals
-from benchmarks.bench_ops import OPS
+from benchmarks.bench_ops import OPS, molt_config, ops_cases, shape_ops
 from benchmarks.bench_train_step import fastclt_impl
 from benchmarks.harness import ROW_FIELDS, read_csv
 from benchmarks.run import main, run_suites
@@ -86,9 +86,13 @@ def test_every_op_and_model_is_covered(tiny_run):
     assert {r["impl"] for r in ok if r["op"] == "sparse_decode"} >= {"reference", "dense-matmul", "embedding_bag"}
     assert {r["variant"] for r in ok if r["op"] == "clt_decode"} == {"none", "per_source", "per_target"}
     train = {(r["variant"], r["impl"]) for r in ok if r["suite"] == "train"}
-    for variant in ("sae-topk", "plt-jumprelu", "clt-none-batchtopk", "clt-per_source-jumprelu",
-                    "clt-per_target-batchtopk"):
+    for variant in ("sae-topk", "sae-batchtopk", "plt-jumprelu", "clt-none-batchtopk", "clt-per_source-jumprelu",
+                    "clt-per_target-batchtopk", "molt-topk", "molt-jumprelu"):
         assert {(variant, "reference"), (variant, "auto")} <= train, variant
+    for variant in ("sae-batchtopk-matryoshka5", "clt-none-batchtopk-matryoshka5"):  # compared with the plain step
+        assert (variant, "auto") in train and (variant, "reference") not in train, variant
+    molt = {(r["mode"], r["impl"]) for r in ok if r["op"] == "molt"}
+    assert {(m, i) for m in ("fwd", "bwd", "fwd+bwd") for i in ("reference", "cpu")} | {("fwd", "gate-gemm")} <= molt
 
 
 def test_meta_and_markdown(tiny_run):
@@ -124,9 +128,55 @@ def test_fastclt_impl_restores_env(monkeypatch):
 
 
 def test_shapes_table():
-    assert [s.name for s in default_shapes("cpu")] == ["cpu-small"]
-    assert {"gpt2-clt", "sae-2304", "sae-4096"} <= {s.name for s in default_shapes("cuda")}
+    assert [s.name for s in default_shapes("cpu")] == ["cpu-small", "molt-cpu"]
+    assert {"gpt2-clt", "sae-2304", "sae-4096", "molt-768"} <= {s.name for s in default_shapes("cuda")}
     s = SHAPES["gpt2-clt"]
     assert (s.L, s.d, s.F, s.k, s.B) == (12, 768, 32768, 16, 4096)
+    for name in ("molt-768", "molt-cpu"):  # d = 768, N = 32 (31·N transforms in 5 rank groups), ~2% open
+        s = SHAPES[name]
+        assert molt_config(s).rank_groups == ((32, 512), (64, 256), (128, 128), (256, 64), (512, 32)), name
+        assert s.d == 768 and 0.015 < s.k / s.F < 0.025, name
+    # a MOLT shape runs the MOLT layer alone, a dictionary shape never does
+    assert shape_ops(SHAPES["molt-cpu"]) == ("molt",) and "molt" not in shape_ops(SHAPES["cpu-small"])
+    assert {c.op for c in ops_cases(SHAPES["molt-cpu"], torch.device("cpu"), torch.float32)} == {"molt"}
+    assert not [c for c in ops_cases(SHAPES["cpu-small"], torch.device("cpu"), torch.float32, ops=("molt",))]
     with pytest.raises(ValueError, match="unknown"):
         get_shapes("tiny,nope")
+
+
+def test_variants_filter(tmp_path):
+    assert main(["--suite", "all", "--shapes", "tiny", "--quick", "--device", "cpu", "--budget-s", "0",
+                 "--variants", "sae-batchtopk-matryoshka5,molt-topk", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert {r["variant"] for r in rows} == {"sae-batchtopk-matryoshka5", "molt-topk"}
+
+
+def _row(**kw) -> dict:
+    return {"status": "ok", "note": "", "flops": None, **kw}
+
+
+def test_matryoshka_and_molt_goals_on_given_rows():
+    """The new goals' arithmetic on hand-made rows: met, and missed, at the edges of their targets."""
+    meta = {"peak_flops": 1e11, "peak_bw": 1e10}
+
+    def status(rows, name):
+        return {g["goal"]: g for g in goals.evaluate(rows, meta, "cpu")}[name]
+
+    def steps(mat_ms):
+        return [_row(suite="train", op="train_step", variant=v, mode="fwd+bwd+adam", shape="cpu-small", impl="auto",
+                     median_ms=ms) for v, ms in (("sae-batchtopk", 100.0), ("sae-batchtopk-matryoshka5", mat_ms))]
+    name = "Matryoshka (G = 5) SAE step vs the plain BatchTopK SAE step"
+    assert status(steps(125.0), name)["status"] == "met"
+    assert status(steps(126.0), name)["status"] == "not met"
+
+    def layer(kernel_ms):  # floor: 10 ms of gate GEMM + 2e9 other FLOPs at 1e11 FLOP/s = 30 ms
+        return [_row(suite="ops", op="molt", variant="topk k=20", mode="fwd", shape="molt-cpu", impl="gate-gemm",
+                     median_ms=10.0, flops=1e9),
+                _row(suite="ops", op="molt", variant="topk k=20", mode="fwd+bwd", shape="molt-cpu", impl="cpu",
+                     median_ms=kernel_ms, flops=3e9),
+                _row(suite="ops", op="molt", variant="topk k=20", mode="fwd+bwd", shape="molt-cpu", impl="reference",
+                     median_ms=1000.0, flops=3e9)]
+    name = "MOLT layer fwd+bwd vs gate GEMM + active FLOPs"
+    assert status(layer(60.0), name)["status"] == "met" and "2.00×" in status(layer(60.0), name)["measured"]
+    assert status(layer(61.0), name)["status"] == "not met"
+    assert status(layer(60.0)[1:], name)["status"].startswith("not yet measured (no gate-gemm row")

@@ -179,6 +179,15 @@ def _clt_dense(model, xs: dict, t: int) -> torch.Tensor:
     return y
 
 
+def _molt_dense(model, xs: dict, t: int) -> torch.Tensor:
+    """A MOLT's ŷ_t from the hooked input xs[t]: dense gates, every transform formed as a d × d matrix."""
+    cfg = model.cfg
+    xn = (xs[t] - model.input_mean[t]) / model.input_scale[t] if cfg.normalization != "none" else xs[t]
+    g = _act(model, xn @ model.W_enc[t].T + model.b_enc[t], t)
+    y = model.b_dec[t] + sum(g[:, i:i + 1] * (xn @ model.transform(t, i).T) for i in range(cfg.n_features))
+    return y * model.output_scale[t] + model.output_mean[t] if cfg.normalization != "none" else y
+
+
 def _sae_dense(model, x):
     xn = (x - model.input_mean[0]) / model.input_scale[0]
     h = (xn - model.b_dec) @ model.W_enc.T + model.b_enc
@@ -228,7 +237,7 @@ def _reference_logits(model, lm, ids, layers, hook, targets, mode, record=None):
         def replace(mod, args, out, l=l):
             if mode == "ablate":
                 return torch.zeros_like(out)
-            y_hat = _clt_dense(model, xs, l)
+            y_hat = (_molt_dense if isinstance(model, fastclt.MOLT) else _clt_dense)(model, xs, l)
             if record is not None:
                 record.setdefault(l, []).append((out.flatten(0, 1), y_hat))
             return y_hat.view(out.shape)
@@ -325,6 +334,27 @@ def test_sae_splice_matches_independent_computation(lms, activation, hook, famil
     got = evaluate_replacement(model, lms[family], ids, batch_size=3)
     ref = _reference_metrics(model, lms[family], ids, [1], hook)
     _compare(got, ref)
+
+
+@pytest.mark.parametrize("kind", ["matryoshka-clt", "molt-jumprelu", "molt-topk"])
+def test_matryoshka_and_molt_splice_matches_independent_computation(lms, kind, gen):
+    """A Matryoshka CLT evaluates as its full dictionary; a MOLT set as the gated sum of its transforms."""
+    lm = lms["gpt2"]
+    if kind == "matryoshka-clt":
+        cfg = fastclt.CLTConfig(n_layers=3, d_in=D, d_out=D, n_features=24, dtype="float64", lm_layers=LAYERS,
+                                matryoshka_prefixes=[4, 12, 24], **CLT_CASES["per_source-jumprelu-affine-skip"])
+        model = fastclt.CrossLayerTranscoder(cfg)
+    else:
+        act = kind.split("-")[1]
+        cfg = fastclt.MOLTConfig(n_layers=3, d_in=D, d_out=D, n_features=7, ranks=[4, 2, 1], dtype="float64",
+                                 lm_layers=LAYERS, activation=act, k=2, normalization="mean_std")
+        model = fastclt.MOLT(cfg)
+    _randomize(model, gen)
+    _fit(model, lm, gen)
+    ids = _ids(gen, 3)
+    got = evaluate_replacement(model, lm, ids, batch_size=2)
+    _compare(got, _reference_metrics(model, lm, ids, LAYERS, "mlp_in"))
+    assert got["dictionary"] == type(model).__name__ and 0 < got["l0"]
 
 
 def test_batch_size_changes_nothing(gen):

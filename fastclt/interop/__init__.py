@@ -52,14 +52,13 @@ def _fastclt_folder(path: Path):
 
 def _load_fastclt(path: Path):
     from fastclt.checkpoint import read_json
-    from fastclt.models import CrossLayerTranscoder, SparseAutoencoder
+    from fastclt.models import MODEL_CLASSES
     from fastclt.models.base import CONFIG_FILE
     folder = _fastclt_folder(path)
     if folder is None:
         raise CheckpointError(f"path: {path} holds no fastclt model (config.json + model.safetensors)")
     meta = read_json(folder / CONFIG_FILE, "config.json")
-    cls = {c.__name__: c for c in (CrossLayerTranscoder, SparseAutoencoder)}.get(
-        meta.get("model_type") if isinstance(meta, dict) else None)
+    cls = MODEL_CLASSES.get(meta.get("model_type") if isinstance(meta, dict) else None)
     if cls is None:
         raise CheckpointError(f"config.json: {folder / CONFIG_FILE} has no known model_type")
     return cls.from_pretrained(folder)
@@ -97,7 +96,7 @@ def sniff(path: Union[str, os.PathLike]) -> str:
 
 
 def load(path: Union[str, os.PathLike], format: str = "auto", device: Union[str, torch.device] = "cpu"):
-    """The fastclt model (CrossLayerTranscoder or SparseAutoencoder) of the checkpoint at ``path``.
+    """The fastclt model (CrossLayerTranscoder, SparseAutoencoder or MOLT) of the checkpoint at ``path``.
 
     format: "auto" (sniffed, see ``sniff``) or one of FORMATS. Unreadable or inconsistent files →
     CheckpointError; readable but not exactly representable → NotRepresentableError (both

@@ -94,7 +94,9 @@ class SparseDictionary(nn.Module):
     """Base of CrossLayerTranscoder and SparseAutoencoder. Subclasses define the parameters and:
 
     ``_enc_layers()`` → (W_enc [L, F, d_in], b_enc [L, F], threshold [L, F] or None),
-    ``_pre_bias()`` → [d_in] or None (an SAE's b_dec), ``_decode_n(codes, xn, bias)`` → [B, L, d_out],
+    ``_pre_bias()`` → [d_in] or None (an SAE's b_dec), ``_decode_n(codes, xn, bias)`` → [B, L, d_out]
+    (bias=False: no b_dec and no skip term, for AuxK), ``_decode_blocks(codes, xn)`` → (G block
+    decodes [B, L, d_out], the base b_dec (+ skip) they add to) for Matryoshka configs,
     ``decoder_norms()`` → [L, F], ``_layered(x, name)`` / ``_unlayered(t)`` (public ↔ [B, L, d]).
     """
 
@@ -311,12 +313,29 @@ class SparseDictionary(nn.Module):
         codes, _ = self._encode_n(xn)
         return self._unlayered(self._denormalize_out(self._decode_n(codes, xn, bias=True)))
 
+    def decode_prefixes(self, x: torch.Tensor) -> torch.Tensor:
+        """Matryoshka: x → [G, B, (L,) d_out], the reconstruction of every prefix in the data's space
+        (prefix g uses the features i < m_g of every layer; the last one is ``forward(x)``)."""
+        if self.cfg.matryoshka_loss_weights is None:
+            raise ValueError("decode_prefixes: this model has no matryoshka_prefixes")
+        xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
+        self._finite_rows(xl, names=("x",), allow_skip=False)
+        xn = self._normalize(xl, "in")
+        codes, _ = self._encode_n(xn)
+        blocks, base = self._decode_blocks(codes, xn)
+        y = self._denormalize_out(ops.prefix_sums(blocks, base))
+        return y if x.dim() == 3 else y[:, :, 0]
+
     def loss(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, dead_mask: Optional[torch.Tensor] = None, *,
              sparsity_coef: Optional[float] = None, preact_coef: Optional[float] = None) -> LossOutput:
         """The training loss of docs/DESIGN.md §4 on a batch (in normalised space).
 
         sparsity_coef / preact_coef override the config's λ / λ_p (the trainer ramps λ).
         dead_mask: [L, F] bool (SAE: [F]) — adds AuxK for TopK/BatchTopK dictionaries.
+        A Matryoshka config (``matryoshka_prefixes``) makes the reconstruction loss Σ_g w_g · loss of
+        prefix g (docs/DESIGN.md §15); ``y_hat`` (then detached) and the per-layer metrics are the
+        full dictionary's, AuxK fits its residual, and parts ``fvu_prefix{g}`` give the other
+        prefixes' FVU.
         """
         cfg = self.cfg
         xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
@@ -335,14 +354,29 @@ class SparseDictionary(nn.Module):
         lam_p = cfg.preact_coef if preact_coef is None else preact_coef
         need_pre = cfg.activation == "jumprelu" and lam_p > 0
         codes, hs = self._encode_n(xn, need_preacts=need_pre)
-        y_hat = self._decode_n(codes, xn, bias=True)
-
-        sq = ops.squared_error(yn, y_hat)  # [L]
+        weights = cfg.matryoshka_loss_weights
+        if weights is None:
+            y_hat = self._decode_n(codes, xn, bias=True)
+            sq = ops.squared_error(yn, y_hat)  # [L]
+        else:  # the squared errors of every prefix [G, L], for the cost of one decode
+            blocks, base = self._decode_blocks(codes, xn)
+            # (an implementation without its own prefix_errors uses the device's default one)
+            impl = self.impl if self.impl in ops.implementations("prefix_errors") else "auto"
+            sq_prefix, y_hat = ops.prefix_errors(yn, base, blocks, impl=impl)
+            sq = sq_prefix[-1]
         tv = ops.total_variance(yn).clamp_min(1e-12)
         B = max(xn.shape[0], 1)
         mse_l, fvu_l = sq / B, sq / tv
         recon = (fvu_l if cfg.reconstruction_loss == "fvu" else mse_l).sum()
-        parts = {"reconstruction": recon}
+        parts = {}
+        if weights is not None:
+            # Σ_g w_g · (reconstruction loss of prefix g); the last prefix is the full dictionary
+            recon = recon * weights[-1]
+            for g, w in enumerate(weights[:-1]):
+                sq_g = sq_prefix[g]
+                recon = recon + w * (sq_g / tv if cfg.reconstruction_loss == "fvu" else sq_g / B).sum()
+                parts[f"fvu_prefix{g}"] = (sq_g / tv).mean()
+        parts["reconstruction"] = recon
         total = recon
         norms = None
         tp = self.tp
@@ -412,7 +446,7 @@ class SparseDictionary(nn.Module):
         group = None if tp is None else tp.process_group
         aux_codes = [ops.auxk_select(xn[:, l].to(cdt), W_enc[l].to(cdt), b_enc[l].to(cdt), dead[l], k_aux, pre_bias,
                                      group=group, impl=self.impl) for l in range(self.n_layers)]
-        e_hat = self._decode_n(aux_codes, None, bias=False)
+        e_hat = self._decode_n(aux_codes, xn, bias=False)  # xn: a MOLT's transforms read it
         residual = (yn - y_hat).detach()
         return ops.auxk_loss(e_hat, residual, yn, n_dead / self.n_layers, k_aux)
 

@@ -127,12 +127,7 @@ class CrossLayerTranscoder(SparseDictionary):
         if len(codes) != self.n_layers:
             raise ValueError(f"codes: expected {self.n_layers} per-layer SparseCodes, got {len(codes)}")
         cdt = self._compute_dtype()
-        if self._per_pair_decoders():
-            W_dec = [W.to(cdt) for W in self.W_dec]
-        else:
-            W_dec = self.W_dec.to(cdt)
-        off = self.feature_offset if cfg.feature_affine else None
-        scale = self.feature_scale if cfg.feature_affine else None
+        W_dec, off, scale = self._decoder_views(cdt)
         b_dec = self.b_dec.to(cdt) if bias and self.tp is None else None
         if not cfg.cross_layer:  # L independent transcoders: one sparse decode per layer
             b_l = [None] * self.n_layers if b_dec is None else b_dec.unbind(0)
@@ -145,10 +140,47 @@ class CrossLayerTranscoder(SparseDictionary):
             if bias:
                 y = y + self.b_dec.to(y.dtype)
         if bias and cfg.skip_connection:
-            if xn is None:
-                raise ValueError("x: this model has a skip connection; decode(codes, x=x) needs x")
-            y = y + torch.einsum("bli,loi->blo", xn.to(cdt), self.W_skip.to(cdt))
+            y = y + self._skip(xn, cdt)
         return y
+
+    def _decoder_views(self, cdt: torch.dtype):
+        """(W_dec in the compute dtype: a list of [F, L − s, d_out] or one [L, F, d_out], feature
+        offset, feature scale) for the decodes."""
+        cfg = self.cfg
+        if self._per_pair_decoders():
+            W_dec = [W.to(cdt) for W in self.W_dec]
+        else:
+            W_dec = self.W_dec.to(cdt)
+        off = self.feature_offset if cfg.feature_affine else None
+        scale = self.feature_scale if cfg.feature_affine else None
+        return W_dec, off, scale
+
+    def _skip(self, xn: Optional[torch.Tensor], cdt: torch.dtype) -> torch.Tensor:
+        if xn is None:
+            raise ValueError("x: this model has a skip connection; decode(codes, x=x) needs x")
+        return torch.einsum("bli,loi->blo", xn.to(cdt), self.W_skip.to(cdt))
+
+    def _decode_blocks(self, codes: list, xn: Optional[torch.Tensor]) -> tuple:
+        """Matryoshka: (the G feature-block decodes [G, B, L, d_out] — block g decodes the features
+        m_{g-1} ≤ i < m_g of every source layer —, base b_dec (+ the skip term)), one decode for all."""
+        cfg = self.cfg
+        if self.tp is not None:
+            raise NotImplementedError("matryoshka_prefixes: a tensor-parallel shard holds a slice of every prefix; "
+                                      "Matryoshka models train with train.tp = 1")
+        if len(codes) != self.n_layers:
+            raise ValueError(f"codes: expected {self.n_layers} per-layer SparseCodes, got {len(codes)}")
+        cdt = self._compute_dtype()
+        W_dec, off, scale = self._decoder_views(cdt)
+        prefixes = cfg.matryoshka_prefixes
+        if not cfg.cross_layer:  # L independent transcoders
+            blocks = torch.stack([ops.matryoshka_blocks(c, W, prefixes, impl=self.impl)
+                                  for c, W in zip(codes, W_dec.unbind(0))], 2)
+        else:
+            blocks = ops.matryoshka_clt_blocks(codes, W_dec, cfg.decoder_tying, prefixes, off, scale, impl=self.impl)
+        base = self.b_dec.to(cdt)
+        if cfg.skip_connection:
+            base = base + self._skip(xn, cdt)
+        return blocks, base
 
     def _feature_axis(self, name: str) -> Optional[int]:
         if name.startswith("W_dec."):  # untied: W_dec.{s} is [F, L − s, d_out]

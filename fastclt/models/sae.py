@@ -80,6 +80,17 @@ class SparseAutoencoder(SparseDictionary):
                 y = y + self.b_dec.to(y.dtype)
         return y.unsqueeze(1)
 
+    def _decode_blocks(self, codes: list, xn: Optional[torch.Tensor]) -> tuple:
+        """Matryoshka: (the G feature-block decodes [G, B, 1, d_in], base b_dec), one decode for all."""
+        if self.tp is not None:
+            raise NotImplementedError("matryoshka_prefixes: a tensor-parallel shard holds a slice of every prefix; "
+                                      "Matryoshka models train with train.tp = 1")
+        if len(codes) != 1:
+            raise ValueError(f"codes: an SAE decodes one SparseCodes, got {len(codes)}")
+        cdt = self._compute_dtype()
+        blocks = ops.matryoshka_blocks(codes[0], self.W_dec.to(cdt), self.cfg.matryoshka_prefixes, impl=self.impl)
+        return blocks.unsqueeze(2), self.b_dec.to(cdt)
+
     def _feature_axis(self, name: str) -> Optional[int]:
         if name in ("W_enc", "b_enc", "W_dec", "threshold", "log_threshold"):
             return 0

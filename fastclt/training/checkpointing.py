@@ -232,10 +232,13 @@ def restore(tensors: dict, model, optimizer, param_names: list, device) -> dict:
 
 
 def model_class(mcfg):
-    """The model class of a dictionary config: SparseAutoencoder for an SAEConfig, else CrossLayerTranscoder."""
-    import fastclt
-    from fastclt.config import SAEConfig
-    return fastclt.SparseAutoencoder if isinstance(mcfg, SAEConfig) else fastclt.CrossLayerTranscoder
+    """The model class of a dictionary config: SparseAutoencoder for an SAEConfig, MOLT for a
+    MOLTConfig, CrossLayerTranscoder for a CLTConfig."""
+    from fastclt.models import MODEL_CLASSES
+    for cls in MODEL_CLASSES.values():
+        if type(mcfg) is cls.config_class:
+            return cls
+    raise TypeError(f"model config: expected a CLTConfig, SAEConfig or MOLTConfig, got {type(mcfg).__name__}")
 
 
 def model_config_of(model_section: dict):
@@ -252,7 +255,7 @@ def model_config_of(model_section: dict):
 
 def merge_checkpoint(folder, out: Optional[Path] = None):
     """The full model of a checkpoint folder: tp shards of dp group 0 (ranks 0 … tp−1), read from
-    disk and concatenated along the feature axis → a CrossLayerTranscoder / SparseAutoencoder
+    disk and concatenated along the feature axis → a CrossLayerTranscoder / SparseAutoencoder / MOLT
     (saved with save_pretrained to ``out`` when given)."""
     from fastclt.training.parallel import merge_states
     folder = Path(folder)

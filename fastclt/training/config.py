@@ -1,4 +1,4 @@
-"""The trainer's configuration: ``model`` (``kind`` + the fields of a CLTConfig / SAEConfig),
+"""The trainer's configuration: ``model`` (``kind`` + the fields of a CLTConfig / SAEConfig / MOLTConfig),
 ``train``, ``data``, ``eval``, ``checkpoint``, ``log`` and ``out_dir``.
 
 Sources, later ones winning: the defaults here < ``--config FILE.yaml`` (nested sections) <
@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import yaml
 
-from fastclt.config import CLTConfig, SAEConfig
+from fastclt.config import CONFIG_KINDS
 
 __all__ = ["ConfigError", "RunConfig", "ModelSection", "TrainSection", "DataSection", "EvalSection",
            "CheckpointSection", "LogSection", "load_config", "build_parser", "validate",
@@ -30,23 +30,23 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
-MODEL_KINDS = ("clt", "sae")
+MODEL_KINDS = tuple(CONFIG_KINDS)  # clt, sae, molt
 
 
 @dataclass
 class ModelSection:
-    """The dictionary: fastclt.CLTConfig fields (kind clt) or SAEConfig fields (kind sae)
+    """The dictionary: the fields of fastclt.CLTConfig (kind clt), SAEConfig (kind sae) or MOLTConfig (kind molt)
 
     An SAE reads the first layer's input. A field left at null takes the kind's default; fields of
-    the other kind must stay null."""
+    the other kinds must stay null."""
     kind: str = "clt"
-    """clt (a cross-layer transcoder; n_layers 1 = a per-layer transcoder) | sae"""
+    """clt (a cross-layer transcoder; n_layers 1 = a per-layer transcoder) | sae | molt (MOLTs)"""
     n_layers: Optional[int] = None
-    """layers covered (CLT; default 4; an SAE has one)"""
+    """layers covered (CLT, MOLT; default 4; an SAE has one)"""
     d_in: int = 32
     """input width"""
     d_out: Optional[int] = None
-    """target width (CLT; default d_in)"""
+    """target width (CLT, MOLT; default d_in)"""
     n_features: int = 128
     """features per layer (sharded over train.tp)"""
     activation: str = "batchtopk"
@@ -93,12 +93,24 @@ class ModelSection:
     """SAE: unit-norm decoder rows (default true)"""
     b_dec_init: Optional[str] = None
     """SAE: geometric_median | mean | zeros (default geometric_median)"""
+    matryoshka_prefixes: Optional[List[int]] = None
+    """SAE, CLT: Matryoshka prefix ends [m_1, ..., n_features] (default: none, a plain dictionary)"""
+    matryoshka_weights: Optional[List[float]] = None
+    """SAE, CLT: loss weight of each Matryoshka prefix (default 1/G each)"""
+    ranks: Optional[List[int]] = None
+    """MOLT: rank of each rank group (default r_0, r_0/2, ..., r_0/16 with r_0 <= 2/3 of the width)"""
+    rank_counts: Optional[List[int]] = None
+    """MOLT: transforms per rank group (default N, 2N, 4N, ...; they sum to n_features)"""
+    output_bias: Optional[bool] = None
+    """MOLT: a per-layer output bias (default true)"""
 
     def config_class(self):
-        return SAEConfig if self.kind == "sae" else CLTConfig
+        if self.kind not in CONFIG_KINDS:
+            raise ConfigError(f"model.kind: expected one of {MODEL_KINDS}, got {self.kind!r}")
+        return CONFIG_KINDS[self.kind]
 
     def config_kwargs(self) -> dict:
-        """The CLTConfig / SAEConfig keyword arguments: the fields of this kind that are set, with the
+        """The CLTConfig / SAEConfig / MOLTConfig keyword arguments: the fields of this kind that are set, with the
         trainer's defaults for n_layers (4) and d_out (d_in). A field of the other kind that is set
         is an error, except SAE values that say what an SAE is anyway (n_layers 1, d_out = d_in)."""
         own = {f.name for f in dataclasses.fields(self.config_class())}
@@ -110,7 +122,7 @@ class ModelSection:
             if f.name in own:
                 kw[f.name] = v
             elif not (self.kind == "sae" and (f.name, v) in (("n_layers", 1), ("d_out", self.d_in))):
-                other = "an SAE (model.kind sae)" if self.kind == "sae" else "a CLT (model.kind clt)"
+                other = {"sae": "an SAE", "molt": "a MOLT"}.get(self.kind, "a CLT") + f" (model.kind {self.kind})"
                 raise ConfigError(f"model.{f.name}: {v!r} is not an option of {other}")
         if self.kind != "sae":
             kw.setdefault("n_layers", 4)
@@ -306,7 +318,7 @@ class RunConfig:
         return self.model.kind
 
     def model_config(self):
-        """The CLTConfig / SAEConfig of the FULL (unsharded) model."""
+        """The CLTConfig / SAEConfig / MOLTConfig of the FULL (unsharded) model."""
         kw = self.model.config_kwargs()
         try:
             return self.model.config_class()(**kw)
@@ -554,6 +566,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.kind: expected one of {MODEL_KINDS}, got {cfg.kind!r}")
     _finite_floats(cfg)
     mc = cfg.model_config()
+    if cfg.train.tp > 1 and (cfg.kind == "molt" or getattr(mc, "matryoshka_prefixes", None)):
+        raise ConfigError(f"train.tp: {'a MOLT' if cfg.kind == 'molt' else 'a Matryoshka model'} trains without "
+                          f"tensor parallelism (train.tp = 1; data parallelism works), got {cfg.train.tp}")
     t, d, c, lg = cfg.train, cfg.data, cfg.checkpoint, cfg.log
     for key in ("steps", "batch_size", "grad_accum", "tp", "dead_tokens", "init_samples", "eval_batches", "eval_every"):
         _pos(f"train.{key}", getattr(t, key), zero_ok=key in ("eval_batches", "eval_every"))

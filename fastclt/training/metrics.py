@@ -23,7 +23,10 @@ __all__ = ["step_flops", "MetricsLogger", "write_summary", "last_logged"]
 def step_flops(mcfg, tokens: int, l0: float) -> float:
     """Counted FLOPs of one step on ``tokens`` tokens: forward = dense encoder 2·L·F·d_in + sparse
     decoder 2·l0·d_out per (source, target) pair; backward ≈ 2 × forward. ``mcfg``: a CLTConfig, or
-    an SAEConfig (one layer, d_out = d_in)."""
+    an SAEConfig (one layer, d_out = d_in); a config with its own count (``MOLTConfig.step_flops``)
+    gives it."""
+    if hasattr(mcfg, "step_flops"):
+        return mcfg.step_flops(tokens, l0)
     L = getattr(mcfg, "n_layers", 1)
     d_out = getattr(mcfg, "d_out", mcfg.d_in)
     enc = 2.0 * L * mcfg.n_features * mcfg.d_in

@@ -283,16 +283,16 @@ def test_malformed_manifest_is_a_clear_error(edit, message, tmp_path, capsys):
 
 
 def test_model_section_is_the_union_of_the_model_configs():
-    """The model section has every CLTConfig / SAEConfig field (but those the trainer records), and its
+    """The model section has every CLTConfig / SAEConfig / MOLTConfig field (but those the trainer records), and its
     defaults are theirs except the trainer's small default model and the kind-specific fields (null:
     the kind's default)."""
     import dataclasses
 
-    from fastclt.config import CLTConfig, SAEConfig
+    from fastclt.config import CONFIG_KINDS
     from fastclt.training.config import RECORDED_MODEL_FIELDS, ModelSection
     section = {f.name: f.default for f in dataclasses.fields(ModelSection)}
     union = {}
-    for cls in (CLTConfig, SAEConfig):
+    for cls in CONFIG_KINDS.values():
         for f in dataclasses.fields(cls):
             union.setdefault(f.name, set()).add(f.default)
     assert set(section) == {"kind"} | set(union) - set(RECORDED_MODEL_FIELDS)
@@ -301,7 +301,7 @@ def test_model_section_is_the_union_of_the_model_configs():
         if name in trainer_defaults:
             assert default == trainer_defaults[name], name
         elif name != "kind" and len(union[name]) == 1 and all(name in {f.name for f in dataclasses.fields(c)}
-                                                             for c in (CLTConfig, SAEConfig)):
+                                                             for c in CONFIG_KINDS.values()):
             assert {default} == union[name], name  # shared and alike in both: the same default
         elif name != "kind":
             assert default is None, name  # one kind's field: null = that kind's default
@@ -309,3 +309,6 @@ def test_model_section_is_the_union_of_the_model_configs():
     assert clt["n_layers"] == 4 and clt["d_out"] == 32 and clt["decoder_tying"] == "none" and clt["b_dec_init"] is None
     sae = ModelSection(kind="sae", n_layers=1).resolved()
     assert sae["n_layers"] is None and sae["unit_norm_decoder"] is True and sae["b_dec_init"] == "geometric_median"
+    molt = ModelSection(kind="molt").resolved()
+    assert molt["n_layers"] == 4 and molt["output_bias"] is True and sum(molt["rank_counts"]) == 128
+    assert molt["matryoshka_prefixes"] is None and molt["decoder_tying"] is None
