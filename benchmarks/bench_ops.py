@@ -392,7 +392,8 @@ def _molt_cases(s: Shape, c: _Ctx, priority_of) -> list[Case]:
         W = torch.randn((T, d), generator=g, device=c.device, dtype=torch.float32)
         return {"x": _randn((B, d), g, c.device, c.dtype), "W": (W / W.norm(dim=1, keepdim=True)).to(c.dtype),
                 "b": torch.zeros(T, device=c.device, dtype=c.dtype),
-                "U": _randn((R, d), g, c.device, c.dtype, d ** -0.5), "V": _randn((R, d), g, c.device, c.dtype, d ** -0.5),
+                "U": _randn((R, d), g, c.device, c.dtype, d ** -0.5),
+                "V": _randn((R, d), g, c.device, c.dtype, d ** -0.5),
                 "b_dec": _randn((d,), g, c.device, c.dtype, 0.01)}
 
     def leaves(inp):  # x is data: no gradient, as in training

@@ -48,8 +48,10 @@ _GOAL_KEYS = {
     ("train_step", "sae-batchtopk", "", "sae-2304"), ("train_step", "sae-batchtopk-matryoshka5", "", "sae-2304"),
     ("train_step", "clt-none-batchtopk-matryoshka5", "", "gpt2-clt"),
     ("train_step", "sae-batchtopk", "", "cpu-small"), ("train_step", "sae-batchtopk-matryoshka5", "", "cpu-small"),
-    ("train_step", "molt-topk", "", "molt-768"), ("molt", "", "fwd+bwd", "molt-768"), ("molt", "gate-gemm", "fwd", "molt-768"),
-    ("train_step", "molt-topk", "", "molt-cpu"), ("molt", "", "fwd+bwd", "molt-cpu"), ("molt", "gate-gemm", "fwd", "molt-cpu"),
+    ("train_step", "molt-topk", "", "molt-768"), ("molt", "", "fwd+bwd", "molt-768"),
+    ("molt", "gate-gemm", "fwd", "molt-768"),
+    ("train_step", "molt-topk", "", "molt-cpu"), ("molt", "", "fwd+bwd", "molt-cpu"),
+    ("molt", "gate-gemm", "fwd", "molt-cpu"),
 }
 
 

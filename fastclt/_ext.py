@@ -140,6 +140,29 @@ def _register_fakes() -> None:
                 x.new_empty(index.shape[0]))
 
 
+    @torch.library.register_fake("fastclt::molt_forward")
+    def _(row_ptr, index, gate, x, U, V, rank_ptr, bias):
+        n = torch.library.get_ctx().new_dynamic_size()  # h holds r_i floats per active pair
+        return U.new_empty(x.shape[0], U.shape[1]), x.new_empty(n, dtype=torch.float32)
+
+    @torch.library.register_fake("fastclt::molt_backward")
+    def _(row_ptr, index, gate, x, U, V, rank_ptr, h, grad_y, need_gate, need_x, need_U, need_V):
+        def pick(want, t):
+            return t if want else x.new_empty(0)
+        return (pick(need_gate, gate.new_empty(index.shape[0])), pick(need_x, torch.empty_like(x)),
+                pick(need_U, torch.empty_like(U)), pick(need_V, torch.empty_like(V)))
+
+    @torch.library.register_fake("fastclt::prefix_errors_forward")
+    def _(y, base, blocks):
+        return y.new_empty(blocks.shape[0], y.shape[1]), torch.empty_like(y)
+
+    @torch.library.register_fake("fastclt::prefix_errors_backward")
+    def _(y, base, blocks, dsq, need_y, need_base, need_blocks):
+        def pick(want, t):
+            return torch.empty_like(t) if want else y.new_empty(0)
+        return pick(need_y, y), pick(need_base, base), pick(need_blocks, blocks)
+
+
 _PY_KERNELS = []  # the torch.library.Library holding Python kernels (kept alive: dropping it deregisters them)
 
 

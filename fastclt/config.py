@@ -329,7 +329,8 @@ class MOLTConfig(_DictionaryConfig):
                 counts = self.rank_counts = list(counts)
             if (not isinstance(counts, list) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0
                                                     for c in counts)):
-                raise TypeError(f"rank_counts: expected a list of ints >= 0 (transforms per rank group), got {counts!r}")
+                raise TypeError(f"rank_counts: expected a list of ints >= 0 (transforms per rank group), "
+                                f"got {counts!r}")
             if len(counts) != n_groups:
                 raise ValueError(f"rank_counts: expected {n_groups} counts (one per rank group), got {len(counts)}")
             if sum(counts) != self.n_features:

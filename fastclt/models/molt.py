@@ -78,14 +78,14 @@ class MOLT(SparseDictionary):
 
     def rank_ptr(self) -> torch.Tensor:
         """int64 [T + 1]: transform i owns rows rank_ptr[i] : rank_ptr[i+1] of U[l] and V[l]."""
-        return ops.molt.rank_ptr(self.rank_groups, self.device)
+        return ops.rank_ptr(self.rank_groups, self.device)
 
     def transform(self, layer: int, i: int) -> torch.Tensor:
         """A_{layer,i} = U_i V_i as a dense [d_out, d_in] matrix (for inspection and tests)."""
         if not 0 <= layer < self.n_layers or not 0 <= i < self.cfg.n_features:
             raise ValueError(f"layer, i: expected 0 <= layer < {self.n_layers} and 0 <= i < {self.cfg.n_features}, "
                              f"got {layer}, {i}")
-        ptr = ops.molt.rank_ptr(self.rank_groups, torch.device("cpu"))
+        ptr = ops.rank_ptr(self.rank_groups, torch.device("cpu"))
         lo, hi = int(ptr[i]), int(ptr[i + 1])
         return self.U[layer, lo:hi].T @ self.V[layer, lo:hi]
 

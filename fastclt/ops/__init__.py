@@ -12,6 +12,11 @@ The selection ops (``topk``, ``batch_topk``, ``batch_topk_layers``, ``encode``, 
 are sharded (tensor parallelism; rank r holds the r-th contiguous block of F). They then select
 exactly over all shards and return this rank's share, with local feature indices
 (``fastclt.ops.sharded``; docs/DESIGN.md §14).
+
+Matryoshka dictionaries (docs/DESIGN.md §15) decode every prefix with one call of the dispatched
+decodes (``fastclt.ops.prefix_decode``: ``split_codes``, ``matryoshka_blocks``, ...) and take every
+prefix's squared error from the op ``prefix_errors``; MOLTs (§16) apply their gated low-rank
+transforms with the op ``molt_decode`` (``molt_norms``: batched matmuls, not dispatched).
 """
 from __future__ import annotations
 
@@ -26,15 +31,20 @@ from fastclt.ops._registry import implementations, resolve
 from fastclt.ops.reference.activation import band_mask, jumprelu_dense, jumprelu_step
 from fastclt.ops.reference.clt_decode import feature_affine
 from fastclt.ops.reference.encode import preacts, preacts_layers
+from fastclt.ops.prefix_decode import (matryoshka_blocks, matryoshka_clt_blocks, matryoshka_clt_decode,
+                                       matryoshka_decode, prefix_bounds, prefix_sums, split_codes)
 from fastclt.ops.reference.losses import auxk_loss, fvu, mse, preact_loss, sparsity_loss, squared_error, total_variance
+from fastclt.ops.reference.molt import molt_norms, rank_ptr
 from fastclt.ops.sharded import as_shards
 
 __all__ = [
     "SparseCodes", "ACTIVATIONS", "TYINGS",
     "encode", "encode_layers", "relu", "jumprelu", "topk", "batch_topk", "batch_topk_layers",
-    "sparse_decode", "clt_decode", "auxk_select",
+    "sparse_decode", "clt_decode", "auxk_select", "molt_decode", "prefix_errors",
     "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts", "preacts_layers",
     "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss", "squared_error", "total_variance",
+    "split_codes", "prefix_bounds", "prefix_sums", "matryoshka_blocks", "matryoshka_decode", "matryoshka_clt_blocks",
+    "matryoshka_clt_decode", "molt_norms", "rank_ptr",
     "implementations", "resolve",
 ]
 
@@ -145,3 +155,23 @@ def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tens
     shards = as_shards(group)
     _checks.check_auxk(x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
     return _call("auxk_select", impl, x, shards, x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
+
+
+def molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence,
+                b_dec: Optional[torch.Tensor] = None, *, impl: str = "auto") -> torch.Tensor:
+    """MOLT transforms (docs/DESIGN.md §16): gates ``codes`` (CSR over T transforms, B rows),
+    x: [B, d_in], U: [R, d_out], V: [R, d_in] (one dtype; transform i owns the packed rank rows
+    rank_ptr[i] : rank_ptr[i+1]), rank_groups ((count, rank), ...), b_dec: [d_out] or None →
+    y[b] = Σ_{j ∈ row b} g_j · U_{i_j} (V_{i_j} x[b]) (+ b_dec): [B, d_out] in U's dtype, fp32
+    accumulation; differentiable in codes.value, x, U, V and b_dec (fastclt/ops/reference/molt.py)."""
+    groups = _checks.check_molt_decode(codes, x, U, V, rank_groups, b_dec)
+    return _call("molt_decode", impl, U, None, codes, x, U, V, groups, b_dec)
+
+
+def prefix_errors(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor, *, impl: str = "auto"):
+    """Matryoshka prefix errors (docs/DESIGN.md §15): y [B, ..., d] targets, base broadcastable to y
+    (b_dec, plus a skip term), blocks [G, B, ..., d] → (sq [G, ...]: Σ_b ‖y − ŷ_g‖² per middle index
+    for ŷ_g = base + Σ_{g' ≤ g} blocks[g'], differentiable in y, base and blocks; ŷ_{G-1}, the full
+    reconstruction, detached). Accumulated in fp32 (fp64 for fp64 y); the prefixes are never stored."""
+    _checks.check_prefix_errors(y, base, blocks)
+    return _call("prefix_errors", impl, y, None, y, base, blocks)

@@ -12,7 +12,8 @@ from fastclt.codes import SparseCodes
 from fastclt.names import ACTIVATIONS, SELECTIONS, TYINGS
 
 __all__ = ["check_h", "check_k", "check_bandwidth", "check_jumprelu", "check_encode", "check_encode_layers",
-           "check_auxk", "check_sparse_decode", "check_clt_decode"]
+           "check_auxk", "check_sparse_decode", "check_clt_decode", "check_rank_groups", "check_molt_decode",
+           "check_prefix_errors", "check_bounds"]
 
 
 def _shape(t) -> str:
@@ -207,3 +208,82 @@ def _weight(name: str, W: torch.Tensor, device: torch.device, dtype: torch.dtype
         raise ValueError(f"{name}: on {W.device}, but the codes are on {device}")
     if W.dtype != dtype:
         raise TypeError(f"{name}: expected {dtype} like W_dec[0], got {W.dtype}")
+
+
+def check_rank_groups(rank_groups) -> tuple:
+    """``rank_groups`` of a MOLT as a tuple of (count, rank) int pairs (count >= 0, not all 0; rank >= 1)."""
+    try:
+        groups = tuple((int(n), int(r)) for n, r in rank_groups)
+        ok = all(n == n0 and r == r0 and not isinstance(n0, bool) and not isinstance(r0, bool)
+                 for (n, r), (n0, r0) in zip(groups, rank_groups))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not groups or any(n < 0 or r < 1 for n, r in groups) or not any(n for n, _ in groups):
+        raise ValueError(f"rank_groups: expected ((count, rank), ...) with counts >= 0 (not all 0) and ranks >= 1, "
+                         f"got {rank_groups!r}")
+    return groups
+
+
+def check_molt_decode(codes, x, U, V, rank_groups, b_dec) -> tuple:
+    """A MOLT decode's arguments (see ``fastclt.ops.molt_decode``): gates over T transforms and B rows,
+    x [B, d_in], U [R, d_out], V [R, d_in] in one dtype, b_dec [d_out] → the rank groups as a tuple."""
+    if not isinstance(codes, SparseCodes):
+        raise TypeError(f"codes: expected SparseCodes (the gates), got {type(codes).__name__}")
+    groups = check_rank_groups(rank_groups)
+    T = sum(n for n, _ in groups)
+    R = sum(n * r for n, r in groups)
+    for name, t in (("x", x), ("U", U), ("V", V)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    if x.shape[0] != codes.batch_size:
+        raise ValueError(f"x: expected [B={codes.batch_size}, d_in] (one row per codes row), got {tuple(x.shape)}")
+    if V.shape != (R, x.shape[1]):
+        raise ValueError(f"V: expected [R={R}, d_in={x.shape[1]}] (rank rows of every transform), got {tuple(V.shape)}")
+    if U.shape[0] != R:
+        raise ValueError(f"U: expected [R={R}, d_out] (rank rows of every transform), got {tuple(U.shape)}")
+    if x.dtype != U.dtype or V.dtype != U.dtype:
+        raise TypeError(f"x, V: expected U's dtype {U.dtype}, got {x.dtype} and {V.dtype}")
+    if codes.n_features is not None and codes.n_features != T:
+        raise ValueError(f"codes: n_features={codes.n_features} but rank_groups hold {T} transforms")
+    if b_dec is not None:
+        if not isinstance(b_dec, torch.Tensor) or b_dec.shape != (U.shape[1],):
+            raise ValueError(f"b_dec: expected [{U.shape[1]}], got shape {_shape(b_dec)}")
+    for name, t in (("x", x), ("U", U), ("V", V), ("b_dec", b_dec)):
+        if t is not None and t.device != codes.device:
+            raise ValueError(f"{name}: on {t.device}, but codes are on {codes.device}")
+    return groups
+
+
+def check_prefix_errors(y, base, blocks) -> None:
+    """y [B, ..., d], base broadcastable to y, blocks [G, *y.shape], all floating-point on y's device."""
+    for name, t in (("y", y), ("base", base), ("blocks", blocks)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if y.dim() < 2:
+        raise ValueError(f"y: expected [B, ..., d], got {tuple(y.shape)}")
+    if blocks.dim() != y.dim() + 1 or blocks.shape[1:] != y.shape or blocks.shape[0] < 1:
+        raise ValueError(f"blocks: expected [G, *y.shape] = [G, {', '.join(map(str, y.shape))}], got "
+                         f"{tuple(blocks.shape)}")
+    try:
+        torch.broadcast_shapes(base.shape, y.shape)
+        ok = base.dim() <= y.dim()
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"base: expected a shape that broadcasts to y {tuple(y.shape)}, got {tuple(base.shape)}")
+    for name, t in (("base", base), ("blocks", blocks)):
+        if t.device != y.device:
+            raise ValueError(f"{name}: on {t.device}, but y is on {y.device}")
+
+
+def check_bounds(bounds, n_features: int) -> list:
+    """``bounds`` as a list of ints 0 = m_0 < m_1 < … < m_G = n_features, or a ValueError naming it."""
+    b = list(bounds)
+    if (len(b) < 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in b) or b[0] != 0
+            or b[-1] != n_features or any(y <= x for x, y in zip(b, b[1:]))):
+        raise ValueError(f"bounds: expected increasing ints 0 = m_0 < ... < m_G = n_features={n_features}, got {b}")
+    return b

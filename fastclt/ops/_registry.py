@@ -129,6 +129,11 @@ TABLE = (
     _e("clt_decode",        T,    "triton.clt_decode:clt_decode",                    TRITON_DTYPES),
     _e("clt_decode",        C,    "ext.clt_decode:clt_decode",                       EXT_DTYPES),
     _e("clt_decode",        G,    "ext.clt_decode:clt_decode",                       EXT_DTYPES),
+    _e("molt_decode",       R,    "reference.molt:molt_decode",                      FLOATS),
+    _e("molt_decode",       T,    "triton.molt:molt_decode",                         TRITON_DTYPES),
+    _e("molt_decode",       C,    "ext.molt:molt_decode",                            EXT_DTYPES),
+    _e("prefix_errors",     R,    "reference.matryoshka:prefix_errors",              FLOATS),
+    _e("prefix_errors",     C,    "ext.matryoshka:prefix_errors",                    (torch.float32,)),
 )
 
 _BY_OP: dict[str, dict[str, Entry]] = {}

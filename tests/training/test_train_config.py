@@ -283,8 +283,8 @@ def test_malformed_manifest_is_a_clear_error(edit, message, tmp_path, capsys):
 
 
 def test_model_section_is_the_union_of_the_model_configs():
-    """The model section has every CLTConfig / SAEConfig / MOLTConfig field (but those the trainer records), and its
-    defaults are theirs except the trainer's small default model and the kind-specific fields (null:
+    """The model section has every CLTConfig / SAEConfig / MOLTConfig field (but those the trainer
+    records), and its defaults are theirs except the trainer's small default model and the kind-specific fields (null:
     the kind's default)."""
     import dataclasses
 

@@ -11,6 +11,8 @@ fine when it is not built. Which C++/CUDA source computes what:
     auxk.py         auxk_select                           as encode.py, over the dead features
     decode.py       sparse_decode                         csrc/cpu/sparse_cpu.cpp, csrc/cuda/sparse_kernels.cu
     clt_decode.py   clt_decode                            decode.py's sparse_decode per (source, target) block
+    molt.py         molt_decode                           csrc/cpu/molt_cpu.cpp
+    matryoshka.py   prefix_errors                         csrc/cpu/matryoshka_cpu.cpp
     _common.py      loading the extension, the encoder backward's kernels, host-pool buffers
 
 Op schemas: csrc/bindings.cpp; CUDA glue: csrc/cuda/ops_cuda.cpp; algorithms: csrc/README.md.

@@ -9,5 +9,7 @@ kernels' folders (``fastclt/ops/triton/``, ``fastclt/ops/ext/``); the op table i
     auxk.py         auxk_select
     decode.py       sparse_decode
     clt_decode.py   clt_decode (+ feature_affine, clt_decode_with)
+    molt.py         molt_decode (+ molt_norms, rank_ptr)
+    matryoshka.py   prefix_errors
     losses.py       mse, fvu, sparsity_loss, preact_loss, auxk_loss (reference only: no kernels)
 """

@@ -8,6 +8,7 @@ gather-decode, the dot at sparse indices and the scatter by feature) and the aut
     auxk.py         auxk_select (the fused encode over the dead features)
     decode.py       sparse_decode
     clt_decode.py   clt_decode
+    molt.py         molt_decode (grouped GEMMs over the open (token, transform) pairs)
 
 Imported lazily by the op table (``fastclt/ops/_registry.py``): ``import fastclt.ops.triton`` does
 not import Triton. Kernels run on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (set

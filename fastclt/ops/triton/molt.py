@@ -1,4 +1,4 @@
-"""Triton MOLT transforms: ``molt_decode`` of ``fastclt.ops.molt`` (math and layout there) on the GPU.
+"""Triton MOLT transforms: ``molt_decode`` (math and layout: ``fastclt/ops/reference/molt.py``) on the GPU.
 
 Only the active (token, transform) pairs are computed, as grouped GEMMs over the entries sorted by
 transform (a stable argsort; tokens ascending within a transform). The work is cut into tiles of
@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from fastclt.codes import SparseCodes
-from fastclt.ops.molt import check_molt_args, rank_ptr
-from fastclt.ops.triton.sparse_decode import FLOAT_DTYPES, check_float, gather_decode, new_output
+from fastclt.ops.reference.molt import molt_sizes, rank_ptr
+from fastclt.ops.triton._common import check_float, gather_decode, new_output
 
 __all__ = ["molt_decode", "MOLTFunction", "BLOCK_M"]
 
@@ -285,14 +285,11 @@ class MOLTFunction(torch.autograd.Function):
 
 def molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence,
                 b_dec: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``fastclt.ops.molt.molt_decode`` on Triton kernels (fp32 / bf16 / fp16; x, U and V in one dtype)."""
-    groups, T, R = check_molt_args(codes, x, U, V, rank_groups, b_dec)
-    for name, t in (("x", x), ("U", U), ("V", V), ("codes.value", codes.value)):
-        check_float(name, t)
-    if x.dtype != U.dtype or V.dtype != U.dtype:
-        raise TypeError(f"x, U, V: expected one dtype, got {x.dtype}, {U.dtype}, {V.dtype}")
-    r_max = max(r for n, r in groups if n)
-    plan = _Plan(codes, rank_ptr(groups, x.device), T, r_max)
+    """``fastclt.ops.molt_decode`` on Triton kernels (fp32 / bf16 / fp16; x, U and V in one dtype,
+    checked by the entry point)."""
+    check_float("codes.value", codes.value)
+    T, _, r_max = molt_sizes(tuple(rank_groups))
+    plan = _Plan(codes, rank_ptr(rank_groups, x.device), T, r_max)
     bias = None if b_dec is None else b_dec.to(U.dtype).contiguous()
     return MOLTFunction.apply(plan, codes.row_ptr.contiguous(), codes.value.contiguous(), x.contiguous(),
                               U.contiguous(), V.contiguous(), bias)

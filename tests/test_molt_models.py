@@ -1,9 +1,8 @@
-"""MOLT (sparse mixtures of low-rank linear transforms): the op ``molt_decode`` on every backend and
-the model, against dense float64 math built from the definition — every A_i = U_i V_i formed
-explicitly, ŷ_b = Σ_i g_bi A_i x_b — forward and every gradient; odd sizes, empty rows, unused and
-hot transforms, NaN-poisoned kernel outputs, bf16; the Frobenius norms from Gram products; bad
-configs; save/load, splicing into a language model, export refusal, the trainer; and a planted
-MOLT (low-rank transforms, sparse gates) that training recovers."""
+"""MOLT models (sparse mixtures of low-rank linear transforms) on every backend, against dense
+float64 math built from the definition — every A_i = U_i V_i formed explicitly — loss and every
+gradient; bad configs; save/load, splicing into a language model, export refusal; and a planted
+MOLT (low-rank transforms, sparse gates) that training recovers. The op ``molt_decode`` and
+``molt_norms``: tests/ops/test_molt.py; the trainer: tests/training/test_train_variants.py."""
 import os
 
 import torch
@@ -15,10 +14,9 @@ import pytest  # noqa: E402
 
 import fastclt  # noqa: E402
 from _util import assert_close  # noqa: E402
-from fastclt import _ext, ops  # noqa: E402
-from fastclt.codes import SparseCodes  # noqa: E402
+from fastclt import _ext  # noqa: E402
 from fastclt.config import MOLTConfig  # noqa: E402
-from fastclt.ops.molt import molt_norms, rank_ptr, reference_molt_decode  # noqa: E402
+from _molt_cases import dense_A  # noqa: E402
 
 try:
     import triton  # noqa: F401
@@ -33,159 +31,14 @@ BACKENDS = ["reference", pytest.param("cpu", marks=NEED_CPU), pytest.param("trit
 MODEL_CASES = [("reference", "jumprelu"), ("reference", "topk"), pytest.param("cpu", "jumprelu", marks=NEED_CPU),
                pytest.param("cpu", "topk", marks=NEED_CPU), pytest.param("triton", "jumprelu", marks=NEED_TRITON)]
 GPU = torch.cuda.is_available()
-# (B, d_in, d_out): odd sizes; on a GPU also a real-sized one (several tiles and column blocks)
-SIZES = [(11, 13, 9)] + ([(1031, 771, 389)] if GPU else [])
 
 
 def device_of(impl: str) -> torch.device:
     """Triton runs on the GPU when there is one (else on the CPU under the interpreter)."""
     return torch.device("cuda" if impl == "triton" and GPU else "cpu")
-GROUPS = ((2, 7), (0, 5), (3, 4), (4, 1))  # an empty group; T = 9 transforms, R = 30 rank rows
 
 
-@pytest.fixture
-def poison_all(monkeypatch):
-    """Kernel outputs start as NaN (C++: fastclt._C's switch; Triton: FASTCLT_POISON)."""
-    monkeypatch.setenv("FASTCLT_POISON", "1")
-    if _ext._C is not None:
-        _ext._C.set_poison_outputs(True)
-    yield
-    if _ext._C is not None:
-        _ext._C.set_poison_outputs(False)
-
-
-def _dense_A(U, V, groups):
-    """[T, d_out, d_in]: every A_i = U_i V_i built explicitly (U rows are U_iᵀ's rows)."""
-    ptr = rank_ptr(groups, torch.device("cpu")).tolist()
-    return torch.stack([U[ptr[i]:ptr[i + 1]].T @ V[ptr[i]:ptr[i + 1]] for i in range(len(ptr) - 1)])
-
-
-def _codes(B, T, gen, kind="csr"):
-    """Gate codes: random row lengths (row 1 empty), one transform unused; 'hot': every row on one."""
-    if kind == "hot":
-        idx = torch.full((B, 1), 3, dtype=torch.int32)
-        return SparseCodes.from_topk(idx, torch.rand(B, 1, generator=gen) + 0.2, T)
-    rows, cols = [], []
-    lengths = torch.randint(1, 5, (B,), generator=gen)
-    lengths[1] = 0
-    for b in range(B):
-        pick = torch.randperm(T - 1, generator=gen)[: int(lengths[b])].sort().values  # transform T-1 unused
-        cols.append(pick)
-    row_ptr = torch.zeros(B + 1, dtype=torch.int64)
-    row_ptr[1:] = lengths.cumsum(0)
-    index = torch.cat(cols).to(torch.int32)
-    return SparseCodes(row_ptr, index, torch.randn(index.shape[0], generator=gen), T)
-
-
-def _inputs(gen, B=11, d_in=13, d_out=9, kind="csr"):
-    T = sum(n for n, _ in GROUPS)
-    R = sum(n * r for n, r in GROUPS)
-    codes = _codes(B, T, gen, kind)
-    x = torch.randn(B, d_in, generator=gen)
-    U = torch.randn(R, d_out, generator=gen) / 3
-    V = torch.randn(R, d_in, generator=gen) / 3
-    b = torch.randn(d_out, generator=gen)
-    return codes, x, U, V, b
-
-
-def _run(fn, codes, x, U, V, b, up, dtype=torch.float32, device=torch.device("cpu")):
-    leaves = [t.detach().to(device, dtype).clone().requires_grad_(True) for t in (codes.value, x, U, V, b)]
-    c = SparseCodes(codes.row_ptr.to(device), codes.index.to(device), leaves[0], codes.n_features)
-    y = fn(c, *leaves[1:4], GROUPS, leaves[4])
-    (y.double() * up.to(device)).sum().backward()
-    return [y.detach().cpu()] + [t.grad.cpu() for t in leaves]
-
-
-def _dense_reference(codes, x, U, V, b, up):
-    """ŷ_b = Σ_i g_bi A_i x_b + b, every A_i explicit, float64; gradients by autograd."""
-    leaves = [t.detach().double().clone().requires_grad_(True) for t in (codes.value, x, U, V, b)]
-    g = SparseCodes(codes.row_ptr, codes.index, leaves[0], codes.n_features).to_dense()
-    A = _dense_A(leaves[2], leaves[3], GROUPS)
-    y = torch.einsum("bt,toi,bi->bo", g, A, leaves[1]) + leaves[4]
-    (y * up).sum().backward()
-    return [y.detach()] + [t.grad for t in leaves]
-
-
-NAMES = ("y", "d_gate", "dx", "dU", "dV", "db")
-
-
-@pytest.mark.parametrize("impl", BACKENDS)
-@pytest.mark.parametrize("kind", ["csr", "hot"])
-@pytest.mark.parametrize("size", SIZES)
-def test_molt_decode_matches_dense_math(impl, kind, size, gen, poison_all):
-    B, d_in, d_out = size
-    codes, x, U, V, b = _inputs(gen, B, d_in, d_out, kind=kind)
-    up = torch.randn(x.shape[0], U.shape[1], generator=gen, dtype=torch.float64)
-    want = _dense_reference(codes, x, U, V, b, up)
-    got = _run(lambda *a: ops.molt_decode(*a, impl=impl), codes, x, U, V, b, up, device=device_of(impl))
-    for name, o, w in zip(NAMES, got, want):
-        assert_close(o, w, 2e-5, f"{impl} {kind} {name}")
-
-
-@pytest.mark.parametrize("impl", [p for p in BACKENDS if p != "reference"])
-def test_molt_decode_bf16(impl, gen, poison_all):
-    """bf16 x, U, V (fp32 gates): within bf16 rounding of the fp64 math."""
-    codes, x, U, V, b = _inputs(gen)
-    up = torch.randn(x.shape[0], U.shape[1], generator=gen, dtype=torch.float64)
-    want = _dense_reference(codes, x.bfloat16(), U.bfloat16(), V.bfloat16(), b.bfloat16(), up)
-
-    def fn(c, x_, U_, V_, groups, b_):
-        return ops.molt_decode(SparseCodes(c.row_ptr, c.index, c.value.float(), c.n_features), x_, U_, V_, groups, b_,
-                               impl=impl)
-    got = _run(fn, codes, x, U, V, b, up, dtype=torch.bfloat16, device=device_of(impl))
-    assert got[0].dtype == torch.bfloat16 and got[3].dtype == torch.bfloat16
-    for name, o, w in zip(NAMES, got, want):
-        assert_close(o, w, 4e-2, f"{impl} bf16 {name}")
-
-
-@pytest.mark.parametrize("impl", [p for p in BACKENDS if p != "reference"])
-def test_molt_decode_no_entries_and_only_some_grads(impl, gen, poison_all):
-    """nnz = 0 gives the bias and zero gradients; frozen U/V/x get no gradient computed."""
-    dev = device_of(impl)
-    codes, x, U, V, b = _inputs(gen, B=5)
-    codes = SparseCodes(codes.row_ptr.to(dev), codes.index.to(dev), codes.value.to(dev), 9)
-    x, U, V, b = (t.to(dev) for t in (x, U, V, b))
-    empty = SparseCodes(torch.zeros(6, dtype=torch.int64, device=dev), codes.index[:0],
-                        codes.value[:0].requires_grad_(True), 9)
-    Ul = U.clone().requires_grad_(True)
-    y = ops.molt_decode(empty, x, Ul, V, GROUPS, b, impl=impl)
-    assert torch.equal(y, b.expand(5, -1))
-    y.sum().backward()
-    assert torch.equal(Ul.grad, torch.zeros_like(U))
-    v = codes.value.clone().requires_grad_(True)
-    out = ops.molt_decode(SparseCodes(codes.row_ptr, codes.index, v, 9), x, U, V, GROUPS, impl=impl)
-    out.pow(2).sum().backward()
-    ref_v = codes.value.clone().requires_grad_(True)
-    reference_molt_decode(SparseCodes(codes.row_ptr, codes.index, ref_v, 9), x, U, V, GROUPS).pow(2).sum().backward()
-    assert_close(v.grad, ref_v.grad, 2e-5, f"{impl} d_gate alone")
-
-
-def test_molt_norms_are_the_frobenius_norms_of_the_products(gen):
-    R = sum(n * r for n, r in GROUPS)
-    U = torch.randn(R, 9, generator=gen, dtype=torch.float64, requires_grad=True)
-    V = torch.randn(R, 13, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(9, generator=gen, dtype=torch.float64)
-    (molt_norms(U, V, GROUPS) * w).sum().backward()
-    got = (U.grad.clone(), V.grad.clone())
-    U.grad = V.grad = None
-    want = _dense_A(U, V, GROUPS).flatten(1).norm(dim=1)
-    (want * w).sum().backward()
-    assert_close(molt_norms(U, V, GROUPS), want, 1e-12, "norms")
-    assert_close(got[0], U.grad, 1e-12, "dU")
-    assert_close(got[1], V.grad, 1e-12, "dV")
-    Z = torch.zeros(R, 9, dtype=torch.float64, requires_grad=True)  # zero transforms: norm 0, gradient 0 (not NaN)
-    molt_norms(Z, V.detach(), GROUPS).sum().backward()
-    assert torch.equal(Z.grad, torch.zeros_like(Z))
-
-
-def test_bad_arguments_and_configs_are_clear_errors(gen):
-    codes, x, U, V, b = _inputs(gen)
-    with pytest.raises(ValueError, match="V: expected"):
-        ops.molt_decode(codes, x, U, V[:-1], GROUPS, impl="reference")
-    with pytest.raises(ValueError, match="x: expected"):
-        ops.molt_decode(codes, x[:-1], U, V, GROUPS, impl="reference")
-    with pytest.raises(ValueError, match="rank_groups"):
-        ops.molt_decode(codes, x, U, V, ((2, 0),), impl="reference")
+def test_bad_configs_are_clear_errors():
     with pytest.raises(ValueError, match="ranks: every rank must be in"):
         MOLTConfig(d_in=16, d_out=12, ranks=[8, 13])
     with pytest.raises(ValueError, match="rank_counts: must sum to n_features"):
@@ -227,7 +80,7 @@ def _dense_model_loss(m, x, y, dead=None):
         elif cfg.activation == "topk":
             keep = torch.zeros_like(h, dtype=torch.bool).scatter_(1, h.topk(cfg.k, dim=1).indices, True)
             g = torch.relu(h) * keep
-        A = _dense_A(p["U"][l], p["V"][l], groups)
+        A = dense_A(p["U"][l], p["V"][l], groups)
         y_hat = torch.einsum("bt,toi,bi->bo", g, A, xn[:, l])
         if cfg.output_bias:
             y_hat = y_hat + p["b_dec"][l]
@@ -335,23 +188,6 @@ def test_spliced_into_a_language_model_like_a_transcoder(gen):
     assert all(v is not None for v in sp.stats()["fvu"])
 
 
-def test_trainer_runs_model_kind_molt(tmp_path):
-    from fastclt.train import main
-    from fastclt.training.config import ConfigError, load_config
-
-    out = tmp_path / "run"
-    common = ["--model.kind", "molt", "--model.d_in", "16", "--model.d_out", "16", "--model.n_layers", "2",
-              "--model.n_features", "12", "--data.n_true", "8", "--train.batch_size", "32", "--train.init_samples", "64",
-              "--log.progress", "false", "--log.plot", "false", "--checkpoint.every", "0"]
-    assert main(common + ["--train.steps", "3", "--out_dir", str(out)]) == 0
-    m = fastclt.load(out)
-    assert isinstance(m, fastclt.MOLT) and m.cfg.n_features == 12
-    with pytest.raises(ConfigError, match="train.tp"):
-        load_config(common + ["--train.tp", "2"])
-    with pytest.raises(ConfigError, match="model.decoder_tying: not an option of model.kind molt"):
-        load_config(common + ["--model.decoder_tying", "per_source"])
-
-
 def test_planted_low_rank_transforms_with_sparse_gates_are_recovered():
     """Data from a planted MOLT (6 rank-2 transforms, ReLU gates open on ~20% of tokens): training a
     MOLT of the same shape finds every planted A_i (cosine > 0.99) and explains the targets."""
@@ -388,20 +224,3 @@ def test_planted_low_rank_transforms_with_sparse_gates_are_recovered():
     assert out.metrics["fvu"] < 1e-3, out.metrics
     assert cos.max(1).values.min() > 0.99, cos
     assert 0.5 < out.metrics["l0"] < 3, out.metrics  # sparse gates (the planted ones open ~1.3 per token)
-
-
-def test_opcheck_of_the_cpu_ops(gen):
-    if not _ext.has_cpu_ext():
-        pytest.skip(_ext.missing_message("cpu"))
-    codes, x, U, V, b = _inputs(gen)
-    ptr = rank_ptr(GROUPS, torch.device("cpu"))
-    torch.library.opcheck(torch.ops.fastclt.molt_forward, (codes.row_ptr, codes.index, codes.value, x, U, V, ptr, b),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    y, h = torch.ops.fastclt.molt_forward(codes.row_ptr, codes.index, codes.value, x, U, V, ptr, b)
-    torch.library.opcheck(torch.ops.fastclt.molt_backward,
-                          (codes.row_ptr, codes.index, codes.value, x, U, V, ptr, h, torch.randn_like(y), True, True,
-                           True, False), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    bad = SparseCodes(codes.row_ptr, codes.index.clone(), codes.value, None)
-    bad.index[0] = 99
-    with pytest.raises(RuntimeError, match="index must lie in"):
-        torch.ops.fastclt.molt_forward(bad.row_ptr, bad.index, bad.value, x, U, V, ptr, b)

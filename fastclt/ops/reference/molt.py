@@ -1,4 +1,4 @@
-"""MOLT transforms (a sparse mixture of low-rank linear transforms; docs/DESIGN.md §16).
+"""Reference MOLT transforms (a sparse mixture of low-rank linear transforms; docs/DESIGN.md §16).
 
 Layout. T transforms in rank groups ``rank_groups = ((n_1, r_1), (n_2, r_2), …)``: the first n_1
 transforms have rank r_1, the next n_2 rank r_2, and so on. Transform i owns the r_i consecutive
@@ -15,16 +15,14 @@ with R = Σ_i r_i, so that A_i = U_i V_i = U[rows_i]ᵀ V[rows_i] (d_out × d_in
 
 Gradients: dg_j = ⟨U_iᵀ dy_b, V_i x_b⟩, dU_i = Σ_j g_j (V_i x_b) dy_bᵀ, dV_i = Σ_j g_j (U_iᵀ dy_b) x_bᵀ,
 dx_b = Σ_j g_j V_iᵀ U_iᵀ dy_b, db_dec = Σ_b dy_b. Accumulation is fp32 (fp64 for fp64 inputs);
-y has U's dtype.
-
-Implementations (``impl``): "reference" — the dense formulation, every transform on every token
-(h = x Vᵀ: [B, R], gated per rank row, y = h U: two dense GEMMs; the eager baseline of the
-benchmarks); "cpu" — C++ (``fastclt.ops.ext_molt``); "triton" (``fastclt.ops.triton.molt``). The
-kernels touch only the active (token, transform) pairs, grouped by transform.
+y has U's dtype. The reference is the dense formulation, every transform on every token (h = x Vᵀ:
+[B, R], gated per rank row, y = h U: two dense GEMMs; the eager baseline of the benchmarks); the
+kernels (``ext/molt.py``, ``triton/molt.py``) touch only the active (token, transform) pairs,
+grouped by transform.
 
 ``molt_norms(U, V, rank_groups)``: ‖A_i‖_F for every transform from r_i × r_i Gram matrices,
 ‖U_i V_i‖_F² = ⟨U_iᵀU_i, V_i V_iᵀ⟩ (batched per rank group; O(Σ r_i² d) instead of O(Σ r_i d²)),
-differentiable, in fp32 (fp64 for fp64 factors).
+differentiable, in fp32 (fp64 for fp64 factors). Not dispatched: batched matmuls.
 """
 from __future__ import annotations
 
@@ -34,22 +32,15 @@ from typing import Optional, Sequence
 import torch
 
 from fastclt.codes import SparseCodes
+from fastclt.ops._checks import check_rank_groups
+from fastclt.ops.reference.decode import acc_dtype
 
-__all__ = ["molt_decode", "reference_molt_decode", "molt_norms", "rank_ptr", "check_rank_groups", "check_molt_args",
-           "transform_of_rank_row"]
+__all__ = ["molt_decode", "molt_norms", "rank_ptr", "transform_of_rank_row", "molt_sizes"]
 
 
-def check_rank_groups(rank_groups: Sequence) -> tuple:
-    """``rank_groups`` as a tuple of (count, rank) int pairs (count >= 0, rank >= 1), or a clear error."""
-    try:
-        groups = tuple((int(n), int(r)) for n, r in rank_groups)
-        ok = all(n == n0 and r == r0 for (n, r), (n0, r0) in zip(groups, rank_groups))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or not groups or any(n < 0 or r < 1 for n, r in groups) or not any(n for n, _ in groups):
-        raise ValueError(f"rank_groups: expected ((count, rank), ...) with counts >= 0 (not all 0) and ranks >= 1, "
-                         f"got {rank_groups!r}")
-    return groups
+def molt_sizes(groups: tuple) -> tuple[int, int, int]:
+    """(T transforms, R packed rank rows, the largest rank) of checked rank groups."""
+    return sum(n for n, _ in groups), sum(n * r for n, r in groups), max(r for n, r in groups if n)
 
 
 @lru_cache(maxsize=64)
@@ -83,47 +74,14 @@ def transform_of_rank_row(rank_groups: Sequence, device: torch.device) -> torch.
     return torch.repeat_interleave(torch.arange(ranks.numel()), ranks).to(device)
 
 
-def check_molt_args(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence,
-                    b_dec: Optional[torch.Tensor]) -> tuple:
-    """Validate a ``molt_decode`` call (every implementation runs this first) → (groups, T, R)."""
-    if not isinstance(codes, SparseCodes):
-        raise TypeError(f"codes: expected SparseCodes (the gates), got {type(codes).__name__}")
-    groups = check_rank_groups(rank_groups)
-    T = sum(n for n, _ in groups)
-    R = sum(n * r for n, r in groups)
-    for name, t in (("x", x), ("U", U), ("V", V)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got "
-                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
-    if x.shape[0] != codes.batch_size:
-        raise ValueError(f"x: expected [B={codes.batch_size}, d_in] (one row per codes row), got {tuple(x.shape)}")
-    if V.shape != (R, x.shape[1]):
-        raise ValueError(f"V: expected [R={R}, d_in={x.shape[1]}] (rank rows of every transform), got {tuple(V.shape)}")
-    if U.shape[0] != R:
-        raise ValueError(f"U: expected [R={R}, d_out] (rank rows of every transform), got {tuple(U.shape)}")
-    if codes.n_features is not None and codes.n_features != T:
-        raise ValueError(f"codes: n_features={codes.n_features} but rank_groups hold {T} transforms")
-    if b_dec is not None and b_dec.shape != (U.shape[1],):
-        raise ValueError(f"b_dec: expected [{U.shape[1]}], got {tuple(b_dec.shape)}")
-    for name, t in (("x", x), ("U", U), ("V", V), ("b_dec", b_dec)):
-        if t is not None and t.device != codes.device:
-            raise ValueError(f"{name}: on {t.device}, but codes are on {codes.device}")
-    return groups, T, R
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def reference_molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-                          rank_groups: Sequence, b_dec: Optional[torch.Tensor] = None) -> torch.Tensor:
+def molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence,
+                b_dec: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The dense formulation (every transform on every token): h = x Vᵀ [B, R], each rank row
     scaled by its transform's gate (zero where inactive), y = h U (+ b_dec). Autograd gives every
     gradient. O(B · R · (d_in + d_out)) work and an [B, R] activation."""
-    groups, T, R = check_molt_args(codes, x, U, V, rank_groups, b_dec)
-    acc = _acc_dtype(U.dtype)
+    groups = check_rank_groups(rank_groups)
+    T = molt_sizes(groups)[0]
+    acc = acc_dtype(U.dtype)
     g = codes.to_dense(T).to(acc)  # [B, T]
     row_gate = g.index_select(1, transform_of_rank_row(groups, x.device))  # [B, R]
     h = x.to(acc) @ V.to(acc).T
@@ -131,16 +89,6 @@ def reference_molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, 
     if b_dec is not None:
         y = y + b_dec.to(acc)
     return y.to(U.dtype)
-
-
-def molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence,
-                b_dec: Optional[torch.Tensor] = None, *, impl: str = "auto") -> torch.Tensor:
-    """Gates ``codes`` (CSR over T transforms, B rows), x: [B, d_in], U: [R, d_out], V: [R, d_in],
-    rank_groups ((count, rank), ...), b_dec: [d_out] or None → y: [B, d_out] (see the module
-    docstring); differentiable in codes.value, x, U, V and b_dec."""
-    from fastclt.ops import _call
-
-    return _call("molt_decode", impl, U, codes, x, U, V, rank_groups, b_dec)
 
 
 def _sqrt0(x: torch.Tensor) -> torch.Tensor:
@@ -154,10 +102,10 @@ def molt_norms(U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence) -> torch
     factors), from the Gram matrices of each rank group (batched matmuls; autocast off: the norms
     of bf16-autocast training are computed from the fp32 weights)."""
     groups = check_rank_groups(rank_groups)
-    R = sum(n * r for n, r in groups)
+    R = molt_sizes(groups)[1]
     if U.dim() != 2 or V.dim() != 2 or U.shape[0] != R or V.shape[0] != R:
         raise ValueError(f"U, V: expected [R={R}, d] each, got {tuple(U.shape)} and {tuple(V.shape)}")
-    acc = _acc_dtype(U.dtype)
+    acc = acc_dtype(U.dtype)
     groups = tuple(g for g in groups if g[0])
     sizes = [n * r for n, r in groups]
     with torch.autocast(U.device.type, enabled=False):
