@@ -310,5 +310,7 @@ def test_model_section_is_the_union_of_the_model_configs():
     sae = ModelSection(kind="sae", n_layers=1).resolved()
     assert sae["n_layers"] is None and sae["unit_norm_decoder"] is True and sae["b_dec_init"] == "geometric_median"
     molt = ModelSection(kind="molt").resolved()
-    assert molt["n_layers"] == 4 and molt["output_bias"] is True and sum(molt["rank_counts"]) == 128
+    assert molt["n_layers"] == 4 and molt["output_bias"] is True and molt["rank_counts"] is None  # the default mix
+    mc = ModelSection(kind="molt").config_class()(**ModelSection(kind="molt").config_kwargs())
+    assert sum(n for n, _ in mc.rank_groups) == 128
     assert molt["matryoshka_prefixes"] is None and molt["decoder_tying"] is None
