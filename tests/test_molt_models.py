@@ -64,7 +64,7 @@ def _dense_model_loss(m, x, y, dead=None):
     """The MOLT loss from the definition in float64: dense gates, explicit A_i = U_i V_i, the
     sparsity penalty on g_i·‖A_i‖_F, the pre-activation loss, AuxK (dead gates' top k_aux decoded
     without b_dec against the detached residual)."""
-    from fastclt.ops.activation import jumprelu_dense
+    from fastclt.ops import jumprelu_dense
 
     cfg = m.cfg
     p = {n: t.detach().double().clone().requires_grad_(True) for n, t in m.named_parameters()}

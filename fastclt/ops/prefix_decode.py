@@ -101,7 +101,7 @@ def matryoshka_clt_blocks(codes: Sequence[SparseCodes], W_dec: Union[torch.Tenso
                           feature_scale: Optional[torch.Tensor] = None, *, impl: str = "auto") -> torch.Tensor:
     """L codes (one per source layer) → [G, B, L, d_out], block g decoding the features
     m_{g-1} ≤ i < m_g of every source layer (no bias): one ``ops.clt_decode`` of backend ``impl``.
-    Arguments as ``fastclt.ops.decode.clt_decode``."""
+    Arguments as ``fastclt.ops.clt_decode``."""
     from fastclt import ops
 
     if isinstance(codes, SparseCodes) or not len(codes):

@@ -171,3 +171,19 @@ def test_opcheck_of_the_cpu_prefix_error_ops(gen):
         torch.ops.fastclt.prefix_errors_forward(y, base, blocks[:, :4].contiguous())
     with pytest.raises(RuntimeError, match="must be float32"):
         torch.ops.fastclt.prefix_errors_forward(y.double(), base, blocks)
+
+
+@pytest.mark.parametrize("impl,device", impl_params("prefix_errors", reference=True))
+def test_prefix_errors_of_bf16_decodes_with_fp32_targets(impl, device, gen, poisoned):
+    """bf16 blocks and base (decodes under autocast) with fp32 targets: read as fp32 by every
+    implementation, ŷ in the blocks' dtype, gradients in each input's dtype."""
+    y = torch.randn(7, 2, 5, generator=gen).to(device)
+    base = torch.randn(2, 5, generator=gen).bfloat16().to(device).requires_grad_(True)
+    blocks = torch.randn(3, 7, 2, 5, generator=gen).bfloat16().to(device).requires_grad_(True)
+    sq, y_hat = ops.prefix_errors(y, base, blocks, impl=impl)
+    want = (y.double() - ops.prefix_sums(blocks.detach().double(), base.detach().double())).pow(2).sum(-1).sum(1)
+    assert sq.dtype == torch.float32 and y_hat.dtype == torch.bfloat16
+    assert_close(sq, want, 1e-5, f"{impl} sq")
+    sq.sum().backward()
+    assert blocks.grad.dtype == torch.bfloat16 and base.grad.dtype == torch.bfloat16
+    assert torch.isfinite(blocks.grad).all() and torch.isfinite(base.grad).all()

@@ -2,7 +2,8 @@
 with autograd (impl "cpu"; the math: ``fastclt/ops/reference/matryoshka.py``): one pass each way,
 each token's running error kept in cache.
 
-The kernels take fp32 y, base and blocks (the op table sends other dtypes to the reference).
+The kernels take fp32 (the op table sends other dtypes of y to the reference; base and blocks are
+read as fp32).
 y [B, ..., d] is viewed as [B, M, d]; base as [M, d] when it is the same for every token (b_dec),
 else as [B, M, d].
 """
@@ -39,10 +40,13 @@ class _PrefixErrors(torch.autograd.Function):
 
 
 def prefix_errors(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor):
-    """``fastclt.ops.prefix_errors`` on the C++ kernels (CPU, fp32 y, base and blocks)."""
-    if not y.dtype == base.dtype == blocks.dtype == torch.float32:
-        raise TypeError(f"y, base, blocks: the C++ prefix errors take fp32, got {y.dtype}, {base.dtype}, "
-                        f"{blocks.dtype}")
+    """``fastclt.ops.prefix_errors`` on the C++ kernels (CPU; fp32 y, the op table's choice; base and
+    blocks of another dtype, e.g. bf16 decodes under autocast, are read as fp32 like the reference
+    does, and ŷ comes back in blocks' dtype as the reference's)."""
+    if y.dtype != torch.float32:
+        raise TypeError(f"y: the C++ prefix errors take fp32 targets, got {y.dtype}")
+    out_dtype = blocks.dtype
+    base, blocks = base.float(), blocks.float()
     B, d, mid = y.shape[0], y.shape[-1], y.shape[1:-1]
     M, G = math.prod(mid), blocks.shape[0]
     per_token = base.dim() == y.dim() and base.shape[0] != 1
@@ -52,4 +56,4 @@ def prefix_errors(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor):
         base_v = (base[0] if base.dim() == y.dim() else base).expand(y.shape[1:]).reshape(M, d)
     sq, y_hat = _PrefixErrors.apply(y.reshape(B, M, d).contiguous(), base_v.contiguous(),
                                     blocks.reshape(G, B, M, d).contiguous())
-    return sq.view(G, *mid), y_hat.view(y.shape)
+    return sq.view(G, *mid), y_hat.view(y.shape).to(out_dtype)
