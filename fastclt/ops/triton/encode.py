@@ -65,7 +65,7 @@ def _configs():
 # (Triton 3.6 on sm_90, 3.9 on sm_80) and are not listed. fp32 has its own smaller tiles (its
 # "ieee" dot runs on the FMA units, operands in registers); its 128×128×32 with 4 stages spills on
 # sm_80. Checked by ``python -m benchmarks.kernel_resources`` (its CI subset:
-# tests/test_triton_compile.py).
+# tests/ops/triton/test_triton_compile.py).
 _SPACE = [
     (128, 256, 64, 3, 8, 16, (2,), (80, 90), True),
     (128, 256, 64, 4, 8, 16, (2,), (80, 90), True),
