@@ -127,8 +127,8 @@ def test_prefix_errors_on_every_backend_match_the_formed_prefixes(impl, device, 
     ([d], [L, d], [1, L, d]) and a per-token base; every gradient, and only some of them."""
     G, B, L, d = 4, 37, 3, 21
     for base_shape in ((d,), (L, d), (1, L, d), (B, L, d)):
-        y, base, blocks = (torch.randn(*s, generator=gen) for s in ((B, L, d), base_shape, (G, B, L, d)))
-        w = torch.randn(G, L, generator=gen, dtype=torch.float64)
+        y, base, blocks = (torch.randn(*s, generator=gen).to(device) for s in ((B, L, d), base_shape, (G, B, L, d)))
+        w = torch.randn(G, L, generator=gen, dtype=torch.float64).to(device)
         y64, base64, blocks64 = (t.double().requires_grad_(True) for t in (y, base, blocks))
         want_sq = (y64 - ops.prefix_sums(blocks64, base64)).pow(2).sum(-1).sum(1)
         (want_sq * w).sum().backward()
@@ -146,14 +146,14 @@ def test_prefix_errors_on_every_backend_match_the_formed_prefixes(impl, device, 
                 else:
                     assert leaf.grad is None
     # an SAE's y [B, 1, d] with b_dec [d]; and dtypes the kernels do not take go to the reference
-    y, b = torch.randn(9, 1, 8, generator=gen), torch.randn(8, generator=gen)
-    blocks = torch.randn(2, 9, 1, 8, generator=gen)
+    y, b = torch.randn(9, 1, 8, generator=gen).to(device), torch.randn(8, generator=gen).to(device)
+    blocks = torch.randn(2, 9, 1, 8, generator=gen).to(device)
     for dtype in (torch.float32, torch.float64):
         sq, _ = ops.prefix_errors(y.to(dtype), b.to(dtype), blocks.to(dtype), impl=impl)
         assert sq.dtype == dtype
         assert_close(sq, (y.double() - ops.prefix_sums(blocks.double(), b.double())).pow(2).sum((1, 3)), 1e-5, "SAE")
     with pytest.raises(ValueError, match="base: expected a shape that broadcasts"):
-        ops.prefix_errors(y, torch.zeros(3), blocks, impl=impl)
+        ops.prefix_errors(y, torch.zeros(3, device=device), blocks, impl=impl)
     with pytest.raises(ValueError, match="blocks: expected"):
         ops.prefix_errors(y, b, blocks[:, :4], impl=impl)
 
