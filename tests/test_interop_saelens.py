@@ -1,9 +1,8 @@
-"""SAELens checkpoints load exactly or are refused with the field named.
-
-SAELens does not install reasonably here (it depends on transformer-lens, nltk, statsmodels, plotly
-and wandb), so these folders are written as its ``SAE.save_model`` writes them (SAELens 6: cfg.json
-from ``SAEConfig.to_dict()``, tensors from the state dict; and a pre-6 config), and the expected
-outputs follow its encode/decode as read in its source (``sae_lens/saes``), written out below.
+"""SAELens checkpoints load exactly or are refused with the field named: the cases SAELens 6 itself
+cannot write (configs older than SAELens 6, training checkpoints holding log_threshold, a non-unit
+fine-tuning scale, unknown architectures), on folders written as its ``SAE.save_model`` writes them,
+with the expected outputs following its encode/decode as read in its source (written out below).
+Folders SAELens itself saves are checked in tests/test_interop_saelens_package.py.
 """
 import json
 

@@ -50,6 +50,7 @@ INTEROP = [
     ("sparsify", ["eai-sparsify==1.3.3"]),
     ("pydantic", ["pydantic"]),
     ("circuit_tracer", ["--no-deps", "circuit-tracer==0.5.0"]),
+    ("sae_lens", ["sae-lens==6.54.12"]),
 ]
 
 
