@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from fastclt import CLTConfig, CrossLayerTranscoder, SAEConfig, SparseAutoencoder
+from fastclt.config import MOLTConfig
+from fastclt.models import MOLT
 from fastclt.train import main as train_main
 from fastclt.training.e2e import SplicedObjective
 
@@ -77,13 +79,16 @@ def _dictionary(kind: str, activation: str = "relu"):
     torch.manual_seed(2)
     if kind == "sae":
         return SparseAutoencoder(SAEConfig(d_in=D, n_features=48, activation=activation, k=4))
+    if kind == "molt":
+        return MOLT(MOLTConfig(n_layers=2, d_in=D, d_out=D, n_features=14, activation=activation, k=2))
     return CrossLayerTranscoder(CLTConfig(n_layers=2, d_in=D, d_out=D, n_features=48, activation=activation, k=4,
                                           cross_layer=kind == "clt", preact_coef=0.1))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 @pytest.mark.parametrize("kind,objective,activation", [("clt", "kl", "jumprelu"), ("plt", "kl+fvu", "relu"),
-                                                       ("sae", "ce", "relu"), ("clt", "kl+fvu", "batchtopk")])
+                                                       ("sae", "ce", "relu"), ("clt", "kl+fvu", "batchtopk"),
+                                                       ("molt", "kl", "topk")])
 def test_gradients_reach_the_dictionary_and_never_the_lm(arch, kind, objective, activation):
     lm = _lm(arch)
     ids = torch.randint(0, V, (3, 11), generator=torch.Generator().manual_seed(0))
@@ -91,18 +96,18 @@ def test_gradients_reach_the_dictionary_and_never_the_lm(arch, kind, objective, 
     for checkpointing in (False, True):
         model = _dictionary(kind, activation)
         obj = SplicedObjective(model, lm, objective, lm_checkpoint=checkpointing)
-        dead = torch.ones(model.n_layers, 48, dtype=torch.bool) if activation == "batchtopk" else None
+        dead = torch.ones(model.n_layers, model.cfg.n_features, dtype=torch.bool) if "topk" in activation else None
         out = obj.loss(ids, dead)
         out.loss.backward()
         assert torch.isfinite(out.loss)
         g = {n: p.grad for n, p in model.named_parameters()}
         for n, v in g.items():
             assert v is not None and torch.isfinite(v).all(), n
-        assert g["W_enc"].abs().sum() > 0 and sum(v.abs().sum() for n, v in g.items() if n.startswith("W_dec")) > 0
+        assert g["W_enc"].abs().sum() > 0 and sum(v.abs().sum() for n, v in g.items() if n.startswith(("W_dec", "U"))) > 0
         assert all(p.grad is None and not p.requires_grad for p in lm.parameters())
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.modules())
         assert not any("forward" in m.__dict__ for m in lm.modules())  # checkpoint wrappers removed
-        if activation == "batchtopk":
+        if "topk" in activation:
             assert "auxk" in out.parts
         grads.append(g)
     for n in grads[0]:  # recomputing the blocks in the backward changes no gradient
