@@ -4,10 +4,12 @@ matter), gradients reaching the dictionary and never the LM, activation checkpoi
 gradient, KL training beating reconstruction training on the spliced KL, exact resume,
 reconstruction pre-training then KL fine-tuning (train.init_from), and the refused options."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import fastclt
 from fastclt import CLTConfig, CrossLayerTranscoder, SAEConfig, SparseAutoencoder
 from fastclt.config import MOLTConfig
 from fastclt.models import MOLT
@@ -225,3 +227,29 @@ def test_bad_options_are_refused(lm_dirs, tmp_path, capsys, extra, message):
 def test_objective_needs_the_lm(capsys):
     assert train_main(["--train.objective", "kl", "--train.steps", "1"] + NO_LOG) == 2
     assert "data.source" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_data_parallel_equals_one_process_with_the_summed_batch(lm_dirs, tmp_path):
+    """torchrun, 2 gloo ranks of 2 sequences each: rank r takes sequence groups 2i + r, so every step
+    sees the same 4 sequences as one process with twice the batch — the same model, up to rounding
+    (per-token rules: the ReLU codes of a sequence do not depend on the rest of the batch)."""
+    import subprocess
+    import sys
+    extra = ("--train.objective", "kl", "--train.steps", "4", "--eval.n_seqs", "0", "--data.prefetch", "0")
+    one = tmp_path / "one"
+    assert train_main(_args(lm_dirs, one, *extra, "--train.batch_size", "64")) == 0
+    two = tmp_path / "two"
+    env = {"PYTHONPATH": str(Path(fastclt.__file__).parent.parent), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    args = _args(lm_dirs, two, *extra, "--train.batch_size", "32")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "fastclt.train", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((two / "summary.json").read_text())["dp"] == 2
+    a = CrossLayerTranscoder.from_pretrained(one / "model")
+    b = CrossLayerTranscoder.from_pretrained(two / "model")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    la = [r["kl"] for r in _records(one) if "loss" in r]
+    lb = [r["kl"] for r in _records(two) if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-4)
