@@ -149,7 +149,7 @@ class AdaptedModel(nn.Module):
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.lm.save_pretrained(tmp, safe_serialization=True)
+        self.lm.save_pretrained(tmp)  # (safetensors: the default of every supported transformers)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         self.adapters.save_pretrained(tmp / ADAPTERS_DIR)

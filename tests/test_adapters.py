@@ -56,12 +56,12 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
-def test_short_run_halves_the_kl_and_adapters_off_is_the_base(arch):
+@pytest.mark.parametrize("arch,activation", [("gpt2", "relu"), ("gpt2", "jumprelu"), ("qwen2", "relu")])
+def test_short_run_halves_the_kl_and_adapters_off_is_the_base(arch, activation):
     base = _base(arch)
     clean = _logits(base, _ids())
     ref = _reference(base)
-    ad = AdaptedModel(base, new_adapters(base, 64, seed=0))
+    ad = AdaptedModel(base, new_adapters(base, 64, activation, threshold_init=0.01, seed=0))
     assert torch.equal(_logits(ad, _ids()), clean)  # zero-initialised decoder: exactly the base model
     obj = AdapterObjective(ad, ref, n_cutoffs=1, lm_checkpoint=arch == "qwen2")
     held = _ids(16, 16, seed=5)
@@ -74,6 +74,7 @@ def test_short_run_halves_the_kl_and_adapters_off_is_the_base(arch):
         r["loss"].backward()
         opt.step()
         opt.zero_grad()
+        ad.adapters.post_step()  # (JumpReLU: θ >= 0)
     assert all(p.grad is None and not p.requires_grad for m in (base, ref) for p in m.parameters())
     end = evaluate_adapters(ad, ref, held)
     assert end["kl_to_reference"] < 0.5 * start["kl_to_reference"], (start, end)
