@@ -29,13 +29,23 @@ the MLP branch's output — after the post-MLP norm where the block has one — 
 residual sum starts from x̂).
 
 ``mode="ablate"``: the same places set to zero instead (transcoders: the spliced MLPs' outputs; an
-SAE: its hooked activation). ``targets``: the dictionary layers whose output is replaced (default
-all; a CLT still encodes every source s ≤ max(targets)).
+SAE: its hooked activation). ``mode="add"`` (transcoders): ŷ_t is added to the MLP's own output
+instead of replacing it, mlp'(x) = mlp(x) + ŷ_t — a transcoder adapter (``fastclt.adapters``).
+``targets``: the dictionary layers whose output is replaced (default all; a CLT still encodes every
+source s ≤ max(targets)).
 
 Activation rules at splice time: per-token rules as trained (ReLU, JumpReLU, TopK); BatchTopK — and
 TopK with ``topk_as_jumprelu`` — through ``model.to_jumprelu()`` (its learned thresholds), so that a
-token's codes never depend on the rest of the batch. Hooks work under ``torch.no_grad`` and with
-autograd (gradients reach both the LM and the dictionary). ``Splice`` never modifies either model.
+token's codes never depend on the rest of the batch. ``as_trained=True`` keeps the rule the
+dictionary trains with instead (BatchTopK then selects over the tokens of each forward pass): the
+splice of training through the LM (``fastclt.training.e2e``). Hooks work under ``torch.no_grad`` and
+with autograd (gradients reach both the LM and the dictionary). ``Splice`` never modifies either model.
+
+``collect=True``: every forward pass keeps, per spliced layer l, what a training loss needs in
+``collected[l]``: "xn" (the normalised input x̃_l [N, d_in]), "codes" (its SparseCodes), "preacts"
+(the dense pre-activations [N, F], with ``need_preacts``), "yn" (the LM's own MLP output — for an
+SAE the hooked activation — normalised like the dictionary's targets, detached) and "y_hat" (ŷ_l
+in the normalised space, before the denormalisation), and "out" (what the module returned).
 """
 from __future__ import annotations
 
@@ -51,7 +61,7 @@ from fastclt.models import MOLT, CrossLayerTranscoder, SparseAutoencoder, Sparse
 
 __all__ = ["Splice", "splice", "resolve_layers", "MODES"]
 
-MODES = ("replace", "ablate")
+MODES = ("replace", "ablate", "add")
 
 
 def resolve_layers(model: SparseDictionary, layers=None, input_hook=None) -> tuple[list, str]:
@@ -143,11 +153,30 @@ class _Layerwise:
             x = (x - m.input_mean[s]) / m.input_scale[s]
         return x
 
-    def encode(self, s: int, xn: torch.Tensor):
+    def encode(self, s: int, xn: torch.Tensor, need_preacts: bool = False):
+        """SparseCodes of source s (and its dense pre-activations [B, F] when ``need_preacts``)."""
         cfg, v = self.model.cfg, self.views
         return ops.encode(xn.to(v["cdt"]), v["W_enc"][s], v["b_enc"][s], activation=cfg.activation, k=cfg.k,
                           threshold=None if v["theta"] is None else v["theta"][s], bandwidth=cfg.jumprelu_bandwidth,
-                          impl=self.model.impl)
+                          return_preacts=need_preacts, impl=self.model.impl)
+
+    def normalize_out(self, t: int, y: torch.Tensor) -> torch.Tensor:
+        """A target in the dictionary's normalised output space (the space of ``output_n``)."""
+        m = self.model
+        y = y.to(m.param_dtype)
+        if m.cfg.normalization != "none":
+            y = (y - m.output_mean[t]) / m.output_scale[t]
+        return y
+
+    def output(self, t: int, acc: torch.Tensor, xn_t: torch.Tensor) -> torch.Tensor:
+        """ŷ_t in the data space from the summed contributions (b_dec, skip, denormalisation)."""
+        return self.denormalize(t, self.output_n(t, acc, xn_t))
+
+    def denormalize(self, t: int, y: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if m.cfg.normalization != "none":
+            y = y * m.output_scale[t].to(y.dtype) + m.output_mean[t].to(y.dtype)
+        return y
 
     def contributions(self, s: int, codes, targets: Sequence[int], xn: Optional[torch.Tensor] = None) -> dict:
         """{t: D^{s→t}(a_s) [B, d_out]} for the targets t ≥ s (normalised space, no b_dec)."""
@@ -173,14 +202,12 @@ class _Layerwise:
                                        impl=impl)
         return out
 
-    def output(self, t: int, acc: torch.Tensor, xn_t: torch.Tensor) -> torch.Tensor:
-        """ŷ_t in the data space from the summed contributions (b_dec, skip, denormalisation)."""
+    def output_n(self, t: int, acc: torch.Tensor, xn_t: torch.Tensor) -> torch.Tensor:
+        """ŷ_t in the normalised space from the summed contributions (+ b_dec, + skip)."""
         m, v = self.model, self.views
         y = acc + v["b_dec"][t].to(acc.dtype)
         if m.cfg.skip_connection:
             y = y + (xn_t.to(v["cdt"]) @ v["W_skip"][t].T).to(acc.dtype)
-        if m.cfg.normalization != "none":
-            y = y * m.output_scale[t].to(acc.dtype) + m.output_mean[t].to(acc.dtype)
         return y
 
 
@@ -203,12 +230,9 @@ class _MOLTLayerwise(_Layerwise):
         v, m = self.views, self.model
         return {s: ops.molt_decode(codes, xn.to(v["cdt"]), v["U"][s], v["V"][s], m.rank_groups, impl=m.impl)}
 
-    def output(self, t: int, acc: torch.Tensor, xn_t: torch.Tensor) -> torch.Tensor:
-        m, v = self.model, self.views
-        y = acc if v["b_dec"] is None else acc + v["b_dec"][t].to(acc.dtype)
-        if m.cfg.normalization != "none":
-            y = y * m.output_scale[t].to(acc.dtype) + m.output_mean[t].to(acc.dtype)
-        return y
+    def output_n(self, t: int, acc: torch.Tensor, xn_t: torch.Tensor) -> torch.Tensor:
+        v = self.views
+        return acc if v["b_dec"] is None else acc + v["b_dec"][t].to(acc.dtype)
 
 
 class Splice:
@@ -220,12 +244,13 @@ class Splice:
     "ablate". paths: ``fastclt.lm.HookPaths`` (or a dict) for an architecture outside the known
     families. topk_as_jumprelu: splice a TopK dictionary through its learned JumpReLU thresholds
     instead of per-token TopK. record_stats: accumulate FVU / L0 per layer over the forward passes
-    (``stats()``; ``reset_stats()``).
+    (``stats()``; ``reset_stats()``). as_trained / collect / need_preacts: see the module docstring.
     """
 
     def __init__(self, model: SparseDictionary, lm: nn.Module, layers=None, input_hook: Optional[str] = None, *,
                  targets: Optional[Sequence[int]] = None, mode: str = "replace", paths=None,
-                 topk_as_jumprelu: bool = False, record_stats: bool = False) -> None:
+                 topk_as_jumprelu: bool = False, record_stats: bool = False, as_trained: bool = False,
+                 collect: bool = False, need_preacts: bool = False) -> None:
         if not isinstance(model, (CrossLayerTranscoder, SparseAutoencoder, MOLT)):
             raise TypeError(f"model: expected a CrossLayerTranscoder, SparseAutoencoder or MOLT, got "
                             f"{type(model).__name__}")
@@ -235,6 +260,11 @@ class Splice:
             raise ValueError("model: a tensor-parallel shard cannot be spliced; merge the shards first")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if mode == "add" and isinstance(model, SparseAutoencoder):
+            raise ValueError("mode: 'add' adds a transcoder's output to the MLP's; an SAE has no such output")
+        if as_trained and getattr(model.cfg, "batchtopk_across_layers", False):
+            raise ValueError("model: a CLT with batchtopk_across_layers selects over all layers at once, but a "
+                             "splice encodes each layer when the LM reaches it; it cannot run as trained")
         self.layers, self.input_hook = resolve_layers(model, layers, input_hook)
         L = model.n_layers
         if targets is None:
@@ -256,8 +286,10 @@ class Splice:
         if lm_device is not None and lm_device != model.device:
             raise ValueError(f"model: is on {model.device} but the LM is on {lm_device}; move one of them")
         self.lm, self.mode, self.record = lm, mode, bool(record_stats)
+        self.collect, self.need_preacts = bool(collect), bool(need_preacts)
+        self.collected: dict = {}
         self.source_model = model
-        self.model = _inference_model(model, topk_as_jumprelu) if mode == "replace" else model
+        self.model = model if mode == "ablate" or as_trained else _inference_model(model, topk_as_jumprelu)
         self.layerwise = None if self.sae else (_MOLTLayerwise if isinstance(model, MOLT) else _Layerwise)(self.model)
         self.handles: list = []
         self._state: dict = {}
@@ -293,7 +325,8 @@ class Splice:
 
     def _begin(self, *unused) -> None:
         self._state = {"acc": {}, "xn": {}, "seen": set()}
-        if self.layerwise is not None and self.mode == "replace":
+        self.collected = {}
+        if self.layerwise is not None and self.mode != "ablate":
             self.layerwise.begin()
 
     def _end(self, *unused) -> None:
@@ -304,7 +337,7 @@ class Splice:
     def _attach_transcoder(self) -> None:
         last = max(self.targets)
         for l, site in enumerate(self.sites):
-            if self.mode == "replace" and l <= last:
+            if self.mode != "ablate" and l <= last:
                 module = site.norm if self.input_hook == "resid_mid" else site.mlp
                 self.handles.append(module.register_forward_pre_hook(self._source_hook(l), with_kwargs=True))
             if l in self.targets:
@@ -318,9 +351,16 @@ class Splice:
             x, _ = _first_tensor(args, kwargs)
             lw = self.layerwise
             xn = lw.normalize(s, x.reshape(-1, x.shape[-1]))
-            codes = lw.encode(s, xn)
+            if self.need_preacts:
+                codes, pre = lw.encode(s, xn, True)
+            else:
+                codes = lw.encode(s, xn)
             st["seen"].add(s)
             st["xn"][s] = xn
+            if self.collect:
+                self.collected[s] = {"xn": xn, "codes": codes}
+                if self.need_preacts:
+                    self.collected[s]["preacts"] = pre
             if self.record:
                 self._l0[s] += (codes.value.detach() > 0).sum().double()
                 self._n_src[s] += xn.shape[0]
@@ -345,10 +385,18 @@ class Splice:
             if acc is None:  # no active feature anywhere: zero contributions
                 acc = st["xn"][t].new_zeros(st["xn"][t].shape[0], y.shape[-1]).to(
                     torch.float64 if st["xn"][t].dtype == torch.float64 else torch.float32)
-            y_hat = self.layerwise.output(t, acc, st["xn"][t])
+            lw = self.layerwise
+            y_hat_n = lw.output_n(t, acc, st["xn"][t])
+            y_hat = lw.denormalize(t, y_hat_n)
             if self.record:
                 self._record_fvu(t, y.reshape(-1, y.shape[-1]), y_hat)
-            return _with_output(output, y_hat.to(y.dtype).view(y.shape))
+            out = y_hat.to(y.dtype).view(y.shape)
+            if self.mode == "add":
+                out = y + out
+            if self.collect:
+                c = self.collected.setdefault(t, {})
+                c.update(yn=lw.normalize_out(t, y.detach().reshape(-1, y.shape[-1])), y_hat=y_hat_n, out=out)
+            return _with_output(output, out)
         return hook
 
     def _attach_sae(self) -> None:
@@ -367,9 +415,18 @@ class Splice:
             x_hat = torch.zeros_like(flat)
         else:
             m = self.model
-            xd = flat.to(m.param_dtype)
-            codes = m.encode(xd)
-            x_hat = m.decode(codes)
+            xl = flat.to(m.param_dtype)[:, None]  # [N, 1, d]: the layered form of the model's internals
+            m._finite_rows(xl, names=("x",), allow_skip=False)
+            xn = m._normalize(xl, "in")
+            codes, pre = m._encode_n(xn, need_preacts=self.need_preacts)
+            y_hat_n = m._decode_n(codes, xn, bias=True)
+            x_hat = m._denormalize_out(y_hat_n)[:, 0]
+            codes = codes[0]
+            if self.collect:
+                self.collected[0] = {"xn": xn[:, 0], "codes": codes, "yn": m._normalize(xl, "out")[:, 0].detach(),
+                                     "y_hat": y_hat_n[:, 0], "out": x_hat}
+                if self.need_preacts:
+                    self.collected[0]["preacts"] = pre[0]
             if self.record:
                 self._l0[0] += (codes.value.detach() > 0).sum().double()
                 self._n_src[0] += flat.shape[0]

@@ -144,6 +144,8 @@ class _Run:
         self.tokens_per_step = t.batch_size * t.grad_accum * layout.dp
         self.stop_at = min(t.steps, t.max_steps) if t.max_steps is not None else t.steps
         self.autocast = t.autocast == "bf16" or (t.autocast == "auto" and device.type == "cuda")
+        self.e2e = t.objective != "reconstruction"  # trained through the LM (fastclt.training.e2e)
+        self.objective = None
 
     def run(self) -> dict:
         self._open_out_dir()
@@ -238,15 +240,20 @@ class _Run:
         torch.manual_seed(t.seed)
         with torch.device(self.device):  # the full model, built alike on every rank: each shard is its slice
             full = self.cls(self.mcfg)
-        src = self.source
-        n_init = -(-t.init_samples // t.batch_size)
-        # the same sample on every rank and for every layout: the first micro-batches of the stream
-        # (synthetic: negative batch numbers, never seen in training)
-        x, y = share_batch(src, lay, src.init_sample(n_init), n_init * t.batch_size, self.device, full.param_dtype)
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-            raise ValueError("data: the activations contain NaN or Inf (first batches used to initialise the model)")
-        full.initialize_from_data(*full.batch_inputs(x, y), fire_rate=t.init_fire_rate)
-        del x, y
+        if t.init_from is not None:
+            self._init_from(full, Path(t.init_from))
+        else:
+            src = self.source
+            n_init = -(-t.init_samples // t.batch_size)
+            # the same sample on every rank and for every layout: the first micro-batches of the stream
+            # (synthetic: negative batch numbers, never seen in training)
+            x, y = share_batch(src, lay, src.init_sample(n_init), n_init * t.batch_size, self.device,
+                               full.param_dtype)
+            if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+                raise ValueError("data: the activations contain NaN or Inf (first batches used to initialise the "
+                                 "model)")
+            full.initialize_from_data(*full.batch_inputs(x, y), fire_rate=t.init_fire_rate)
+            del x, y
         self.axes = full.feature_axes()
         if lay.tp == 1:
             model = full
@@ -277,6 +284,35 @@ class _Run:
             self.opt = torch.optim.Adam(self.params, **kw)
         self.since_fired = torch.zeros(self.model.n_layers, self.model.cfg.n_features, dtype=torch.int64,
                                        device=self.device)
+        if self.e2e:
+            from fastclt.training.e2e import SplicedObjective
+            try:
+                self.objective = SplicedObjective(self.model, self.source.ex.lm, t.objective, fvu_coef=t.fvu_coef,
+                                                  lm_checkpoint=t.lm_checkpoint, autocast=self.autocast)
+            except ValueError as e:
+                raise ConfigError(f"train.objective: {e}") from e
+
+    def _init_from(self, full, folder: Path) -> None:
+        """train.init_from: the weights (and buffers) of a saved model of this configuration's shape."""
+        from fastclt.eval import load_dictionary
+        try:
+            saved = load_dictionary(folder)
+        except (ValueError, TypeError, OSError, CheckpointError) as e:
+            raise ConfigError(f"train.init_from: {folder} cannot be loaded ({e})") from e
+        if type(saved) is not type(full):
+            raise ConfigError(f"train.init_from: {folder} holds a {type(saved).__name__}, but model.kind "
+                              f"{self.cfg.kind} builds a {type(full).__name__}")
+        ours, theirs = full.cfg.to_dict(), saved.cfg.to_dict()
+        # the loss settings may change between the runs; what the weights mean may not
+        free = {"sparsity", "sparsity_coef", "sparsity_c", "preact_coef", "reconstruction_loss", "k_aux", "auxk_coef",
+                "nonfinite", "jumprelu_bandwidth", "threshold_init", "b_dec_init", "matryoshka_weights", "lm_name"}
+        diff = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
+        if diff:
+            shown = ", ".join(f"{k} {theirs.get(k)!r} there vs {ours.get(k)!r} here" for k in diff[:6])
+            raise ConfigError(f"train.init_from: the model in {folder} differs from this run's ({shown}); give the "
+                              f"model section (and data.layers / data.input_hook) of the run that trained it")
+        state = {k: v.to(self.device) for k, v in saved.state_dict().items()}
+        full.load_checked_state(state, source=f"train.init_from {folder}")
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
@@ -372,7 +408,7 @@ class _Run:
         cfg, t = self.cfg, self.cfg.train
         t0 = self.t_log = time.perf_counter()
         self.steps_since_log, start = 0, self.p.step
-        if t.eval_every and self.p.step == 0 and self.mcfg.activation != "batchtopk":
+        if t.eval_every and self.p.step == 0 and (self.mcfg.activation != "batchtopk" or t.init_from is not None):
             self._evaluate(0)  # the baseline (a BatchTopK model has no thresholds before training)
         self.model.train()
         with _Signals() as sig:
@@ -409,10 +445,9 @@ class _Run:
         dead_arg = dead if self.mcfg.activation in ("topk", "batchtopk") else None
         fired = torch.zeros_like(dead)
         for _ in range(t.grad_accum):
-            x, y = self.pref.get()
+            batch = self.pref.get()
             p.micro += 1
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = model.batch_loss(x, y, dead_mask=dead_arg, sparsity_coef=lam)
+            out = self._loss(batch, dead_arg, lam)
             (out.loss / t.grad_accum).backward()
             fired |= out.fired
         if lay.dp > 1:  # the same dead mask on every replica
@@ -437,6 +472,16 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         model.post_step()
         return out, gnorm, lr, lam, stop
+
+    def _loss(self, batch: tuple, dead_mask, lam):
+        """The LossOutput of one micro-batch: the reconstruction loss of (x, y), or the objective through
+        the LM on ``(ids,)`` (under the LM's lock: the evaluation uses the same LM)."""
+        if self.objective is None:
+            x, y = batch
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                return self.model.batch_loss(x, y, dead_mask=dead_mask, sparsity_coef=lam)
+        with self.source.ex.lock:
+            return self.objective.loss(batch[0], dead_mask, sparsity_coef=lam)
 
     def _log(self, out, gnorm, lr, lam) -> None:
         """Every log.every steps and at the last one: a metrics line and the progress bar."""
@@ -511,9 +556,7 @@ class _Run:
         model.eval()
         fvu, l0, n = None, None, 0
         for _ in range(cfg.train.eval_batches):
-            x, y = self.pref.get()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = model.batch_loss(x, y)
+            out = self._loss(self.pref.get(), None, None)
             f, z = out.per_layer["fvu"].float().cpu(), out.per_layer["l0"].float().cpu()
             fvu = f if fvu is None else fvu + f
             l0 = z if l0 is None else l0 + z

@@ -352,8 +352,7 @@ class SparseDictionary(nn.Module):
 
         lam = cfg.sparsity_coef if sparsity_coef is None else sparsity_coef
         lam_p = cfg.preact_coef if preact_coef is None else preact_coef
-        need_pre = cfg.activation == "jumprelu" and lam_p > 0
-        codes, hs = self._encode_n(xn, need_preacts=need_pre)
+        codes, hs = self._encode_n(xn, need_preacts=cfg.activation == "jumprelu" and lam_p > 0)
         weights = cfg.matryoshka_loss_weights
         if weights is None:
             y_hat = self._decode_n(codes, xn, bias=True)
@@ -378,6 +377,22 @@ class SparseDictionary(nn.Module):
                 parts[f"fvu_prefix{g}"] = (sq_g / tv).mean()
         parts["reconstruction"] = recon
         total = recon
+        for term in self.penalties(codes, hs, xn, yn, y_hat, dead_mask, lam, lam_p, parts):
+            total = total + term
+        fired, l0 = self.code_stats(codes)
+        return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
+                          skipped_tokens=skipped, parts=parts,
+                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
+
+    def penalties(self, codes: list, hs: Optional[list], xn: torch.Tensor, yn: torch.Tensor, y_hat: torch.Tensor,
+                  dead_mask: Optional[torch.Tensor], lam: float, lam_p: float, parts: dict) -> list:
+        """The terms ``loss`` adds to the reconstruction loss (docs/DESIGN.md §4), also used by the
+        objectives that train through the LM: λ · sparsity (ReLU/JumpReLU), λ_p · the pre-activation
+        loss (JumpReLU, ``hs``: the L dense pre-activations), AuxK weight · AuxK (TopK/BatchTopK with a
+        ``dead_mask``). codes: L SparseCodes of xn [B, L, d_in]; yn, y_hat: the normalised target and
+        prediction [B, L, d_out]. Fills ``parts``; returns the weighted terms (scalar tensors) to add."""
+        cfg = self.cfg
+        terms = []
         norms = None
         tp = self.tp
         if cfg.activation in ("relu", "jumprelu") and lam > 0:
@@ -386,15 +401,15 @@ class SparseDictionary(nn.Module):
             if tp is not None:  # a sum over features: add the other shards' parts
                 sp = tp.sum_loss(sp)
             parts["sparsity"] = sp
-            total = total + lam * sp
-        if need_pre:
+            terms.append(lam * sp)
+        if cfg.activation == "jumprelu" and lam_p > 0 and hs is not None:
             norms = self.decoder_norms() if norms is None else norms
             _, _, theta = self._enc_layers()
             pre = sum(ops.preact_loss(hs[l], theta[l], norms[l]) for l in range(self.n_layers))
             if tp is not None:
                 pre = tp.sum_loss(pre)
             parts["preact"] = pre
-            total = total + lam_p * pre
+            terms.append(lam_p * pre)
         if dead_mask is not None and cfg.activation in ("topk", "batchtopk"):
             dead = self._layered_mask(dead_mask)
             aux = self._auxk(xn, yn, y_hat, dead)
@@ -403,17 +418,20 @@ class SparseDictionary(nn.Module):
                 parts["dead_fraction"] = tp.sum_detached(dead.float().sum()) / (dead.numel() * tp.size)
             else:
                 parts["dead_fraction"] = dead.float().mean()
-            total = total + cfg.auxk_coef * aux
+            terms.append(cfg.auxk_coef * aux)
+        return terms
 
+    def code_stats(self, codes: list) -> tuple:
+        """(fired [L, F] bool, l0 [L]) of a batch's codes; in train mode, a TopK/BatchTopK dictionary
+        also updates its JumpReLU statistics (``to_jumprelu``)."""
+        cfg = self.cfg
         fired = torch.stack([c.active_features(cfg.n_features) for c in codes])
         if self.training and cfg.activation in ("topk", "batchtopk"):
             self._update_cut_stats(codes)
         l0 = torch.stack([c.l0() for c in codes])
-        if tp is not None:
-            l0 = tp.sum_detached(l0)
-        return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
-                          skipped_tokens=skipped, parts=parts,
-                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
+        if self.tp is not None:
+            l0 = self.tp.sum_detached(l0)
+        return fired, l0
 
     # ------------------------------------------------- the trainer's batches
     def batch_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple:

@@ -162,11 +162,12 @@ def remove_stale_files(out_dir) -> int:
     return sum(len(remove_stale_tmp(f)) for f in folders)
 
 
-def load_checkpoint(folder: Path, layout, fingerprint: dict, device) -> tuple[dict, dict]:
+def load_checkpoint(folder: Path, layout, fingerprint: dict, device, resolve: bool = True) -> tuple[dict, dict]:
     """This rank's (tensors, state) from ``folder`` after checking completeness, layout, config, the
     SHA-256 and the agreement of the state recorded in the tensors' metadata, the rank's JSON,
     meta.json and the folder name. Raises CheckpointError (corrupt, incomplete, edited) or
-    ConfigMismatch (config/layout)."""
+    ConfigMismatch (config/layout). ``resolve``: the stored fingerprint is a trainer configuration's,
+    resolved as ``RunConfig.fingerprint`` before the comparison (False: compared as stored)."""
     from fastclt.training.config import resolve_fingerprint
     folder = Path(folder)
     meta = read_json(folder / "meta.json", "checkpoint meta.json")
@@ -184,7 +185,7 @@ def load_checkpoint(folder: Path, layout, fingerprint: dict, device) -> tuple[di
     info = read_json(folder / f"{name}.json", f"checkpoint {name}.json")
     if not isinstance(info, dict) or not isinstance(info.get("fingerprint"), dict):
         raise CheckpointError(f"checkpoint {folder / name}.json: not a rank record (no fingerprint)")
-    theirs = resolve_fingerprint(info["fingerprint"])
+    theirs = resolve_fingerprint(info["fingerprint"]) if resolve else info["fingerprint"]
     diff = sorted(k for k in set(fingerprint) | set(theirs) if fingerprint.get(k) != theirs.get(k))
     if diff:
         shown = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {fingerprint.get(k)!r}" for k in diff[:6])

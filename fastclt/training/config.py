@@ -193,6 +193,17 @@ class TrainSection:
     """TopK/BatchTopK: also save model_jumprelu/, thresholds set on held-out batches"""
     calibrate_batches: int = 16
     """batches of the stream after training that calibrate_jumprelu uses"""
+    objective: str = "reconstruction"
+    """reconstruction (of the MLP outputs) | kl | kl+fvu | ce: the dictionary spliced into the frozen LM of
+    data.source hf, trained on the LM's next-token KL to the clean LM, KL + fvu_coef·FVU, or cross-entropy
+    (batch_size tokens = whole sequences of data.ctx_len; docs/TRAINING_THROUGH_LM.md)"""
+    fvu_coef: float = 1.0
+    """objective kl+fvu: the weight of the FVU summed over layers"""
+    lm_checkpoint: bool = True
+    """objectives kl/kl+fvu/ce: recompute the LM blocks' modules in the backward (activation checkpointing)"""
+    init_from: Optional[str] = None
+    """a trained model folder (save_pretrained, e.g. runs/x/model): start from its weights instead of
+    initialising from data (e.g. reconstruction pre-training, then objective kl)"""
 
 
 @dataclass
@@ -597,6 +608,7 @@ def validate(cfg: RunConfig) -> None:
                          ("impl", ("auto", "cuda", "triton", "cpu", "reference"))):
         if getattr(t, key) not in options:
             raise ConfigError(f"train.{key}: expected one of {options}, got {getattr(t, key)!r}")
+    _validate_objective(cfg, mc)
     if mc.n_features % t.tp:
         raise ConfigError(f"model.n_features: {mc.n_features} is not divisible by train.tp={t.tp}")
     f_local = mc.n_features // t.tp
@@ -668,3 +680,36 @@ def validate(cfg: RunConfig) -> None:
     _pos("log.every", lg.every)
     if not cfg.out_dir:
         raise ConfigError("out_dir: expected a folder path")
+
+
+OBJECTIVES = ("reconstruction", "kl", "kl+fvu", "ce")
+
+
+def _validate_objective(cfg: RunConfig, mc) -> None:
+    """train.objective and what the objectives that train through the LM need; train.init_from."""
+    t, d = cfg.train, cfg.data
+    if t.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective: expected one of {OBJECTIVES}, got {t.objective!r}")
+    _pos("train.fvu_coef", t.fvu_coef, zero_ok=True)
+    if t.init_from is not None and not (Path(t.init_from) / "config.json").is_file():
+        raise ConfigError(f"train.init_from: {t.init_from} is not a saved model folder (no config.json; give the "
+                          f"model/ folder of a finished run)")
+    if t.objective == "reconstruction":
+        return
+    what = f"train.objective {t.objective} (the dictionary spliced into the LM)"
+    if d.source != "hf":
+        raise ConfigError(f"data.source: {what} needs the LM at hand, data.source hf; got {d.source!r}")
+    if t.tp != 1:
+        raise ConfigError(f"train.tp: {what} runs the whole dictionary in each process; tensor parallelism is not "
+                          f"supported (data parallelism is: torchrun with train.tp 1), got {t.tp}")
+    if getattr(mc, "batchtopk_across_layers", False):
+        raise ConfigError(f"model.batchtopk_across_layers: {what} encodes each layer when the LM reaches it; a "
+                          f"selection over all layers at once is not possible")
+    if t.calibrate_jumprelu:
+        raise ConfigError(f"train.calibrate_jumprelu: calibrates on activation batches, which {what} does not "
+                          f"draw; calibrate the saved model with fastclt.calibrate")
+    if d.ctx_len < 2:
+        raise ConfigError(f"data.ctx_len: {what} needs next-token distributions, at least 2 tokens per sequence")
+    if t.batch_size % d.ctx_len:
+        raise ConfigError(f"train.batch_size: {what} trains on whole sequences; {t.batch_size} tokens is not a "
+                          f"multiple of data.ctx_len={d.ctx_len}")

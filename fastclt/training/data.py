@@ -41,8 +41,8 @@ import torch
 
 from fastclt.training.config import ConfigError
 
-__all__ = ["SyntheticSource", "ShardSource", "HFSource", "TokenBuffer", "Prefetcher", "make_source", "MANIFEST",
-           "read_manifest", "check_shards"]
+__all__ = ["SyntheticSource", "ShardSource", "HFSource", "SequenceSource", "TokenBuffer", "Prefetcher", "make_source",
+           "MANIFEST", "read_manifest", "check_shards"]
 
 MANIFEST = "manifest.json"
 FORMAT = "fastclt.activations"
@@ -416,6 +416,31 @@ class HFSource:
             self.buffer.load_state_dict(state)
 
 
+class SequenceSource(HFSource):
+    """Token sequences for the objectives that train through the LM (train.objective kl / kl+fvu / ce):
+    micro-batch i of dp rank r is ``(ids,)``, ids int64 [S, ctx_len] on the CPU, the sequences
+    g·S … (g + 1)·S − 1 of the token source with g = i·dp + r and S = batch_size / ctx_len — a pure
+    function of (i, r), so a resumed run continues exactly (no state to checkpoint). The
+    initialisation sample is the activations of the stream's first sequences, as for ``HFSource``."""
+
+    stateful = False
+
+    def __init__(self, cfg, kind: str, n_layers: int, d_in: int, d_out: int, layout, device: torch.device) -> None:
+        super().__init__(cfg, kind, n_layers, d_in, d_out, layout, device)
+        self.S = cfg.train.batch_size // cfg.data.ctx_len
+        self.dp, self.dp_rank = layout.dp, layout.dp_rank
+
+    def get(self, i: int):
+        g = i * self.dp + self.dp_rank
+        return (self.ex.token_ids(g * self.S, self.S),)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def _cat(batches: list):
     xs, ys = zip(*batches)
     return torch.cat(xs), torch.cat(ys)
@@ -432,6 +457,8 @@ def make_source(cfg, layout, device):
         return SyntheticSource(cfg, kind, L, mc.d_in, d_out, layout.dp_rank)
     if src == "shards":
         return ShardSource(cfg, L, mc.d_in, d_out, layout.dp_rank, layout.dp)
+    if cfg.train.objective != "reconstruction":
+        return SequenceSource(cfg, kind, L, mc.d_in, d_out, layout, device)
     return HFSource(cfg, kind, L, mc.d_in, d_out, layout, device)
 
 
@@ -440,8 +467,9 @@ def share_batch(source, layout, batch, n_tokens: int, device: torch.device, dtyp
     parallelism — broadcast from tp rank 0 of the data-parallel group (the only rank that runs the
     LM; ``batch`` is None elsewhere). A collective: every tp rank calls it at the same point."""
     nb = device.type == "cuda"
-    if batch is not None:
-        batch = tuple(t.to(device, dtype, non_blocking=nb).contiguous() for t in batch)
+    if batch is not None:  # (token ids keep their integer dtype)
+        batch = tuple(t.to(device, dtype if t.is_floating_point() else None, non_blocking=nb).contiguous()
+                      for t in batch)
     if layout is None or layout.tp == 1 or not hasattr(source, "runs_lm"):
         return batch
     import torch.distributed as dist
@@ -454,7 +482,8 @@ def share_batch(source, layout, batch, n_tokens: int, device: torch.device, dtyp
 
 
 class Prefetcher:
-    """Yields (x, y) on ``device`` for micro-batches start, start + 1, …
+    """Yields the source's micro-batches start, start + 1, … on ``device``: (x, y) in ``dtype``, or
+    ``(ids,)`` of a ``SequenceSource`` (integer tensors keep their dtype).
 
     ``depth`` > 0: a background thread prepares up to ``depth`` batches ahead — CPU sources into
     pinned memory, on-the-fly extraction on its own CUDA stream — so that the data is ready when the
@@ -484,14 +513,14 @@ class Prefetcher:
         event = None
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
-                x, y = self.source.get(i)
+                batch = tuple(self.source.get(i))
                 event = torch.cuda.Event()
                 event.record(self.stream)
         else:
-            x, y = self.source.get(i)
-            if self.device.type == "cuda" and x.device.type == "cpu":
-                x, y = x.pin_memory(), y.pin_memory()
-        return x, y, event, self.source.state_dict() if self.stateful else None
+            batch = tuple(self.source.get(i))
+            if self.device.type == "cuda" and batch[0].device.type == "cpu":
+                batch = tuple(t.pin_memory() for t in batch)
+        return batch, event, self.source.state_dict() if self.stateful else None
 
     def _work(self, i: int) -> None:
         try:
@@ -521,13 +550,13 @@ class Prefetcher:
         else:
             item = self._load(self.next)
         self.next += 1
-        x, y, event, self._state = item
+        batch, event, self._state = item
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            x.record_stream(current)
-            y.record_stream(current)
-        return share_batch(self.source, self.layout, (x, y), B, self.device, self.dtype)
+            for t in batch:
+                t.record_stream(current)
+        return share_batch(self.source, self.layout, batch, B, self.device, self.dtype)
 
     def state(self) -> Optional[dict]:
         """The source's state after the last batch returned (None for stateless sources)."""
