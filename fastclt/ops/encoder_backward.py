@@ -14,6 +14,11 @@ b_enc, θ and the pre-bias, with the backward computed from the entries only (ne
 
 The grouped-by-feature sums and the gather come from a ``SparseKernels`` backend (Triton, or the
 C++/CUDA extension), so every backend has the same math and the same tests.
+
+At or above the crossover density of "encode_backward" (``fastclt.ops.density``, docs/DESIGN.md §15)
+dx and dW_enc take the dense formulation instead: dh scattered into a dense dH: [B, F], then the GEMMs
+``dx = dH W_enc`` and ``dW_enc = dHᵀ (x − pre_bias)`` (in fp32 for fp32 inputs, else in x's dtype with
+the GEMM's fp32 accumulation). db_enc, dθ and the pre-bias gradient stay per-entry sums (O(nnz)).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Optional, Protocol
 import torch
 
 from fastclt.codes import SparseCodes
+from fastclt.ops import density
 
 __all__ = ["SparseKernels", "encode_codes", "matvec_f32", "vecmat_f32", "folded_bias"]
 
@@ -94,10 +100,13 @@ class _SparseEncodeValue(torch.autograd.Function):
         x, W, threshold, pre_bias, row_ptr, row, col, h = ctx.saved_tensors
         need_x, need_W, need_b, need_t, need_p = ctx.needs_input_grad[:5]
         kern: SparseKernels = ctx.kernels
-        F = W.shape[0]
+        F, B = W.shape[0], x.shape[0]
         dv = dvalue.float()
         dx = dW = db = dt = dp = None
-        seg = kern.segments(col, F) if (need_W or need_b or need_t or need_p) else None  # one grouping
+        dense = (need_x or need_W) and density.use_dense("encode_backward", density.of(col.shape[0], B, F),
+                                                         x.device, x.dtype)
+        need_seg = (need_W and not dense) or need_b or need_t or need_p
+        seg = kern.segments(col, F) if need_seg else None  # one grouping
         if ctx.act == "jumprelu":
             theta = threshold.float()[col.long()]
             dh = dv * (h > theta).float()
@@ -122,6 +131,16 @@ class _SparseEncodeValue(torch.autograd.Function):
                     db = s_dh.to(ctx.b_dtype)
                 if need_p:
                     dp = (-vecmat_f32(s_dh, W)).to(pre_bias.dtype)
+        if dense:
+            gemm = torch.float32 if x.dtype == torch.float32 else x.dtype
+            dH = torch.zeros(B * F, dtype=gemm, device=x.device)
+            dH = dH.index_add_(0, row * F + col.long(), dh.to(gemm)).view(B, F)
+            if need_x:
+                dx = (dH @ W.detach().to(gemm)).to(x.dtype)
+            if need_W:
+                G = x.detach() if pre_bias is None else x.detach() - pre_bias.detach().to(x.dtype)
+                dW = (dH.t() @ G.to(gemm)).to(W.dtype)
+            return dx, dW, db, dt, dp, None, None, None, None, None, None, None
         if need_x:
             dx = kern.gather(row_ptr, col, dh, W, x.dtype)
         if need_W:
