@@ -34,7 +34,7 @@ from benchmarks.shapes import Shape, default_shapes, get_shapes
 
 __all__ = ["run_suites", "render", "main", "SUITES", "default_out_dir"]
 
-SUITES = ("ops", "train")
+SUITES = ("ops", "train", "density")
 SELECTS = ("all", "goals", "rest")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,10 +63,15 @@ def default_out_dir(device: torch.device) -> Path:
 def _collect(suites: Sequence[str], shapes: Sequence[Shape], device: torch.device, dtype: torch.dtype,
              ops: Optional[Sequence[str]] = None) -> list:
     """Every case, in table order (shape, suite, op, variant, mode, impl)."""
+    from benchmarks.bench_density import density_cases
     from benchmarks.bench_ops import ops_cases
     from benchmarks.bench_train_step import train_cases
     cases = []
     for s in shapes:
+        if "density" in suites and (s.density or s.name == "tiny"):
+            cases += density_cases(s, device, dtype, priority_of=_priority)
+        if s.density:
+            continue
         if "train" in suites and s.ops is None:
             cases += train_cases(s, device, priority_of=_priority)
         if "ops" in suites:
@@ -142,6 +147,16 @@ def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]]
                     f"{case.impl}: {row['status']} {fmt(row['median_ms'])} ms "
                     f"({time.monotonic() - t0:.1f} s) {row['note'] or ''}")
             write_csv(rows, csv_path)
+        if "density" in suites and select != "rest" and not stop_reason:
+            # fastclt against crosslayer-coding at the densest point, timed in alternation
+            from benchmarks.bench_density import peer_comparison
+            for s in shapes:
+                if s.density and (budget_s is None or time.monotonic() - t_start < budget_s):
+                    try:
+                        rows += peer_comparison(s, device, runner, rounds=5 if quick else 9, log=log)
+                    except _Stop as e:
+                        stop_reason = f"interrupted ({e})"
+                    write_csv(rows, csv_path)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
@@ -166,6 +181,11 @@ def _report(rows: list[dict], meta: dict, out_dir: Path, device_type: str) -> di
     write_markdown(rows, meta, out_dir / "results.md", goals_mod.goal_table(goal_results))
     write_meta(meta, out_dir / "meta.json")
     files = [out_dir / "results.csv", out_dir / "results.md", out_dir / "meta.json"] + write_plots(rows, out_dir)
+    if any(r["suite"] == "density" for r in rows):
+        from benchmarks.bench_density import write_crossovers, write_density_plots
+        files += write_density_plots(rows, out_dir)
+        cross = write_crossovers(rows, out_dir, meta.get("device", ""), meta.get("dtype", ""))
+        files += [cross] if cross else []
     return {"rows": rows, "meta": meta, "goals": goal_results, "files": files}
 
 
@@ -180,7 +200,9 @@ def render(out_dir: Path) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="all", choices=("ops", "train", "all"))
+    p.add_argument("--suite", default="all", choices=("ops", "train", "density", "all"))
+    p.add_argument("--calibrate", action="store_true", help="density suite: print the crossover of each op "
+                   "measured by the sweep (also written to crossover.json)")
     p.add_argument("--shapes", default=None, help="comma-separated names from benchmarks/shapes.py")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>/)")
     p.add_argument("--ops", default=None, help="comma-separated op names: restrict the ops suite "
@@ -211,6 +233,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res = run_suites(suites, shapes, Path(a.out) if a.out else None, device=device, dtype=dtype, quick=a.quick,
                      budget_s=a.budget_s, ops=ops, select=a.select, append=a.append)
     print("\n".join(goals_mod.goal_table(res["goals"])))
+    if a.calibrate:
+        from benchmarks.bench_density import calibrate
+        for shape in sorted({r["shape"] for r in res["rows"] if r["suite"] == "density"}):
+            print(f"crossover at {shape}: {calibrate(res['rows'], shape)} (fastclt/ops/density.py DEFAULTS)")
     return 0
 
 

@@ -7,6 +7,8 @@
 ``models`` says which model families the train suite builds for a shape ("sae": SAE TopK and PLT
 JumpReLU; "clt": CLT with every decoder tying, BatchTopK and JumpReLU). ``ops`` limits the ops suite to a
 few op names (None: every op). ``device`` is where the shape is a default ("cuda", "cpu", "ci").
+``density``: a shape of the density sweep only (benchmarks/bench_density.py; the ops and train
+suites skip it); the sweep also runs at ``tiny``.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Shape:
     ops: Optional[tuple[str, ...]] = None
     device: str = "cuda"
     note: str = ""
+    density: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +47,10 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
           note="the BatchTopK goal: h of 8192 x 131072"),
     Shape("cpu-small", B=2048, d=768, F=16384, k=32, L=4, k_aux=256, device="cpu",
           note="the CPU goals of the README; L is used by the CLT ops only"),
+    Shape("density-cpu", B=1024, d=256, F=4096, k=16, L=4, models=("clt",), device="cpu", density=True,
+          note="the density sweep on a CPU: the shape of the density issue (CLT L=4, d=256, F=4096, B=1024)"),
+    Shape("density-gpu", B=4096, d=1024, F=16384, k=64, L=4, models=("clt",), device="cuda", density=True,
+          note="the density sweep on a GPU"),
     Shape("tiny", B=64, d=32, F=256, k=4, L=3, models=("sae", "clt"), k_aux=16, device="ci",
           note="CI: every suite in seconds on a CPU"),
 ]}

@@ -69,14 +69,17 @@ def test_forward_backward(impl, device, size, kind, vdt, wdt, poisoned):
     got = run(decode_with(impl), codes, W, b, g)
     eager = run(ref_decode, codes, W, b, g)
     exact = run(dense64, codes.with_value(codes.value.double()), W.double(), b.double(), g.double())
+    # a kernel may round fp32 values to a bf16 decoder's dtype in its backward scatter (the extension's
+    # does): the error that rounding alone makes is within its budget too
+    rounded = run(dense64, codes.with_value(codes.value.to(wdt).double()), W.double(), b.double(), g.double())
     names = ("y", "dvalue", "dW", "db")
-    for name, out, e, x in zip(names, got, eager, exact):
+    for name, out, e, x, xr in zip(names, got, eager, exact, rounded):
         assert out.dtype == e.dtype, f"{name}: dtype {out.dtype} != reference {e.dtype}"
         if wdt == torch.float32 and vdt == torch.float32:
             check_close(name + " vs fp64", out, x, 1e-5)
             check_close(name + " vs reference", out, e, 1e-5)
         else:  # kernel error vs fp64 at most ~2x the eager bf16 error, plus a floor of one bf16 ulp
-            check_close(name + " vs fp64", out, x, 2 * rel_err(e, x) + 2**-8)
+            check_close(name + " vs fp64", out, x, 2 * max(rel_err(e, x), rel_err(xr, x)) + 2**-8)
 
 
 @pytest.mark.parametrize("impl,device", KERNELS)
