@@ -18,7 +18,8 @@ C++/CUDA extension), so every backend has the same math and the same tests.
 At or above the crossover density of "encode_backward" (``fastclt.ops.density``, docs/DESIGN.md §15)
 dx and dW_enc take the dense formulation instead: dh scattered into a dense dH: [B, F], then the GEMMs
 ``dx = dH W_enc`` and ``dW_enc = dHᵀ (x − pre_bias)`` (in fp32 for fp32 inputs, else in x's dtype with
-the GEMM's fp32 accumulation). db_enc, dθ and the pre-bias gradient stay per-entry sums (O(nnz)).
+the GEMM's fp32 accumulation); the per-feature sums of db_enc and dθ become column sums of dense
+scatters, and the pre-bias gradient the same mat-vec.
 """
 from __future__ import annotations
 
@@ -105,8 +106,6 @@ class _SparseEncodeValue(torch.autograd.Function):
         dx = dW = db = dt = dp = None
         dense = (need_x or need_W) and density.use_dense("encode_backward", density.of(col.shape[0], B, F),
                                                          x.device, x.dtype)
-        need_seg = (need_W and not dense) or need_b or need_t or need_p
-        seg = kern.segments(col, F) if need_seg else None  # one grouping
         if ctx.act == "jumprelu":
             theta = threshold.float()[col.long()]
             dh = dv * (h > theta).float()
@@ -114,15 +113,29 @@ class _SparseEncodeValue(torch.autograd.Function):
             dh = dv
         else:
             dh = dv * (h > 0).float()
-        sums = []  # per-feature sums in one grouped pass: [dh] and/or [dθ terms]
+        sums = []  # per-feature sums: [dh] and/or [dθ terms]
         if need_b or need_p:
             sums.append(dh)
         if need_t:
             eps = ctx.bandwidth
             rect = (((h - theta) / eps).abs() < 0.5).float()
             sums.append(dv * (-(theta / eps)) * rect)
-        if sums:
+        dH = None
+        if dense:
+            # the entries scattered into dense fp32 [B, F]; per-feature sums are column sums (O(B·F),
+            # deterministic, no grouping of the entries)
+            flat = row * F + col.long()
+            dH = torch.zeros(B * F, dtype=torch.float32, device=x.device).index_put_((flat,), dh).view(B, F)
+            cols = [dH.sum(0) if c is dh else
+                    torch.zeros(B * F, dtype=torch.float32, device=x.device).index_put_((flat,), c).view(B, F).sum(0)
+                    for c in sums]
+            S = torch.stack(cols, 1) if cols else None
+        elif sums:
+            seg = kern.segments(col, F)  # one grouping for the sums and dW
             S = kern.feature_sums(col, torch.stack(sums, 1).contiguous(), F, seg)  # fp32 [F, 1|2]
+        else:
+            seg = kern.segments(col, F) if need_W else None
+        if sums:
             if need_t:
                 dt = S[:, -1].to(threshold.dtype)
             if need_b or need_p:
@@ -133,8 +146,7 @@ class _SparseEncodeValue(torch.autograd.Function):
                     dp = (-vecmat_f32(s_dh, W)).to(pre_bias.dtype)
         if dense:
             gemm = torch.float32 if x.dtype == torch.float32 else x.dtype
-            dH = torch.zeros(B * F, dtype=gemm, device=x.device)
-            dH = dH.index_add_(0, row * F + col.long(), dh.to(gemm)).view(B, F)
+            dH = dH.to(gemm)
             if need_x:
                 dx = (dH @ W.detach().to(gemm)).to(x.dtype)
             if need_W:
