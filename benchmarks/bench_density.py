@@ -44,6 +44,7 @@ __all__ = ["DENSITIES", "MODES", "density_cases", "calibrate", "write_density_pl
            "peer_comparison", "PEER", "PEER_RHO"]
 
 DENSITIES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5)
+QUICK_DENSITIES = (0.003, 0.03, 0.1, 0.3, 0.5)  # --quick (the GPU check)
 MODES = {"sparse": "never", "dense": "always", "adaptive": None}
 CALIBRATED_OPS = ("sparse_decode", "clt_decode", "encode_backward")
 PEER = "crosslayer-coding"
@@ -318,10 +319,11 @@ def peer_comparison(s: Shape, device, runner, rounds: int = 7, rho: float = PEER
 
 
 # --------------------------------------------------------------------------------- cases
-def density_cases(s: Shape, device: torch.device, dtype: torch.dtype, *, densities=DENSITIES,
+def density_cases(s: Shape, device: torch.device, dtype: torch.dtype, *, quick: bool = False,
                   priority_of: Callable[..., int] = lambda *a: 1) -> list[Case]:
-    """Every (op, density, mode) case of the sweep at shape ``s`` (at ``tiny``, CI's shape: the
-    lowest and highest density only)."""
+    """Every (op, density, mode) case of the sweep at shape ``s`` (``quick``: QUICK_DENSITIES; at
+    ``tiny``, CI's shape: the lowest and highest density only)."""
+    densities = QUICK_DENSITIES if quick else DENSITIES
     if s.name == "tiny":
         densities = (densities[0], densities[-1])
     cases = []
@@ -332,7 +334,7 @@ def density_cases(s: Shape, device: torch.device, dtype: torch.dtype, *, densiti
                     continue
                 cases.append(_decode_case(op, s, rho, mode, device, dtype))
             cases.append(_encode_backward_case(s, rho, mode, device, dtype))
-            for family in ("clt", "sae"):
+            for family in ("clt",) if s.name == "tiny" else ("clt", "sae"):
                 cases.append(_train_case(family, s, rho, mode, device))
     for c in cases:
         c.priority = priority_of(c.op, c.variant, c.mode, c.shape)

@@ -61,7 +61,7 @@ def default_out_dir(device: torch.device) -> Path:
 
 
 def _collect(suites: Sequence[str], shapes: Sequence[Shape], device: torch.device, dtype: torch.dtype,
-             ops: Optional[Sequence[str]] = None) -> list:
+             ops: Optional[Sequence[str]] = None, quick: bool = False) -> list:
     """Every case, in table order (shape, suite, op, variant, mode, impl)."""
     from benchmarks.bench_density import density_cases
     from benchmarks.bench_ops import ops_cases
@@ -69,7 +69,7 @@ def _collect(suites: Sequence[str], shapes: Sequence[Shape], device: torch.devic
     cases = []
     for s in shapes:
         if "density" in suites and (s.density or s.name == "tiny"):
-            cases += density_cases(s, device, dtype, priority_of=_priority)
+            cases += density_cases(s, device, dtype, quick=quick, priority_of=_priority)
         if s.density:
             continue
         if "train" in suites and s.ops is None:
@@ -112,7 +112,7 @@ def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]]
                        else "not measured on CPU (empty columns)"),
             "argv": sys.argv[1:], "select": select}
 
-    cases = sorted(_collect(suites, shapes, device, dtype, ops), key=lambda c: c.priority)  # goal cases first
+    cases = sorted(_collect(suites, shapes, device, dtype, ops, quick), key=lambda c: c.priority)  # goal cases first
     if select != "all":
         cases = [c for c in cases if (c.priority == 0) == (select == "goals")]
     runner = Runner(device, peaks, quick=quick, stamp=stamp)
@@ -200,7 +200,7 @@ def render(out_dir: Path) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="all", choices=("ops", "train", "density", "all"))
+    p.add_argument("--suite", default="all", help="ops | train | density | all, or several joined by commas")
     p.add_argument("--calibrate", action="store_true", help="density suite: print the crossover of each op "
                    "measured by the sweep (also written to crossover.json)")
     p.add_argument("--shapes", default=None, help="comma-separated names from benchmarks/shapes.py")
@@ -223,7 +223,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(a.device) if a.device else None
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    suites = SUITES if a.suite == "all" else (a.suite,)
+    suites = SUITES if a.suite == "all" else tuple(x.strip() for x in a.suite.split(",") if x.strip())
+    if set(suites) - set(SUITES):
+        p.error(f"--suite: unknown {sorted(set(suites) - set(SUITES))}; known: {list(SUITES)} or all")
     shapes = get_shapes(a.shapes) if a.shapes else None
     dtype = getattr(torch, a.dtype) if a.dtype else None
     ops = [o.strip() for o in a.ops.split(",") if o.strip()] if a.ops else None
