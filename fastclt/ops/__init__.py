@@ -1,4 +1,5 @@
-"""fastclt ops (docs/DESIGN.md §11): functional entry points with ``impl="auto"|"cuda"|"triton"|"cpu"|"dense"|"reference"``.
+"""fastclt ops (docs/DESIGN.md §11): functional entry points with
+``impl="auto"|"cuda"|"triton"|"cpu"|"dense"|"reference"``.
 
 Each entry point validates its arguments once (``_checks``), picks an implementation from the op
 table (``_registry``: ``FASTCLT_IMPL`` overrides "auto"; a dtype a kernel does not take runs the

@@ -29,6 +29,7 @@ import torch
 
 from fastclt.codes import SparseCodes
 from fastclt.ops import density
+from fastclt.ops.dense._common import zeros
 
 __all__ = ["SparseKernels", "encode_codes", "matvec_f32", "vecmat_f32", "folded_bias"]
 
@@ -125,10 +126,9 @@ class _SparseEncodeValue(torch.autograd.Function):
             # the entries scattered into dense fp32 [B, F]; per-feature sums are column sums (O(B·F),
             # deterministic, no grouping of the entries)
             flat = row * F + col.long()
-            dH = torch.zeros(B * F, dtype=torch.float32, device=x.device).index_put_((flat,), dh).view(B, F)
-            cols = [dH.sum(0) if c is dh else
-                    torch.zeros(B * F, dtype=torch.float32, device=x.device).index_put_((flat,), c).view(B, F).sum(0)
-                    for c in sums]
+            dH = zeros(B * F, torch.float32, x.device).index_put_((flat,), dh).view(B, F)
+            cols = [dH.sum(0) if c is dh
+                    else zeros(B * F, torch.float32, x.device).index_put_((flat,), c).view(B, F).sum(0) for c in sums]
             S = torch.stack(cols, 1) if cols else None
         elif sums:
             seg = kern.segments(col, F)  # one grouping for the sums and dW

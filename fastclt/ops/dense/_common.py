@@ -5,7 +5,17 @@ import torch
 
 from fastclt.codes import SparseCodes
 
-__all__ = ["dense_codes", "gemm_dtype"]
+__all__ = ["dense_codes", "gemm_dtype", "zeros"]
+
+
+def zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled 1-D tensor; on the CPU from fastclt._C's host pool when it is built (a reused
+    block: no first-touch page faults on a fresh [B, F] buffer every step; csrc/host_pool.h)."""
+    if device.type == "cpu":
+        from fastclt import _ext
+
+        return _ext.host_empty((numel,), dtype, device).zero_()
+    return torch.zeros(numel, dtype=dtype, device=device)
 
 
 class _Densify(torch.autograd.Function):
@@ -15,7 +25,7 @@ class _Densify(torch.autograd.Function):
     def forward(ctx, value, flat, numel, dtype):
         ctx.save_for_backward(flat)
         ctx.value_dtype = value.dtype
-        return torch.zeros(numel, dtype=dtype, device=value.device).index_add_(0, flat, value.to(dtype))
+        return zeros(numel, dtype, value.device).index_add_(0, flat, value.to(dtype))
 
     @staticmethod
     def backward(ctx, g):
