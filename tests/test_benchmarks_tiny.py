@@ -124,7 +124,8 @@ def test_fastclt_impl_restores_env(monkeypatch):
 
 
 def test_shapes_table():
-    assert [s.name for s in default_shapes("cpu")] == ["cpu-small"]
+    assert [s.name for s in default_shapes("cpu")] == ["cpu-small", "density-cpu"]
+    assert [s.name for s in default_shapes("cuda") if s.density] == ["density-gpu"]
     assert {"gpt2-clt", "sae-2304", "sae-4096"} <= {s.name for s in default_shapes("cuda")}
     s = SHAPES["gpt2-clt"]
     assert (s.L, s.d, s.F, s.k, s.B) == (12, 768, 32768, 16, 4096)
