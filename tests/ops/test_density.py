@@ -8,6 +8,8 @@ dense branch in fastclt/ops/encoder_backward.py; docs/DESIGN.md §17).
   with the feature affine; SAE with its pre-bias; JumpReLU and ReLU) at densities 0, one entry,
   about the crossover, 50% and 100%, in fp64 (the reference against the dense formulation) and in
   fp32 / bf16 (the kernels, sparse and dense encoder backward and decode);
+- Matryoshka dictionaries: the prefix decodes choose by the density of the codes before their split
+  into G row blocks (G times sparser), and decode densely by column blocks of one [B, F];
 - MOLT gates (ReLU/JumpReLU) at a high density: the encoder backward's dense branch;
 - the switch in both directions within one training run, against a run kept sparse;
 - the memory of the reference decodes at 50% density stays below the dense formulation's.
@@ -150,7 +152,8 @@ def test_encoder_backward_dense_equals_sparse(impl, device, activation, dtype):
 
 
 # ------------------------------------------------------------- dense = sparse, whole models
-MODELS = ["clt-none", "clt-per_source-affine", "clt-per_target-affine", "plt", "sae"]
+MODELS = ["clt-none", "clt-per_source-affine", "clt-per_target-affine", "plt", "sae",
+          "clt-none-matryoshka", "clt-per_target-affine-matryoshka", "sae-matryoshka"]
 DENSITIES = ["zero", "one", "crossover", "half", "full"]
 CROSS = 0.3
 
@@ -236,6 +239,34 @@ def test_dense_and_sparse_paths_agree(kind, activation, which, dtype):
     for n in grads_s:
         assert_close(grads_d[n], grads_s[n], tol, f"d{n}") if grads_s[n].abs().sum() > 0 else \
             assert_close(grads_d[n].abs().sum(), grads_s[n].abs().sum(), 0, f"d{n} (zero)")
+
+
+def test_matryoshka_decodes_choose_by_the_density_before_the_split(gen):
+    """At 50% density the G = 3 split rows hold 1/6 of their [G·B, F] entries: below the crossover, yet
+    ``impl="auto"`` decodes densely (the codes' own density), by column blocks of one [B, F] — the same
+    blocks and gradients as the split sparse decode; at a low density it decodes sparsely."""
+    B, L, F, d = 40, 3, 30, 7
+    prefixes = [4, 13, 30]
+
+    def codes_at(p):
+        a = torch.rand(B, F, generator=gen) * (torch.rand(B, F, generator=gen) < p)
+        return SparseCodes.from_dense(a)
+    W_sae = torch.randn(F, d, generator=gen)
+    W_clt = torch.randn(L, F, d, generator=gen)
+    off, sc = 0.2 * torch.randn(L, F, generator=gen), torch.rand(L, F, generator=gen) + 0.5
+    with density.crossover(0.3):
+        for p, want in ((0.5, "dense"), (0.05, "sparse")):
+            c = codes_at(p)
+            cs = [codes_at(p) for _ in range(L)]
+            assert (c.density() >= 0.3) == (want == "dense")
+            cases = {"sparse_decode": lambda impl: ops.matryoshka_blocks(c, W_sae, prefixes, impl=impl),
+                     "clt_decode": lambda impl: ops.matryoshka_clt_blocks(cs, W_clt, "per_target", prefixes, off, sc,
+                                                                          impl=impl)}
+            for op, fn in cases.items():
+                density.STATS.clear()
+                got = fn("auto")
+                assert dict(density.STATS) == {(op, want): 1}, (op, p, dict(density.STATS))
+                assert_close(got, fn("dense" if want == "sparse" else "reference"), 1e-5, f"{op} at {p}")
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "relu"])
