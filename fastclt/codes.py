@@ -77,7 +77,7 @@ class SparseCodes:
         """int64 [nnz]: ``row · F + index`` of every entry, its position in the dense [B, F] (cached)."""
         F = self._features(n_features)
         if self._flat is None or self._flat_F != F:
-            self._flat = self.row_ids() * F + self.index.long()
+            self._flat = self.row_ids() * F + self.index  # int64 + int32: int64, no copy of the index
             self._flat_F = F
         return self._flat
 

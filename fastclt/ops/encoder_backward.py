@@ -87,7 +87,7 @@ class _SparseEncodeValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth, kernels):
         if act == "jumprelu":
-            value = h * (h > threshold.float()[col.long()]).float()
+            value = torch.where(h > threshold.float().index_select(0, col), h, 0.0)
         elif act == "relu":
             value = h
         else:  # topk / batchtopk: ReLU applied to the kept values
@@ -108,24 +108,23 @@ class _SparseEncodeValue(torch.autograd.Function):
         dense = (need_x or need_W) and density.use_dense("encode_backward", density.of(col.shape[0], B, F),
                                                          x.device, x.dtype)
         if ctx.act == "jumprelu":
-            theta = threshold.float()[col.long()]
-            dh = dv * (h > theta).float()
+            theta = threshold.float().index_select(0, col)  # int32 col: no int64 copy
+            dh = torch.where(h > theta, dv, 0.0)
         elif ctx.act == "relu":
             dh = dv
         else:
-            dh = dv * (h > 0).float()
+            dh = torch.where(h > 0, dv, 0.0)
         sums = []  # per-feature sums: [dh] and/or [dθ terms]
         if need_b or need_p:
             sums.append(dh)
         if need_t:
             eps = ctx.bandwidth
-            rect = (((h - theta) / eps).abs() < 0.5).float()
-            sums.append(dv * (-(theta / eps)) * rect)
+            sums.append(torch.where(((h - theta) / eps).abs() < 0.5, dv * (-(theta / eps)), 0.0))
         dH = None
         if dense:
             # the entries scattered into dense fp32 [B, F]; per-feature sums are column sums (O(B·F),
             # deterministic, no grouping of the entries)
-            flat = row * F + col.long()
+            flat = row * F + col  # int64 (row) + int32: int64
             dH = zeros(B * F, torch.float32, x.device).index_put_((flat,), dh).view(B, F)
             cols = [dH.sum(0) if c is dh
                     else zeros(B * F, torch.float32, x.device).index_put_((flat,), c).view(B, F).sum(0) for c in sums]
