@@ -160,6 +160,64 @@ def _molt_vs_floor(shape: str, target: float) -> Callable:
     return f
 
 
+def _adaptive_within(shape: str) -> Callable:
+    def f(rows, meta) -> Result:
+        from benchmarks.bench_density import adaptive_gaps
+        gaps = adaptive_gaps(rows, shape)
+        if not gaps:
+            return None, None, "no density sweep rows (sparse, dense and adaptive)"
+        worst = max(gaps, key=lambda g: g[2])
+        n_bad = sum(g[2] > 1.10 for g in gaps)
+        return (f"worst {worst[2]:.2f}× the better path ({worst[0]} at ρ={worst[1]:g}); "
+                f"{n_bad} of {len(gaps)} points over 1.10×"), n_bad == 0, ""
+    return f
+
+
+def _vs_peer(shape: str) -> Callable:
+    def f(rows, meta) -> Result:
+        from benchmarks.bench_density import PEER
+        a = _one(rows, suite="density", op="train_step", shape=shape, impl="adaptive", mode="alternating")
+        p = _one(rows, suite="density", op="train_step", shape=shape, impl=PEER, mode="alternating")
+        if a is None or p is None:
+            return None, None, _missing((a, "fastclt step (alternating)"), (p, f"{PEER} step (alternating)"))
+        r = p["median_ms"] / a["median_ms"]
+        ma, mp = a.get("peak_extra_mb"), p.get("peak_extra_mb")
+        mem = "memory not measured" if ma is None or mp is None else f"peak {ma:.0f} vs {mp:.0f} MiB"
+        ok = r >= 1.5 and (ma is not None and mp is not None and ma <= mp)
+        return f"{r:.2f}× ({a['median_ms']:.4g} ms vs {p['median_ms']:.4g} ms; {mem})", ok, ""
+    return f
+
+
+def dense_step_floor_ms(shape, peak_flops: float) -> float:
+    """The dense-GEMM floor of an untied CLT step: the GEMMs of the dense formulation alone,
+    (4L + 6·L(L+1)/2)·B·F·d FLOPs (encoder forward and dW_enc; decoder forward, dA and dW_dec)."""
+    L = shape.L
+    return (4 * L + 3 * L * (L + 1)) * shape.B * shape.F * shape.d / peak_flops * 1e3
+
+
+def _vs_dense_floor(shape_name: str) -> Callable:
+    def f(rows, meta) -> Result:
+        from benchmarks.shapes import SHAPES
+        a = [r for r in _ok(rows, suite="density", op="train_step", shape=shape_name, impl="adaptive")
+             if r["variant"].startswith("clt-none") and r["variant"].endswith("rho=0.5") and r["mode"] != "alternating"]
+        if not a:
+            return None, None, "no adaptive CLT step row at ρ = 0.5"
+        floor = dense_step_floor_ms(SHAPES[shape_name], meta["peak_flops"])
+        r = a[0]["median_ms"] / floor
+        return f"{r:.2f}× the floor ({a[0]['median_ms']:.4g} ms vs {floor:.3g} ms)", r <= 1.3, ""
+    return f
+
+
+def _crossover_measured(shape: str) -> Callable:
+    def f(rows, meta) -> Result:
+        from benchmarks.bench_density import calibrate
+        c = calibrate(rows, shape)
+        if not c:
+            return None, None, "no sparse and dense sweep rows"
+        return ", ".join(f"{op} {v:.3g}" for op, v in c.items()), True, ""
+    return f
+
+
 @dataclass(frozen=True)
 class Goal:
     name: str
@@ -203,6 +261,17 @@ GOALS = [
          _step_speedup("molt-topk", "molt-cpu", 10.0)),
     Goal("MOLT layer fwd+bwd vs gate GEMM + active FLOPs", "cpu", "molt-cpu", "≤ 2× the floor",
          _molt_vs_floor("molt-cpu", 2.0)),
+    # density-adaptive ops (ReLU/JumpReLU dictionaries from 0.1% to 50% density)
+    Goal("density sweep: adaptive vs the better of sparse and dense", "cpu", "density-cpu",
+         "≤ 1.10× at every density", _adaptive_within("density-cpu")),
+    Goal("JumpReLU CLT step at 48% density vs crosslayer-coding", "cpu", "density-cpu",
+         "≥ 1.5× its speed, peak memory ≤ its", _vs_peer("density-cpu")),
+    Goal("density crossover measured", "cpu", "density-cpu", "recorded", _crossover_measured("density-cpu")),
+    Goal("density sweep: adaptive vs the better of sparse and dense", "cuda", "density-gpu",
+         "≤ 1.10× at every density", _adaptive_within("density-gpu")),
+    Goal("density crossover measured", "cuda", "density-gpu", "recorded", _crossover_measured("density-gpu")),
+    Goal("CLT step (untied, JumpReLU) at 50% density vs the dense-GEMM floor", "cuda", "density-gpu",
+         "≤ 1.3× the floor", _vs_dense_floor("density-gpu")),
 ]
 
 

@@ -75,12 +75,16 @@ STAGES = [
     Stage("tests-models-cuda", "the models' default path and decoder norms on CUDA", "tests", 50, 20,
           files=MODEL_TESTS),
     Stage("bench-goals", "benchmarks of the goal cases (--quick)", "bench", 120, 40,
-          bench=["--select", "goals"], dry_bench=TINY + ["--select", "goals"]),
+          bench=["--suite", "ops,train", "--select", "goals"],
+          dry_bench=TINY + ["--suite", "ops,train", "--select", "goals"]),
+    Stage("bench-density", "the density sweep (sparse / dense / adaptive, 0.3% to 50%) and the crossover", "bench",
+          100, 30, bench=["--suite", "density", "--shapes", "density-gpu", "--append"],
+          dry_bench=TINY + ["--suite", "density", "--append"]),
     Stage("tests-rest", "the rest of the test suite (its CPU cases already ran in CI)", "tests", 120, 30,
           files=None),
     Stage("bench-rest", "the other benchmark cases, while time remains", "bench", 10 ** 6, 30,
-          bench=["--select", "rest", "--append"], dry_bench=TINY + ["--suite", "ops", "--ops", "batch_topk",
-                                                                    "--select", "rest", "--append"]),
+          bench=["--suite", "ops,train", "--select", "rest", "--append"],
+          dry_bench=TINY + ["--suite", "ops", "--ops", "batch_topk", "--select", "rest", "--append"]),
 ]
 SUMMARY_RESERVE_S = 20  # kept back for packing the outputs and the summary
 NOT_HERE = {"test_gpu_check.py"}  # CI's check of this script: not run inside it

@@ -35,7 +35,7 @@ from benchmarks.shapes import Shape, default_shapes, get_shapes
 
 __all__ = ["run_suites", "render", "main", "SUITES", "default_out_dir"]
 
-SUITES = ("ops", "train")
+SUITES = ("ops", "train", "density")
 SELECTS = ("all", "goals", "rest")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,12 +69,17 @@ def default_out_dir(device: torch.device) -> Path:
 
 
 def _collect(suites: Sequence[str], shapes: Sequence[Shape], device: torch.device, dtype: torch.dtype,
-             ops: Optional[Sequence[str]] = None) -> list:
+             ops: Optional[Sequence[str]] = None, quick: bool = False) -> list:
     """Every case, in table order (shape, suite, op, variant, mode, impl)."""
+    from benchmarks.bench_density import density_cases
     from benchmarks.bench_ops import ops_cases
     from benchmarks.bench_train_step import train_cases
     cases = []
     for s in shapes:
+        if "density" in suites and (s.density or s.name == "tiny"):
+            cases += density_cases(s, device, dtype, quick=quick, priority_of=_priority)
+        if s.density:
+            continue
         if "train" in suites and s.ops is None:
             cases += train_cases(s, device, priority_of=_priority)
         if "ops" in suites:
@@ -117,7 +122,7 @@ def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]]
                        else "not measured on CPU (empty columns)"),
             "argv": sys.argv[1:], "select": select, "variants": list(variants) if variants else None}
 
-    cases = sorted(_collect(suites, shapes, device, dtype, ops), key=lambda c: c.priority)  # goal cases first
+    cases = sorted(_collect(suites, shapes, device, dtype, ops, quick), key=lambda c: c.priority)  # goal cases first
     if select != "all":
         cases = [c for c in cases if (c.priority == 0) == (select == "goals")]
     if variants:
@@ -154,6 +159,16 @@ def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]]
                     f"{case.impl}: {row['status']} {fmt(row['median_ms'])} ms "
                     f"({time.monotonic() - t0:.1f} s) {row['note'] or ''}")
             write_csv(rows, csv_path)
+        if "density" in suites and select != "rest" and not stop_reason:
+            # fastclt against crosslayer-coding at the densest point, timed in alternation
+            from benchmarks.bench_density import peer_comparison
+            for s in shapes:
+                if s.density and (budget_s is None or time.monotonic() - t_start < budget_s):
+                    try:
+                        rows += peer_comparison(s, device, runner, rounds=5 if quick else 9, log=log)
+                    except _Stop as e:
+                        stop_reason = f"interrupted ({e})"
+                    write_csv(rows, csv_path)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
@@ -178,6 +193,11 @@ def _report(rows: list[dict], meta: dict, out_dir: Path, device_type: str) -> di
     write_markdown(rows, meta, out_dir / "results.md", goals_mod.goal_table(goal_results))
     write_meta(meta, out_dir / "meta.json")
     files = [out_dir / "results.csv", out_dir / "results.md", out_dir / "meta.json"] + write_plots(rows, out_dir)
+    if any(r["suite"] == "density" for r in rows):
+        from benchmarks.bench_density import write_crossovers, write_density_plots
+        files += write_density_plots(rows, out_dir)
+        cross = write_crossovers(rows, out_dir, meta.get("device", ""), meta.get("dtype", ""))
+        files += [cross] if cross else []
     return {"rows": rows, "meta": meta, "goals": goal_results, "files": files}
 
 
@@ -192,7 +212,9 @@ def render(out_dir: Path) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="all", choices=("ops", "train", "all"))
+    p.add_argument("--suite", default="all", help="ops | train | density | all, or several joined by commas")
+    p.add_argument("--calibrate", action="store_true", help="density suite: print the crossover of each op "
+                   "measured by the sweep (also written to crossover.json)")
     p.add_argument("--shapes", default=None, help="comma-separated names from benchmarks/shapes.py")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>/)")
     p.add_argument("--ops", default=None, help="comma-separated op names: restrict the ops suite "
@@ -215,7 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(a.device) if a.device else None
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    suites = SUITES if a.suite == "all" else (a.suite,)
+    suites = SUITES if a.suite == "all" else tuple(x.strip() for x in a.suite.split(",") if x.strip())
+    if set(suites) - set(SUITES):
+        p.error(f"--suite: unknown {sorted(set(suites) - set(SUITES))}; known: {list(SUITES)} or all")
     shapes = get_shapes(a.shapes) if a.shapes else None
     dtype = getattr(torch, a.dtype) if a.dtype else None
     ops = [o.strip() for o in a.ops.split(",") if o.strip()] if a.ops else None
@@ -226,6 +250,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      budget_s=a.budget_s, ops=ops, select=a.select, append=a.append,
                      variants=[v.strip() for v in a.variants.split(",") if v.strip()] if a.variants else None)
     print("\n".join(goals_mod.goal_table(res["goals"])))
+    if a.calibrate:
+        from benchmarks.bench_density import calibrate
+        for shape in sorted({r["shape"] for r in res["rows"] if r["suite"] == "density"}):
+            print(f"crossover at {shape}: {calibrate(res['rows'], shape)} (fastclt/ops/density.py DEFAULTS)")
     return 0
 
 

@@ -11,6 +11,8 @@ one-layer MOLT with T = F transforms in the default rank groups, TopK gates with
 JumpReLU gates with the norm penalty) and which ops the ops suite runs (the dictionary ops for
 "sae" / "clt", the MOLT layer for "molt"). ``ops`` limits the ops suite to a few op names (None:
 those of the model families). ``device`` is where the shape is a default ("cuda", "cpu", "ci").
+``density``: a shape of the density sweep only (benchmarks/bench_density.py; the ops and train
+suites skip it); the sweep also runs at ``tiny``.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Shape:
     ops: Optional[tuple[str, ...]] = None
     device: str = "cuda"
     note: str = ""
+    density: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +55,10 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
           note="MOLT goals: d = 768, N = 32 (992 transforms of rank 512 ... 32), 20 open per token (2%)"),
     Shape("molt-cpu", B=1024, d=768, F=992, k=20, models=("molt",), device="cpu",
           note="the MOLT goals on a CPU: molt-768 with a batch the dense eager reference runs in seconds"),
+    Shape("density-cpu", B=1024, d=256, F=4096, k=16, L=4, models=("clt",), device="cpu", density=True,
+          note="the density sweep on a CPU: the shape of the density issue (CLT L=4, d=256, F=4096, B=1024)"),
+    Shape("density-gpu", B=4096, d=1024, F=16384, k=64, L=4, models=("clt",), device="cuda", density=True,
+          note="the density sweep on a GPU"),
     Shape("tiny", B=64, d=32, F=256, k=4, L=3, models=("sae", "clt", "molt"), k_aux=16, device="ci",
           note="CI: every suite in seconds on a CPU"),
 ]}

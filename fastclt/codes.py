@@ -13,7 +13,7 @@ entry is *active* when its value is > 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,6 +28,10 @@ class SparseCodes:
     value: torch.Tensor
     n_features: Optional[int] = None
     k: Optional[int] = None  # fixed entries per row (TopK), else None
+    # row·F + index of every entry (int64 [nnz]), made once by ``flat_index`` and shared by codes
+    # with the same pattern (``with_value``)
+    _flat: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
+    _flat_F: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.row_ptr.dtype != torch.int64 or self.row_ptr.dim() != 1:
@@ -62,6 +66,20 @@ class SparseCodes:
     @property
     def dtype(self) -> torch.dtype:
         return self.value.dtype
+
+    def density(self, n_features: Optional[int] = None) -> float:
+        """Stored entries (active and band) over all entries, nnz / (B·F): what the ops compare with
+        their crossover to choose a sparse or a dense formulation (docs/DESIGN.md §17). No device sync."""
+        total = self.batch_size * self._features(n_features)
+        return self.nnz / total if total > 0 else 0.0
+
+    def flat_index(self, n_features: Optional[int] = None) -> torch.Tensor:
+        """int64 [nnz]: ``row · F + index`` of every entry, its position in the dense [B, F] (cached)."""
+        F = self._features(n_features)
+        if self._flat is None or self._flat_F != F:
+            self._flat = self.row_ids() * F + self.index  # int64 + int32: int64, no copy of the index
+            self._flat_F = F
+        return self._flat
 
     def row_ids(self) -> torch.Tensor:
         """int64 [nnz]: the row (token) of every entry."""
@@ -139,7 +157,10 @@ class SparseCodes:
 
     def with_value(self, value: torch.Tensor) -> "SparseCodes":
         """The same sparsity pattern with other values (e.g. a transformed activation)."""
-        return SparseCodes(self.row_ptr, self.index, value, self.n_features, self.k)
+        out = SparseCodes(self.row_ptr, self.index, value, self.n_features, self.k)
+        if self._flat is not None:
+            out._flat, out._flat_F = self._flat, self._flat_F
+        return out
 
     def detach(self) -> "SparseCodes":
         return self.with_value(self.value.detach())

@@ -50,6 +50,7 @@ class _DictionaryConfig:
     k: int = 16
     normalization: str = "none"
     threshold_init: float = 0.05
+    init_fire_rate: Optional[float] = 0.01
     threshold_param: str = "raw"
     jumprelu_bandwidth: float = 0.05
     sparsity: str = "tanh"
@@ -74,6 +75,10 @@ class _DictionaryConfig:
             raise ValueError(f"k: expected 1 <= k <= n_features={n_features}, got {self.k}")
         _choice("normalization", self.normalization, NORMALIZATIONS)
         _nonneg_float("threshold_init", self.threshold_init, strictly_positive=self.threshold_param == "log")
+        if self.init_fire_rate is not None:
+            _nonneg_float("init_fire_rate", self.init_fire_rate, strictly_positive=True)
+            if not self.init_fire_rate < 1:
+                raise ValueError(f"init_fire_rate: expected a fraction in (0, 1) or None, got {self.init_fire_rate}")
         _choice("threshold_param", self.threshold_param, THRESHOLD_PARAMS)
         _nonneg_float("jumprelu_bandwidth", self.jumprelu_bandwidth, strictly_positive=True)
         _choice("sparsity", self.sparsity, SPARSITY_KINDS)
@@ -183,6 +188,9 @@ class CLTConfig(_DictionaryConfig):
     feature_affine: per-target offset/scale g_t of tied decoders. skip_connection: W_skip per layer.
     normalization: "none" | "mean_std" | "sqrt_d" (statistics from ``initialize_from_data``).
     threshold_init / threshold_param ("raw" θ ≥ 0 or "log θ") / jumprelu_bandwidth ε: JumpReLU.
+    init_fire_rate: ReLU/JumpReLU start — ``initialize_from_data`` sets b_enc so that each feature
+        fires on this fraction of the sample (initial density; L0 ≈ init_fire_rate · F per layer);
+        None leaves b_enc at 0 (docs/DESIGN.md §5).
     sparsity ("tanh" | "l1"), sparsity_coef λ, sparsity_c c: the sparsity penalty (ReLU/JumpReLU).
     preact_coef λ_p: the pre-activation loss (JumpReLU). reconstruction_loss: Σ_l "mse" or "fvu".
     k_aux (default d_out/2), auxk_coef: AuxK (TopK/BatchTopK, when a dead mask is given).
@@ -289,7 +297,8 @@ class MOLTConfig(_DictionaryConfig):
         1 : 2 : 4 : …, the first group taking what the rounding leaves), i.e. N = T / 31 for 5 groups.
     output_bias: a per-layer output bias b_dec.
     activation: the gate φ — "jumprelu" (value-passing, g = z · 1[z > θ]), "topk", "batchtopk" or
-        "relu"; k, threshold_*, jumprelu_bandwidth as CLTConfig. sparsity / sparsity_coef /
+        "relu"; k, threshold_*, jumprelu_bandwidth as CLTConfig. init_fire_rate: as CLTConfig, the
+        fraction of (token, gate) pairs open after ``initialize_from_data`` (default 0.02). sparsity / sparsity_coef /
         sparsity_c: the penalty on g_i · ‖U_i V_i‖_F (tanh or L1). preact_coef, k_aux / auxk_coef,
         normalization, reconstruction_loss, nonfinite, dtype, lm_name / lm_layers / input_hook: as
         CLTConfig.
@@ -302,6 +311,7 @@ class MOLTConfig(_DictionaryConfig):
     ranks: Optional[list] = None
     rank_counts: Optional[list] = None
     output_bias: bool = True
+    init_fire_rate: Optional[float] = 0.02
 
     def __post_init__(self) -> None:
         _positive_int("n_layers", self.n_layers)

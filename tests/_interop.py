@@ -9,6 +9,7 @@ def random_transcoder(gen, L=3, d=8, F=24, activation="jumprelu", tying="none", 
                       affine=False, normalization="none", dtype="float64", n=64, **kw):
     """(model, x [n, L, d]) with random weights, biases, thresholds in (0.1, 0.8), feature scales in
     (0.5, 1.5) and zero offsets, and (with ``normalization``) statistics fitted on skewed data."""
+    kw.setdefault("init_fire_rate", None)  # b_enc from the random draw below, not the training start
     cfg = fastclt.CLTConfig(n_layers=L, d_in=d, d_out=d, n_features=F, activation=activation, k=4,
                             decoder_tying=tying, feature_affine=affine, skip_connection=skip, cross_layer=cross_layer,
                             normalization=normalization, dtype=dtype, **kw)

@@ -128,7 +128,8 @@ def test_fastclt_impl_restores_env(monkeypatch):
 
 
 def test_shapes_table():
-    assert [s.name for s in default_shapes("cpu")] == ["cpu-small", "molt-cpu"]
+    assert [s.name for s in default_shapes("cpu")] == ["cpu-small", "molt-cpu", "density-cpu"]
+    assert [s.name for s in default_shapes("cuda") if s.density] == ["density-gpu"]
     assert {"gpt2-clt", "sae-2304", "sae-4096", "molt-768"} <= {s.name for s in default_shapes("cuda")}
     s = SHAPES["gpt2-clt"]
     assert (s.L, s.d, s.F, s.k, s.B) == (12, 768, 32768, 16, 4096)
@@ -180,3 +181,59 @@ def test_matryoshka_and_molt_goals_on_given_rows():
     assert status(layer(60.0), name)["status"] == "met" and "2.00×" in status(layer(60.0), name)["measured"]
     assert status(layer(61.0), name)["status"] == "not met"
     assert status(layer(60.0)[1:], name)["status"].startswith("not yet measured (no gate-gemm row")
+
+
+# ----------------------------------------------------------------------------- density suite
+def test_density_suite_at_tiny(tmp_path):
+    """The density sweep at tiny: every op in every mode at the lowest and highest density, the
+    plot and crossover.json; the modes really take their formulations (the fastclt.ops.density counts)."""
+    from benchmarks.bench_density import MODES, QUICK_DENSITIES, calibrate
+    from fastclt.ops import density
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    density.STATS.clear()
+    try:
+        res = run_suites(["density"], get_shapes("tiny"), tmp_path, device=torch.device("cpu"), quick=True,
+                         log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    assert len(ok) == len(res["rows"]) == 2 * len(MODES) * 4, [(r["op"], r["note"]) for r in res["rows"]
+                                                              if r["status"] != "ok"]
+    assert {(r["op"], r["variant"].split()[-1], r["impl"]) for r in ok} == {
+        (op, rho, m) for op in ("sparse_decode", "clt_decode", "encode_backward", "train_step")
+        for rho in (f"rho={QUICK_DENSITIES[0]:g}", f"rho={QUICK_DENSITIES[-1]:g}") for m in MODES}
+    assert density.STATS[("clt_decode", "dense")] > 0 and density.STATS[("clt_decode", "sparse")] > 0
+    assert density.STATS[("encode_backward", "dense")] > 0 and density.STATS[("encode_backward", "sparse")] > 0
+    cross = json.loads((tmp_path / "crossover.json").read_text())["crossover"]["tiny"]
+    assert set(cross) == {"sparse_decode", "clt_decode", "encode_backward"}
+    assert cross == {op: (round(v, 4) if math.isfinite(v) else "never")
+                     for op, v in calibrate(res["rows"], "tiny").items()}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "density_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_density_calibration_and_gaps():
+    """calibrate: the crossing of dense and sparse interpolated on log ρ; adaptive_gaps: adaptive
+    over the better of the two; the goal reads them."""
+    from benchmarks.bench_density import adaptive_gaps, calibrate
+
+    def row(op, rho, mode, ms):
+        return {"suite": "density", "shape": "density-cpu", "op": op, "variant": f"rho={rho}", "impl": mode,
+                "mode": "fwd+bwd", "status": "ok", "median_ms": ms}
+    rows = [row("sparse_decode", 0.01, "sparse", 1.0), row("sparse_decode", 0.01, "dense", 4.0),
+            row("sparse_decode", 0.1, "sparse", 10.0), row("sparse_decode", 0.1, "dense", 2.5),
+            row("sparse_decode", 0.01, "adaptive", 1.05), row("sparse_decode", 0.1, "adaptive", 3.0),
+            row("clt_decode", 0.01, "sparse", 1.0), row("clt_decode", 0.01, "dense", 0.5),
+            row("encode_backward", 0.01, "sparse", 1.0), row("encode_backward", 0.01, "dense", 2.0)]
+    c = calibrate(rows, "density-cpu")
+    assert c["sparse_decode"] == pytest.approx(10 ** -1.5)  # log ratios +log 4 and −log 4: the midpoint
+    assert c["clt_decode"] == 0.01 and c["encode_backward"] == math.inf
+    gaps = {(op, rho): g for op, rho, g in adaptive_gaps(rows, "density-cpu")}
+    assert gaps[("sparse_decode", 0.01)] == pytest.approx(1.05) and gaps[("sparse_decode", 0.1)] == pytest.approx(1.2)
+    res = {g.name: g.check(rows, {"peak_flops": 1e11}) for g in goals.GOALS if g.shape == "density-cpu"}
+    assert res["density sweep: adaptive vs the better of sparse and dense"][1] is False  # 1.2× at ρ = 0.1
+    assert "crosslayer-coding" in res["JumpReLU CLT step at 48% density vs crosslayer-coding"][2]

@@ -215,6 +215,53 @@ def test_fire_rate_init():
     assert abs(float(rate) - 0.1) < 0.02
 
 
+@pytest.mark.parametrize("kind", ["clt", "sae"])
+@pytest.mark.parametrize("activation", ["jumprelu", "relu"])
+def test_default_start_is_moderately_sparse(kind, activation):
+    """ReLU/JumpReLU start (docs/DESIGN.md §5): initialize_from_data sets b_enc from the config's
+    init_fire_rate, so every feature fires on about that fraction of the sample (L0 ≈ rate·F), where
+    b_enc = 0 would fire on about half; init_fire_rate=None keeps b_enc = 0; TopK takes no rate."""
+    torch.manual_seed(9)
+    F, N = 200, 3000
+    if kind == "clt":
+        model = small_clt(activation=activation, n_features=F)
+        x = torch.randn(N, 3, 10)
+        args = (x, torch.randn(N, 3, 7))
+    else:
+        model = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=10, n_features=F, activation=activation))
+        x = torch.randn(N, 10) + 2.0  # off-centre: b_dec (the pre-bias) matters
+        args = (x,)
+    assert model.cfg.init_fire_rate == 0.01
+    dense_start = model.encode(x)
+    dense_start = dense_start[0] if isinstance(dense_start, list) else dense_start
+    assert float(dense_start.l0()) > 0.3 * F  # the old start: about half the features fire
+    model.initialize_from_data(*args)
+    codes = model.encode(x)
+    codes = codes if isinstance(codes, list) else [codes]
+    for c in codes:
+        assert abs(float(c.l0()) / F - 0.01) < 0.003, float(c.l0())
+        fired = (c.to_dense(F) > 0).float().mean(0)  # per feature, not only on average
+        assert fired.min() > 0 and fired.max() < 0.03
+    off = (small_clt(activation=activation, init_fire_rate=None) if kind == "clt" else
+           fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=10, n_features=F, activation=activation,
+                                                       init_fire_rate=None)))
+    off.initialize_from_data(*args)
+    assert torch.equal(off.b_enc, torch.zeros_like(off.b_enc))
+
+
+def test_fire_rate_is_checked():
+    with pytest.raises(ValueError, match="init_fire_rate: expected a fraction"):
+        fastclt.CLTConfig(activation="jumprelu", init_fire_rate=1.0)
+    with pytest.raises(ValueError, match="init_fire_rate"):
+        fastclt.SAEConfig(activation="relu", init_fire_rate=-0.1)
+    topk = small_clt()  # TopK: the default rate does not apply, an explicit one is refused
+    x, y = torch.randn(50, 3, 10), torch.randn(50, 3, 7)
+    topk.initialize_from_data(x, y)
+    assert torch.equal(topk.b_enc, torch.zeros_like(topk.b_enc))
+    with pytest.raises(ValueError, match="fire_rate: only ReLU and JumpReLU"):
+        topk.initialize_from_data(x, y, fire_rate=0.1)
+
+
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 def test_batchtopk_to_jumprelu(activation):
     torch.manual_seed(8)

@@ -194,16 +194,16 @@ class CrossLayerTranscoder(SparseDictionary):
     @torch.no_grad()
     def initialize_from_data(self, x: torch.Tensor, y: torch.Tensor, fire_rate: Optional[float] = None) -> None:
         """docs/DESIGN.md §5 from a data sample x: [N, L, d_in], y: [N, L, d_out]: fit the normalisation
-        statistics, set b_dec to the mean of (normalised) y, and for JumpReLU with ``fire_rate``
-        set b_enc so that each feature fires on that fraction of the sample."""
+        statistics, set b_dec to the mean of (normalised) y, and for ReLU/JumpReLU set b_enc so that
+        each feature fires on ``fire_rate`` of the sample (default: the config's ``init_fire_rate``;
+        nothing when both are None)."""
         xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
         yl = self._check_tensor(self._layered(y, "y"), "y", self.d_out, self._shape_msg(self.d_out))
         self._finite_rows(xl, yl, names=("x", "y"), allow_skip=False)
         self._fit_normalization(xl, yl)
         xn, yn = self._normalize(xl, "in"), self._normalize(yl, "out")
         self.b_dec.copy_(yn.double().mean(0))
-        if fire_rate is not None:
-            _set_fire_rate(self, xn, fire_rate)
+        _set_fire_rate(self, xn, fire_rate)
 
     @torch.no_grad()
     def fold_normalization(self) -> "CrossLayerTranscoder":
@@ -302,15 +302,25 @@ def _sqrt0(x: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, x, torch.ones_like(x)).sqrt() * pos
 
 
-def _set_fire_rate(model: SparseDictionary, xn: torch.Tensor, fire_rate: float) -> None:
-    """Set b_enc so that h = W_enc x + b_enc exceeds θ on ``fire_rate`` of the sample (JumpReLU)."""
-    if model.cfg.activation != "jumprelu":
-        raise ValueError(f"fire_rate: only JumpReLU dictionaries use it, not {model.cfg.activation!r}")
-    if not 0 < fire_rate < 1:
-        raise ValueError(f"fire_rate: expected a fraction in (0, 1), got {fire_rate}")
+def _set_fire_rate(model: SparseDictionary, xn: torch.Tensor, fire_rate: Optional[float]) -> None:
+    """The ReLU/JumpReLU start of docs/DESIGN.md §5: b_enc so that h = W_enc x + b_enc exceeds θ (0 for
+    ReLU) on ``fire_rate`` of the sample ``xn`` [N, L, d_in] (normalised), per feature: b_enc,i = θ_i − q_i
+    with q_i the (1 − fire_rate) quantile of feature i's W_enc x over the sample. ``fire_rate`` None: the
+    config's ``init_fire_rate`` for ReLU/JumpReLU (nothing when that is None, or for TopK/BatchTopK)."""
+    act = model.cfg.activation
+    if fire_rate is None:
+        fire_rate = model.cfg.init_fire_rate if act in ("relu", "jumprelu") else None
+        if fire_rate is None:
+            return
+    if act not in ("relu", "jumprelu"):
+        raise ValueError(f"fire_rate: only ReLU and JumpReLU dictionaries use it, not {act!r}")
+    if isinstance(fire_rate, bool) or not isinstance(fire_rate, (int, float)) or not 0 < fire_rate < 1:
+        raise ValueError(f"fire_rate: expected a fraction in (0, 1), got {fire_rate!r}")
+    if xn.shape[0] == 0:
+        raise ValueError("x: expected at least one token to set the encoder bias from")
     W_enc, b_enc, theta = model._enc_layers()
     pre_bias = model._pre_bias()
     for l in range(model.n_layers):
         h = ops.preacts(xn[:, l].to(W_enc.dtype), W_enc[l], None, pre_bias)
         q = torch.quantile(h.float(), 1 - fire_rate, dim=0)
-        b_enc[l].copy_(theta[l].float() - q)
+        b_enc[l].copy_((0.0 if theta is None else theta[l].float()) - q)

@@ -31,11 +31,6 @@ from fastclt.models.clt import CrossLayerTranscoder, _set_fire_rate
 
 __all__ = ["MOLT"]
 
-# ReLU / JumpReLU gates: the fraction of (token, gate) pairs open after ``initialize_from_data``
-# without an explicit fire_rate — a sparse start (the kernels' cost grows with the open gates).
-DEFAULT_FIRE_RATE = 0.02
-
-
 class MOLT(SparseDictionary):
     config_class = MOLTConfig
 
@@ -125,7 +120,8 @@ class MOLT(SparseDictionary):
         """From a data sample x: [N, L, d_in], y: [N, L, d_out] (a one-layer MOLT also [N, d]): fit
         the normalisation statistics, set b_dec to the mean of the normalised y (output_bias), and
         for ReLU / JumpReLU gates set each gate's bias so that it opens on ``fire_rate`` of the
-        sample (default DEFAULT_FIRE_RATE, 2%: a sparse start). TopK / BatchTopK gates take no
+        sample (default: the config's ``init_fire_rate``, 2% for a MOLT: a sparse start, the kernels'
+        cost grows with the open gates; nothing when both are None). TopK / BatchTopK gates take no
         fire_rate."""
         xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
         yl = self._check_tensor(self._layered(y, "y"), "y", self.d_out, self._shape_msg(self.d_out))
@@ -134,20 +130,9 @@ class MOLT(SparseDictionary):
         xn, yn = self._normalize(xl, "in"), self._normalize(yl, "out")
         if self.cfg.output_bias:
             self.b_dec.copy_(yn.double().mean(0))
-        act = self.cfg.activation
-        if act not in ("relu", "jumprelu"):
-            if fire_rate is not None:
-                raise ValueError(f"fire_rate: only ReLU / JumpReLU gates use it, not {act!r}")
-            return
-        rate = DEFAULT_FIRE_RATE if fire_rate is None else fire_rate
-        if act == "jumprelu":
-            _set_fire_rate(self, xn, rate)
-            return
-        if not 0 < rate < 1:
-            raise ValueError(f"fire_rate: expected a fraction in (0, 1), got {rate}")
-        for l in range(self.n_layers):  # ReLU: the gate opens where e·x + b > 0
-            h = ops.preacts(xn[:, l].to(self.W_enc.dtype), self.W_enc[l], None, None)
-            self.b_enc[l].copy_(-torch.quantile(h.float(), 1 - rate, dim=0))
+        if self.cfg.activation not in ("relu", "jumprelu") and fire_rate is not None:
+            raise ValueError(f"fire_rate: only ReLU / JumpReLU gates use it, not {self.cfg.activation!r}")
+        _set_fire_rate(self, xn, fire_rate)  # ReLU: the gate opens where e·x + b > 0 (θ = 0)
 
     # ---------------------------------------------------------- public shapes
     # as a transcoder's: one layer also takes [B, d]; codes are a list of L SparseCodes

@@ -124,8 +124,9 @@ class SparseAutoencoder(SparseDictionary):
     @torch.no_grad()
     def initialize_from_data(self, x: torch.Tensor, fire_rate: Optional[float] = None) -> None:
         """docs/DESIGN.md §5 from a sample x: [N, d_in]: fit the normalisation, set b_dec to the geometric
-        median (or mean, per ``b_dec_init``) of the normalised sample, and optionally b_enc so that
-        each JumpReLU feature fires on ``fire_rate`` of the sample."""
+        median (or mean, per ``b_dec_init``) of the normalised sample, and for ReLU/JumpReLU b_enc so
+        that each feature fires on ``fire_rate`` of the sample (default: the config's ``init_fire_rate``;
+        nothing when both are None)."""
         xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
         self._finite_rows(xl, names=("x",), allow_skip=False)
         self._fit_normalization(xl, xl)
@@ -134,8 +135,7 @@ class SparseAutoencoder(SparseDictionary):
             self.b_dec.copy_(geometric_median(xn[:, 0].double()))
         elif self.cfg.b_dec_init == "mean":
             self.b_dec.copy_(xn[:, 0].double().mean(0))
-        if fire_rate is not None:
-            _set_fire_rate(self, xn, fire_rate)
+        _set_fire_rate(self, xn, fire_rate)
 
     @torch.no_grad()
     def fold_normalization(self) -> "SparseAutoencoder":

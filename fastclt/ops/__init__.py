@@ -1,4 +1,5 @@
-"""fastclt ops (docs/DESIGN.md §11): functional entry points with ``impl="auto"|"cuda"|"triton"|"cpu"|"reference"``.
+"""fastclt ops (docs/DESIGN.md §11): functional entry points with
+``impl="auto"|"cuda"|"triton"|"cpu"|"dense"|"reference"``.
 
 Each entry point validates its arguments once (``_checks``), picks an implementation from the op
 table (``_registry``: ``FASTCLT_IMPL`` overrides "auto"; a dtype a kernel does not take runs the
@@ -27,6 +28,7 @@ import torch
 from fastclt.codes import SparseCodes
 from fastclt.names import ACTIVATIONS, SELECTIONS, TYINGS
 from fastclt.ops import _checks
+from fastclt.ops import density as _density
 from fastclt.ops._registry import implementations, resolve
 from fastclt.ops.reference.activation import band_mask, jumprelu_dense, jumprelu_step
 from fastclt.ops.reference.clt_decode import feature_affine
@@ -49,14 +51,16 @@ __all__ = [
 ]
 
 
-def _call(op: str, impl: str, like: Optional[torch.Tensor], shards, *args, **kwargs):
+def _call(op: str, impl: str, like: Optional[torch.Tensor], shards, *args, density: Optional[float] = None,
+          **kwargs):
     """Run ``op`` with the implementation chosen for the device and dtype of the tensor ``like``
-    (and that takes a process group, when ``shards`` is given)."""
+    (and that takes a process group, when ``shards`` is given; for the ``density`` of its codes,
+    when the op has a dense formulation: docs/DESIGN.md §17)."""
     if isinstance(like, torch.Tensor):
         device, dtype = like.device, like.dtype
     else:
         device, dtype = torch.device("cpu"), None
-    _, fn = resolve(op, impl, device, dtype, sharded=shards is not None)
+    _, fn = resolve(op, impl, device, dtype, sharded=shards is not None, density=density)
     if shards is not None:
         kwargs["shards"] = shards
     return fn(*args, **kwargs)
@@ -130,9 +134,11 @@ def batch_topk_layers(h: torch.Tensor, k: int, *, group=None, impl: str = "auto"
 
 def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor] = None, *,
                   impl: str = "auto") -> torch.Tensor:
-    """codes over B rows, W_dec: [F, D] (or [F, T, d]) → y: [B, D] (or [B, T, d])."""
+    """codes over B rows, W_dec: [F, D] (or [F, T, d]) → y: [B, D] (or [B, T, d]).
+    ``impl="auto"`` decodes densely (GEMMs) when the codes are at least as dense as the crossover."""
     _checks.check_sparse_decode(codes, W_dec, b_dec)
-    return _call("sparse_decode", impl, W_dec, None, codes, W_dec, b_dec)
+    return _call("sparse_decode", impl, W_dec, None, codes, W_dec, b_dec,
+                 density=codes.density(W_dec.shape[0]))
 
 
 def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
@@ -142,10 +148,14 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
 
     W_dec: L tensors [F, L−s, d_out] (tying "none") or [L, F, d_out] (tied: "per_source",
     "per_target"); b_dec: [L, d_out] or None (None for AuxK: never add b_dec there);
-    feature_offset / feature_scale: [L, F] per target layer (tied only) or None (docs/DESIGN.md §2.1)."""
+    feature_offset / feature_scale: [L, F] per target layer (tied only) or None (docs/DESIGN.md §2.1).
+    ``impl="auto"`` decodes densely (GEMMs) when the codes of all sources together are at least as
+    dense as the crossover."""
     _checks.check_clt_decode(codes, W_dec, tying, b_dec, feature_offset, feature_scale)
     like = W_dec if isinstance(W_dec, torch.Tensor) else W_dec[0]
-    return _call("clt_decode", impl, like, None, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+    F = like.shape[-2] if isinstance(W_dec, torch.Tensor) else like.shape[0]
+    return _call("clt_decode", impl, like, None, codes, W_dec, tying, b_dec, feature_offset, feature_scale,
+                 density=_density.of_layers(codes, F))
 
 
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,

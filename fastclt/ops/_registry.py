@@ -1,8 +1,9 @@
 """The op table: every implementation of every op, and the choice among them.
 
-``impl="auto" | "cuda" | "triton" | "cpu" | "reference"`` names a backend:
+``impl="auto" | "cuda" | "triton" | "cpu" | "dense" | "reference"`` names a backend:
 
     reference   fastclt/ops/reference/<file>.py   pure PyTorch: the test oracle, any device, any float dtype
+    dense       fastclt/ops/dense/<file>.py       the dense formulation (GEMMs on dense codes) of the decodes
     triton      fastclt/ops/triton/<file>.py      Triton kernels: CUDA (the CPU under TRITON_INTERPRET=1, tests)
     cpu, cuda   fastclt/ops/ext/<file>.py         the fastclt._C extension's C++ / CUDA kernels
 
@@ -10,8 +11,10 @@
 takes a process group). ``resolve`` picks an entry:
 
 - ``impl="auto"`` takes the first entry in the device's preference order (``AUTO_ORDER``) that is
-  available there and takes the call's dtype; the environment variable ``FASTCLT_IMPL`` names a
-  backend to use instead of "auto" wherever the op has it (an invalid name is an error).
+  available there and takes the call's dtype — except that an op with a dense formulation takes it
+  when the call's codes are at least as dense as the crossover (``density``, ``fastclt.ops.density``);
+  the environment variable ``FASTCLT_IMPL`` names a backend to use instead of "auto" wherever the op
+  has it (an invalid name is an error).
 - a named backend that does not take the call's dtype (fp64, or fp16 for the extension) runs the
   reference instead — the routing is done here, never inside a kernel's wrapper;
 - a named backend that is not available on the device is an error that says how to get it;
@@ -34,7 +37,7 @@ import torch
 __all__ = ["IMPLS", "AUTO_ORDER", "TABLE", "Entry", "implementations", "entries", "resolve", "available",
            "FLOATS", "EXT_DTYPES", "TRITON_DTYPES"]
 
-IMPLS = ("auto", "cuda", "triton", "cpu", "reference")
+IMPLS = ("auto", "cuda", "triton", "cpu", "dense", "reference")
 
 # Preference of impl="auto" per device type: kernels first, the eager reference last.
 AUTO_ORDER = {
@@ -49,7 +52,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The device types each backend runs on (None: any). Triton also runs on the CPU under
 # TRITON_INTERPRET=1 (set before fastclt is imported), for tests.
-DEVICES = {"reference": None, "triton": ("cuda", "cpu"), "cpu": ("cpu",), "cuda": ("cuda",)}
+DEVICES = {"reference": None, "dense": None, "triton": ("cuda", "cpu"), "cpu": ("cpu",), "cuda": ("cuda",)}
 
 # What to tell a user whose requested implementation is missing.
 HOW_TO_GET = {
@@ -59,6 +62,7 @@ HOW_TO_GET = {
            "FASTCLT_BUILD_CPU=1 pip install --no-build-isolation .",
     "triton": "Triton kernels need `pip install triton` and a CUDA tensor (or TRITON_INTERPRET=1 "
               "set before fastclt is imported, for testing on the CPU)",
+    "dense": "",
     "reference": "",
 }
 
@@ -92,10 +96,10 @@ def _e(op, impl, target, dtypes, sharded=False) -> Entry:
     return Entry(op, impl, target, dtypes, sharded)
 
 
-R, T, C, G, SHARDED = "reference", "triton", "cpu", "cuda", True
-# The op table. A new op: its reference (and kernels) in files of the same name under reference/,
-# triton/ and ext/, one row per implementation here, its entry point in fastclt/ops/__init__.py
-# (docs/DESIGN.md §13).
+R, T, C, G, D, SHARDED = "reference", "triton", "cpu", "cuda", "dense", True
+# The op table. A new op: its reference (and kernels, and a dense formulation) in files of the same
+# name under reference/, triton/, ext/ (and dense/), one row per implementation here, its entry
+# point in fastclt/ops/__init__.py (docs/DESIGN.md §13).
 TABLE = (
     #  op                   impl  callable ("module:attribute" under fastclt.ops)    dtypes         process group
     _e("relu",              R,    "reference.activation:relu",                       FLOATS),
@@ -125,10 +129,12 @@ TABLE = (
     _e("sparse_decode",     T,    "triton.decode:sparse_decode",                     TRITON_DTYPES),
     _e("sparse_decode",     C,    "ext.decode:sparse_decode",                        EXT_DTYPES),
     _e("sparse_decode",     G,    "ext.decode:sparse_decode",                        EXT_DTYPES),
+    _e("sparse_decode",     D,    "dense.decode:sparse_decode",                      FLOATS),
     _e("clt_decode",        R,    "reference.clt_decode:clt_decode",                 FLOATS),
     _e("clt_decode",        T,    "triton.clt_decode:clt_decode",                    TRITON_DTYPES),
     _e("clt_decode",        C,    "ext.clt_decode:clt_decode",                       EXT_DTYPES),
     _e("clt_decode",        G,    "ext.clt_decode:clt_decode",                       EXT_DTYPES),
+    _e("clt_decode",        D,    "dense.clt_decode:clt_decode",                     FLOATS),
     _e("molt_decode",       R,    "reference.molt:molt_decode",                      FLOATS),
     _e("molt_decode",       T,    "triton.molt:molt_decode",                         TRITON_DTYPES),
     _e("molt_decode",       C,    "ext.molt:molt_decode",                            EXT_DTYPES),
@@ -183,9 +189,10 @@ def entries(op: str) -> tuple[Entry, ...]:
 
 
 def resolve(op: str, impl: str, device: torch.device, dtype: Optional[torch.dtype] = None, *,
-            sharded: bool = False) -> tuple[str, Callable]:
+            sharded: bool = False, density: Optional[float] = None) -> tuple[str, Callable]:
     """``(impl_name, fn)`` for ``op`` on ``device`` (for inputs of ``dtype`` when given; ``sharded``:
-    a call with a process group). Raises a clear error when no implementation fits."""
+    a call with a process group; ``density``: of the call's codes, for an op with a dense
+    formulation). Raises a clear error when no implementation fits."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     registered = _BY_OP.get(op)
@@ -199,6 +206,12 @@ def resolve(op: str, impl: str, device: torch.device, dtype: Optional[torch.dtyp
         if env != "auto" and env in impls:
             impl = env
     if impl == "auto":
+        dense = impls.get("dense")
+        if density is not None and dense is not None and dense.takes(dtype):
+            from fastclt.ops import density as _density
+
+            if _density.use_dense(op, density, device, dtype):
+                return "dense", dense.load()
         for name in AUTO_ORDER.get(device.type, ("reference",)):
             entry = impls.get(name)
             if entry is not None and entry.takes(dtype) and available(name, device):

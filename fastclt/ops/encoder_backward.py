@@ -14,6 +14,12 @@ b_enc, θ and the pre-bias, with the backward computed from the entries only (ne
 
 The grouped-by-feature sums and the gather come from a ``SparseKernels`` backend (Triton, or the
 C++/CUDA extension), so every backend has the same math and the same tests.
+
+At or above the crossover density of "encode_backward" (``fastclt.ops.density``, docs/DESIGN.md §17)
+dx and dW_enc take the dense formulation instead: dh scattered into a dense dH: [B, F], then the GEMMs
+``dx = dH W_enc`` and ``dW_enc = dHᵀ (x − pre_bias)`` (in fp32 for fp32 inputs, else in x's dtype with
+the GEMM's fp32 accumulation); the per-feature sums of db_enc and dθ become column sums of dense
+scatters, and the pre-bias gradient the same mat-vec.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from typing import Optional, Protocol
 import torch
 
 from fastclt.codes import SparseCodes
+from fastclt.ops import density
+from fastclt.ops.dense._common import zeros
 
 __all__ = ["SparseKernels", "encode_codes", "matvec_f32", "vecmat_f32", "folded_bias"]
 
@@ -79,7 +87,7 @@ class _SparseEncodeValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth, kernels):
         if act == "jumprelu":
-            value = h * (h > threshold.float()[col.long()]).float()
+            value = torch.where(h > threshold.float().index_select(0, col), h, 0.0)
         elif act == "relu":
             value = h
         else:  # topk / batchtopk: ReLU applied to the kept values
@@ -94,26 +102,39 @@ class _SparseEncodeValue(torch.autograd.Function):
         x, W, threshold, pre_bias, row_ptr, row, col, h = ctx.saved_tensors
         need_x, need_W, need_b, need_t, need_p = ctx.needs_input_grad[:5]
         kern: SparseKernels = ctx.kernels
-        F = W.shape[0]
+        F, B = W.shape[0], x.shape[0]
         dv = dvalue.float()
         dx = dW = db = dt = dp = None
-        seg = kern.segments(col, F) if (need_W or need_b or need_t or need_p) else None  # one grouping
+        dense = (need_x or need_W) and density.use_dense("encode_backward", density.of(col.shape[0], B, F),
+                                                         x.device, x.dtype)
         if ctx.act == "jumprelu":
-            theta = threshold.float()[col.long()]
-            dh = dv * (h > theta).float()
+            theta = threshold.float().index_select(0, col)  # int32 col: no int64 copy
+            dh = torch.where(h > theta, dv, 0.0)
         elif ctx.act == "relu":
             dh = dv
         else:
-            dh = dv * (h > 0).float()
-        sums = []  # per-feature sums in one grouped pass: [dh] and/or [dθ terms]
+            dh = torch.where(h > 0, dv, 0.0)
+        sums = []  # per-feature sums: [dh] and/or [dθ terms]
         if need_b or need_p:
             sums.append(dh)
         if need_t:
             eps = ctx.bandwidth
-            rect = (((h - theta) / eps).abs() < 0.5).float()
-            sums.append(dv * (-(theta / eps)) * rect)
-        if sums:
+            sums.append(torch.where(((h - theta) / eps).abs() < 0.5, dv * (-(theta / eps)), 0.0))
+        dH = None
+        if dense:
+            # the entries scattered into dense fp32 [B, F]; per-feature sums are column sums (O(B·F),
+            # deterministic, no grouping of the entries)
+            flat = row * F + col  # int64 (row) + int32: int64
+            dH = zeros(B * F, torch.float32, x.device).index_put_((flat,), dh).view(B, F)
+            cols = [dH.sum(0) if c is dh
+                    else zeros(B * F, torch.float32, x.device).index_put_((flat,), c).view(B, F).sum(0) for c in sums]
+            S = torch.stack(cols, 1) if cols else None
+        elif sums:
+            seg = kern.segments(col, F)  # one grouping for the sums and dW
             S = kern.feature_sums(col, torch.stack(sums, 1).contiguous(), F, seg)  # fp32 [F, 1|2]
+        else:
+            seg = kern.segments(col, F) if need_W else None
+        if sums:
             if need_t:
                 dt = S[:, -1].to(threshold.dtype)
             if need_b or need_p:
@@ -122,6 +143,15 @@ class _SparseEncodeValue(torch.autograd.Function):
                     db = s_dh.to(ctx.b_dtype)
                 if need_p:
                     dp = (-vecmat_f32(s_dh, W)).to(pre_bias.dtype)
+        if dense:
+            gemm = torch.float32 if x.dtype == torch.float32 else x.dtype
+            dH = dH.to(gemm)
+            if need_x:
+                dx = (dH @ W.detach().to(gemm)).to(x.dtype)
+            if need_W:
+                G = x.detach() if pre_bias is None else x.detach() - pre_bias.detach().to(x.dtype)
+                dW = (dH.t() @ G.to(gemm)).to(W.dtype)
+            return dx, dW, db, dt, dp, None, None, None, None, None, None, None
         if need_x:
             dx = kern.gather(row_ptr, col, dh, W, x.dtype)
         if need_W:

@@ -16,6 +16,12 @@ written once). ``prefix_sums(blocks, bias)`` forms the G reconstructions (a cumu
 accumulation); the training loss takes the squared errors of every prefix from the op
 ``prefix_errors`` without forming them.
 
+Where the codes are dense (at or above the decode's crossover density, ``fastclt.ops.density``, when
+``impl`` is "auto"; or ``impl="dense"``) the blocks come from the dense formulation instead
+(``fastclt.ops.dense``: G GEMMs on column slices of the one dense [B, F] codes; the same FLOPs and
+memory as one dense decode). The density is that of the codes before the split: the G·B split rows
+are G times sparser, and a dense decode of them would hold a [G·B, F] tensor.
+
 ``split_codes`` is plain PyTorch on any device: a bucketize of the indices, a counting sort of the
 entries by block (positions from per-block running counts, O(nnz·G); no comparison sort) and
 per-(block, row) counts; the rows stay token-major, so the result is a valid CSR; values are
@@ -28,7 +34,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from fastclt.codes import SparseCodes
-from fastclt.ops._checks import check_bounds
+from fastclt.ops._checks import check_bounds, check_clt_decode, check_sparse_decode
+from fastclt.ops.density import of_layers
 from fastclt.ops.reference.decode import acc_dtype
 
 __all__ = ["split_codes", "prefix_bounds", "prefix_sums", "matryoshka_blocks", "matryoshka_decode",
@@ -77,16 +84,30 @@ def prefix_sums(blocks: torch.Tensor, bias: Optional[torch.Tensor] = None) -> to
     return y.to(blocks.dtype)
 
 
+def _backend(op: str, impl: str, like: torch.Tensor, density: float) -> str:
+    """The backend ``impl`` resolves to for ``op`` at the codes' ``density`` (before any split)."""
+    from fastclt.ops._registry import resolve
+
+    return resolve(op, impl, like.device, like.dtype, density=density)[0]
+
+
 def matryoshka_blocks(codes: SparseCodes, W_dec: torch.Tensor, prefixes: Sequence[int], *,
                       impl: str = "auto") -> torch.Tensor:
     """codes (B rows, F features), W_dec: [F, D] (or [F, T, d]) → [G, B, D] (or [G, B, T, d]), block g
-    = Σ_{m_{g-1} ≤ i < m_g} a_i · W_dec[i] (no bias): one ``ops.sparse_decode`` of backend ``impl``."""
+    = Σ_{m_{g-1} ≤ i < m_g} a_i · W_dec[i] (no bias): one ``ops.sparse_decode`` of backend ``impl``, or
+    the dense formulation's block GEMMs where that backend is "dense"."""
     from fastclt import ops
 
     if not isinstance(codes, SparseCodes):
         raise TypeError(f"codes: expected SparseCodes, got {type(codes).__name__}")
+    check_sparse_decode(codes, W_dec, None)
     bounds = prefix_bounds(prefixes, W_dec.shape[0])
-    y = ops.sparse_decode(split_codes(codes, bounds), W_dec, impl=impl)
+    backend = _backend("sparse_decode", impl, W_dec, codes.density(W_dec.shape[0]))
+    if backend == "dense":
+        from fastclt.ops.dense.decode import sparse_decode_blocks
+
+        return sparse_decode_blocks(codes, W_dec, bounds)
+    y = ops.sparse_decode(split_codes(codes, bounds), W_dec, impl=backend)
     return y.view(len(bounds) - 1, codes.batch_size, *y.shape[1:])
 
 
@@ -100,16 +121,23 @@ def matryoshka_clt_blocks(codes: Sequence[SparseCodes], W_dec: Union[torch.Tenso
                           tying: str, prefixes: Sequence[int], feature_offset: Optional[torch.Tensor] = None,
                           feature_scale: Optional[torch.Tensor] = None, *, impl: str = "auto") -> torch.Tensor:
     """L codes (one per source layer) → [G, B, L, d_out], block g decoding the features
-    m_{g-1} ≤ i < m_g of every source layer (no bias): one ``ops.clt_decode`` of backend ``impl``.
-    Arguments as ``fastclt.ops.clt_decode``."""
+    m_{g-1} ≤ i < m_g of every source layer (no bias): one ``ops.clt_decode`` of backend ``impl``, or
+    the dense formulation's block GEMMs where that backend is "dense". Arguments as ``fastclt.ops.clt_decode``."""
     from fastclt import ops
 
     if isinstance(codes, SparseCodes) or not len(codes):
         raise TypeError("codes: expected a list of one SparseCodes per source layer")
+    check_clt_decode(codes, W_dec, tying, None, feature_offset, feature_scale)
+    like = W_dec if isinstance(W_dec, torch.Tensor) else W_dec[0]
     F = W_dec.shape[1] if isinstance(W_dec, torch.Tensor) else W_dec[0].shape[0]
     bounds = prefix_bounds(prefixes, F)
+    backend = _backend("clt_decode", impl, like, of_layers(codes, F))
+    if backend == "dense":
+        from fastclt.ops.dense.clt_decode import clt_decode_blocks
+
+        return clt_decode_blocks(codes, W_dec, tying, bounds, feature_offset, feature_scale)
     y = ops.clt_decode([split_codes(c, bounds) for c in codes], W_dec, tying, None, feature_offset, feature_scale,
-                       impl=impl)
+                       impl=backend)
     return y.view(len(bounds) - 1, codes[0].batch_size, *y.shape[1:])
 
 

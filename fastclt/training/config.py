@@ -57,6 +57,9 @@ class ModelSection:
     """none | mean_std | sqrt_d (statistics from the first train.init_samples tokens)"""
     threshold_init: float = 0.05
     """JumpReLU θ at the start"""
+    init_fire_rate: Optional[float] = None
+    """ReLU/JumpReLU start: b_enc set so each feature fires on this fraction of the first train.init_samples
+    tokens (default 0.01; MOLT 0.02); 0: b_enc stays 0"""
     threshold_param: str = "raw"
     """JumpReLU θ learned as raw θ >= 0 | log θ"""
     jumprelu_bandwidth: float = 0.05
@@ -120,7 +123,7 @@ class ModelSection:
             if f.name == "kind" or v is None:
                 continue
             if f.name in own:
-                kw[f.name] = v
+                kw[f.name] = None if (f.name, v) == ("init_fire_rate", 0) else v
             elif not (self.kind == "sae" and (f.name, v) in (("n_layers", 1), ("d_out", self.d_in))):
                 other = {"sae": "an SAE", "molt": "a MOLT"}.get(self.kind, "a CLT") + f" (model.kind {self.kind})"
                 raise ConfigError(f"model.{f.name}: {v!r} is not an option of {other}")
@@ -174,7 +177,8 @@ class TrainSection:
     init_samples: int = 4096
     """tokens used by initialize_from_data (b_dec, normalisation)"""
     init_fire_rate: Optional[float] = None
-    """JumpReLU: set b_enc so each feature fires on this fraction of the init sample"""
+    """ReLU/JumpReLU: set b_enc so each feature fires on this fraction of the init sample (None: the
+    model section's init_fire_rate)"""
     tp: int = 1
     """tensor-parallel size (features sharded); dp = world size / tp"""
     device: str = "auto"
@@ -599,8 +603,8 @@ def validate(cfg: RunConfig) -> None:
     if t.calibrate_jumprelu and mc.activation not in ("topk", "batchtopk"):
         raise ConfigError(f"train.calibrate_jumprelu: converts TopK/BatchTopK models, not {mc.activation!r}")
     if t.init_fire_rate is not None:
-        if mc.activation != "jumprelu":
-            raise ConfigError(f"train.init_fire_rate: only JumpReLU models use it, not {mc.activation!r}")
+        if mc.activation not in ("relu", "jumprelu"):
+            raise ConfigError(f"train.init_fire_rate: only ReLU/JumpReLU models use it, not {mc.activation!r}")
         if not 0 < t.init_fire_rate < 1:
             raise ConfigError(f"train.init_fire_rate: expected a fraction in (0, 1), got {t.init_fire_rate}")
     for key, options in (("lr_decay", ("cosine", "linear", "none")), ("device", ("auto", "cpu", "cuda")),

@@ -17,6 +17,7 @@ from _impls import GPU, impl_params
 from _util import assert_close
 from fastclt import ops
 from fastclt.codes import SparseCodes
+from fastclt.ops import _registry
 from fastclt.ops.reference.clt_decode import clt_decode as ref_clt_decode
 from fastclt.ops.reference.clt_decode import feature_affine
 
@@ -301,6 +302,8 @@ def test_empty(impl, device, tying, B_, poisoned):
 
 @pytest.mark.parametrize("impl,device", KERNELS)
 def test_fp64_runs_the_reference(impl, device):
+    if {e.impl: e for e in _registry.entries("clt_decode")}[impl].takes(torch.float64):
+        pytest.skip(f"impl {impl!r} takes fp64 itself (tests/ops/test_density.py checks it in fp64)")
     codes, W, b, off, sc, _ = make_clt_inputs("per_target", "both", torch.float64, (5, 3, 8, 6, 2), 8, device)
     assert ops.resolve("clt_decode", impl, torch.device(device), torch.float64)[0] == "reference"
     y = ops.clt_decode(codes, W, "per_target", b, off, sc, impl=impl)

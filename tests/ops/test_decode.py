@@ -17,6 +17,7 @@ from _select_cases import assert_close_rel, brute_topk_mask
 from _util import assert_close
 from fastclt import ops
 from fastclt.codes import SparseCodes
+from fastclt.ops import _registry
 from fastclt.ops.reference.decode import sparse_decode as ref_decode
 
 KERNELS = impl_params("sparse_decode")
@@ -69,14 +70,17 @@ def test_forward_backward(impl, device, size, kind, vdt, wdt, poisoned):
     got = run(decode_with(impl), codes, W, b, g)
     eager = run(ref_decode, codes, W, b, g)
     exact = run(dense64, codes.with_value(codes.value.double()), W.double(), b.double(), g.double())
+    # a kernel may round fp32 values to a bf16 decoder's dtype in its backward scatter (the extension's
+    # does): the error that rounding alone makes is within its budget too
+    rounded = run(dense64, codes.with_value(codes.value.to(wdt).double()), W.double(), b.double(), g.double())
     names = ("y", "dvalue", "dW", "db")
-    for name, out, e, x in zip(names, got, eager, exact):
+    for name, out, e, x, xr in zip(names, got, eager, exact, rounded):
         assert out.dtype == e.dtype, f"{name}: dtype {out.dtype} != reference {e.dtype}"
         if wdt == torch.float32 and vdt == torch.float32:
             check_close(name + " vs fp64", out, x, 1e-5)
             check_close(name + " vs reference", out, e, 1e-5)
         else:  # kernel error vs fp64 at most ~2x the eager bf16 error, plus a floor of one bf16 ulp
-            check_close(name + " vs fp64", out, x, 2 * rel_err(e, x) + 2**-8)
+            check_close(name + " vs fp64", out, x, 2 * max(rel_err(e, x), rel_err(xr, x)) + 2**-8)
 
 
 @pytest.mark.parametrize("impl,device", KERNELS)
@@ -231,6 +235,8 @@ def test_partial_grads(impl, device, need):
 
 @pytest.mark.parametrize("impl,device", KERNELS)
 def test_fp64_runs_the_reference(impl, device):
+    if {e.impl: e for e in _registry.entries("sparse_decode")}[impl].takes(torch.float64):
+        pytest.skip(f"impl {impl!r} takes fp64 itself (tests/ops/test_density.py checks it in fp64)")
     h = torch.randn(5, 21, dtype=torch.float64, device=device)
     codes = ops.topk(h.float(), 3)
     W = torch.randn(21, 4, dtype=torch.float64, device=device)

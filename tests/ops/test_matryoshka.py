@@ -3,7 +3,7 @@ implementation against the formed prefixes in float64 (every gradient, and only 
 per-token base; odd sizes; NaN-poisoned outputs; dtypes the kernel does not take; bad input; the
 C++ ops under opcheck), and the prefix decodes composed of the dispatched decodes
 (fastclt/ops/prefix_decode.py: split_codes, matryoshka_decode, matryoshka_clt_decode) on every
-decode implementation against dense float64 math."""
+decode implementation (the dense formulation's block GEMMs included) against dense float64 math."""
 import pytest
 import torch
 
@@ -18,7 +18,7 @@ from fastclt.ops import _registry
 NEED_CPU = pytest.mark.skipif(not _registry.available("cpu", torch.device("cpu")), reason=_ext.missing_message("cpu"))
 NEED_TRITON = pytest.mark.skipif(not _registry.available("triton", torch.device("cuda" if GPU else "cpu")),
                                  reason="triton is not available here")
-BACKENDS = ["reference", pytest.param("cpu", marks=NEED_CPU), pytest.param("triton", marks=NEED_TRITON)]
+BACKENDS = ["reference", "dense", pytest.param("cpu", marks=NEED_CPU), pytest.param("triton", marks=NEED_TRITON)]
 
 
 def device_of(impl: str) -> torch.device:
@@ -47,6 +47,7 @@ def test_split_codes_puts_each_feature_block_in_its_rows(gen):
 # Triton under the interpreter is slow: its untied and tied (with affine) kernels, not every tying
 TYINGS = (("none", False), ("per_source", False), ("per_target", True))
 CLT_CASES = ([("reference", *t) for t in TYINGS] + [pytest.param("cpu", *t, marks=NEED_CPU) for t in TYINGS]
+             + [("dense", *t) for t in (*TYINGS, ("per_source", True))]
              + [pytest.param("triton", *t, marks=NEED_TRITON) for t in (TYINGS[0], TYINGS[2])])
 
 

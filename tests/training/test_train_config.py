@@ -59,6 +59,8 @@ def test_yaml_then_overrides(tmp_path):
     (["--model.cross_layer", "false", "--model.decoder_tying", "per_source"], "model.decoder_tying"),
     (["--model.kind", "sae", "--model.n_layers", "2"], "model.n_layers"),
     (["--data.verify", "true"], "data.verify"),
+    (["--model.init_fire_rate", "1.5", "--model.activation", "relu"], "init_fire_rate"),
+    (["--train.init_fire_rate", "0.1"], "train.init_fire_rate"),  # the default model is BatchTopK
 ])
 def test_bad_config_names_the_field(args, field, capsys, tmp_path):
     assert main(TINY + args + ["--out_dir", str(tmp_path)]) == 2
@@ -314,3 +316,16 @@ def test_model_section_is_the_union_of_the_model_configs():
     mc = ModelSection(kind="molt").config_class()(**ModelSection(kind="molt").config_kwargs())
     assert sum(n for n, _ in mc.rank_groups) == 128
     assert molt["matryoshka_prefixes"] is None and molt["decoder_tying"] is None
+
+
+def test_init_fire_rate_options():
+    """model.init_fire_rate: null takes the kind's default (0.01; a MOLT 0.02), 0 keeps b_enc = 0;
+    train.init_fire_rate overrides it for ReLU and JumpReLU models."""
+    from fastclt.training.config import ModelSection
+    assert ModelSection(activation="relu").resolved()["init_fire_rate"] == 0.01
+    assert ModelSection(kind="molt", activation="jumprelu").resolved()["init_fire_rate"] == 0.02
+    assert ModelSection(activation="jumprelu", init_fire_rate=0).resolved()["init_fire_rate"] is None
+    assert ModelSection(activation="jumprelu", init_fire_rate=0.05).resolved()["init_fire_rate"] == 0.05
+    for act in ("relu", "jumprelu"):
+        cfg = load_config(TINY + ["--model.activation", act, "--train.init_fire_rate", "0.2"])
+        assert cfg.train.init_fire_rate == 0.2

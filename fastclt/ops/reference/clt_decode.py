@@ -50,18 +50,18 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
 def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]],
                     tying: str, b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
                     feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``clt_decode`` built from ``decode(codes, W [F, D] or [F, T, d]) -> [B, D] or [B, T, d]``
-    (this module's reference ``sparse_decode``, or a kernel's): L decodes for untied and plain
-    per_source decoders, L(L+1)/2 with the feature affine or per_target tying. The decodes' results
-    are summed in fp32 (fp64 for fp64 decoders) and rounded to W_dec's dtype once; the feature
-    affine's values are fp32 (``feature_affine``). Arguments as checked by ``fastclt.ops.clt_decode``."""
+    """``clt_decode`` built from ``decode(codes, W [F, D] or [F, T, d]) -> [..., B, D] or [..., B, T, d]``
+    (this module's reference ``sparse_decode``, or a kernel's; the leading dimensions, if any, are
+    carried through: [..., B, L, d_out]): L decodes for untied and plain per_source decoders,
+    L(L+1)/2 with the feature affine or per_target tying. The decodes' results are summed in fp32
+    (fp64 for fp64 decoders) and rounded to W_dec's dtype once; the feature affine's values are fp32
+    (``feature_affine``). Arguments as checked by ``fastclt.ops.clt_decode``."""
     L = len(codes)
-    B = codes[0].batch_size
     affine = feature_offset is not None or feature_scale is not None
     if tying == "none":
         d_out = W_dec[0].shape[-1]
         parts = [decode(codes[s], W_dec[s]) for s in range(L)]  # [B, L−s, d]
-        y = _sum_shifted(parts, B, L, d_out)
+        y = _sum_shifted(parts, L, d_out)
     else:
         # Layer views by unbind, not W_dec[s]: each W_dec[s] in a graph backpropagates a zero-filled
         # full [L, F, d] gradient (L·(L+1)/2 of them for per_target); unbind's backward stacks the
@@ -71,8 +71,8 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
         sc = (lambda t: None) if feature_scale is None else (lambda t: feature_scale[t])
         if tying == "per_source" and not affine:
             # every target t ≥ s receives the same W_dec[s]ᵀ a_s: a prefix sum over sources
-            per_source = torch.stack([decode(codes[s], Wl[s]) for s in range(L)], 1)
-            y = per_source.cumsum(1, dtype=acc_dtype(per_source.dtype)).to(per_source.dtype)
+            per_source = torch.stack([decode(codes[s], Wl[s]) for s in range(L)], -2)
+            y = per_source.cumsum(-2, dtype=acc_dtype(per_source.dtype)).to(per_source.dtype)
         else:
             acc_type = acc_dtype(W_dec.dtype)
             outs = []
@@ -83,16 +83,16 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
                     part = decode(feature_affine(codes[s], off(t), sc(t)), W).to(acc_type)
                     acc = part if acc is None else acc + part
                 outs.append(acc.to(W_dec.dtype))
-            y = torch.stack(outs, 1)
+            y = torch.stack(outs, -2)
     if b_dec is not None:
         y = y + b_dec.to(y.dtype)
     return y
 
 
-def _sum_shifted(parts: list[torch.Tensor], B: int, L: int, d: int) -> torch.Tensor:
-    """parts[s]: [B, L−s, d] → [B, L, d] with parts[s] added at targets s..L−1."""
+def _sum_shifted(parts: list[torch.Tensor], L: int, d: int) -> torch.Tensor:
+    """parts[s]: [..., B, L−s, d] → [..., B, L, d] with parts[s] added at targets s..L−1."""
     acc = acc_dtype(parts[0].dtype)
-    y = torch.zeros(B, L, d, dtype=acc, device=parts[0].device)
+    y = torch.zeros(*parts[0].shape[:-2], L, d, dtype=acc, device=parts[0].device)
     for s, p in enumerate(parts):
         y = y + torch.nn.functional.pad(p.to(acc), (0, 0, s, 0))
     return y.to(parts[0].dtype)
