@@ -134,6 +134,7 @@ def _args(lm_dir, out, *extra, arch="gpt2"):
     return ["--data.source", "hf", "--data.model", str(lm_dir / arch), "--data.tokens", tokens,
             "--data.ctx_len", str(CTX), "--model.n_layers", "2", "--model.d_in", str(D), "--model.d_out", str(D),
             "--model.n_features", "64", "--model.activation", "relu", "--model.sparsity_coef", "1e-4",
+            "--model.init_fire_rate", "0.2",  # 64 features: the default 1% would open < 1 per token
             "--train.steps", "40", "--train.batch_size", "64", "--train.init_samples", "256", "--train.lr", "3e-3",
             "--train.lr_warmup_steps", "2", "--train.sparsity_warmup_steps", "0", "--train.eval_batches", "1",
             "--eval.n_seqs", "16", "--eval.per_layer", "false", "--checkpoint.every", "0", "--out_dir", str(out),
