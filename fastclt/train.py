@@ -365,11 +365,12 @@ class _Run:
         self.resources.callback(self.pref.close)
         self.logger = MetricsLogger(self.out, cfg, lay.is_main, cfg.train.steps, self.p.step)
         self.resources.callback(self.logger.close)
+        self.t_log, self.steps_since_log = time.perf_counter(), 0  # (the loop restarts both)
 
     def _train(self) -> bool:
         """Steps until train.steps: True when it got there, False when it stopped early (train.max_steps
         or a signal; a checkpoint was saved)."""
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         t0 = self.t_log = time.perf_counter()
         self.steps_since_log, start = 0, self.p.step
         if t.eval_every and self.p.step == 0 and self.mcfg.activation != "batchtopk":
@@ -377,16 +378,9 @@ class _Run:
         self.model.train()
         with _Signals() as sig:
             while self.p.step < self.stop_at:
-                out, gnorm, lr, lam, stop = self._step(sig)
-                self._log(out, gnorm, lr, lam)
-                step = self.p.step
-                if t.eval_every and step % t.eval_every == 0 and step < t.steps and not stop:
-                    self._evaluate(step)
-                if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == self.stop_at:
-                    self._save()
-                if stop:
+                if self._advance(sig):
                     self.logger.close()
-                    _say(self.layout, f"\nstopped by a signal at step {step}; checkpoint saved, rerun to resume")
+                    _say(self.layout, f"\nstopped by a signal at step {self.p.step}; checkpoint saved, rerun to resume")
                     return False
         self.elapsed, self.steps_run = time.perf_counter() - t0, self.p.step - start
         if self.p.step < t.steps:  # max_steps reached: a simulated preemption
@@ -394,6 +388,19 @@ class _Run:
             _say(self.layout, f"stopped at train.max_steps={self.p.step}; checkpoint saved, rerun to resume")
             return False
         return True
+
+    def _advance(self, sig) -> bool:
+        """One turn of the loop: the step, its metrics line, and the evaluation and checkpoint due
+        after it. True when a signal arrived (the checkpoint is then saved)."""
+        cfg, t = self.cfg, self.cfg.train
+        out, gnorm, lr, lam, stop = self._step(sig)
+        self._log(out, gnorm, lr, lam)
+        step = self.p.step
+        if t.eval_every and step % t.eval_every == 0 and step < t.steps and not stop:
+            self._evaluate(step)
+        if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == self.stop_at:
+            self._save()
+        return stop
 
     def _step(self, sig):
         """One optimizer step: grad_accum micro-batches forward and backward, dead-feature counts,

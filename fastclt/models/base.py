@@ -18,6 +18,7 @@ from fastclt import ops
 from fastclt.checkpoint import CheckpointError, load_tensors, read_header, save_tensors, write_json
 from fastclt.codes import SparseCodes
 from fastclt.config import SAEConfig
+from fastclt.profiling import phase
 
 __all__ = ["LossOutput", "SparseDictionary", "JumpReLUCalibration", "geometric_median"]
 
@@ -353,13 +354,32 @@ class SparseDictionary(nn.Module):
         lam = cfg.sparsity_coef if sparsity_coef is None else sparsity_coef
         lam_p = cfg.preact_coef if preact_coef is None else preact_coef
         need_pre = cfg.activation == "jumprelu" and lam_p > 0
-        codes, hs = self._encode_n(xn, need_preacts=need_pre)
+        with phase("encode"):
+            codes, hs = self._encode_n(xn, need_preacts=need_pre)
+        with phase("losses"):
+            parts, total, y_hat, mse_l, fvu_l = self._loss_terms(xn, yn, codes, hs, dead_mask, lam, lam_p, need_pre)
+
+        fired = torch.stack([c.active_features(cfg.n_features) for c in codes])
+        if self.training and cfg.activation in ("topk", "batchtopk"):
+            self._update_cut_stats(codes)
+        l0 = torch.stack([c.l0() for c in codes])
+        if self.tp is not None:
+            l0 = self.tp.sum_detached(l0)
+        return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
+                          skipped_tokens=skipped, parts=parts,
+                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
+
+    def _loss_terms(self, xn, yn, codes, hs, dead_mask, lam, lam_p, need_pre) -> tuple:
+        """``loss``'s terms from the codes: (parts, total loss, ŷ, MSE per layer, FVU per layer)."""
+        cfg = self.cfg
         weights = cfg.matryoshka_loss_weights
         if weights is None:
-            y_hat = self._decode_n(codes, xn, bias=True)
+            with phase("decode"):
+                y_hat = self._decode_n(codes, xn, bias=True)
             sq = ops.squared_error(yn, y_hat)  # [L]
         else:  # the squared errors of every prefix [G, L], for the cost of one decode
-            blocks, base = self._decode_blocks(codes, xn)
+            with phase("decode"):
+                blocks, base = self._decode_blocks(codes, xn)
             # (an implementation without its own prefix_errors uses the device's default one)
             impl = self.impl if self.impl in ops.implementations("prefix_errors") else "auto"
             sq_prefix, y_hat = ops.prefix_errors(yn, base, blocks, impl=impl)
@@ -404,16 +424,7 @@ class SparseDictionary(nn.Module):
             else:
                 parts["dead_fraction"] = dead.float().mean()
             total = total + cfg.auxk_coef * aux
-
-        fired = torch.stack([c.active_features(cfg.n_features) for c in codes])
-        if self.training and cfg.activation in ("topk", "batchtopk"):
-            self._update_cut_stats(codes)
-        l0 = torch.stack([c.l0() for c in codes])
-        if tp is not None:
-            l0 = tp.sum_detached(l0)
-        return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
-                          skipped_tokens=skipped, parts=parts,
-                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
+        return parts, total, y_hat, mse_l, fvu_l
 
     # ------------------------------------------------- the trainer's batches
     def batch_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
