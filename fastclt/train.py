@@ -412,30 +412,30 @@ class _Run:
         for g in self.opt.param_groups:
             g["lr"] = lr
         lam = sparsity_at(p.step, t, self.mcfg.sparsity_coef)
-        dead = self.since_fired >= t.dead_tokens
-        dead_arg = dead if self.mcfg.activation in ("topk", "batchtopk") else None
-        fired = torch.zeros_like(dead)
+        dead_arg = self.since_fired >= t.dead_tokens if self.mcfg.activation in ("topk", "batchtopk") else None
+        fired = None
         for _ in range(t.grad_accum):
             x, y = self.pref.get()
             p.micro += 1
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = model.batch_loss(x, y, dead_mask=dead_arg, sparsity_coef=lam)
-            (out.loss / t.grad_accum).backward()
-            fired |= out.fired
+            (out.loss / t.grad_accum if t.grad_accum > 1 else out.loss).backward()
+            fired = out.fired if fired is None else fired | out.fired
         if lay.dp > 1:  # the same dead mask on every replica
             f8 = fired.to(torch.uint8)
             dist.all_reduce(f8, op=dist.ReduceOp.MAX, group=lay.dp_group)
             fired = f8.bool()
         self.since_fired += self.tokens_per_step
-        self.since_fired[fired] = 0
+        self.since_fired.masked_fill_(fired, 0)  # (no boolean indexing: nothing waits for the device)
         p.tokens += self.tokens_per_step
         allreduce_grads(self.params, lay)
         model.project_decoder_grads()
         gnorm = clip_grad_norm(self.sharded, self.replicated, t.clip_grad, lay)
-        loss_val = float(out.loss.detach())
-        bad = not math.isfinite(loss_val) or not math.isfinite(float(gnorm))
+        # one transfer for both checks (each float() of a device scalar waits for the device)
+        bad = not bool(torch.isfinite(torch.stack([out.loss.detach().float(), gnorm.float()])).all())
         stop, bad = self._agree(sig.flag, bad)
         if bad:
+            loss_val = float(out.loss.detach())
             raise FloatingPointError(
                 f"step {p.step}: the loss or gradient is not finite (loss={loss_val}, grad_norm={float(gnorm)}); "
                 f"the last good checkpoint in {ckpt.checkpoint_dir(self.out)} is kept — lower train.lr or check "
@@ -460,9 +460,10 @@ class _Run:
 
     def _record(self, out, step, lr, lam, gnorm, tps) -> dict:
         m = dict(out.metrics)
-        dead = (self.since_fired >= self.cfg.train.dead_tokens).float().sum()
+        dead = (self.since_fired >= self.cfg.train.dead_tokens).sum().float()
         if self.layout.tp > 1:
             dist.all_reduce(dead, group=self.layout.tp_group)
+        dead, gnorm = torch.stack([dead, gnorm.detach().float()]).tolist()  # one transfer for both
         names = sorted(k for k, v in m.items() if isinstance(v, float))
         if self.layout.dp > 1:  # average the replicas' metrics
             v = torch.tensor([m[k] for k in names], dtype=torch.float64, device=self.device)
