@@ -122,13 +122,15 @@ def _decode_vs(base_impl: str, target: float) -> Callable:
     return f
 
 
-def _cpu_step_vs_sparsify(rows, meta) -> Result:
-    a = _one(rows, suite="train", variant="sae-topk", shape="cpu-small", impl="auto")
-    sp = _one(rows, suite="train", variant="sae-topk", shape="cpu-small", impl="eai-sparsify")
-    if a is None or sp is None:
-        return None, None, _missing((a, "auto train step"), (sp, "eai-sparsify train step"))
-    r = sp["median_ms"] / a["median_ms"]
-    return f"{r:.2f}× ({a['median_ms']:.4g} ms vs {sp['median_ms']:.4g} ms)", r >= 1.8, ""
+def _cpu_step_vs_sparsify(target: float) -> Callable:
+    def f(rows, meta) -> Result:
+        a = _one(rows, suite="train", variant="sae-topk", shape="cpu-small", impl="auto")
+        sp = _one(rows, suite="train", variant="sae-topk", shape="cpu-small", impl="eai-sparsify")
+        if a is None or sp is None:
+            return None, None, _missing((a, "auto train step"), (sp, "eai-sparsify train step"))
+        r = sp["median_ms"] / a["median_ms"]
+        return f"{r:.2f}× ({a['median_ms']:.4g} ms vs {sp['median_ms']:.4g} ms)", r >= target, ""
+    return f
 
 
 def _step_ratio(variant: str, base: str, shape: str, target: float) -> Callable:
@@ -218,6 +220,34 @@ def _crossover_measured(shape: str) -> Callable:
     return f
 
 
+def _step_vs_floor(variants: tuple, shape: str, target: float) -> Callable:
+    """The profile suite's ``step`` row (the step timed without the profiler) of each variant against
+    its floor (``floor_ms``: the bare encoder GEMM + the bare Adam step, benchmarks/bench_profile.py);
+    met when every variant is within ``target`` × its floor."""
+    def f(rows, meta) -> Result:
+        found, missing = [], []
+        for v in variants:
+            r = _one(rows, suite="profile", variant=v, shape=shape, mode="step")
+            if r is None or not r.get("floor_ms"):
+                missing.append(v)
+            else:
+                found.append((v, r["median_ms"] / r["floor_ms"], r))
+        if missing:
+            return None, None, f"no profile step row of {', '.join(missing)}"
+        text = "; ".join(f"{v}: {q:.2f}× ({r['median_ms']:.4g} ms vs {r['floor_ms']:.4g} ms)" for v, q, r in found)
+        return text, all(q <= target for _, q, _ in found), ""
+    return f
+
+
+def _loop_vs_bare(rows, meta) -> Result:
+    t = _one(rows, suite="profile", op="trainer_loop", shape="demo", impl="fastclt-trainer")
+    b = _one(rows, suite="profile", op="trainer_loop", shape="demo", impl="bare-eager")
+    if t is None or b is None:
+        return None, None, _missing((t, "trainer loop"), (b, "bare eager loop"))
+    r = t["median_ms"] / b["median_ms"]
+    return f"{r:.2f}× ({t['median_ms']:.3g} ms vs {b['median_ms']:.3g} ms per step)", r <= 1.0, ""
+
+
 @dataclass(frozen=True)
 class Goal:
     name: str
@@ -245,7 +275,16 @@ GOALS = [
          _decode_vs("embedding_bag", 1.5)),
     Goal("exact BatchTopK [2048, 16384] vs torch.topk flattened", "cpu", "cpu-small", "≥ 10× torch.topk",
          _topk_vs("batch_topk", "cpu-small", "torch.topk-flat", 10.0)),
-    Goal("TopK SAE step vs eai-sparsify", "cpu", "cpu-small", "≥ 1.8× eai-sparsify", _cpu_step_vs_sparsify),
+    Goal("TopK SAE step vs eai-sparsify", "cpu", "cpu-small", "≥ 1.8× eai-sparsify", _cpu_step_vs_sparsify(1.8)),
+    # the step at its floor: the floor is the bare encoder GEMM + the bare Adam step (profile suite)
+    Goal("TopK SAE step vs its floor (encoder GEMM + Adam)", "cpu", "cpu-small", "≤ 1.3× the floor",
+         _step_vs_floor(("sae-topk",), "cpu-small", 1.3)),
+    Goal("TopK SAE step vs eai-sparsify, at the floor", "cpu", "cpu-small", "≥ 2.5× eai-sparsify",
+         _cpu_step_vs_sparsify(2.5)),
+    Goal("CLT BatchTopK step vs its floor (encoder GEMMs + Adam), every tying", "cpu", "cpu-clt", "≤ 1.5× the floor",
+         _step_vs_floor(tuple(f"clt-{t}-batchtopk" for t in ("none", "per_source", "per_target")), "cpu-clt", 1.5)),
+    Goal("the default demo's trainer loop vs a bare eager loop", "cpu", "demo", "≤ 1× the bare loop per step",
+         _loop_vs_bare),
     # Matryoshka (5 prefixes) and MOLT (d = 768, N = 32, 2% of the transforms open)
     Goal("Matryoshka (G = 5) SAE step vs the plain BatchTopK SAE step", "cuda", "sae-2304", "≤ 1.25× the plain step",
          _step_ratio("sae-batchtopk-matryoshka5", "sae-batchtopk", "sae-2304", 1.25)),

@@ -499,6 +499,9 @@ def write_markdown(rows: list[dict], meta: dict, path: Path, goal_lines: Optiona
         groups.setdefault((r["suite"], r["shape"]), []).append(r)
     for (suite, shape), rs in groups.items():
         lines += [f"## {suite} — {shape}", ""]
+        if suite == "profile":
+            lines += _profile_table(rs) + [""]
+            continue
         body = []
         for r in rs:
             spread = f"{fmt(r['p20_ms'])}–{fmt(r['p80_ms'])}" if r.get("p20_ms") is not None else ""
@@ -515,6 +518,18 @@ def write_markdown(rows: list[dict], meta: dict, path: Path, goal_lines: Optiona
     path.write_text("\n".join(lines) + "\n")
 
 
+def _profile_table(rows: list[dict]) -> list[str]:
+    """The profile suite's rows: per variant, each phase's median beside its floor."""
+    body = []
+    for r in rows:
+        ratio = f"{r['median_ms'] / r['floor_ms']:.2f}×" if r.get("median_ms") and r.get("floor_ms") else ""
+        status = r["status"] if r["status"] != "ok" else ""
+        spread = f"{fmt(r['p20_ms'])}–{fmt(r['p80_ms'])}" if r.get("p20_ms") is not None else ""
+        body.append([r["op"], r["variant"], r["mode"], r["impl"], fmt(r.get("median_ms")), spread,
+                     fmt(r.get("floor_ms")), ratio, "; ".join(x for x in (status, r.get("note") or "") if x)])
+    return _table(["op", "variant", "phase", "impl", "median ms", "spread ms", "floor ms", "× floor", "note"], body)
+
+
 def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     """One PNG per (suite, shape): median time per row (log scale) with p20–p80 whiskers.
     Returns the files written; warns and writes nothing when matplotlib is missing."""
@@ -528,7 +543,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         return []
     groups: dict = {}
     for r in rows:
-        if r["status"] == "ok" and r.get("median_ms"):
+        if r["status"] == "ok" and r.get("median_ms") and r["suite"] != "profile":  # (bench_profile plots those)
             groups.setdefault((r["suite"], r["shape"]), []).append(r)
     written = []
     palette = {"reference": "#888888", "cuda": "#2a7ab9", "triton": "#d95f02", "cpu": "#1b9e77"}

@@ -1,6 +1,6 @@
 """Run the fastclt benchmark suites and write their results.
 
-    python -m benchmarks.run --suite ops|train|all [--shapes tiny,cpu-small,...] [--out DIR] [--quick]
+    python -m benchmarks.run --suite ops|train|profile|all [--shapes tiny,cpu-small,...] [--out DIR] [--quick]
                              [--ops encode,sparse_decode,...] [--device cuda|cpu] [--budget-s SECONDS]
                              [--select all|goals|rest] [--variants V1,V2,...] [--append]
 
@@ -35,7 +35,7 @@ from benchmarks.shapes import Shape, default_shapes, get_shapes
 
 __all__ = ["run_suites", "render", "main", "SUITES", "default_out_dir"]
 
-SUITES = ("ops", "train", "density")
+SUITES = ("ops", "train", "density", "profile")
 SELECTS = ("all", "goals", "rest")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,9 @@ _GOAL_KEYS = {
     ("molt", "gate-gemm", "fwd", "molt-768"),
     ("train_step", "molt-topk", "", "molt-cpu"), ("molt", "", "fwd+bwd", "molt-cpu"),
     ("molt", "gate-gemm", "fwd", "molt-cpu"),
+    ("step_phases", "sae-topk", "", "cpu-small"),
+    ("step_phases", "clt-none-batchtopk", "", "cpu-clt"), ("step_phases", "clt-per_source-batchtopk", "", "cpu-clt"),
+    ("step_phases", "clt-per_target-batchtopk", "", "cpu-clt"), ("trainer_loop", "demo-clt-none-batchtopk", "", "demo"),
 }
 
 
@@ -73,6 +76,8 @@ def _collect(suites: Sequence[str], shapes: Sequence[Shape], device: torch.devic
     """Every case, in table order (shape, suite, op, variant, mode, impl)."""
     from benchmarks.bench_density import density_cases
     from benchmarks.bench_ops import ops_cases
+    from benchmarks.bench_loop import loop_cases
+    from benchmarks.bench_profile import profile_cases
     from benchmarks.bench_train_step import train_cases
     cases = []
     for s in shapes:
@@ -82,6 +87,8 @@ def _collect(suites: Sequence[str], shapes: Sequence[Shape], device: torch.devic
             continue
         if "train" in suites and s.ops is None:
             cases += train_cases(s, device, priority_of=_priority)
+        if "profile" in suites and s.ops is None:
+            cases += profile_cases(s, device, priority_of=_priority) + loop_cases(s, device, priority_of=_priority)
         if "ops" in suites:
             cases += ops_cases(s, device, dtype, ops=tuple(ops) if ops else None, priority_of=_priority)
     return cases
@@ -147,17 +154,19 @@ def run_suites(suites: Sequence[str] = SUITES, shapes: Optional[Sequence[Shape]]
             if stop_reason:
                 case.skip = stop_reason
             t0 = time.monotonic()
+            run_case = getattr(case, "run_rows", None) or (lambda r, c=case: [r.run(c)])  # a profile: many rows
             try:
-                row = runner.run(case)
+                new = run_case(runner)
             except _Stop as e:
                 stop_reason = f"interrupted ({e})"
                 case.skip = stop_reason
-                row = runner.run(case)
-            rows.append(row)
-            if row["status"] != "skipped" or not stop_reason:
-                log(f"[bench] {i + 1}/{len(cases)} {case.suite} {case.shape} {case.op} {case.variant} {case.mode} "
-                    f"{case.impl}: {row['status']} {fmt(row['median_ms'])} ms "
-                    f"({time.monotonic() - t0:.1f} s) {row['note'] or ''}")
+                new = [runner.run(case)]
+            rows += new
+            for row in new:
+                if row["status"] != "skipped" or not stop_reason:
+                    log(f"[bench] {i + 1}/{len(cases)} {case.suite} {case.shape} {case.op} {case.variant} "
+                        f"{row['mode']} {case.impl}: {row['status']} {fmt(row['median_ms'])} ms "
+                        f"({time.monotonic() - t0:.1f} s) {row['note'] or ''}")
             write_csv(rows, csv_path)
         if "density" in suites and select != "rest" and not stop_reason:
             # fastclt against crosslayer-coding at the densest point, timed in alternation
@@ -192,12 +201,14 @@ def _report(rows: list[dict], meta: dict, out_dir: Path, device_type: str) -> di
     write_csv(rows, out_dir / "results.csv")
     write_markdown(rows, meta, out_dir / "results.md", goals_mod.goal_table(goal_results))
     write_meta(meta, out_dir / "meta.json")
+    from benchmarks.bench_profile import write_profile_plot
     files = [out_dir / "results.csv", out_dir / "results.md", out_dir / "meta.json"] + write_plots(rows, out_dir)
     if any(r["suite"] == "density" for r in rows):
         from benchmarks.bench_density import write_crossovers, write_density_plots
         files += write_density_plots(rows, out_dir)
         cross = write_crossovers(rows, out_dir, meta.get("device", ""), meta.get("dtype", ""))
         files += [cross] if cross else []
+    files += write_profile_plot(rows, out_dir)
     return {"rows": rows, "meta": meta, "goals": goal_results, "files": files}
 
 
@@ -212,7 +223,7 @@ def render(out_dir: Path) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="all", help="ops | train | density | all, or several joined by commas")
+    p.add_argument("--suite", default="all", help="ops | train | density | profile | all, or several joined by commas")
     p.add_argument("--calibrate", action="store_true", help="density suite: print the crossover of each op "
                    "measured by the sweep (also written to crossover.json)")
     p.add_argument("--shapes", default=None, help="comma-separated names from benchmarks/shapes.py")

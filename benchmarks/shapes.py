@@ -8,7 +8,8 @@
 BatchTopK (plain and with 5 Matryoshka prefixes) and PLT JumpReLU; "clt": CLT with every decoder
 tying, BatchTopK and JumpReLU, and the untied BatchTopK CLT with 5 Matryoshka prefixes; "molt": a
 one-layer MOLT with T = F transforms in the default rank groups, TopK gates with k open per token and
-JumpReLU gates with the norm penalty) and which ops the ops suite runs (the dictionary ops for
+JumpReLU gates with the norm penalty; "loop": the trainer's loop against a bare eager loop, in the
+profile suite) and which ops the ops suite runs (the dictionary ops for
 "sae" / "clt", the MOLT layer for "molt"). ``ops`` limits the ops suite to a few op names (None:
 those of the model families). ``device`` is where the shape is a default ("cuda", "cpu", "ci").
 ``density``: a shape of the density sweep only (benchmarks/bench_density.py; the ops and train
@@ -51,6 +52,10 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
           note="the BatchTopK goal: h of 8192 x 131072"),
     Shape("cpu-small", B=2048, d=768, F=16384, k=32, L=4, k_aux=256, device="cpu",
           note="the CPU goals of the README; L is used by the CLT ops only"),
+    Shape("cpu-clt", B=1024, d=256, F=4096, k=16, L=4, models=("clt",), device="cpu",
+          note="the CPU CLT step goals: 4 layers of a small model, every tying"),
+    Shape("demo", B=512, d=32, F=128, k=4, L=4, models=("loop",), device="cpu",
+          note="the default demo's CLT (python -m fastclt.train): the trainer's loop vs a bare eager loop"),
     Shape("molt-768", B=4096, d=768, F=992, k=20, models=("molt",),
           note="MOLT goals: d = 768, N = 32 (992 transforms of rank 512 ... 32), 20 open per token (2%)"),
     Shape("molt-cpu", B=1024, d=768, F=992, k=20, models=("molt",), device="cpu",

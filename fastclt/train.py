@@ -401,11 +401,12 @@ class _Run:
         self.resources.callback(self.pref.close)
         self.logger = MetricsLogger(self.out, cfg, lay.is_main, cfg.train.steps, self.p.step)
         self.resources.callback(self.logger.close)
+        self.t_log, self.steps_since_log = time.perf_counter(), 0  # (the loop restarts both)
 
     def _train(self) -> bool:
         """Steps until train.steps: True when it got there, False when it stopped early (train.max_steps
         or a signal; a checkpoint was saved)."""
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         t0 = self.t_log = time.perf_counter()
         self.steps_since_log, start = 0, self.p.step
         if t.eval_every and self.p.step == 0 and (self.mcfg.activation != "batchtopk" or t.init_from is not None):
@@ -413,16 +414,9 @@ class _Run:
         self.model.train()
         with _Signals() as sig:
             while self.p.step < self.stop_at:
-                out, gnorm, lr, lam, stop = self._step(sig)
-                self._log(out, gnorm, lr, lam)
-                step = self.p.step
-                if t.eval_every and step % t.eval_every == 0 and step < t.steps and not stop:
-                    self._evaluate(step)
-                if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == self.stop_at:
-                    self._save()
-                if stop:
+                if self._advance(sig):
                     self.logger.close()
-                    _say(self.layout, f"\nstopped by a signal at step {step}; checkpoint saved, rerun to resume")
+                    _say(self.layout, f"\nstopped by a signal at step {self.p.step}; checkpoint saved, rerun to resume")
                     return False
         self.elapsed, self.steps_run = time.perf_counter() - t0, self.p.step - start
         if self.p.step < t.steps:  # max_steps reached: a simulated preemption
@@ -430,6 +424,19 @@ class _Run:
             _say(self.layout, f"stopped at train.max_steps={self.p.step}; checkpoint saved, rerun to resume")
             return False
         return True
+
+    def _advance(self, sig) -> bool:
+        """One turn of the loop: the step, its metrics line, and the evaluation and checkpoint due
+        after it. True when a signal arrived (the checkpoint is then saved)."""
+        cfg, t = self.cfg, self.cfg.train
+        out, gnorm, lr, lam, stop = self._step(sig)
+        self._log(out, gnorm, lr, lam)
+        step = self.p.step
+        if t.eval_every and step % t.eval_every == 0 and step < t.steps and not stop:
+            self._evaluate(step)
+        if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == self.stop_at:
+            self._save()
+        return stop
 
     def _step(self, sig):
         """One optimizer step: grad_accum micro-batches forward and backward, dead-feature counts,
@@ -441,29 +448,29 @@ class _Run:
         for g in self.opt.param_groups:
             g["lr"] = lr
         lam = sparsity_at(p.step, t, self.mcfg.sparsity_coef)
-        dead = self.since_fired >= t.dead_tokens
-        dead_arg = dead if self.mcfg.activation in ("topk", "batchtopk") else None
-        fired = torch.zeros_like(dead)
+        dead_arg = self.since_fired >= t.dead_tokens if self.mcfg.activation in ("topk", "batchtopk") else None
+        fired = None
         for _ in range(t.grad_accum):
             batch = self.pref.get()
             p.micro += 1
             out = self._loss(batch, dead_arg, lam)
-            (out.loss / t.grad_accum).backward()
-            fired |= out.fired
+            (out.loss / t.grad_accum if t.grad_accum > 1 else out.loss).backward()
+            fired = out.fired if fired is None else fired | out.fired
         if lay.dp > 1:  # the same dead mask on every replica
             f8 = fired.to(torch.uint8)
             dist.all_reduce(f8, op=dist.ReduceOp.MAX, group=lay.dp_group)
             fired = f8.bool()
         self.since_fired += self.tokens_per_step
-        self.since_fired[fired] = 0
+        self.since_fired.masked_fill_(fired, 0)  # (no boolean indexing: nothing waits for the device)
         p.tokens += self.tokens_per_step
         allreduce_grads(self.params, lay)
         model.project_decoder_grads()
         gnorm = clip_grad_norm(self.sharded, self.replicated, t.clip_grad, lay)
-        loss_val = float(out.loss.detach())
-        bad = not math.isfinite(loss_val) or not math.isfinite(float(gnorm))
+        # one transfer for both checks (each float() of a device scalar waits for the device)
+        bad = not bool(torch.isfinite(torch.stack([out.loss.detach().float(), gnorm.float()])).all())
         stop, bad = self._agree(sig.flag, bad)
         if bad:
+            loss_val = float(out.loss.detach())
             raise FloatingPointError(
                 f"step {p.step}: the loss or gradient is not finite (loss={loss_val}, grad_norm={float(gnorm)}); "
                 f"the last good checkpoint in {ckpt.checkpoint_dir(self.out)} is kept — lower train.lr or check "
@@ -498,9 +505,10 @@ class _Run:
 
     def _record(self, out, step, lr, lam, gnorm, tps) -> dict:
         m = dict(out.metrics)
-        dead = (self.since_fired >= self.cfg.train.dead_tokens).float().sum()
+        dead = (self.since_fired >= self.cfg.train.dead_tokens).sum().float()
         if self.layout.tp > 1:
             dist.all_reduce(dead, group=self.layout.tp_group)
+        dead, gnorm = torch.stack([dead, gnorm.detach().float()]).tolist()  # one transfer for both
         names = sorted(k for k, v in m.items() if isinstance(v, float))
         if self.layout.dp > 1:  # average the replicas' metrics
             v = torch.tensor([m[k] for k in names], dtype=torch.float64, device=self.device)

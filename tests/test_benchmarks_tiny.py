@@ -128,7 +128,7 @@ def test_fastclt_impl_restores_env(monkeypatch):
 
 
 def test_shapes_table():
-    assert [s.name for s in default_shapes("cpu")] == ["cpu-small", "molt-cpu", "density-cpu"]
+    assert [s.name for s in default_shapes("cpu")] == ["cpu-small", "cpu-clt", "demo", "molt-cpu", "density-cpu"]
     assert [s.name for s in default_shapes("cuda") if s.density] == ["density-gpu"]
     assert {"gpt2-clt", "sae-2304", "sae-4096", "molt-768"} <= {s.name for s in default_shapes("cuda")}
     s = SHAPES["gpt2-clt"]

@@ -18,6 +18,7 @@ from fastclt import ops
 from fastclt.checkpoint import CheckpointError, load_tensors, read_header, save_tensors, write_json
 from fastclt.codes import SparseCodes
 from fastclt.config import SAEConfig
+from fastclt.profiling import phase
 
 __all__ = ["LossOutput", "SparseDictionary", "JumpReLUCalibration", "geometric_median"]
 
@@ -196,7 +197,15 @@ class SparseDictionary(nn.Module):
         if policy == "ignore":
             return None
         good = None
+        seen = []
         for t, name in zip(tensors, names):
+            if any(t is u for u in seen):  # (an SAE's y is its x)
+                continue
+            seen.append(t)
+            # one reduction decides the common case: a NaN or Inf anywhere makes the sum non-finite
+            # (finite values whose sum overflows only send it to the exact row check below)
+            if bool(torch.isfinite(t.sum())):
+                continue
             row_ok = torch.isfinite(t).flatten(1).all(1)
             if policy == "error" or not allow_skip:
                 if not bool(row_ok.all()):
@@ -352,15 +361,31 @@ class SparseDictionary(nn.Module):
 
         lam = cfg.sparsity_coef if sparsity_coef is None else sparsity_coef
         lam_p = cfg.preact_coef if preact_coef is None else preact_coef
-        codes, hs = self._encode_n(xn, need_preacts=cfg.activation == "jumprelu" and lam_p > 0)
+        need_pre = cfg.activation == "jumprelu" and lam_p > 0
+        with phase("encode"):
+            codes, hs = self._encode_n(xn, need_preacts=need_pre)
+        with phase("losses"):
+            parts, total, y_hat, mse_l, fvu_l = self._loss_terms(xn, yn, codes, hs, dead_mask, lam, lam_p)
+        fired, l0 = self.code_stats(codes)
+        return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
+                          skipped_tokens=skipped, parts=parts,
+                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
+
+    def _loss_terms(self, xn, yn, codes, hs, dead_mask, lam, lam_p) -> tuple:
+        """``loss``'s terms from the codes: (parts, total loss, ŷ, MSE per layer, FVU per layer)."""
+        cfg = self.cfg
         weights = cfg.matryoshka_loss_weights
+        # (an implementation without its own prefix_errors uses the device's default one)
+        impl = self.impl if self.impl in ops.implementations("prefix_errors") else "auto"
         if weights is None:
-            y_hat = self._decode_n(codes, xn, bias=True)
-            sq = ops.squared_error(yn, y_hat)  # [L]
+            with phase("decode"):
+                y_hat = self._decode_n(codes, xn, bias=True)
+            # Σ_b ‖y − ŷ‖² per layer as the one prefix of a Matryoshka model: one pass each way on the
+            # kernels (where a difference, its square and their sums would be separate passes)
+            sq = ops.prefix_errors(yn, y_hat.new_zeros(()), y_hat.unsqueeze(0), impl=impl)[0][0]
         else:  # the squared errors of every prefix [G, L], for the cost of one decode
-            blocks, base = self._decode_blocks(codes, xn)
-            # (an implementation without its own prefix_errors uses the device's default one)
-            impl = self.impl if self.impl in ops.implementations("prefix_errors") else "auto"
+            with phase("decode"):
+                blocks, base = self._decode_blocks(codes, xn)
             sq_prefix, y_hat = ops.prefix_errors(yn, base, blocks, impl=impl)
             sq = sq_prefix[-1]
         tv = ops.total_variance(yn).clamp_min(1e-12)
@@ -379,10 +404,7 @@ class SparseDictionary(nn.Module):
         total = recon
         for term in self.penalties(codes, hs, xn, yn, y_hat, dead_mask, lam, lam_p, parts):
             total = total + term
-        fired, l0 = self.code_stats(codes)
-        return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
-                          skipped_tokens=skipped, parts=parts,
-                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
+        return parts, total, y_hat, mse_l, fvu_l
 
     def penalties(self, codes: list, hs: Optional[list], xn: torch.Tensor, yn: torch.Tensor, y_hat: torch.Tensor,
                   dead_mask: Optional[torch.Tensor], lam: float, lam_p: float, parts: dict) -> list:
@@ -425,10 +447,9 @@ class SparseDictionary(nn.Module):
         """(fired [L, F] bool, l0 [L]) of a batch's codes; in train mode, a TopK/BatchTopK dictionary
         also updates its JumpReLU statistics (``to_jumprelu``)."""
         cfg = self.cfg
-        fired = torch.stack([c.active_features(cfg.n_features) for c in codes])
+        fired, l0, fmin = self._code_stats(codes)
         if self.training and cfg.activation in ("topk", "batchtopk"):
-            self._update_cut_stats(codes)
-        l0 = torch.stack([c.l0() for c in codes])
+            self._update_cut_stats(fmin)
         if self.tp is not None:
             l0 = self.tp.sum_detached(l0)
         return fired, l0
@@ -479,21 +500,33 @@ class SparseDictionary(nn.Module):
             raise ValueError(f"dead_mask: is on {m.device} but the model is on {self.device}")
         return m
 
+    @torch.no_grad()
+    def _code_stats(self, codes: list) -> tuple:
+        """(fired [L, F] bool: features with an active (> 0) entry, l0 [L] fp32: active entries per
+        token, fmin [L, F] fp32: each feature's smallest active value, +inf where none) of the L layers'
+        codes, with a fixed number of ops whatever L and no synchronisation with the device: the
+        layers' entries are concatenated with layer offsets and reduced by feature in one scatter."""
+        F, L = self.cfg.n_features, len(codes)
+        v = torch.cat([c.value.detach() for c in codes]).float()
+        idx = torch.cat([c.index.long() + l * F if l else c.index.long() for l, c in enumerate(codes)])
+        active = v > 0
+        fmin = torch.full((L * F,), float("inf"), device=v.device)
+        fmin.scatter_reduce_(0, idx, torch.where(active, v, float("inf")), reduce="amin")
+        fmin = fmin.view(L, F)
+        fired = torch.isfinite(fmin)
+        B = codes[0].batch_size
+        l0 = torch.stack([a.sum() for a in active.split([c.nnz for c in codes])]).float() / B if B else \
+            torch.zeros(L, device=v.device)
+        return fired, l0, fmin
+
     # ------------------------------------------------- BatchTopK → JumpReLU
     @torch.no_grad()
-    def _update_cut_stats(self, codes: list, momentum: float = 0.99) -> None:
-        F = self.cfg.n_features
-        cuts = []
-        for l, c in enumerate(codes):
-            v = c.value.detach().float()
-            pos = v > 0
-            cuts.append(v[pos].min() if bool(pos.any()) else v.new_full((), float("inf")))
-            fmin = torch.full((F,), float("inf"), device=v.device)
-            fmin.scatter_reduce_(0, c.index.long()[pos], v[pos], reduce="amin")
-            seen = torch.isfinite(fmin)
-            self.feature_cut_sum[l] += torch.where(seen, fmin, torch.zeros_like(fmin))
-            self.feature_cut_count[l] += seen.long()
-        cut = torch.stack(cuts)
+    def _update_cut_stats(self, fmin: torch.Tensor, momentum: float = 0.99) -> None:
+        """fmin [L, F]: each feature's smallest active value this step (+inf where none, ``_code_stats``)."""
+        seen = torch.isfinite(fmin)
+        self.feature_cut_sum += torch.where(seen, fmin, 0.0)
+        self.feature_cut_count += seen
+        cut = fmin.amin(1)  # the smallest kept value per layer (+inf when none)
         if self.tp is not None:  # the smallest kept value over all shards
             cut = self.tp.min_detached(cut)
         cut = torch.where(torch.isfinite(cut), cut, torch.zeros_like(cut))

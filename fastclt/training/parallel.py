@@ -231,10 +231,12 @@ def allreduce_grads(params: list, layout: Layout) -> None:
 
 def clip_grad_norm(sharded: list, replicated: list, max_norm: float, layout: Layout) -> torch.Tensor:
     """Clip by the global gradient norm: sharded params summed over the tp group, replicated ones
-    counted once. Returns the norm before clipping (a 0-dim fp32 tensor)."""
+    counted once. Returns the norm before clipping (a 0-dim fp32 tensor). One read of every
+    gradient for the norms (``torch._foreach_norm``: no squared temporaries) and, when clipping, one
+    multi-tensor scale per dtype; nothing waits for the device."""
     def sq(ps):
-        gs = [p.grad.float().pow(2).sum() for p in ps if p.grad is not None]
-        return torch.stack(gs).sum() if gs else None
+        gs = [p.grad for p in ps if p.grad is not None]
+        return torch.stack(torch._foreach_norm(gs)).float().square().sum() if gs else None
     dev = (sharded + replicated)[0].device
     s = sq(sharded)
     s = torch.zeros((), device=dev) if s is None else s
@@ -244,7 +246,10 @@ def clip_grad_norm(sharded: list, replicated: list, max_norm: float, layout: Lay
     total = (s + (0 if r is None else r)).sqrt()
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        by_dtype: dict = {}
         for p in sharded + replicated:
             if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for dt, gs in by_dtype.items():
+            torch._foreach_mul_(gs, coef.to(dt))
     return total

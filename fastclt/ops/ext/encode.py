@@ -20,6 +20,7 @@ from fastclt.ops.ext import select as ext_select
 from fastclt.ops.ext._common import EXT_KERNELS, h_out, ops
 from fastclt.ops.reference.activation import band_mask
 from fastclt.ops.reference.encode import activate, preacts, preacts_layers
+from fastclt.profiling import phase
 
 __all__ = ["encode", "encode_layers"]
 
@@ -65,8 +66,9 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
         # into the select (fastclt::topk_bias); elsewhere the GEMM adds it
         fold = (activation == "topk" and shards is None and x.device.type == "cpu" and x.dtype == torch.float32
                 and b_enc is not None and b_enc.dtype == torch.float32)
-        h = preacts(x.detach(), W_enc.detach(), None if b_enc is None or fold else b_enc.detach(),
-                    None if pre_bias is None else pre_bias.detach(), out=h_out(x, x.shape[0], W_enc.shape[0]))
+        with phase("encoder_gemm"):
+            h = preacts(x.detach(), W_enc.detach(), None if b_enc is None or fold else b_enc.detach(),
+                        None if pre_bias is None else pre_bias.detach(), out=h_out(x, x.shape[0], W_enc.shape[0]))
         if fold:
             index, value = ops().topk_bias(h, b_enc.detach().contiguous(), k)
             c = SparseCodes.from_topk(index, value, h.shape[1])
@@ -92,8 +94,9 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
         return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias)
                 for x_l, W_l, b_l in zip(xs, Ws, bs)]
     with torch.no_grad():
-        h = preacts_layers(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
-                           None if pre_bias is None else pre_bias.detach(), out=h_out(x, L, x.shape[0], F))
+        with phase("encoder_gemm"):
+            h = preacts_layers(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
+                               None if pre_bias is None else pre_bias.detach(), out=h_out(x, L, x.shape[0], F))
         if shards is None:
             parts = [(c.row_ptr, c.index) for c in ext_select.batch_topk_layers(h, k)]
         else:

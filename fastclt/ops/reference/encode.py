@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fastclt.codes import SparseCodes
 from fastclt.ops.reference import select as reference_select
 from fastclt.ops.reference.activation import jumprelu, relu
+from fastclt.profiling import phase
 
 __all__ = ["encode", "encode_layers", "preacts", "preacts_layers", "activate"]
 
@@ -67,7 +68,8 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
            k: Optional[int] = None, threshold: Optional[torch.Tensor] = None, bandwidth: float = 0.01,
            pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False, shards=None):
     """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → SparseCodes (and h [B, F] if return_preacts)."""
-    h = preacts(x, W_enc, b_enc, pre_bias)
+    with phase("encoder_gemm"):
+        h = preacts(x, W_enc, b_enc, pre_bias)
     codes = activate(h, activation, k=k, threshold=threshold, bandwidth=bandwidth, shards=shards)
     return (codes, h) if return_preacts else codes
 
@@ -83,7 +85,8 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
         bs = [None] * x.shape[1] if b_enc is None else b_enc.unbind(0)
         return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias)
                 for x_l, W_l, b_l in zip(x.unbind(1), W_enc.unbind(0), bs)]
-    h = preacts_layers(x, W_enc, b_enc, pre_bias)
+    with phase("encoder_gemm"):
+        h = preacts_layers(x, W_enc, b_enc, pre_bias)
     if not across_layers:
         return reference_select.batch_topk_per_layer(h, k, shards)
     return reference_select.batch_topk_layers(h, k, shards)

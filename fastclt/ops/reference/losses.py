@@ -36,9 +36,12 @@ def squared_error(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
 
 
 def total_variance(y: torch.Tensor) -> torch.Tensor:
-    """y: [B, ..., d] → Σ_b ‖y − ȳ‖² per middle index: [...] in fp32 (ȳ: the batch mean)."""
+    """y: [B, ..., d] → Σ_b ‖y − ȳ‖² per middle index: [...] in fp32 (ȳ: the batch mean); B · the
+    population variance, from one Welford pass over y (no centred or squared copy of it)."""
     yf = _acc(y)
-    return (yf - yf.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)
+    if y.shape[0] == 0:
+        return yf.new_zeros(y.shape[1:-1])
+    return torch.var(yf, dim=0, correction=0).sum(-1) * y.shape[0]
 
 
 def mse(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from fastclt.codes import SparseCodes
 from fastclt.ops.encoder_backward import encode_codes, folded_bias, vecmat_f32
 from fastclt.ops.reference.encode import activate
 from fastclt.ops.triton._common import autotune_limit, feature_scatter, feature_segments, first_configs, gather_decode
+from fastclt.profiling import phase
 
 __all__ = ["encode", "encode_layers"]
 
@@ -326,14 +327,15 @@ def _launch(x, W, bias, mode, *, threshold=None, half_band=0.0, tau=0.0, capacit
         vals = _alloc((max(capacity, 1),), torch.float32, dev)
     if M > 0 and N > 0:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _encode_kernel[grid](
-            x, W, bias if bias is not None else dummy, threshold if threshold is not None else dummy,
-            rows, cols, vals, counter, dense,
-            M, N, K, size_bucket(N), int(_aligned(x, W)), x.stride(0), x.stride(1), W.stride(0), W.stride(1),
-            dense.stride(0) if mode == MODE_DENSE else 0,
-            float(tau), float(half_band), int(capacity),
-            MODE=mode, HAS_BIAS=bias is not None, ROUND_DTYPE=_TL_DTYPE[x.dtype],
-            INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_INTERPRET and x.dtype != torch.float32)
+        with phase("encoder_gemm"):  # the GEMM with the candidates' stores fused in
+            _encode_kernel[grid](
+                x, W, bias if bias is not None else dummy, threshold if threshold is not None else dummy,
+                rows, cols, vals, counter, dense,
+                M, N, K, size_bucket(N), int(_aligned(x, W)), x.stride(0), x.stride(1), W.stride(0), W.stride(1),
+                dense.stride(0) if mode == MODE_DENSE else 0,
+                float(tau), float(half_band), int(capacity),
+                MODE=mode, HAS_BIAS=bias is not None, ROUND_DTYPE=_TL_DTYPE[x.dtype],
+                INPUT_PRECISION=_input_precision(x.dtype), UPCAST=_INTERPRET and x.dtype != torch.float32)
     if mode == MODE_DENSE:
         return dense
     return rows, cols, vals, int(counter.item())

@@ -1,0 +1,110 @@
+"""Per-step overhead of the trainer's loop at the default demo's shape, against a bare eager loop.
+
+    trainer     ``python -m fastclt.train``'s defaults (an untied BatchTopK CLT, L = 4, d = 32,
+                F = 128 per layer, k = 4, B = 512, synthetic activations, AuxK, gradient clipping,
+                a metrics line every step), except the output folder (a temporary one), no
+                progress bar and no checkpoint within the timed steps: one call is one turn of the
+                trainer's own loop (``_Run._advance``: data, step, metrics line)
+    bare-eager  the same model written as a plain PyTorch loop on data already in memory: encoder
+                GEMM, ``torch.topk`` of the flattened pre-activations per layer (BatchTopK), ReLU,
+                dense decode through every (source, target ≥ source) matrix, summed MSE,
+                ``backward``, fused Adam. No checks, no metrics, no data pipeline
+
+Both run on the shape's device (the demo's shape: ``demo`` in benchmarks/shapes.py). The goal:
+the trainer's loop no slower per step than the bare loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import weakref
+from typing import Callable
+
+import torch
+
+from benchmarks.harness import Case
+from benchmarks.shapes import Shape
+
+__all__ = ["loop_cases", "LOOP_IMPLS"]
+
+LOOP_IMPLS = ("fastclt-trainer", "bare-eager")
+
+
+def _trainer_step(s: Shape, device: torch.device) -> Callable[[int], Callable[[], None]]:
+    def make(seed: int):
+        from fastclt.train import _Run, _Signals
+        from fastclt.training.config import load_config
+        from fastclt.training.parallel import init_distributed
+        out = tempfile.mkdtemp(prefix="fastclt_loop_")
+        stack = contextlib.ExitStack()
+        stack.callback(shutil.rmtree, out, True)
+        try:
+            cfg = load_config(["--out_dir", out, "--train.steps", "100000000", "--train.device", device.type,
+                               "--train.seed", str(seed), "--model.n_layers", str(s.L), "--model.d_in", str(s.d),
+                               "--model.n_features", str(s.F), "--model.k", str(s.k),
+                               "--train.batch_size", str(s.B), "--log.progress", "false",
+                               "--checkpoint.every", "0"])
+            run = _Run(cfg, init_distributed(1, device.type), device, stack)
+            run._open_out_dir()
+            run._open_source()
+            run._build()
+            run._start()
+            run.model.train()
+        except BaseException:
+            stack.close()
+            raise
+        sig = _Signals()  # never entered: no handlers, the flag stays False
+
+        def step():
+            run._advance(sig)
+        weakref.finalize(step, stack.close)  # the prefetcher, logger, lock and folder go with the callable
+        return step
+    return make
+
+
+def _bare_step(s: Shape, device: torch.device) -> Callable[[int], Callable[[], None]]:
+    def make(seed: int):
+        g = torch.Generator(device=device).manual_seed(seed)
+        L, d, F, B, k = s.L, s.d, s.F, s.B, s.k
+
+        def param(*shape, scale):
+            return torch.nn.Parameter(scale * torch.randn(*shape, generator=g, device=device))
+        W_enc, b_enc = param(L, F, d, scale=d ** -0.5), param(L, F, scale=0.0)
+        W_dec = [param(F, L - src, d, scale=(L * F) ** -0.5) for src in range(L)]
+        b_dec = param(L, d, scale=0.0)
+        x = torch.randn(B, L, d, generator=g, device=device)
+        y = 0.5 * x + torch.randn(B, L, d, generator=g, device=device)
+        opt = torch.optim.Adam([W_enc, b_enc, b_dec, *W_dec], lr=1e-3, fused=True)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            h = torch.einsum("bld,lfd->lbf", x, W_enc) + b_enc[:, None]
+            acts = []
+            for l in range(L):
+                flat = h[l].flatten()
+                top = flat.topk(k * B)
+                acts.append(torch.zeros_like(flat).scatter(0, top.indices, top.values.relu()).view(B, F))
+            y_hat = [b_dec[t].expand(B, d) for t in range(L)]
+            for src in range(L):
+                dec = acts[src] @ W_dec[src].flatten(1)  # [B, (L − src)·d]: every target of the source
+                for j, part in enumerate(dec.split(d, dim=1)):
+                    y_hat[src + j] = y_hat[src + j] + part
+            loss = sum((y[:, t] - y_hat[t]).pow(2).sum(1).mean() for t in range(L))
+            loss.backward()
+            opt.step()
+        return step
+    return make
+
+
+def loop_cases(shape: Shape, device: torch.device, *, priority_of: Callable[..., int] = lambda *a: 1) -> list[Case]:
+    """The two loop cases of a shape whose models include "loop" (the demo's shape)."""
+    if "loop" not in shape.models:
+        return []
+    makes = {"fastclt-trainer": _trainer_step, "bare-eager": _bare_step}
+    notes = {"fastclt-trainer": "the trainer's loop turn (_Run._advance), demo defaults, no progress bar",
+             "bare-eager": "plain PyTorch loop on in-memory data, dense decode, fused Adam"}
+    return [Case(suite="profile", op="trainer_loop", variant="demo-clt-none-batchtopk", mode="step", shape=shape.name,
+                 impl=impl, make=makes[impl](shape, device), dtype="fp32", rotate=False, note=notes[impl],
+                 priority=priority_of("trainer_loop", "demo-clt-none-batchtopk", "", shape.name))
+            for impl in LOOP_IMPLS]
