@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from _lm import tiny_lm
 from fastclt.adapters import AdaptedModel, AdapterObjective, evaluate_adapters, main, new_adapters
 
 transformers = pytest.importorskip("transformers")
@@ -25,15 +26,7 @@ def _one_thread():
 
 
 def _base(arch: str):
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=D, n_head=4, vocab_size=V, n_positions=32, bos_token_id=0,
-                                      eos_token_id=0, initializer_range=0.2)
-        return transformers.GPT2LMHeadModel(cfg).eval()
-    cfg = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=D, intermediate_size=64, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=32, bos_token_id=0,
-                                   eos_token_id=0, initializer_range=0.2)
-    return transformers.Qwen2ForCausalLM(cfg).eval()
+    return tiny_lm(arch, seed=0, d=D, vocab=V)
 
 
 def _reference(base):
