@@ -1,9 +1,12 @@
 """Density sweep (docs/DESIGN.md §17): each op that has a dense formulation, and whole training
-steps, at code densities from 0.1% to 50%, in three modes:
+steps, at code densities from 0.1% to 50%, in three modes (train steps: four):
 
     sparse     FASTCLT's crossover set to "never": the sparse kernels at every density
-    dense      the crossover set to "always": the dense formulation (GEMMs) at every density
+    dense      the crossover set to "always": the dense formulation (GEMMs) at every density; train
+               steps hold their codes dense (``DenseCodes``) from the second step on
     adaptive   the default crossover table (fastclt/ops/density.py): what a user gets
+    csr        (train steps) the default table for the ops, codes kept CSR: against "dense", this
+               calibrates the crossover of "codes"
 
     sparse_decode     fwd+bwd, an SAE's decode, codes at density ρ over [B, F], W_dec [F, d]
     clt_decode        fwd+bwd, untied, L layers
@@ -17,7 +20,8 @@ imports: its own JumpReLU CLT, LossManager and trainer step on the same weights,
 with other work slows both alike) and measures each one's peak resident memory in a fresh process.
 
 ``calibrate(rows)`` turns the sparse and dense rows into the crossover of each op (the density at
-which the dense time falls below the sparse one, interpolated on log ρ): ``--suite density
+which the dense time falls below the sparse one, interpolated on log ρ; "codes": the CLT step's
+dense rows against its csr rows): ``--suite density
 --calibrate`` prints them and writes ``crossover.json`` beside the results. ``write_density_plots``
 draws time against ρ per op and mode (``density_<shape>.png``).
 """
@@ -45,8 +49,13 @@ __all__ = ["DENSITIES", "MODES", "density_cases", "calibrate", "write_density_pl
 
 DENSITIES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5)
 QUICK_DENSITIES = (0.003, 0.03, 0.1, 0.3, 0.5)  # --quick (the GPU check)
-MODES = {"sparse": "never", "dense": "always", "adaptive": None}
-CALIBRATED_OPS = ("sparse_decode", "clt_decode", "encode_backward")
+MODES = {"sparse": "never", "dense": "always", "adaptive": None, "csr": {"codes": "never"}}
+OP_MODES = ("sparse", "dense", "adaptive")  # the modes of the single-op cases (no codes to hold)
+# op → (the sweep's op, its variant prefix, the two modes whose crossing is the op's crossover)
+CALIBRATED_OPS = {"sparse_decode": ("sparse_decode", "", "sparse", "dense"),
+                  "clt_decode": ("clt_decode", "", "sparse", "dense"),
+                  "encode_backward": ("encode_backward", "", "sparse", "dense"),
+                  "codes": ("train_step", "clt-none", "csr", "dense")}
 PEER = "crosslayer-coding"
 PEER_RHO = 0.48  # the issue's JumpReLU start: unit-norm encoder rows, b_enc = 0, θ = 0.05
 
@@ -329,11 +338,12 @@ def density_cases(s: Shape, device: torch.device, dtype: torch.dtype, *, quick: 
     cases = []
     for rho in densities:
         for mode in MODES:
-            for op in ("sparse_decode", "clt_decode"):
-                if op == "clt_decode" and s.L < 2:
-                    continue
-                cases.append(_decode_case(op, s, rho, mode, device, dtype))
-            cases.append(_encode_backward_case(s, rho, mode, device, dtype))
+            if mode in OP_MODES:
+                for op in ("sparse_decode", "clt_decode"):
+                    if op == "clt_decode" and s.L < 2:
+                        continue
+                    cases.append(_decode_case(op, s, rho, mode, device, dtype))
+                cases.append(_encode_backward_case(s, rho, mode, device, dtype))
             for family in ("clt",) if s.name == "tiny" else ("clt", "sae"):
                 cases.append(_train_case(family, s, rho, mode, device))
     for c in cases:
@@ -365,13 +375,14 @@ def _series(rows: list[dict], shape: str, op: str, variant_prefix: str = "") -> 
 
 
 def calibrate(rows: list[dict], shape: str) -> dict:
-    """{op: crossover density} from the sparse and dense rows of ``shape``: the first ρ at which
-    dense ≤ sparse, interpolated on log ρ between the sweep points around it (the time ratio's log
-    crossing 0); inf when dense never wins, the smallest ρ when it always does."""
+    """{op: crossover density} from the sparse and dense rows of ``shape`` ("codes": the CLT step's
+    csr and dense rows): the first ρ at which dense ≤ sparse, interpolated on log ρ between the sweep
+    points around it (the time ratio's log crossing 0); inf when dense never wins, the smallest ρ
+    when it always does."""
     out = {}
-    for op in CALIBRATED_OPS:
-        ser = _series(rows, shape, op)
-        sp, de = ser.get("sparse", {}), ser.get("dense", {})
+    for op, (swept, prefix, lo, hi) in CALIBRATED_OPS.items():
+        ser = _series(rows, shape, swept, prefix)
+        sp, de = ser.get(lo, {}), ser.get(hi, {})
         rhos = sorted(set(sp) & set(de))
         if not rhos:
             continue

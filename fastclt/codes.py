@@ -10,6 +10,15 @@ TopK codes are the special case of a fixed row length k; ``index`` / ``value`` c
 as [B, k] (``SparseCodes.k`` is set). JumpReLU codes may also hold explicit zero entries just below
 the threshold (the straight-through band of docs/DESIGN.md §3) so that the sparse backward visits them; an
 entry is *active* when its value is > 0.
+
+``DenseCodes`` is the same codes held dense, for the dense-activation regime (docs/DESIGN.md §17):
+
+    dense:  float [B, F]   the activations, zero where there is no entry (may carry autograd history)
+    stored: bool  [B, F]   the entries (active and band)
+
+Ops with a dense formulation read ``dense`` directly (a GEMM, no scatter); every other reader gets the
+CSR above, built from them once on first use (``to_sparse``), with values gathered differentiably
+from ``dense``. A DenseCodes is a SparseCodes: code written for CSR codes takes it unchanged.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SparseCodes"]
+__all__ = ["SparseCodes", "DenseCodes"]
 
 
 @dataclass
@@ -49,6 +58,8 @@ class SparseCodes:
         if self.k is not None and self.index.shape[0] != self.k * self.batch_size:
             raise ValueError(f"k: codes with k={self.k} per row need {self.k * self.batch_size} entries, "
                              f"got {self.index.shape[0]}")
+
+    is_dense = False  # True for DenseCodes: the ops read its [B, F] form
 
     # ------------------------------------------------------------------ shape
     @property
@@ -174,3 +185,115 @@ class SparseCodes:
     def __repr__(self) -> str:
         return (f"SparseCodes(batch_size={self.batch_size}, nnz={self.nnz}, n_features={self.n_features}, "
                 f"k={self.k}, dtype={self.dtype}, device={self.device})")
+
+
+class DenseCodes(SparseCodes):
+    """Codes held as a dense [B, F] tensor and the bool [B, F] mask of their entries (module docstring).
+
+    ``dense`` (floating [B, F], differentiable) must be zero wherever ``stored`` is False; ``stored``
+    holds the entries: the non-zero values and, for JumpReLU, the band entries stored as zeros. The
+    CSR fields (``row_ptr``, ``index``, ``value``) are built on first access and cached; ``nnz`` and
+    ``density`` count ``stored`` (one device sync, once, unless the count is passed in as ``nnz``)."""
+
+    is_dense = True
+
+    def __init__(self, dense: torch.Tensor, stored: torch.Tensor, nnz: Optional[int] = None) -> None:
+        if not isinstance(dense, torch.Tensor) or dense.dim() != 2 or not dense.is_floating_point():
+            got = getattr(dense, "dtype", type(dense).__name__)
+            raise TypeError(f"dense: expected a floating [B, F] tensor, got {got} of shape "
+                            f"{tuple(getattr(dense, 'shape', ()))}")
+        if not isinstance(stored, torch.Tensor) or stored.dtype != torch.bool or stored.shape != dense.shape:
+            raise TypeError(f"stored: expected a bool tensor of dense's shape {tuple(dense.shape)}, got "
+                            f"{getattr(stored, 'dtype', type(stored).__name__)} of shape "
+                            f"{tuple(getattr(stored, 'shape', ()))}")
+        if stored.device != dense.device:
+            raise ValueError(f"stored: is on {stored.device} but dense is on {dense.device}")
+        self.dense, self.stored = dense, stored
+        self.n_features, self.k = dense.shape[1], None
+        self._nnz = nnz
+        self._csr: Optional[SparseCodes] = None
+        self._flat, self._flat_F = None, 0
+
+    # the CSR view, built once on demand
+    def to_sparse(self) -> SparseCodes:
+        """These codes as CSR ``SparseCodes`` (entries in row-major order, values gathered
+        differentiably from ``dense``); built once and cached."""
+        if self._csr is None:
+            row_ptr, rows, cols = SparseCodes.pattern_from_mask(self.stored)
+            self._csr = SparseCodes(row_ptr, cols.to(torch.int32), self.dense[rows, cols], self.n_features)
+            self._nnz = self._csr.nnz
+        return self._csr
+
+    @property
+    def row_ptr(self) -> torch.Tensor:
+        return self.to_sparse().row_ptr
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self.to_sparse().index
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.to_sparse().value
+
+    @property
+    def batch_size(self) -> int:
+        return self.dense.shape[0]
+
+    @property
+    def nnz(self) -> int:
+        if self._nnz is None:
+            self._nnz = int(self.stored.sum())
+        return self._nnz
+
+    @property
+    def device(self) -> torch.device:
+        return self.dense.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dense.dtype
+
+    def flat_index(self, n_features: Optional[int] = None) -> torch.Tensor:
+        return self.to_sparse().flat_index(self._features(n_features))
+
+    def row_ids(self) -> torch.Tensor:
+        return self.to_sparse().row_ids()
+
+    def row_lengths(self) -> torch.Tensor:
+        return self.stored.sum(1)
+
+    def l0(self) -> torch.Tensor:
+        if self.batch_size == 0:
+            return torch.zeros((), device=self.device)
+        return (self.dense.detach() > 0).sum().float() / self.batch_size
+
+    def active_features(self, n_features: Optional[int] = None) -> torch.Tensor:
+        self._features(n_features)
+        return (self.dense.detach() > 0).any(0)
+
+    def to_dense(self, n_features: Optional[int] = None) -> torch.Tensor:
+        self._features(n_features)
+        return self.dense
+
+    def topk_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError("topk_view: these codes have no fixed row length k")
+
+    def with_value(self, value: torch.Tensor) -> "DenseCodes":
+        """The same entries with other values: ``value`` is [B, F] (dense) here."""
+        if value.shape != self.dense.shape:
+            raise ValueError(f"value: expected the dense shape {tuple(self.dense.shape)}, got {tuple(value.shape)}")
+        return DenseCodes(value, self.stored, self._nnz)
+
+    def detach(self) -> "DenseCodes":
+        return DenseCodes(self.dense.detach(), self.stored, self._nnz)
+
+    def _features(self, n_features: Optional[int]) -> int:
+        if n_features is not None and n_features != self.n_features:
+            raise ValueError(f"n_features: these codes have F={self.n_features}, got {n_features}")
+        return self.n_features
+
+    def __repr__(self) -> str:
+        nnz = "?" if self._nnz is None else self._nnz
+        return (f"DenseCodes(batch_size={self.batch_size}, nnz={nnz}, n_features={self.n_features}, "
+                f"dtype={self.dtype}, device={self.device})")

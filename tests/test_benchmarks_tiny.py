@@ -187,7 +187,7 @@ def test_matryoshka_and_molt_goals_on_given_rows():
 def test_density_suite_at_tiny(tmp_path):
     """The density sweep at tiny: every op in every mode at the lowest and highest density, the
     plot and crossover.json; the modes really take their formulations (the fastclt.ops.density counts)."""
-    from benchmarks.bench_density import MODES, QUICK_DENSITIES, calibrate
+    from benchmarks.bench_density import MODES, OP_MODES, QUICK_DENSITIES, calibrate
     from fastclt.ops import density
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -198,15 +198,18 @@ def test_density_suite_at_tiny(tmp_path):
     finally:
         torch.set_num_threads(threads)
     ok = [r for r in res["rows"] if r["status"] == "ok"]
-    assert len(ok) == len(res["rows"]) == 2 * len(MODES) * 4, [(r["op"], r["note"]) for r in res["rows"]
-                                                              if r["status"] != "ok"]
+    # (the single ops in the three op modes, the train step in all four)
+    assert len(ok) == len(res["rows"]) == 2 * (3 * len(OP_MODES) + len(MODES)), \
+        [(r["op"], r["note"]) for r in res["rows"] if r["status"] != "ok"]
+    rhos = (f"rho={QUICK_DENSITIES[0]:g}", f"rho={QUICK_DENSITIES[-1]:g}")
     assert {(r["op"], r["variant"].split()[-1], r["impl"]) for r in ok} == {
-        (op, rho, m) for op in ("sparse_decode", "clt_decode", "encode_backward", "train_step")
-        for rho in (f"rho={QUICK_DENSITIES[0]:g}", f"rho={QUICK_DENSITIES[-1]:g}") for m in MODES}
+        (op, rho, m) for op in ("sparse_decode", "clt_decode", "encode_backward") for rho in rhos
+        for m in OP_MODES} | {("train_step", rho, m) for rho in rhos for m in MODES}
     assert density.STATS[("clt_decode", "dense")] > 0 and density.STATS[("clt_decode", "sparse")] > 0
     assert density.STATS[("encode_backward", "dense")] > 0 and density.STATS[("encode_backward", "sparse")] > 0
+    assert density.STATS[("codes", "dense")] > 0 and density.STATS[("codes", "sparse")] > 0
     cross = json.loads((tmp_path / "crossover.json").read_text())["crossover"]["tiny"]
-    assert set(cross) == {"sparse_decode", "clt_decode", "encode_backward"}
+    assert set(cross) == {"sparse_decode", "clt_decode", "encode_backward", "codes"}
     assert cross == {op: (round(v, 4) if math.isfinite(v) else "never")
                      for op, v in calibrate(res["rows"], "tiny").items()}
     try:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastclt import ops
+from fastclt.ops import density
 from fastclt.checkpoint import CheckpointError, load_tensors, read_header, save_tensors, write_json
 from fastclt.codes import SparseCodes
 from fastclt.config import SAEConfig
@@ -115,6 +116,7 @@ class SparseDictionary(nn.Module):
         # ``group=`` is ``tp.process_group``) and partial decodes and feature sums go through
         # ``self.tp``, so that the result equals the unsharded model's.
         self.tp = None
+        self._last_density: Optional[float] = None  # of the last batch's codes (``_codes_form``)
         L, F = self.n_layers, cfg.n_features
         dt = _DTYPES[cfg.dtype]
         # Normalisation statistics: xn = (x − mean) / scale (identity until fitted).
@@ -255,8 +257,32 @@ class SparseDictionary(nn.Module):
             scale_buf.copy_(scale)
 
     # ------------------------------------------------------------ encode path
-    def _encode_n(self, xn: torch.Tensor, need_preacts: bool = False):
-        """xn: [B, L, d_in] normalised → (codes: L SparseCodes, preacts: L × [B, F] or None)."""
+    _dense_codes_ok = True  # whether _decode_n / _decode_blocks take DenseCodes (a MOLT's transforms do not)
+
+    def _codes_form(self) -> str:
+        """"dense" when this step should hold its codes dense (``DenseCodes``, docs/DESIGN.md §17): a
+        ReLU / JumpReLU dictionary on the default implementation, not tensor-parallel, whose previous
+        batch's codes were at least as dense as the crossover of "codes" (``fastclt.ops.density``);
+        else "sparse". The first batch is encoded sparse: its density decides the next one's form."""
+        last = self._last_density
+        if (last is None or self.cfg.activation not in ("relu", "jumprelu") or self.tp is not None
+                or self.impl != "auto" or not self._dense_codes_ok):
+            return "sparse"
+        return "dense" if density.use_dense("codes", last, self.device, self._compute_dtype()) else "sparse"
+
+    def _record_density(self, codes: list) -> None:
+        """Remember the density of a batch's codes (stored entries over L·B·F) for ``_codes_form``."""
+        if self.cfg.activation not in ("relu", "jumprelu") or not codes:
+            return
+        counted = [c for c in codes if c.is_dense and c._nnz is None]
+        if counted:  # one device sync for all layers held dense
+            for c, n in zip(counted, torch.stack([c.stored.count_nonzero() for c in counted]).tolist()):
+                c._nnz = int(n)
+        self._last_density = density.of_layers(codes, self.cfg.n_features)
+
+    def _encode_n(self, xn: torch.Tensor, need_preacts: bool = False, form: str = "sparse"):
+        """xn: [B, L, d_in] normalised → (codes: L SparseCodes, preacts: L × [B, F] or None);
+        ``form="dense"``: ReLU / JumpReLU codes held dense (``DenseCodes``, see ``_codes_form``)."""
         cfg = self.cfg
         cdt = self._compute_dtype()
         W_enc, b_enc, theta = self._enc_layers()
@@ -288,7 +314,7 @@ class SparseDictionary(nn.Module):
             out = ops.encode(xs[l], Ws[l], bs[l], activation=cfg.activation, k=cfg.k,
                              threshold=None if thetas is None else thetas[l],
                              bandwidth=cfg.jumprelu_bandwidth, pre_bias=pre_bias,
-                             return_preacts=need_preacts, group=group, impl=self.impl)
+                             return_preacts=need_preacts, group=group, impl=self.impl, form=form)
             if need_preacts:
                 codes.append(out[0])
                 hs.append(out[1])
@@ -319,7 +345,8 @@ class SparseDictionary(nn.Module):
         xl = self._check_tensor(self._layered(x, "x"), "x", self.d_in, self._shape_msg(self.d_in))
         self._finite_rows(xl, names=("x",), allow_skip=False)
         xn = self._normalize(xl, "in")
-        codes, _ = self._encode_n(xn)
+        codes, _ = self._encode_n(xn, form=self._codes_form())
+        self._record_density(codes)
         return self._unlayered(self._denormalize_out(self._decode_n(codes, xn, bias=True)))
 
     def decode_prefixes(self, x: torch.Tensor) -> torch.Tensor:
@@ -363,7 +390,8 @@ class SparseDictionary(nn.Module):
         lam_p = cfg.preact_coef if preact_coef is None else preact_coef
         need_pre = cfg.activation == "jumprelu" and lam_p > 0
         with phase("encode"):
-            codes, hs = self._encode_n(xn, need_preacts=need_pre)
+            codes, hs = self._encode_n(xn, need_preacts=need_pre, form=self._codes_form())
+            self._record_density(codes)
         with phase("losses"):
             parts, total, y_hat, mse_l, fvu_l = self._loss_terms(xn, yn, codes, hs, dead_mask, lam, lam_p)
         fired, l0 = self.code_stats(codes)
@@ -503,10 +531,18 @@ class SparseDictionary(nn.Module):
     @torch.no_grad()
     def _code_stats(self, codes: list) -> tuple:
         """(fired [L, F] bool: features with an active (> 0) entry, l0 [L] fp32: active entries per
-        token, fmin [L, F] fp32: each feature's smallest active value, +inf where none) of the L layers'
-        codes, with a fixed number of ops whatever L and no synchronisation with the device: the
-        layers' entries are concatenated with layer offsets and reduced by feature in one scatter."""
+        token, fmin [L, F] fp32: each feature's smallest active value, +inf where none; None for codes
+        held dense) of the L layers' codes, with a fixed number of ops whatever L and no synchronisation
+        with the device: the layers' entries are concatenated with layer offsets and reduced by feature
+        in one scatter (codes held dense: per-layer reductions of their [B, F] tensors)."""
         F, L = self.cfg.n_features, len(codes)
+        B = codes[0].batch_size
+        if all(c.is_dense for c in codes):
+            # from the [B, F] codes (ReLU / JumpReLU only: no fmin, which only TopK/BatchTopK read)
+            active = [c.dense.detach() > 0 for c in codes]
+            fired = torch.stack([a.any(0) for a in active])
+            l0 = torch.stack([a.count_nonzero() for a in active]).float() / max(B, 1)
+            return fired, l0, None
         v = torch.cat([c.value.detach() for c in codes]).float()
         idx = torch.cat([c.index.long() + l * F if l else c.index.long() for l, c in enumerate(codes)])
         active = v > 0
@@ -514,7 +550,6 @@ class SparseDictionary(nn.Module):
         fmin.scatter_reduce_(0, idx, torch.where(active, v, float("inf")), reduce="amin")
         fmin = fmin.view(L, F)
         fired = torch.isfinite(fmin)
-        B = codes[0].batch_size
         l0 = torch.stack([a.sum() for a in active.split([c.nnz for c in codes])]).float() / B if B else \
             torch.zeros(L, device=v.device)
         return fired, l0, fmin

@@ -33,6 +33,7 @@ __all__ = ["MOLT"]
 
 class MOLT(SparseDictionary):
     config_class = MOLTConfig
+    _dense_codes_ok = False  # its transforms read the gates as CSR (molt_decode)
 
     def __init__(self, cfg: MOLTConfig) -> None:
         if not isinstance(cfg, MOLTConfig):

@@ -19,7 +19,7 @@ from fastclt import ops
 from fastclt.codes import SparseCodes
 from fastclt.config import SAEConfig
 from fastclt.models.base import SparseDictionary, geometric_median
-from fastclt.models.clt import _set_fire_rate
+from fastclt.models.clt import _row_norms, _set_fire_rate
 
 __all__ = ["SparseAutoencoder"]
 
@@ -65,8 +65,9 @@ class SparseAutoencoder(SparseDictionary):
         return self.W_dec.unsqueeze(1)
 
     def decoder_norms(self) -> torch.Tensor:
-        """[1, F] fp32: ‖W_dec[i]‖."""
-        return self.W_dec.float().norm(dim=1).unsqueeze(0)
+        """[1, F] fp32 (fp64 for an fp64 model): ‖W_dec[i]‖, one fused reduction per row with fp32
+        accumulation (no fp32 copy of the decoder; fastclt/models/clt.py ``_row_norms``)."""
+        return _row_norms(self.W_dec, (-1,)).unsqueeze(0)
 
     def _decode_n(self, codes: list, xn: Optional[torch.Tensor], bias: bool) -> torch.Tensor:
         if len(codes) != 1:

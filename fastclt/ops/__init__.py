@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from fastclt.codes import SparseCodes
+from fastclt.codes import DenseCodes, SparseCodes
 from fastclt.names import ACTIVATIONS, SELECTIONS, TYINGS
 from fastclt.ops import _checks
 from fastclt.ops import density as _density
@@ -40,7 +40,7 @@ from fastclt.ops.reference.molt import molt_norms, rank_ptr
 from fastclt.ops.sharded import as_shards
 
 __all__ = [
-    "SparseCodes", "ACTIVATIONS", "TYINGS",
+    "SparseCodes", "DenseCodes", "ACTIVATIONS", "TYINGS",
     "encode", "encode_layers", "relu", "jumprelu", "topk", "batch_topk", "batch_topk_layers",
     "sparse_decode", "clt_decode", "auxk_select", "molt_decode", "prefix_errors",
     "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts", "preacts_layers",
@@ -73,13 +73,21 @@ def _n(shards) -> int:
 def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], *, activation: str,
            k: Optional[int] = None, threshold: Optional[torch.Tensor] = None, bandwidth: float = 0.01,
            pre_bias: Optional[torch.Tensor] = None, return_preacts: bool = False, group=None,
-           impl: str = "auto"):
+           impl: str = "auto", form: str = "sparse"):
     """x: [B, d_in], W_enc: [F, d_in], b_enc: [F] → SparseCodes of ``act(W_enc (x − pre_bias) + b_enc)``
     (and the dense h: [B, F] when ``return_preacts``; fused kernels then fall back to writing it).
     activation: one of ACTIVATIONS; k for TopK / BatchTopK; threshold [F] and bandwidth ε for JumpReLU.
-    ``group``: W_enc, b_enc, threshold hold this rank's features (TopK/BatchTopK select over all)."""
+    ``group``: W_enc, b_enc, threshold hold this rank's features (TopK/BatchTopK select over all).
+    ``form="dense"`` (ReLU / JumpReLU, impl "auto" or "dense"): the codes held dense, ``DenseCodes``
+    (one GEMM and a masked activation, fastclt/ops/dense/encode.py; docs/DESIGN.md §17)."""
     shards = as_shards(group) if activation in SELECTIONS else None
     _checks.check_encode(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias, _n(shards))
+    if form != "sparse":
+        _checks.check_dense_form(form, activation, impl)
+        from fastclt.ops.dense.encode import encode as dense_encode
+
+        return dense_encode(x, W_enc, b_enc, activation=activation, threshold=threshold, bandwidth=bandwidth,
+                            pre_bias=pre_bias, return_preacts=return_preacts)
     return _call("encode", impl, x, shards, x, W_enc, b_enc, activation=activation, k=k, threshold=threshold,
                  bandwidth=bandwidth, pre_bias=pre_bias, return_preacts=return_preacts)
 
@@ -135,10 +143,11 @@ def batch_topk_layers(h: torch.Tensor, k: int, *, group=None, impl: str = "auto"
 def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor] = None, *,
                   impl: str = "auto") -> torch.Tensor:
     """codes over B rows, W_dec: [F, D] (or [F, T, d]) → y: [B, D] (or [B, T, d]).
-    ``impl="auto"`` decodes densely (GEMMs) when the codes are at least as dense as the crossover."""
+    ``impl="auto"`` decodes densely (GEMMs) when the codes are at least as dense as the crossover, or
+    are held dense (``DenseCodes``)."""
     _checks.check_sparse_decode(codes, W_dec, b_dec)
     return _call("sparse_decode", impl, W_dec, None, codes, W_dec, b_dec,
-                 density=codes.density(W_dec.shape[0]))
+                 density=_density.of_codes([codes], W_dec.shape[0]))
 
 
 def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
@@ -155,7 +164,7 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
     like = W_dec if isinstance(W_dec, torch.Tensor) else W_dec[0]
     F = like.shape[-2] if isinstance(W_dec, torch.Tensor) else like.shape[0]
     return _call("clt_decode", impl, like, None, codes, W_dec, tying, b_dec, feature_offset, feature_scale,
-                 density=_density.of_layers(codes, F))
+                 density=_density.of_codes(codes, F))
 
 
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,

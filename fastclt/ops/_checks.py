@@ -106,6 +106,18 @@ def check_encode(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias,
     _check_weights(x, W_enc, b_enc, threshold, pre_bias, (F,), f"[F, d_in={x.shape[1]}]")
 
 
+def check_dense_form(form, activation, impl) -> None:
+    """``encode``'s ``form`` when not "sparse": "dense", for ReLU / JumpReLU, computed in PyTorch."""
+    if form != "dense":
+        raise ValueError(f"form: expected 'sparse' or 'dense', got {form!r}")
+    if activation not in ("relu", "jumprelu"):
+        raise ValueError(f"form: 'dense' codes are for 'relu' and 'jumprelu' (a selection keeps k per row "
+                         f"sparse), not {activation!r}")
+    if impl not in ("auto", "dense"):
+        raise ValueError(f"impl: form='dense' is computed by the dense formulation ('auto' or 'dense'), "
+                         f"not {impl!r}")
+
+
 def check_encode_layers(x, W_enc, b_enc, k, pre_bias, n_shards: int = 1) -> None:
     """``encode_layers``' arguments: x [B, L, d_in], W_enc [L, F, d_in], b_enc [L, F], pre_bias [d_in]."""
     _check_x(x, 3, "[B, L, d_in]")

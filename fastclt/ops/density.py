@@ -8,6 +8,9 @@ far closer to the device's peak. Above a *crossover* density the dense one is fa
 
     decode (sparse_decode, clt_decode)   y = A W, with A the dense [B, F] codes; backward dA = G Wᵀ, dW = Aᵀ G
     encoder backward                     dH = dvalue·act'(h) scattered into [B, F]; dx = dH W_enc, dW_enc = dHᵀ x
+    codes                                a ReLU / JumpReLU dictionary's training step holds its codes dense
+                                         (``DenseCodes``: no CSR extraction, no scatter back into [B, F]),
+                                         chosen from the density of the previous step's codes
 
 Both give the same numbers up to rounding (tests/ops/test_density.py). The crossover of each op is a
 number per device type and dtype (``DEFAULTS``, measured by ``python -m benchmarks.run --suite density
@@ -31,11 +34,11 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-__all__ = ["OPS", "DEFAULTS", "FALLBACK", "ENV", "STATS", "crossover_for", "use_dense", "of", "of_layers",
+__all__ = ["OPS", "DEFAULTS", "FALLBACK", "ENV", "STATS", "crossover_for", "use_dense", "of", "of_layers", "of_codes",
            "set_crossover", "crossover", "parse"]
 
 ENV = "FASTCLT_DENSE_CROSSOVER"
-OPS = ("sparse_decode", "clt_decode", "encode_backward")
+OPS = ("sparse_decode", "clt_decode", "encode_backward", "codes")
 
 # Crossover densities per (device type, dtype): at or above them the dense formulation runs.
 # CPU fp32: measured on 2 shared cores of an AMD EPYC VM (heavily loaded by other work), torch 2.13,
@@ -43,12 +46,13 @@ OPS = ("sparse_decode", "clt_decode", "encode_backward")
 # (sparse_decode 0.33, clt_decode 0.29, encode_backward 0.15; the sweep is in
 # benchmarks/results/cpu-amd-epyc-2c-density/). CPU bf16 and CUDA: not measured yet — estimates (dense GEMMs
 # on tensor cores win earlier); gpu_check.sh's bench-density stage measures the CUDA ones.
+CODES_CPU = 0.2  # placeholder until calibrated below
 DEFAULTS: dict = {
-    ("cpu", torch.float32): {"sparse_decode": 0.33, "clt_decode": 0.29, "encode_backward": 0.15},
-    ("cpu", torch.bfloat16): {"sparse_decode": 0.33, "clt_decode": 0.29, "encode_backward": 0.15},
-    ("cuda", torch.float32): {"sparse_decode": 0.05, "clt_decode": 0.05, "encode_backward": 0.05},
-    ("cuda", torch.bfloat16): {"sparse_decode": 0.03, "clt_decode": 0.03, "encode_backward": 0.03},
-    ("cuda", torch.float16): {"sparse_decode": 0.03, "clt_decode": 0.03, "encode_backward": 0.03},
+    ("cpu", torch.float32): {"sparse_decode": 0.33, "clt_decode": 0.29, "encode_backward": 0.15, "codes": CODES_CPU},
+    ("cpu", torch.bfloat16): {"sparse_decode": 0.33, "clt_decode": 0.29, "encode_backward": 0.15, "codes": CODES_CPU},
+    ("cuda", torch.float32): {"sparse_decode": 0.05, "clt_decode": 0.05, "encode_backward": 0.05, "codes": 0.05},
+    ("cuda", torch.bfloat16): {"sparse_decode": 0.03, "clt_decode": 0.03, "encode_backward": 0.03, "codes": 0.03},
+    ("cuda", torch.float16): {"sparse_decode": 0.03, "clt_decode": 0.03, "encode_backward": 0.03, "codes": 0.03},
 }
 FALLBACK = 0.30  # any other device type or dtype (fp64: the reference against the dense formulation)
 
@@ -113,6 +117,14 @@ def of(nnz: int, rows: int, n_features: int) -> float:
     """Density of ``nnz`` entries over ``rows`` × ``n_features`` (0 for an empty shape)."""
     total = rows * n_features
     return nnz / total if total > 0 else 0.0
+
+
+def of_codes(codes, n_features: int) -> float:
+    """The density the decodes choose by for the codes of one or several layers: 1 when any are held
+    dense (``DenseCodes``: their dense formulation needs no scatter), else ``of_layers``."""
+    if any(c.is_dense for c in codes):
+        return 1.0
+    return of_layers(codes, n_features)
 
 
 def of_layers(codes, n_features: int) -> float:

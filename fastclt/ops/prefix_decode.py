@@ -35,7 +35,7 @@ import torch
 
 from fastclt.codes import SparseCodes
 from fastclt.ops._checks import check_bounds, check_clt_decode, check_sparse_decode
-from fastclt.ops.density import of_layers
+from fastclt.ops.density import of_codes
 from fastclt.ops.reference.decode import acc_dtype
 
 __all__ = ["split_codes", "prefix_bounds", "prefix_sums", "matryoshka_blocks", "matryoshka_decode",
@@ -102,7 +102,7 @@ def matryoshka_blocks(codes: SparseCodes, W_dec: torch.Tensor, prefixes: Sequenc
         raise TypeError(f"codes: expected SparseCodes, got {type(codes).__name__}")
     check_sparse_decode(codes, W_dec, None)
     bounds = prefix_bounds(prefixes, W_dec.shape[0])
-    backend = _backend("sparse_decode", impl, W_dec, codes.density(W_dec.shape[0]))
+    backend = _backend("sparse_decode", impl, W_dec, of_codes([codes], W_dec.shape[0]))
     if backend == "dense":
         from fastclt.ops.dense.decode import sparse_decode_blocks
 
@@ -131,7 +131,7 @@ def matryoshka_clt_blocks(codes: Sequence[SparseCodes], W_dec: Union[torch.Tenso
     like = W_dec if isinstance(W_dec, torch.Tensor) else W_dec[0]
     F = W_dec.shape[1] if isinstance(W_dec, torch.Tensor) else W_dec[0].shape[0]
     bounds = prefix_bounds(prefixes, F)
-    backend = _backend("clt_decode", impl, like, of_layers(codes, F))
+    backend = _backend("clt_decode", impl, like, of_codes(codes, F))
     if backend == "dense":
         from fastclt.ops.dense.clt_decode import clt_decode_blocks
 

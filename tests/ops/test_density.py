@@ -4,7 +4,9 @@ dense branch in fastclt/ops/encoder_backward.py; docs/DESIGN.md §17).
 - the crossover: defaults, the environment variable, ``set_crossover`` / ``crossover``, bad values;
 - ``impl="auto"`` routes a decode to the dense formulation at and above the crossover, and an
   explicit impl is never re-routed;
-- dense and sparse paths give the same loss and every gradient of whole models (CLT of every tying,
+- dense and sparse paths — CSR codes into sparse ops, CSR codes into the dense ops, and codes held
+  dense (``DenseCodes``) from the encoder to the losses — give the same loss and every gradient of
+  whole models (CLT of every tying,
   with the feature affine; SAE with its pre-bias; JumpReLU and ReLU) at densities 0, one entry,
   about the crossover, 50% and 100%, in fp64 (the reference against the dense formulation) and in
   fp32 / bf16 (the kernels, sparse and dense encoder backward and decode);
@@ -232,16 +234,22 @@ def test_dense_and_sparse_paths_agree(kind, activation, which, dtype):
     want = {"zero": 0.0, "one": 1 / (B * model.cfg.n_features), "crossover": CROSS, "half": 0.5, "full": 1.0}[which]
     assert abs(d - want) <= 0.02 or (which == "one" and 0 < d <= 2 / (B * 37)), d
     loss_s, grads_s, stats_s = _loss_and_grads(model, x, y, "never")
+    # the dense ops on CSR codes, then codes held dense (DenseCodes: the previous call's density, any,
+    # is at least the crossover 0) into the same dense ops
+    loss_c, grads_c, stats_c = _loss_and_grads(model, x, y, {None: "always", "codes": "never"})
     loss_d, grads_d, stats_d = _loss_and_grads(model, x, y, "always")
     assert not any(k[1] == "dense" for k in stats_s) and not any(k[1] == "sparse" for k in stats_d)
-    assert any(k[0] in ("sparse_decode", "clt_decode") for k in stats_d)
-    # fp32/bf16: the two paths sum in different orders, and gradients where the reconstruction and
+    assert stats_c[("codes", "sparse")] == 1 and stats_d[("codes", "dense")] == 1
+    for st in (stats_c, stats_d):
+        assert any(k[0] in ("sparse_decode", "clt_decode") and k[1] == "dense" for k in st)
+    # fp32/bf16: the paths sum in different orders, and gradients where the reconstruction and
     # sparsity terms nearly cancel lose a few digits (worst of 25 seeds: fp32 7e-4, bf16 3e-2)
     tol = {"float64": 1e-10, "float32": 2e-3, "bfloat16": 8e-2}[dtype]
-    assert_close(loss_d, loss_s, tol, "loss")
-    for n in grads_s:
-        assert_close(grads_d[n], grads_s[n], tol, f"d{n}") if grads_s[n].abs().sum() > 0 else \
-            assert_close(grads_d[n].abs().sum(), grads_s[n].abs().sum(), 0, f"d{n} (zero)")
+    for name, loss, grads in (("dense ops", loss_c, grads_c), ("dense codes", loss_d, grads_d)):
+        assert_close(loss, loss_s, tol, f"loss ({name})")
+        for n in grads_s:
+            assert_close(grads[n], grads_s[n], tol, f"d{n} ({name})") if grads_s[n].abs().sum() > 0 else \
+                assert_close(grads[n].abs().sum(), grads_s[n].abs().sum(), 0, f"d{n} (zero, {name})")
 
 
 def test_matryoshka_decodes_choose_by_the_density_before_the_split(gen):
@@ -329,13 +337,23 @@ def _twin_runs(crossovers, scales, steps=6):
 
 
 def test_the_switch_both_ways_within_one_run():
-    """Batches alternate between dense (about 30% of the entries fire) and sparse (scaled down: few
-    fire) codes: with the crossover between them the run switches to the dense formulation and
-    back every step; it trains exactly as a run kept sparse throughout."""
-    (loss_a, dens_a, params_a, stats_a), (loss_s, dens_s, params_s, stats_s) = _twin_runs((0.2, "never"), (1.0, 0.05))
-    assert max(dens_a[0::2]) > 0.2 and min(dens_a[0::2]) > 0.2 and max(dens_a[1::2]) < 0.2, dens_a
-    for op in ("clt_decode", "encode_backward") if CPU_KERNELS else ("clt_decode",):
-        assert stats_a.get((op, "dense"), 0) >= 3 and stats_a.get((op, "sparse"), 0) >= 3, (op, stats_a)
+    """Batches go two dense (about 30% of the entries fire), two sparse (scaled down: few fire), and
+    again: with the crossover between them the run switches to the dense formulation and back —
+    the ops per call, the codes held dense (``DenseCodes``) from the step after a dense one, back to
+    CSR the step after a sparse one; it trains exactly as a run kept sparse throughout."""
+    (loss_a, dens_a, params_a, stats_a), (loss_s, dens_s, params_s, stats_s) = _twin_runs(
+        (0.2, "never"), (1.0, 1.0, 0.05, 0.05), steps=10)
+    dense_steps, sparse_steps = [0, 1, 4, 5, 8, 9], [2, 3, 6, 7]
+    assert min(dens_a[i] for i in dense_steps) > 0.2 and max(dens_a[i] for i in sparse_steps) < 0.2, dens_a
+    # codes: CSR at step 0 (no history: not counted), dense at 1, 2 (one step late), 5, 6, 9; CSR at 3,
+    # 4, 7, 8 (counted)
+    assert stats_a[("codes", "dense")] == 5 and stats_a[("codes", "sparse")] == 4, stats_a
+    # the decode is sparse only where CSR codes are sparse (3, 7); where the codes are CSR the encoder
+    # backward is dense at dense steps (0, 4, 8) and sparse at sparse ones (3, 7)
+    assert stats_a[("clt_decode", "sparse")] == 2 and stats_a[("clt_decode", "dense")] == 8, stats_a
+    if CPU_KERNELS:
+        assert stats_a.get(("encode_backward", "dense"), 0) >= 2 and stats_a.get(("encode_backward", "sparse"), 0) >= 2
+    for op in ("clt_decode", "encode_backward", "codes"):
         assert stats_s.get((op, "dense"), 0) == 0
     assert_close(torch.tensor(loss_a), torch.tensor(loss_s), 1e-4, "losses")
     for n in params_s:

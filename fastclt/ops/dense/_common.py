@@ -35,7 +35,12 @@ class _Densify(torch.autograd.Function):
 
 def dense_codes(codes: SparseCodes, n_features: int, dtype: torch.dtype) -> torch.Tensor:
     """codes over B rows → the dense [B, F] activations in ``dtype`` (entries of one (row, feature)
-    summed), differentiable in ``codes.value``. Memory: one [B, F] tensor."""
+    summed), differentiable in ``codes.value``. Memory: one [B, F] tensor. Codes held dense
+    (``DenseCodes``) give their [B, F] tensor as it is (cast to ``dtype``)."""
+    if codes.is_dense:
+        if codes.n_features != n_features:
+            raise ValueError(f"n_features: the codes have F={codes.n_features}, the decoder {n_features}")
+        return codes.dense.to(dtype)
     B = codes.batch_size
     flat = codes.flat_index(n_features)
     return _Densify.apply(codes.value, flat, B * n_features, dtype).view(B, n_features)

@@ -64,7 +64,7 @@ def _decode(codes, W_dec, tying, b_dec, feature_offset, feature_scale, bounds) -
 
     L, F = len(codes), W_dec.shape[1]
     acc = acc_dtype(W_dec.dtype)
-    dt = gemm_dtype(codes[0].value.dtype, W_dec.dtype)
+    dt = gemm_dtype(codes[0].dtype, W_dec.dtype)
     A = [dense_codes(c, F, dt) for c in codes]
     # 1[a > 0] as GEMM operands (no gradient): the offset's codes
     M = [(a.detach() > 0).to(dt) for a in A] if feature_offset is not None else None

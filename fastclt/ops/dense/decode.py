@@ -33,7 +33,7 @@ def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch
     tail = W_dec.shape[1:]
     F = W_dec.shape[0]
     W = W_dec.reshape(F, -1)
-    dt = gemm_dtype(codes.value.dtype, W.dtype)
+    dt = gemm_dtype(codes.dtype, W.dtype)
     A = dense_codes(codes, F, dt)
     W = W.to(dt)
     y = A @ W if b_dec is None else torch.addmm(b_dec.reshape(-1).to(dt), A, W)
@@ -46,7 +46,7 @@ def sparse_decode_blocks(codes: SparseCodes, W_dec: torch.Tensor, bounds: Sequen
     tail = W_dec.shape[1:]
     F = W_dec.shape[0]
     sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-    dt = gemm_dtype(codes.value.dtype, W_dec.dtype)
+    dt = gemm_dtype(codes.dtype, W_dec.dtype)
     A = dense_codes(codes, F, dt).split(sizes, 1)
     W = W_dec.reshape(F, -1).to(dt).split(sizes, 0)
     y = torch.stack([a @ w for a, w in zip(A, W)])

@@ -7,6 +7,8 @@
     AuxK       = min(n_dead / k_aux, 1) · Σ_b ‖ê − e‖² / Σ_b ‖y − ȳ‖²   (ê decoded WITHOUT b_dec, e detached)
 
 ‖W_dec,i^s‖ is the concatenated norm of feature (s, i) over all its targets (``decoder_norms``).
+Codes held dense (``DenseCodes``) take the sparsity penalty over their [B, F] tensor (zeros add
+nothing): ``_DensePenalty``, one autograd function that keeps no [B, F] temporary for its backward.
 The weighting coefficients (λ, λ_p, the AuxK coefficient) are applied by the caller.
 """
 from __future__ import annotations
@@ -63,10 +65,45 @@ def sparsity_loss(codes: Sequence[SparseCodes], decoder_norms: torch.Tensor, kin
     for s, cs in enumerate(codes):
         if cs.batch_size == 0:
             continue
+        if cs.is_dense:
+            total = total + _DensePenalty.apply(cs.dense, decoder_norms[s], kind, c) / cs.batch_size
+            continue
         scaled = _acc(cs.value) * _acc(decoder_norms[s])[cs.index.long()]
         pen = torch.tanh(c * scaled) if kind == "tanh" else scaled
         total = total + pen.sum() / cs.batch_size
     return total
+
+
+class _DensePenalty(torch.autograd.Function):
+    """(a [B, F], n [F], kind, c) → Σ_{b,i} penalty(a_{b,i} · n_i), accumulated in fp32 (fp64 for fp64).
+
+    tanh: p = tanh(c·a·n),   ∂/∂a = c·n·(1 − p²),   ∂/∂n_i = Σ_b c·a_{b,i}·(1 − p²)
+    l1:   p = a·n,           ∂/∂a = n,              ∂/∂n_i = Σ_b a_{b,i}
+    The backward recomputes p from a (which the decoder keeps anyway) instead of saving it."""
+
+    @staticmethod
+    def forward(ctx, a, n, kind, c):
+        ctx.save_for_backward(a, n)
+        ctx.kind, ctx.c = kind, c
+        af, nf = _acc(a), _acc(n)
+        if kind == "l1":
+            return (af.sum(0) * nf).sum()
+        return torch.tanh(c * (af * nf)).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, n = ctx.saved_tensors
+        af, nf = _acc(a), _acc(n)
+        if ctx.kind == "l1":
+            da = (g * nf).expand_as(af) if ctx.needs_input_grad[0] else None
+            dn = g * af.sum(0) if ctx.needs_input_grad[1] else None
+        else:
+            p = (af * nf).mul_(ctx.c).tanh_()
+            cg = ctx.c * g
+            slope = torch.addcmul(cg, p, p, value=-cg)  # c·g·(1 − p²), one pass
+            da = slope * nf if ctx.needs_input_grad[0] else None
+            dn = slope.mul_(af).sum(0) if ctx.needs_input_grad[1] else None
+        return (None if da is None else da.to(a.dtype)), (None if dn is None else dn.to(n.dtype)), None, None
 
 
 def preact_loss(h: torch.Tensor, threshold: torch.Tensor, decoder_norms: torch.Tensor) -> torch.Tensor:
