@@ -348,8 +348,8 @@ def test_the_switch_both_ways_within_one_run():
     # codes: CSR at step 0 (no history: not counted), dense at 1, 2 (one step late), 5, 6, 9; CSR at 3,
     # 4, 7, 8 (counted)
     assert stats_a[("codes", "dense")] == 5 and stats_a[("codes", "sparse")] == 4, stats_a
-    # the decode is sparse only where CSR codes are sparse (3, 7); where the codes are CSR the encoder
-    # backward is dense at dense steps (0, 4, 8) and sparse at sparse ones (3, 7)
+    # the decode is sparse only where CSR codes are sparse (steps 3 and 7); where the codes are CSR the
+    # encoder backward is dense at the dense steps 0, 4, 8 and sparse at the sparse steps 3 and 7
     assert stats_a[("clt_decode", "sparse")] == 2 and stats_a[("clt_decode", "dense")] == 8, stats_a
     if CPU_KERNELS:
         assert stats_a.get(("encode_backward", "dense"), 0) >= 2 and stats_a.get(("encode_backward", "sparse"), 0) >= 2
