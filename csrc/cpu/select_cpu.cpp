@@ -370,13 +370,16 @@ void batch_topk_impl(const T* h, int64_t n, int64_t F, int64_t k_total, int64_t*
   const int64_t block = std::clamp<int64_t>(n / k_total, 1, 64), n_blocks = (n + block - 1) / block;
   std::vector<uint32_t> keymax(n_blocks);
   constexpr int64_t kParts = 64;  // of the blocks, for both passes
+  // Below ~256K entries both passes take tens of microseconds: one thread runs them (waking the
+  // others cost more than it saved: 3x at the demo's 512 x 128 with a busy second core).
+  const int64_t grain = n < (int64_t(1) << 18) ? kParts : 1;
   const int64_t part_blocks = (n_blocks + kParts - 1) / kParts;
   std::vector<uint32_t> part_nan(kParts, 0);
   auto part_span = [&](int64_t p) {  // first block, and [start, start + len) entries of part p
     const int64_t b0 = std::min(n_blocks, p * part_blocks), start = b0 * block;
     return std::make_tuple(b0, start, std::min(n, (b0 + part_blocks) * block) - start);
   };
-  at::parallel_for(0, kParts, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       auto [b0, start, len] = part_span(p);
       if (len > 0) part_nan[p] = simd::block_key_max(h + start, len, block, keymax.data() + b0);
@@ -388,7 +391,7 @@ void batch_topk_impl(const T* h, int64_t n, int64_t F, int64_t k_total, int64_t*
   const uint32_t bound = kth_largest_key(keymax, k_total);
 
   std::vector<std::vector<simd::Candidate>> parts(kParts);
-  at::parallel_for(0, kParts, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       auto [b0, start, len] = part_span(p);
       if (len > 0) simd::collect_at_least(h + start, len, block, keymax.data() + b0, bound, start, parts[p]);
