@@ -19,6 +19,12 @@ def devices_of(impl: str) -> list:
     return ["cpu"] + (["cuda"] if GPU else [])
 
 
+def device_of(impl: str) -> torch.device:
+    """The one device a model-level test runs ``impl`` on: Triton on the GPU when there is one (else on
+    the CPU under the interpreter), everything else on the CPU."""
+    return torch.device("cuda" if impl == "triton" and GPU else "cpu")
+
+
 def impl_params(op: str, *, reference: bool = False, sharded: bool = False) -> list:
     """pytest params ``(impl, device)`` of every implementation of ``op`` (the reference only when
     asked; only those that take a process group when ``sharded``)."""

@@ -25,3 +25,22 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "
     where = [(tuple(int(i) for i in torch.unravel_index(w, o.shape)), float(o.flatten()[w]), float(r.flatten()[w]))
              for w in worst]
     raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst (index, got, expected): {where}")
+
+
+def train_steps(model, batch, steps: int, lr: float = 1e-2) -> None:
+    """Train ``model`` for ``steps`` Adam steps on ``model.loss(*batch())`` as the trainer does
+    (decoder-gradient projection, ``post_step``), on one intra-op thread (tiny steps: thread
+    start-up would dominate). ``batch()`` returns the loss's positional arguments as a tuple."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        for _ in range(steps):
+            out = model.loss(*batch())
+            opt.zero_grad()
+            out.loss.backward()
+            model.project_decoder_grads()
+            opt.step()
+            model.post_step()
+    finally:
+        torch.set_num_threads(threads)

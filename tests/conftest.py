@@ -30,6 +30,17 @@ def ext_device(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (language models, whole training runs): more
+    threads only add synchronisation there, and stall on a loaded machine. Modules ask for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Kernel outputs start as NaN (-1 for indices), so an element a kernel forgets to write fails

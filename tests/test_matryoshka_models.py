@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastclt  # noqa: E402
+from _impls import device_of  # noqa: E402
 from _matryoshka_cases import PREFIXES, dense_prefixes  # noqa: E402
-from _util import assert_close  # noqa: E402
+from _util import assert_close, train_steps  # noqa: E402
 from fastclt import _ext  # noqa: E402
 from fastclt.codes import SparseCodes  # noqa: E402
 from fastclt.ops import jumprelu_dense  # noqa: E402
@@ -30,12 +31,6 @@ except ImportError:
 NEED_CPU = pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 NEED_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 BACKENDS = ["reference", pytest.param("cpu", marks=NEED_CPU), pytest.param("triton", marks=NEED_TRITON)]
-GPU = torch.cuda.is_available()
-
-
-def device_of(impl: str) -> torch.device:
-    """Triton runs on the GPU when there is one (else on the CPU under the interpreter)."""
-    return torch.device("cuda" if impl == "triton" and GPU else "cpu")
 
 
 def _to(codes: SparseCodes, device, value=None) -> SparseCodes:
@@ -216,33 +211,21 @@ def test_planted_hierarchy_lands_in_the_nested_prefixes():
     """4 frequent parent features, each with 3 rarer children that fire only with their parent: a
     Matryoshka SAE with prefixes [4, 16] puts the parents in its first 4 latents and finds the
     children among the rest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny steps: thread start-up would dominate
-    try:
-        g = torch.Generator().manual_seed(0)
-        d, P, C = 32, 4, 3
-        dirs = torch.randn(P + P * C, d, generator=g)
-        dirs /= dirs.norm(dim=1, keepdim=True)
+    g = torch.Generator().manual_seed(0)
+    d, P, C = 32, 4, 3
+    dirs = torch.randn(P + P * C, d, generator=g)
+    dirs /= dirs.norm(dim=1, keepdim=True)
 
-        def batch(B):
-            parent = (torch.rand(B, P, generator=g) < 0.25).float()
-            child = (torch.rand(B, P, C, generator=g) < 0.3).float() * parent[:, :, None]
-            mag = torch.cat([parent * (0.5 + torch.rand(B, P, generator=g)),
-                             (child * (0.5 + torch.rand(B, P, C, generator=g))).flatten(1)], 1)
-            return mag @ dirs + 0.01 * torch.randn(B, d, generator=g)
-        torch.manual_seed(0)
-        m = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=d, n_features=16, activation="batchtopk", k=2,
-                                                        matryoshka_prefixes=[P, 16], b_dec_init="zeros"))
-        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-        for _ in range(200):
-            out = m.loss(batch(256))
-            opt.zero_grad()
-            out.loss.backward()
-            m.project_decoder_grads()
-            opt.step()
-            m.post_step()
-    finally:
-        torch.set_num_threads(threads)
+    def batch(B=256):
+        parent = (torch.rand(B, P, generator=g) < 0.25).float()
+        child = (torch.rand(B, P, C, generator=g) < 0.3).float() * parent[:, :, None]
+        mag = torch.cat([parent * (0.5 + torch.rand(B, P, generator=g)),
+                         (child * (0.5 + torch.rand(B, P, C, generator=g))).flatten(1)], 1)
+        return (mag @ dirs + 0.01 * torch.randn(B, d, generator=g),)
+    torch.manual_seed(0)
+    m = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=d, n_features=16, activation="batchtopk", k=2,
+                                                    matryoshka_prefixes=[P, 16], b_dec_init="zeros"))
+    train_steps(m, batch, 200)
     W = m.W_dec.detach()
     cos = dirs @ (W / W.norm(dim=1, keepdim=True)).T  # [parents + children, latents]
     parents_in_prefix = cos[:P, :P].max(1).values

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastclt  # noqa: E402
-from _util import assert_close  # noqa: E402
+from _impls import device_of  # noqa: E402
+from _util import assert_close, train_steps  # noqa: E402
 from fastclt import _ext  # noqa: E402
 from fastclt.config import MOLTConfig  # noqa: E402
 from _molt_cases import dense_A  # noqa: E402
@@ -30,12 +31,6 @@ BACKENDS = ["reference", pytest.param("cpu", marks=NEED_CPU), pytest.param("trit
 # the model on every backend; Triton's TopK / AuxK kernels (not MOLT's) have their own tests
 MODEL_CASES = [("reference", "jumprelu"), ("reference", "topk"), pytest.param("cpu", "jumprelu", marks=NEED_CPU),
                pytest.param("cpu", "topk", marks=NEED_CPU), pytest.param("triton", "jumprelu", marks=NEED_TRITON)]
-GPU = torch.cuda.is_available()
-
-
-def device_of(impl: str) -> torch.device:
-    """Triton runs on the GPU when there is one (else on the CPU under the interpreter)."""
-    return torch.device("cuda" if impl == "triton" and GPU else "cpu")
 
 
 def test_bad_configs_are_clear_errors():
@@ -191,33 +186,23 @@ def test_spliced_into_a_language_model_like_a_transcoder(gen):
 def test_planted_low_rank_transforms_with_sparse_gates_are_recovered():
     """Data from a planted MOLT (6 rank-2 transforms, ReLU gates open on ~20% of tokens): training a
     MOLT of the same shape finds every planted A_i (cosine > 0.99) and explains the targets."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny steps: thread start-up would dominate
-    try:
-        g = torch.Generator().manual_seed(0)
-        d, T, r = 16, 6, 2
-        E = torch.randn(T, d, generator=g)
-        E /= E.norm(dim=1, keepdim=True)
-        A = (torch.randn(T, d, r, generator=g) / r ** 0.5) @ (torch.randn(T, r, d, generator=g) / d ** 0.5)
+    g = torch.Generator().manual_seed(0)
+    d, T, r = 16, 6, 2
+    E = torch.randn(T, d, generator=g)
+    E /= E.norm(dim=1, keepdim=True)
+    A = (torch.randn(T, d, r, generator=g) / r ** 0.5) @ (torch.randn(T, r, d, generator=g) / d ** 0.5)
 
-        def batch(B):
-            x = torch.randn(B, d, generator=g)
-            gate = torch.relu(x @ E.T - 0.8)
-            return x, torch.einsum("bt,tij,bj->bi", gate, A, x)
-        torch.manual_seed(0)
-        m = fastclt.MOLT(MOLTConfig(d_in=d, d_out=d, n_features=T, ranks=[r], activation="jumprelu",
-                                    threshold_init=0.01, sparsity_coef=0.0, output_bias=False))
-        m.initialize_from_data(*batch(1024), fire_rate=0.2)
-        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-        for _ in range(250):
-            out = m.loss(*batch(256))
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            m.post_step()
+    def batch(B=256):
+        x = torch.randn(B, d, generator=g)
+        gate = torch.relu(x @ E.T - 0.8)
+        return x, torch.einsum("bt,tij,bj->bi", gate, A, x)
+    torch.manual_seed(0)
+    m = fastclt.MOLT(MOLTConfig(d_in=d, d_out=d, n_features=T, ranks=[r], activation="jumprelu",
+                                threshold_init=0.01, sparsity_coef=0.0, output_bias=False))
+    m.initialize_from_data(*batch(1024), fire_rate=0.2)
+    train_steps(m, batch, 250)
+    with torch.no_grad():
         out = m.loss(*batch(2048))
-    finally:
-        torch.set_num_threads(threads)
     learned = torch.stack([m.transform(0, i) for i in range(T)]).detach().flatten(1)
     planted = A.flatten(1)
     cos = (planted / planted.norm(dim=1, keepdim=True)) @ (learned / learned.norm(dim=1, keepdim=True)).T

@@ -41,15 +41,16 @@ ENV = "FASTCLT_DENSE_CROSSOVER"
 OPS = ("sparse_decode", "clt_decode", "encode_backward", "codes")
 
 # Crossover densities per (device type, dtype): at or above them the dense formulation runs.
-# CPU fp32: measured on 2 shared cores of an AMD EPYC VM (heavily loaded by other work), torch 2.13,
-# commit 9c5ed07, by `python -m benchmarks.run --suite density --shapes density-cpu --quick --calibrate`
-# (sparse_decode 0.33, clt_decode 0.29, encode_backward 0.15; the sweep is in
-# benchmarks/results/cpu-amd-epyc-2c-density/). CPU bf16 and CUDA: not measured yet — estimates (dense GEMMs
-# on tensor cores win earlier); gpu_check.sh's bench-density stage measures the CUDA ones.
-CODES_CPU = 0.2  # placeholder until calibrated below
+# CPU fp32: measured on 2 cores of an idle Intel Xeon VM, torch 2.13, commit 9384993, by
+# `python -m benchmarks.run --suite density --shapes density-cpu --quick --calibrate` (the sweep is in
+# benchmarks/results/cpu-intel-xeon-2c-density/; an earlier sweep on a heavily loaded AMD EPYC VM,
+# benchmarks/results/cpu-amd-epyc-2c-density/, put the three op crossovers at 0.33, 0.29, 0.15).
+# CPU bf16 and CUDA: not measured yet — estimates (dense GEMMs on tensor cores win earlier);
+# gpu_check.sh's bench-density stage measures the CUDA ones.
+_CPU = {"sparse_decode": 0.15, "clt_decode": 0.14, "encode_backward": 0.11, "codes": 0.19}
 DEFAULTS: dict = {
-    ("cpu", torch.float32): {"sparse_decode": 0.33, "clt_decode": 0.29, "encode_backward": 0.15, "codes": CODES_CPU},
-    ("cpu", torch.bfloat16): {"sparse_decode": 0.33, "clt_decode": 0.29, "encode_backward": 0.15, "codes": CODES_CPU},
+    ("cpu", torch.float32): dict(_CPU),
+    ("cpu", torch.bfloat16): dict(_CPU),
     ("cuda", torch.float32): {"sparse_decode": 0.05, "clt_decode": 0.05, "encode_backward": 0.05, "codes": 0.05},
     ("cuda", torch.bfloat16): {"sparse_decode": 0.03, "clt_decode": 0.03, "encode_backward": 0.03, "codes": 0.03},
     ("cuda", torch.float16): {"sparse_decode": 0.03, "clt_decode": 0.03, "encode_backward": 0.03, "codes": 0.03},

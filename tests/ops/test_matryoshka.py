@@ -7,8 +7,7 @@ decode implementation (the dense formulation's block GEMMs included) against den
 import pytest
 import torch
 
-from _impls import GPU
-from _impls import impl_params
+from _impls import GPU, device_of, impl_params
 from _matryoshka_cases import PREFIXES, dense_prefixes, random_codes, to_device
 from _util import assert_close
 from fastclt import _ext, ops
@@ -19,11 +18,6 @@ NEED_CPU = pytest.mark.skipif(not _registry.available("cpu", torch.device("cpu")
 NEED_TRITON = pytest.mark.skipif(not _registry.available("triton", torch.device("cuda" if GPU else "cpu")),
                                  reason="triton is not available here")
 BACKENDS = ["reference", "dense", pytest.param("cpu", marks=NEED_CPU), pytest.param("triton", marks=NEED_TRITON)]
-
-
-def device_of(impl: str) -> torch.device:
-    """Triton runs on the GPU when there is one (else on the CPU under the interpreter)."""
-    return torch.device("cuda" if impl == "triton" and GPU else "cpu")
 
 
 def test_split_codes_puts_each_feature_block_in_its_rows(gen):

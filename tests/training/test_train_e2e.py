@@ -23,12 +23,7 @@ D, V, CTX = 32, 64, 16
 NO_LOG = ["--log.progress", "false", "--log.plot", "false", "--train.device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def _lm(arch: str):

@@ -22,13 +22,7 @@ CTX, D = 32, 32
 NO_LOG = ["--log.progress", "false", "--log.plot", "false", "--train.device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def _corpus(n_sentences: int, seed: int = 0) -> str:
