@@ -18,6 +18,11 @@
 namespace fastclt {
 namespace {
 
+// Below this many entries of h a pass runs on one thread: waking the others costs tens of
+// microseconds (far more when another process holds a core), the pass less (the demo's BatchTopK
+// of 512 x 128 took 1.16 ms on two threads, 0.39 ms on one, with the second core busy).
+constexpr int64_t kParallelEntries = int64_t(1) << 18;
+
 // Entries per block in the scans that skip blocks holding nothing to keep.
 constexpr int64_t kBlock = 64;
 // Entries per block in the histogram's digit buffer.
@@ -112,7 +117,7 @@ template <typename T>
 void topk_impl(const T* h, const float* bias, int64_t B, int64_t F, int64_t k, int32_t* out_index, T* out_value,
                bool& saw_nan) {
   bool nan_any = false;
-#pragma omp parallel reduction(|| : nan_any)
+#pragma omp parallel reduction(|| : nan_any) if (B * F > kParallelEntries)
   {
     RowScratch scratch;
     std::vector<int32_t> chosen;
@@ -181,7 +186,7 @@ void histogram_impl(const T* h, int64_t n, uint32_t prefix, int prefix_bits, int
   const int prefix_shift = 32 - prefix_bits;  // used only when prefix_bits > 0 (a 32-bit shift is UB)
   std::fill(counts, counts + nbins + 1, int64_t(0));
   int64_t nan_total = 0;
-#pragma omp parallel
+#pragma omp parallel if (n > kParallelEntries)
   {
     std::vector<int64_t> local(nbins + 1, 0);
     // NaNs go to the last bin. (Every thread takes the same side of each `if`, as worksharing loops
@@ -258,7 +263,7 @@ void compact_impl(const T* h, int64_t R, int64_t F, uint32_t thr, int64_t equal_
                   int64_t equal_take, int64_t nnz, int64_t* row_ptr, int32_t* out_index,
                   T* out_value) {
   std::vector<int64_t> n_gt(R), n_eq(R), eq_before(R);
-  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, R * F > kParallelEntries ? 1 : R, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* x = h + r * F;
       int64_t gt = 0, eq = 0;
@@ -282,7 +287,7 @@ void compact_impl(const T* h, int64_t R, int64_t F, uint32_t thr, int64_t equal_
   }
   TORCH_CHECK(row_ptr[R] == nnz, "fastclt::batch_topk_compact: threshold_key/equal_skip/equal_take "
               "select ", row_ptr[R], " entries but nnz=", nnz, " was requested");
-  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, R * F > kParallelEntries ? 1 : R, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* x = h + r * F;
       int64_t out = row_ptr[r], eq_rank = eq_before[r];
@@ -370,9 +375,7 @@ void batch_topk_impl(const T* h, int64_t n, int64_t F, int64_t k_total, int64_t*
   const int64_t block = std::clamp<int64_t>(n / k_total, 1, 64), n_blocks = (n + block - 1) / block;
   std::vector<uint32_t> keymax(n_blocks);
   constexpr int64_t kParts = 64;  // of the blocks, for both passes
-  // Below ~256K entries both passes take tens of microseconds: one thread runs them (waking the
-  // others cost more than it saved: 3x at the demo's 512 x 128 with a busy second core).
-  const int64_t grain = n < (int64_t(1) << 18) ? kParts : 1;
+  const int64_t grain = n > kParallelEntries ? 1 : kParts;
   const int64_t part_blocks = (n_blocks + kParts - 1) / kParts;
   std::vector<uint32_t> part_nan(kParts, 0);
   auto part_span = [&](int64_t p) {  // first block, and [start, start + len) entries of part p
@@ -463,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_compact_impl(const at::
   int64_t* rp = row_ptr.data_ptr<int64_t>();
   rp[0] = 0;
   const float bound = half_band > 0.f ? -2.f * half_band : 0.f;
-  at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, n_parts, B * F > kParallelEntries ? 1 : n_parts, [&](int64_t p0, int64_t p1) {
     std::vector<int32_t> cand;
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t b = B * p / n_parts; b < B * (p + 1) / n_parts; ++b) {
@@ -489,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_compact_impl(const at::
   auto value = new_output({nnz}, h_t.options().dtype(at::kFloat));
   int32_t* out_index = index.data_ptr<int32_t>();
   float* out_value = value.data_ptr<float>();
-  at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, n_parts, B * F > kParallelEntries ? 1 : n_parts, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t start = rp[B * p / n_parts];
       std::copy(cols[p].begin(), cols[p].end(), out_index + start);

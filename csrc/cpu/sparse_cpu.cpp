@@ -21,6 +21,10 @@
 namespace fastclt {
 namespace {
 
+// Below this many multiply-adds (or entries checked) a kernel runs on one thread: waking the others
+// costs tens of microseconds (far more when another process holds a core), the whole op less.
+constexpr int64_t kParallelWork = int64_t(1) << 17;
+
 // Checks row_ptr (0 = row_ptr[0] <= ... <= row_ptr[B] = nnz) and 0 <= index < n_features: O(B + nnz),
 // small next to the O(nnz * D) work of every op that calls it.
 void check_codes_content(const at::Tensor& row_ptr, const at::Tensor& index, int64_t n_features,
@@ -33,7 +37,7 @@ void check_codes_content(const at::Tensor& row_ptr, const at::Tensor& index, int
     TORCH_CHECK(rp[b] <= rp[b + 1], "fastclt::", op, ": row_ptr must be non-decreasing (row ", b, ")");
   const int32_t* idx = index.data_ptr<int32_t>();
   bool bad = false;
-#pragma omp parallel for reduction(|| : bad) schedule(static)
+#pragma omp parallel for reduction(|| : bad) schedule(static) if (nnz > kParallelWork)
   for (int64_t j = 0; j < nnz; ++j) bad = bad || idx[j] < 0 || idx[j] >= n_features;
   TORCH_CHECK(!bad, "fastclt::", op, ": index must lie in [0, ", bound_name, "=", n_features, ")");
 }
@@ -42,7 +46,7 @@ void check_codes_content(const at::Tensor& row_ptr, const at::Tensor& index, int
 template <typename T, typename V>
 void decode_impl(const int64_t* rp, const int32_t* idx, const V* val, const T* W, const T* bias,
                  int64_t B, int64_t D, T* y) {
-#pragma omp parallel
+#pragma omp parallel if (rp[B] * D > kParallelWork)
   {
     std::vector<float> acc(D), coef;
     std::vector<int64_t> rows;
@@ -101,7 +105,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
 template <typename T>
 void dot_impl(const int64_t* rp, const int32_t* idx, const T* G, const T* W, int64_t B, int64_t D,
               T* out) {
-#pragma omp parallel
+#pragma omp parallel if (rp[B] * D > kParallelWork)
   {
     std::vector<int64_t> rows;
     std::vector<float> dots;
@@ -189,7 +193,7 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
     for (int64_t j = 0; j < nnz; ++j) order[fill[idx[j]]++] = j;
   }
   // One task per feature; dynamic scheduling because hot features own many more entries.
-#pragma omp parallel
+#pragma omp parallel if (nnz * D > kParallelWork)
   {
     std::vector<float> acc(D), c, dots;
     std::vector<int64_t> rows;

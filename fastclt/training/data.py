@@ -50,6 +50,8 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
 
 
 class SyntheticSource:
+    compute_bound = True  # its batches are computed, not read (``Prefetcher``: no thread on a CPU)
+
     def __init__(self, cfg, kind: str, n_layers: int, d_in: int, d_out: int, dp_rank: int) -> None:
         from fastclt.training.synthetic import SyntheticActivations
         self.gen = SyntheticActivations(n_layers, d_in, d_out, cfg.data.n_true, cfg.data.true_l0, cfg.data.noise,
@@ -487,7 +489,9 @@ class Prefetcher:
 
     ``depth`` > 0: a background thread prepares up to ``depth`` batches ahead — CPU sources into
     pinned memory, on-the-fly extraction on its own CUDA stream — so that the data is ready when the
-    step needs it. A stateful source's ``state_dict()`` after each batch travels with the batch;
+    step needs it. On a CPU run that thread computes on one intra-op thread (the step's parallel
+    regions use every core), and a source of computed batches (``compute_bound``: synthetic data)
+    has none: its batches are made in the training thread. A stateful source's ``state_dict()`` after each batch travels with the batch;
     ``state()`` is the state after the last batch returned (what a checkpoint saves with the
     micro-batch counter). Under tensor parallelism the LM's batches reach the other tp ranks by
     broadcast, in this (the training) thread, in step order (``share_batch``).
@@ -499,15 +503,25 @@ class Prefetcher:
         self.stateful = getattr(source, "stateful", False)
         self.receives = getattr(source, "runs_lm", True) is False
         self._state = source.state_dict() if self.stateful and not self.receives else None
-        self.threaded = depth > 0 and not self.receives
+        # a source whose batches are pure computation (synthetic data) runs in this thread on a CPU:
+        # a producer thread would only move that work onto the cores the step computes on
+        inline = device.type == "cpu" and getattr(source, "compute_bound", False)
+        self.threaded = depth > 0 and not self.receives and not inline
         self.stream = None
         if self.threaded and device.type == "cuda" and isinstance(source, HFSource):
             self.stream = torch.cuda.Stream(device)
         if self.threaded:
             self.q: queue.Queue = queue.Queue(maxsize=depth)
             self.stop = threading.Event()
-            self.thread = threading.Thread(target=self._work, args=(start,), daemon=True)
+            configured = threading.Event()
+            self.thread = threading.Thread(target=self._work, args=(start, configured), daemon=True)
+            threads = torch.get_num_threads()
             self.thread.start()
+            if device.type == "cpu":
+                # the worker runs its ops on one intra-op thread (``_work``); setting that also set the
+                # count a thread started later inherits: put it back (this thread's own is unchanged)
+                configured.wait()
+                torch.set_num_threads(threads)
 
     def _load(self, i: int):
         event = None
@@ -522,10 +536,21 @@ class Prefetcher:
                 batch = tuple(t.pin_memory() for t in batch)
         return batch, event, self.source.state_dict() if self.stateful else None
 
-    def _work(self, i: int) -> None:
+    def _work(self, i: int, configured: threading.Event) -> None:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
+            else:
+                # On a CPU run the training step's parallel regions use every core: a team of threads
+                # here would oversubscribe them, and each region waits for its slowest, preempted thread
+                # (the demo's step: 12.0 ms with the producer on two threads, ~8 on one). One thread.
+                torch.set_num_threads(1)
+        except BaseException as e:  # re-raised in the consumer
+            self.q.put(e)
+            return
+        finally:
+            configured.set()
+        try:
             while not self.stop.is_set():
                 item = self._load(i)
                 while not self.stop.is_set():

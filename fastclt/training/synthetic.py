@@ -35,21 +35,25 @@ class SyntheticActivations:
         for s in range(n_layers):
             U = torch.randn(n_true, n_layers - s, d_out, generator=g)
             self.U.append(U / U.flatten(1).norm(dim=1)[:, None, None])
+        # every source's decoder as one [L·n_true, L·d_out] matrix (zero blocks for t < s): y in one GEMM
+        U_all = torch.zeros(n_layers, n_true, n_layers, d_out)
+        for s in range(n_layers):
+            U_all[s, :, s:] = self.U[s]
+        self._U_all = U_all.reshape(n_layers * n_true, n_layers * d_out)
 
     def batch(self, index: int, batch_size: int, dp_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (x [B, L, d_in], y [B, L, d_out]) fp32 on the CPU (y is x for kind "sae")."""
         g = torch.Generator().manual_seed(((self.seed * 1_000_003 + dp_rank) * 1_000_000_007 + index) % (2 ** 62))
         B, L = batch_size, self.L
-        active = torch.rand(B, L, self.n_true, generator=g) < self.p
-        mag = 0.5 + torch.rand(B, L, self.n_true, generator=g)
-        a = active * mag
-        x = torch.einsum("bsi,sid->bsd", a, self.E)
+        # one uniform u per (token, feature): active when u < p, and then u / p is itself uniform on
+        # [0, 1), independent of the event: the magnitude 0.5 + u / p needs no second draw
+        u = torch.rand(B, L, self.n_true, generator=g)
+        a = torch.where(u < self.p, 0.5 + u / self.p, 0.0)
+        x = torch.bmm(a.transpose(0, 1), self.E).transpose(0, 1)
         x = x + self.noise * torch.randn(x.shape, generator=g)
         if self.kind == "sae":
             return x, x
-        y = torch.zeros(B, L, self.d_out)
-        for s in range(L):
-            y[:, s:] += torch.einsum("bi,itd->btd", a[:, s], self.U[s])
+        y = (a.reshape(B, L * self.n_true) @ self._U_all).view(B, L, self.d_out)  # Σ_{s≤t} a_s U_s[:, t−s]
         y = y + self.noise * torch.randn(y.shape, generator=g)
         return x, y
 
