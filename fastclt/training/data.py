@@ -493,8 +493,8 @@ class Prefetcher:
     regions use every core), and a source of computed batches (``compute_bound``: synthetic data)
     has none: its batches are made in the training thread. A stateful source's ``state_dict()`` after
     each batch travels with the batch; ``state()`` is the state after the last batch returned (what a
-    checkpoint saves with the micro-batch counter). Under tensor parallelism the LM's batches reach the other tp ranks by
-    broadcast, in this (the training) thread, in step order (``share_batch``).
+    checkpoint saves with the micro-batch counter). Under tensor parallelism the LM's batches reach
+    the other tp ranks by broadcast, in this (the training) thread, in step order (``share_batch``).
     """
 
     def __init__(self, source, start: int, device: torch.device, dtype: torch.dtype, depth: int,
