@@ -51,6 +51,14 @@ TORCH_LIBRARY(fastclt, m) {
   // Its backward for the upstream gradient dsq [G, M]: (dy, dbase, dblocks); one not asked for is empty. CPU.
   m.def("prefix_errors_backward(Tensor y, Tensor base, Tensor blocks, Tensor dsq, bool need_y, bool need_base,"
         " bool need_blocks) -> (Tensor dy, Tensor dbase, Tensor dblocks)");
+  // Dense JumpReLU (cpu/dense_cpu.cpp), one pass: h [B, F] (fp32|bf16), threshold fp32 [F] ->
+  // value = h * 1[h > θ], stored bool = active | band, code uint8 (bit0 active, bit1 band), with
+  // θ and half_band rounded to h's dtype and band = |h − θ| < half_band (difference rounded to it). CPU.
+  m.def("jumprelu_dense(Tensor h, Tensor threshold, float half_band) -> (Tensor value, Tensor stored, Tensor code)");
+  // Its backward from code: dh = grad * bit0 (grad's dtype), dthreshold fp32 [F] = (−θ/ε) Σ_b grad * bit1
+  // (summed in a fixed order); one not asked for is empty. CPU.
+  m.def("jumprelu_dense_backward(Tensor grad, Tensor code, Tensor threshold, float bandwidth, bool need_h,"
+        " bool need_threshold) -> (Tensor dh, Tensor dthreshold)");
 }
 
 #include <atomic>

@@ -13,7 +13,8 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
 
 # Op names under torch.ops.fastclt.
 OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "threshold_compact",
-       "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot")
+       "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot", "jumprelu_dense",
+       "jumprelu_dense_backward")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -161,6 +162,15 @@ def _register_fakes() -> None:
         def pick(want, t):
             return torch.empty_like(t) if want else y.new_empty(0)
         return pick(need_y, y), pick(need_base, base), pick(need_blocks, blocks)
+
+    @torch.library.register_fake("fastclt::jumprelu_dense")
+    def _(h, threshold, half_band):
+        return torch.empty_like(h), torch.empty_like(h, dtype=torch.bool), torch.empty_like(h, dtype=torch.uint8)
+
+    @torch.library.register_fake("fastclt::jumprelu_dense_backward")
+    def _(grad, code, threshold, bandwidth, need_h, need_threshold):
+        return (torch.empty_like(grad) if need_h else grad.new_empty(0),
+                torch.empty_like(threshold) if need_threshold else threshold.new_empty(0))
 
 
 _PY_KERNELS = []  # the torch.library.Library holding Python kernels (kept alive: dropping it deregisters them)

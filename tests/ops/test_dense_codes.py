@@ -22,7 +22,7 @@ from _util import assert_close
 from fastclt import ops
 from fastclt.codes import DenseCodes, SparseCodes
 from fastclt.ops import density
-from fastclt.ops.dense.encode import jumprelu_masked
+from fastclt.ops.dense.encode import _JumpReLUMasked, jumprelu_masked
 from fastclt.ops.reference.activation import band_mask, jumprelu_dense
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -99,9 +99,13 @@ def test_dense_codes_bad_arguments(gen):
 
 
 # -------------------------------------------------------------------- the masked JumpReLU
+@pytest.mark.parametrize("impl", ["dispatch", "pytorch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,F", [(37, 101), (1, 1), (0, 7)])
-def test_masked_jumprelu_against_the_reference(gen, dtype, B, F):
+def test_masked_jumprelu_against_the_reference(gen, dtype, B, F, impl):
+    """Both the dispatching entry (the C++ kernels on the CPU for fp32/bf16 when built: their own
+    tests are tests/ops/test_jumprelu_dense_ext.py) and the PyTorch formulation."""
+    fn = jumprelu_masked if impl == "dispatch" else _JumpReLUMasked.apply
     eps = 0.05
     theta = (0.3 * torch.rand(F, generator=gen, dtype=torch.float64)).to(dtype)
     # values around θ: many inside the band, some exactly at θ (inactive), the rest far either side
@@ -112,7 +116,7 @@ def test_masked_jumprelu_against_the_reference(gen, dtype, B, F):
         h.view(-1)[:: 5] = theta.expand(B, F).reshape(-1)[:: 5]
     g = torch.randn(B, F, generator=gen, dtype=torch.float64).to(dtype)
     h1, t1 = h.clone().requires_grad_(), theta.clone().requires_grad_()
-    a, stored = jumprelu_masked(h1, t1, eps)
+    a, stored = fn(h1, t1, eps)
     (a * g).sum().backward()
     h2, t2 = h.clone().requires_grad_(), theta.clone().requires_grad_()
     a_ref = jumprelu_dense(h2, t2, eps)
