@@ -218,9 +218,13 @@ class _Run:
             return
         parts = ", ".join(f"{name} {_gib(b)}" for name, b in sorted(need.items(), key=lambda kv: -kv[1]))
         parts = f"per rank: {parts}" if per_host > 1 else parts
-        raise ConfigError(f"{_BLAME[max(need, key=need.get)]}: this run needs at least {_gib(total)} ({parts}) but "
+        largest = max(need, key=need.get)
+        moments = (", or keep Adam's moments in bfloat16 (train.optimizer_moments bfloat16)"
+                   if largest == "model, gradients and Adam state" and self.cfg.train.optimizer_moments == "float32"
+                   else "")
+        raise ConfigError(f"{_BLAME[largest]}: this run needs at least {_gib(total)} ({parts}) but "
                           f"{where} has {_gib(have)} available; lower model.n_features, train.batch_size or "
-                          f"train.init_samples, or shard the features over more ranks (train.tp)")
+                          f"train.init_samples, or shard the features over more ranks (train.tp){moments}")
 
     def _open_source(self) -> None:
         cfg = self.cfg
@@ -276,12 +280,18 @@ class _Run:
         self.sharded = [p for n, p in params if lay.tp > 1 and self.axes.get(n) is not None]
         self.replicated = [p for n, p in params if not (lay.tp > 1 and self.axes.get(n) is not None)]
         # fused Adam on CUDA and on the CPU (one pass over each parameter: ~20× faster than the
-        # default foreach path on a CPU); the default where this torch has no fused kernel for it
+        # default foreach path on a CPU); the default where this torch has no fused kernel for it.
+        # train.optimizer_moments bfloat16: fastclt's Adam with bf16 moments (torch's fused kernel
+        # keeps them in the parameters' dtype), rounded stochastically with the same seed on every rank
         kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
-        try:
-            self.opt = torch.optim.Adam(self.params, fused=True, **kw)
-        except (RuntimeError, ValueError, TypeError):
-            self.opt = torch.optim.Adam(self.params, **kw)
+        if t.optimizer_moments == "bfloat16":
+            from fastclt.training.optim import Adam
+            self.opt = Adam(self.params, moment_dtype=torch.bfloat16, rounding="stochastic", seed=t.seed, **kw)
+        else:
+            try:
+                self.opt = torch.optim.Adam(self.params, fused=True, **kw)
+            except (RuntimeError, ValueError, TypeError):
+                self.opt = torch.optim.Adam(self.params, **kw)
         self.since_fired = torch.zeros(self.model.n_layers, self.model.cfg.n_features, dtype=torch.int64,
                                        device=self.device)
         if self.e2e:
@@ -645,7 +655,8 @@ def _memory_needed(cfg: RunConfig, mcfg, cls, layout: Layout, device: torch.devi
     """A lower bound of what one rank holds at once, in bytes by part: the larger of the start (the
     full model, its shard under tp, the initialisation sample) and training (parameters, gradients,
     Adam state, the micro-batches in flight, one layer's dense pre-activations where they exist).
-    Parameter sizes come from models built on the meta device (no memory)."""
+    Parameter sizes come from models built on the meta device (no memory). Adam's two moments take
+    the parameters' dtype (torch's Adam), or 2 bytes an entry with train.optimizer_moments bfloat16."""
     t = cfg.train
     with torch.device("meta"):
         full = cls(mcfg)
@@ -658,7 +669,10 @@ def _memory_needed(cfg: RunConfig, mcfg, cls, layout: Layout, device: torch.devi
     n_init = -(-t.init_samples // t.batch_size) * t.batch_size
     start = {"the full model and its shard": size(full) + (size(local) if layout.tp > 1 else 0),
              "initialisation sample": 2 * n_init * width}
-    training = {"model, gradients and Adam state": size(local) + 3 * size(local, params_only=True),
+    params = size(local, params_only=True)
+    moments = (2 * 2 * sum(p.numel() for p in local.parameters()) if t.optimizer_moments == "bfloat16"
+               else 2 * params)
+    training = {"model, gradients and Adam state": size(local) + params + moments,
                 "micro-batches in flight": (cfg.data.prefetch + 2) * t.batch_size * width,
                 "dense pre-activations": 0}
     # one layer's [B, F/tp] pre-activations exist on the CPU path, under tp and for the JumpReLU

@@ -189,8 +189,13 @@ def load_checkpoint(folder: Path, layout, fingerprint: dict, device, resolve: bo
     diff = sorted(k for k in set(fingerprint) | set(theirs) if fingerprint.get(k) != theirs.get(k))
     if diff:
         shown = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {fingerprint.get(k)!r}" for k in diff[:6])
-        raise ConfigMismatch(f"checkpoint {folder}: its configuration does not match this run ({shown}); use another "
-                             f"out_dir (or delete its checkpoints/ folder to start over)")
+        hint = ""
+        if "train.optimizer_moments" in diff:
+            hint = (f"; its Adam moments are stored in {theirs.get('train.optimizer_moments')} and are resumed as "
+                    f"they are (exactly), not converted: rerun with --train.optimizer_moments "
+                    f"{theirs.get('train.optimizer_moments')} to resume it")
+        raise ConfigMismatch(f"checkpoint {folder}: its configuration does not match this run ({shown}){hint}; use "
+                             f"another out_dir (or delete its checkpoints/ folder to start over)")
     weights = folder / f"{name}.safetensors"
     if not isinstance(info.get("sha256"), str):
         raise CheckpointError(f"checkpoint {folder / name}.json: records no SHA-256 of {weights.name}")
@@ -214,16 +219,29 @@ def load_checkpoint(folder: Path, layout, fingerprint: dict, device, resolve: bo
 
 
 def restore(tensors: dict, model, optimizer, param_names: list, device) -> dict:
-    """Load model, optimizer and RNG state from a rank's tensors; return the train/* extras."""
-    model.load_checked_state({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model/")},
-                             source="checkpoint")
+    """Load model, optimizer and RNG state from a rank's tensors; return the train/* extras.
+
+    Adam's moments must be stored in the dtype this run keeps them in (``optimizer.moment_dtype`` of
+    fastclt.training.optim.Adam, the parameter's dtype for torch's Adam): moments of another dtype
+    (train.optimizer_moments changed) are refused with ConfigMismatch, never cast."""
     sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state = {}
     for i, name in enumerate(param_names):
         prefix = f"optim/{name}/"
         entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        want = getattr(optimizer, "moment_dtype", params[i].dtype)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in entry and entry[key].dtype != want:
+                stored = str(entry[key].dtype).replace("torch.", "")
+                raise ConfigMismatch(f"checkpoint: the Adam moments of {name} ({key}) are stored in {stored}, but "
+                                     f"this run keeps them in {str(want).replace('torch.', '')} "
+                                     f"(train.optimizer_moments); resume with the setting the checkpoint was written "
+                                     f"with (moments are resumed exactly, not converted)")
         if entry:
             state[i] = {k: (v if k == "step" else v.to(device)) for k, v in entry.items()}
+    model.load_checked_state({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model/")},
+                             source="checkpoint")
     sd["state"] = state
     optimizer.load_state_dict(sd)
     torch.set_rng_state(tensors["rng/cpu"])

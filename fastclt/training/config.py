@@ -168,6 +168,10 @@ class TrainSection:
     """Adam β2"""
     adam_eps: float = 1e-8
     """Adam ε"""
+    optimizer_moments: str = "float32"
+    """dtype of Adam's two moments: float32 (torch's fused Adam; its moments take the parameters' dtype) |
+    bfloat16 (fastclt.training.optim.Adam: half the optimizer's memory, the update computed in fp32, the
+    moments stored with seeded stochastic rounding). Fixed for a run: a checkpoint resumes with its own"""
     clip_grad: float = 1.0
     """max global gradient norm (0: off)"""
     sparsity_warmup_steps: int = 200
@@ -608,7 +612,7 @@ def validate(cfg: RunConfig) -> None:
         if not 0 < t.init_fire_rate < 1:
             raise ConfigError(f"train.init_fire_rate: expected a fraction in (0, 1), got {t.init_fire_rate}")
     for key, options in (("lr_decay", ("cosine", "linear", "none")), ("device", ("auto", "cpu", "cuda")),
-                         ("autocast", ("auto", "bf16", "none")),
+                         ("autocast", ("auto", "bf16", "none")), ("optimizer_moments", ("float32", "bfloat16")),
                          ("impl", ("auto", "cuda", "triton", "cpu", "reference"))):
         if getattr(t, key) not in options:
             raise ConfigError(f"train.{key}: expected one of {options}, got {getattr(t, key)!r}")
