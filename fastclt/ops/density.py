@@ -41,13 +41,14 @@ ENV = "FASTCLT_DENSE_CROSSOVER"
 OPS = ("sparse_decode", "clt_decode", "encode_backward", "codes")
 
 # Crossover densities per (device type, dtype): at or above them the dense formulation runs.
-# CPU fp32: measured on 2 cores of an idle Intel Xeon VM, torch 2.13, commit 9384993, by
+# CPU fp32: measured on 2 cores of an idle Intel Xeon VM, torch 2.13, commit dd9dfe1, by
 # `python -m benchmarks.run --suite density --shapes density-cpu --quick --calibrate` (the sweep is in
-# benchmarks/results/cpu-intel-xeon-2c-density/; an earlier sweep on a heavily loaded AMD EPYC VM,
+# benchmarks/results/cpu-intel-xeon-2c-density/; a sweep at 9384993, before the fused C++ dense
+# JumpReLU, gave 0.15, 0.14, 0.11 and codes 0.19; an earlier one on a heavily loaded AMD EPYC VM,
 # benchmarks/results/cpu-amd-epyc-2c-density/, put the three op crossovers at 0.33, 0.29, 0.15).
 # CPU bf16 and CUDA: not measured yet — estimates (dense GEMMs on tensor cores win earlier);
 # gpu_check.sh's bench-density stage measures the CUDA ones.
-_CPU = {"sparse_decode": 0.15, "clt_decode": 0.14, "encode_backward": 0.11, "codes": 0.19}
+_CPU = {"sparse_decode": 0.14, "clt_decode": 0.12, "encode_backward": 0.09, "codes": 0.13}
 DEFAULTS: dict = {
     ("cpu", torch.float32): dict(_CPU),
     ("cpu", torch.bfloat16): dict(_CPU),
