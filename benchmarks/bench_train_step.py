@@ -229,8 +229,45 @@ def _make_sparsify(s: Shape, device: torch.device) -> Callable[[int], Callable[[
     return make
 
 
+def _make_clc(s: Shape, device: torch.device, tying: str) -> Callable[[int], Callable[[], None]]:
+    """crosslayer-coding's BatchTopK CLT (k per token, the tying ``tying``) on the same shape and data,
+    stepped as its trainer steps: ``get_feature_activations``, ``LossManager.compute_total_loss`` with
+    them precomputed (reconstruction only: no sparsity, pre-activation or auxiliary terms), backward,
+    the same fused Adam."""
+    def make(seed: int):
+        from clt.config import CLTConfig, TrainingConfig
+        from clt.models.clt import CrossLayerTranscoder
+        from clt.training.losses import LossManager
+        torch.manual_seed(seed)
+        L = s.L
+        pcfg = CLTConfig(num_features=s.F, num_layers=L, d_model=s.d, activation_fn="batchtopk", batchtopk_k=s.k,
+                         decoder_tying=tying, clt_dtype="float32")
+        peer = CrossLayerTranscoder(pcfg, process_group=None, device=device)
+        tcfg = TrainingConfig(learning_rate=1e-4, training_steps=1000, normalization_method="none",
+                              sparsity_lambda=0.0, preactivation_coef=0.0,
+                              activation_path="unused: activations are passed in")
+        lm = LossManager(tcfg, clt_config=pcfg)
+        opt = _adam(peer.parameters())
+        g = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(s.B, L, s.d, generator=g, device=device)
+        y = 0.5 * x + torch.randn(s.B, L, s.d, generator=g, device=device)
+        inputs = {l: x[:, l] for l in range(L)}
+        targets = {l: y[:, l] for l in range(L)}
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            acts = peer.get_feature_activations(inputs)
+            loss, _ = lm.compute_total_loss(peer, inputs, targets, 500, 1000, precomputed_activations=acts)
+            loss.backward()
+            opt.step()
+            peer.decoder_module._cached_decoder_norms = None  # as its trainer does after each step
+        return step
+    return make
+
+
 def train_cases(shape: Shape, device: torch.device, *, priority_of: Callable[..., int] = lambda *a: 1) -> list[Case]:
-    """One case per (model variant, impl) of the shape, plus eai-sparsify beside the TopK SAE."""
+    """One case per (model variant, impl) of the shape, plus eai-sparsify beside the TopK SAE and
+    crosslayer-coding beside the BatchTopK CLTs of a CPU CLT shape."""
     s = shape
     dname = "bf16-autocast" if device.type == "cuda" else "fp32"
     e = 2 if device.type == "cuda" else 4
@@ -266,5 +303,13 @@ def train_cases(shape: Shape, device: torch.device, *, priority_of: Callable[...
                               need_bytes=16 * P_sp + 16 * s.B * s.F, rotate=False,
                               make=None if why else _make_sparsify(s, device), skip=why,
                               note="" if why else "SparseCoder(num_latents=F, k) and loss = fvu",
+                              priority=priority_of("train_step", variant, "", s.name)))
+        if family == "clt" and act == "batchtopk" and not prefixes and s.name == "cpu-clt":
+            from benchmarks.bench_density import PEER, peer_available
+            why = peer_available()
+            cases.append(Case(suite="train", op="train_step", variant=variant, mode="fwd+bwd+adam", shape=s.name,
+                              impl=PEER, dtype=dname, flops=flops, bytes=byts, need_bytes=need, rotate=False,
+                              make=None if why else _make_clc(s, device, tying), skip=why,
+                              note="" if why else "its BatchTopK CLT and LossManager (reconstruction only)",
                               priority=priority_of("train_step", variant, "", s.name)))
     return cases

@@ -133,6 +133,24 @@ def _cpu_step_vs_sparsify(target: float) -> Callable:
     return f
 
 
+def _cpu_clt_vs_clc(target: float) -> Callable:
+    """The auto BatchTopK CLT step of every tying at cpu-clt is ≥ ``target`` × faster than
+    crosslayer-coding's (the train suite's rows)."""
+    def f(rows, meta) -> Result:
+        parts, ok = [], True
+        for tying in ("none", "per_source", "per_target"):
+            v = f"clt-{tying}-batchtopk"
+            a = _one(rows, suite="train", variant=v, shape="cpu-clt", impl="auto")
+            p = _one(rows, suite="train", variant=v, shape="cpu-clt", impl="crosslayer-coding")
+            if a is None or p is None:
+                return None, None, _missing((a, f"auto {v} train step"), (p, f"crosslayer-coding {v} train step"))
+            r = p["median_ms"] / a["median_ms"]
+            ok = ok and r >= target
+            parts.append(f"{tying} {r:.1f}× ({a['median_ms']:.4g} vs {p['median_ms']:.4g} ms)")
+        return "; ".join(parts), ok, ""
+    return f
+
+
 def _step_ratio(variant: str, base: str, shape: str, target: float) -> Callable:
     """The ``auto`` training step of ``variant`` costs at most ``target`` × that of ``base``."""
     def f(rows, meta) -> Result:
@@ -283,6 +301,8 @@ GOALS = [
          _cpu_step_vs_sparsify(2.5)),
     Goal("CLT BatchTopK step vs its floor (encoder GEMMs + Adam), every tying", "cpu", "cpu-clt", "≤ 1.5× the floor",
          _step_vs_floor(tuple(f"clt-{t}-batchtopk" for t in ("none", "per_source", "per_target")), "cpu-clt", 1.5)),
+    Goal("CLT BatchTopK step vs crosslayer-coding, every tying", "cpu", "cpu-clt", "≥ 12× crosslayer-coding",
+         _cpu_clt_vs_clc(12.0)),
     Goal("the default demo's trainer loop vs a bare eager loop", "cpu", "demo", "≤ 1× the bare loop per step",
          _loop_vs_bare),
     # Matryoshka (5 prefixes) and MOLT (d = 768, N = 32, 2% of the transforms open)
