@@ -27,6 +27,8 @@ from fastclt.ops.reference.activation import band_mask, jumprelu_dense
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# the dense form is plain PyTorch: the same tests on a GPU when there is one (never run on one yet)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 @pytest.fixture(autouse=True)
@@ -155,14 +157,15 @@ def _encode_inputs(gen, B, F, d, dtype):
     return [t.to(dtype) for t in (x, W, b, theta, pre)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["jumprelu", "relu"])
 @pytest.mark.parametrize("B,F,d", [(37, 101, 13), (5, 3, 1), (0, 9, 4)])
-def test_dense_encode_equals_the_reference(gen, dtype, activation, B, F, d):
+def test_dense_encode_equals_the_reference(gen, dtype, activation, B, F, d, device):
     """form="dense" against the reference encode: the same entries and values, and through an upstream
     gradient on every entry (band entries included) the same gradients to every input."""
-    inputs = _encode_inputs(gen, B, F, d, dtype)
-    up = torch.randn(B, F, generator=gen, dtype=torch.float64)
+    inputs = [t.to(device) for t in _encode_inputs(gen, B, F, d, dtype)]
+    up = torch.randn(B, F, generator=gen, dtype=torch.float64).to(device)
     results = []
     for form, impl in (("dense", "auto"), ("sparse", "reference")):
         leaves = [t.clone().requires_grad_() for t in inputs]
@@ -173,7 +176,7 @@ def test_dense_encode_equals_the_reference(gen, dtype, activation, B, F, d):
         dense = codes.dense if form == "dense" else codes.to_dense(F)
         (dense.double() * up).sum().backward()
         mask = codes.stored if form == "dense" else codes.to_dense(F).ne(0) | (
-            torch.zeros(B * F, dtype=torch.bool).index_fill_(0, codes.flat_index(F), True).view(B, F))
+            torch.zeros(B * F, dtype=torch.bool, device=device).index_fill_(0, codes.flat_index(F), True).view(B, F))
         results.append((dense.detach(), mask, h.detach(), [t.grad for t in leaves]))
     (dd, md, hd, gd), (ds, ms, hs, gs) = results
     assert torch.equal(md, ms), "stored entries"
@@ -201,12 +204,14 @@ def test_dense_encode_bad_arguments(gen):
 
 
 # ------------------------------------------------------------------- the dense sparsity penalty
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["tanh", "l1"])
-def test_dense_penalty_equals_the_reference(gen, dtype, kind):
+def test_dense_penalty_equals_the_reference(gen, dtype, kind, device):
     L, B, F = 3, 17, 23
     codes = [_codes(gen, B, F) for _ in range(L)]
-    norms = (torch.rand(L, F, generator=gen, dtype=torch.float64) + 0.5)
+    codes = [DenseCodes(c.dense.detach().to(device), c.stored.to(device)) for c in codes]
+    norms = (torch.rand(L, F, generator=gen, dtype=torch.float64) + 0.5).to(device)
     out = []
     for dense in (True, False):
         vals = [c.dense.detach().to(dtype).requires_grad_() for c in codes]
@@ -234,9 +239,10 @@ def _jumprelu_clt(**kw):
     return fastclt.CrossLayerTranscoder(fastclt.CLTConfig(**cfg))
 
 
-def test_the_model_holds_codes_dense_after_a_dense_batch(gen):
-    m = _jumprelu_clt()
-    x, y = torch.randn(16, 2, 8, generator=gen), torch.randn(16, 2, 8, generator=gen)
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_model_holds_codes_dense_after_a_dense_batch(gen, device):
+    m = _jumprelu_clt().to(device)
+    x, y = torch.randn(16, 2, 8, generator=gen).to(device), torch.randn(16, 2, 8, generator=gen).to(device)
     with density.crossover(0.2, "codes"):
         first = m.loss(x, y)  # no history: CSR
         d1 = m._last_density
