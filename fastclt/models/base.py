@@ -199,14 +199,19 @@ class SparseDictionary(nn.Module):
         if policy == "ignore":
             return None
         good = None
-        seen = []
+        seen, seen_names = [], []
         for t, name in zip(tensors, names):
-            if any(t is u for u in seen):  # (an SAE's y is its x)
-                continue
-            seen.append(t)
-            # one reduction decides the common case: a NaN or Inf anywhere makes the sum non-finite
-            # (finite values whose sum overflows only send it to the exact row check below)
-            if bool(torch.isfinite(t.sum())):
+            if not any(t is u for u in seen):  # (an SAE's y is its x)
+                seen.append(t)
+                seen_names.append(name)
+        # one reduction per tensor and one device sync for all decide the common case: a NaN or Inf
+        # anywhere makes a sum non-finite (finite values whose sum overflows only send it to the exact
+        # row check below)
+        sums = torch.stack([t.sum().float() for t in seen])
+        if bool(torch.isfinite(sums).all()):
+            return None
+        for t, name, s in zip(seen, seen_names, sums.tolist()):
+            if math.isfinite(s):
                 continue
             row_ok = torch.isfinite(t).flatten(1).all(1)
             if policy == "error" or not allow_skip:
