@@ -415,7 +415,8 @@ def adaptive_gaps(rows: list[dict], shape: str) -> list[tuple]:
 
 
 def write_density_plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """density_<shape>.png: median time against ρ (log-log), one panel per op, one line per mode."""
+    """density_<shape>.png: median time against ρ (log-log), one panel per op, one line per mode (the
+    train steps' ``csr`` line: CSR codes into the adaptive ops)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -432,7 +433,7 @@ def write_density_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
         for ax, (op, prefix) in zip(axes[0], panels):
             ser = _series(rows, shape, op, prefix)
-            for mode, style in (("sparse", "o-"), ("dense", "s-"), ("adaptive", "^--")):
+            for mode, style in (("sparse", "o-"), ("dense", "s-"), ("adaptive", "^--"), ("csr", "d:")):
                 pts = sorted(ser.get(mode, {}).items())
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mode)
