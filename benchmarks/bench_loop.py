@@ -4,7 +4,12 @@
                 F = 128 per layer, k = 4, B = 512, synthetic activations, AuxK, gradient clipping,
                 a metrics line every step), except the output folder (a temporary one), no
                 progress bar and no checkpoint within the timed steps: one call is one turn of the
-                trainer's own loop (``_Run._advance``: data, step, metrics line)
+                trainer's own loop (``_Run._advance``: data, step, metrics line). Timed from its
+                first steps, before any feature has been silent for ``train.dead_tokens`` tokens
+    trainer-auxk
+                the same trainer, first run until some feature is dead (about 800 steps at the
+                demo's defaults), so that every timed step also computes AuxK — the state of most
+                of a long run's steps
     bare-eager  the same model written as a plain PyTorch loop on data already in memory: encoder
                 GEMM, ``torch.topk`` of the flattened pre-activations per layer (BatchTopK), ReLU,
                 dense decode through every (source, target ≥ source) matrix, summed MSE,
@@ -28,10 +33,11 @@ from benchmarks.shapes import Shape
 
 __all__ = ["loop_cases", "LOOP_IMPLS"]
 
-LOOP_IMPLS = ("fastclt-trainer", "bare-eager")
+LOOP_IMPLS = ("fastclt-trainer", "fastclt-trainer-auxk", "bare-eager")
+MAX_STEPS_TO_DEAD = 6000  # trainer-auxk: the steps it may run to reach a dead feature
 
 
-def _trainer_step(s: Shape, device: torch.device) -> Callable[[int], Callable[[], None]]:
+def _trainer_step(s: Shape, device: torch.device, auxk: bool = False) -> Callable[[int], Callable[[], None]]:
     def make(seed: int):
         from fastclt.train import _Run, _Signals
         from fastclt.training.config import load_config
@@ -55,6 +61,15 @@ def _trainer_step(s: Shape, device: torch.device) -> Callable[[int], Callable[[]
             stack.close()
             raise
         sig = _Signals()  # never entered: no handlers, the flag stays False
+        if auxk:
+            dead_tokens = run.cfg.train.dead_tokens
+            for _ in range(MAX_STEPS_TO_DEAD):
+                if bool((run.since_fired >= dead_tokens).any()):
+                    break
+                run._advance(sig)
+            else:
+                stack.close()
+                raise RuntimeError(f"trainer-auxk: no feature died within {MAX_STEPS_TO_DEAD} steps")
 
         def step():
             run._advance(sig)
@@ -101,8 +116,10 @@ def loop_cases(shape: Shape, device: torch.device, *, priority_of: Callable[...,
     """The two loop cases of a shape whose models include "loop" (the demo's shape)."""
     if "loop" not in shape.models:
         return []
-    makes = {"fastclt-trainer": _trainer_step, "bare-eager": _bare_step}
+    makes = {"fastclt-trainer": _trainer_step, "bare-eager": _bare_step,
+             "fastclt-trainer-auxk": lambda shape, device: _trainer_step(shape, device, auxk=True)}
     notes = {"fastclt-trainer": "the trainer's loop turn (_Run._advance), demo defaults, no progress bar",
+             "fastclt-trainer-auxk": "the same, timed once a feature is dead: every step computes AuxK",
              "bare-eager": "plain PyTorch loop on in-memory data, dense decode, fused Adam"}
     return [Case(suite="profile", op="trainer_loop", variant="demo-clt-none-batchtopk", mode="step", shape=shape.name,
                  impl=impl, make=makes[impl](shape, device), dtype="fp32", rotate=False, note=notes[impl],

@@ -109,7 +109,7 @@ def test_profile_rows(profile_run):
         assert step["floor_ms"] == pytest.approx(by["encoder_gemm"]["floor_ms"] + by["optimizer"]["floor_ms"])
         assert math.isfinite(step["median_ms"]) and step["median_ms"] > 0
     loops = {r["impl"]: r for r in rows if r["op"] == "trainer_loop"}
-    assert set(loops) == {"fastclt-trainer", "bare-eager"}
+    assert set(loops) == {"fastclt-trainer", "fastclt-trainer-auxk", "bare-eager"}
     assert all(r["median_ms"] > 0 for r in loops.values())
     md = (out / "results.md").read_text()
     assert "## profile — tiny" in md and "× floor" in md
@@ -143,7 +143,12 @@ def test_floor_and_loop_goals_on_given_rows():
     assert status(clt, name)["status"] == "not met"
     assert status(clt[:2], name)["status"].startswith("not yet measured (no profile step row of clt-per_target")
     name = "the default demo's trainer loop vs a bare eager loop"
-    loop = lambda t: [_row(op="trainer_loop", variant="demo-clt-none-batchtopk", mode="step", shape="demo",  # noqa: E731
-                           impl=i, median_ms=ms) for i, ms in (("fastclt-trainer", t), ("bare-eager", 10.0))]
-    assert status(loop(10.0), name)["status"] == "met"
+    loop = lambda t, a=None: [  # noqa: E731
+        _row(op="trainer_loop", variant="demo-clt-none-batchtopk", mode="step", shape="demo", impl=i, median_ms=ms)
+        for i, ms in (("fastclt-trainer", t), ("fastclt-trainer-auxk", a), ("bare-eager", 10.0)) if ms is not None]
+    assert status(loop(10.0), name)["status"] == "met"  # a run from before the AuxK case
+    assert "with AuxK active: not measured" in status(loop(10.0), name)["measured"]
     assert status(loop(10.5), name)["status"] == "not met"
+    assert status(loop(9.0, 10.0), name)["status"] == "met"
+    got = status(loop(9.0, 12.0), name)
+    assert got["status"] == "not met" and "with AuxK active 1.20×" in got["measured"]

@@ -45,10 +45,10 @@ class SyntheticActivations:
         """→ (x [B, L, d_in], y [B, L, d_out]) fp32 on the CPU (y is x for kind "sae")."""
         g = torch.Generator().manual_seed(((self.seed * 1_000_003 + dp_rank) * 1_000_000_007 + index) % (2 ** 62))
         B, L = batch_size, self.L
-        # one uniform u per (token, feature): active when u < p, and then u / p is itself uniform on
-        # [0, 1), independent of the event: the magnitude 0.5 + u / p needs no second draw
-        u = torch.rand(B, L, self.n_true, generator=g)
-        a = torch.where(u < self.p, 0.5 + u / self.p, 0.0)
+        a = torch.zeros(B * L * self.n_true)
+        where = self._active(a.numel(), g)
+        a[where] = 0.5 + torch.rand(where.numel(), generator=g)
+        a = a.view(B, L, self.n_true)
         x = torch.bmm(a.transpose(0, 1), self.E).transpose(0, 1)
         x = x + self.noise * torch.randn(x.shape, generator=g)
         if self.kind == "sae":
@@ -56,6 +56,26 @@ class SyntheticActivations:
         y = (a.reshape(B, L * self.n_true) @ self._U_all).view(B, L, self.d_out)  # Σ_{s≤t} a_s U_s[:, t−s]
         y = y + self.noise * torch.randn(y.shape, generator=g)
         return x, y
+
+    def _active(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """The active positions among n independent Bernoulli(p) trials, increasing (int64).
+
+        The gaps between successive successes are i.i.d. Geometric(p): G = ⌊log U / log(1 − p)⌋
+        failures before each success, U ~ Uniform(0, 1]. Drawing about n·p gaps (not n uniforms)
+        is what makes a batch cheap at the demo's p = 3/64; drawn in float64, so that the gap
+        distribution is exact to far below any sampling error."""
+        if self.p >= 1.0:
+            return torch.arange(n)
+        log_q = torch.log1p(torch.tensor(-self.p, dtype=torch.float64))
+        parts, end = [], -1  # end: the last position drawn so far
+        while end < n:
+            mean = (n - end) * self.p
+            u = 1.0 - torch.rand(int(mean + 6.0 * mean ** 0.5) + 16, generator=g, dtype=torch.float64)
+            pos = end + torch.cumsum(torch.floor(torch.log(u) / log_q).long() + 1, 0)
+            parts.append(pos)
+            end = int(pos[-1])
+        pos = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return pos[:int(torch.searchsorted(pos, n))]
 
     def true_decoder(self, s: int) -> torch.Tensor:
         """[n_true, L − s, d_out] planted decoder directions of source s (SAE: [n_true, 1, d_in])."""

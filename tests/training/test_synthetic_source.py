@@ -1,0 +1,89 @@
+"""The synthetic activations (fastclt/training/synthetic.py): a batch is a pure function of
+(seed, dp rank, index); features are active with probability p, independently, with magnitudes
+uniform on [0.5, 1.5); x and y come from the same activities (x = a E, y = a U without noise)."""
+import math
+
+import pytest
+import torch
+
+from fastclt.training.synthetic import SyntheticActivations
+
+
+def _gen(**kw):
+    args = dict(n_layers=3, d_in=24, d_out=20, n_true=16, true_l0=2.0, noise=0.0, seed=5)
+    args.update(kw)
+    return SyntheticActivations(**args)
+
+
+def test_batches_are_pure_functions_of_seed_rank_index():
+    s = _gen(noise=0.1)
+    x, y = s.batch(7, 33, dp_rank=1)
+    x2, y2 = _gen(noise=0.1).batch(7, 33, dp_rank=1)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert x.shape == (33, 3, 24) and y.shape == (33, 3, 20) and x.dtype == torch.float32
+    for other in (s.batch(8, 33, dp_rank=1), s.batch(7, 33, dp_rank=0), _gen(noise=0.1, seed=6).batch(7, 33, 1)):
+        assert not torch.equal(other[0], x)
+    assert torch.isfinite(x).all() and torch.isfinite(y).all()
+
+
+def _activities(s, x):
+    """Without noise x_l = a_l E_l with E_l [n_true, d_in] of full row rank: a by least squares."""
+    E = s.E  # [L, n_true, d_in]
+    a = torch.linalg.lstsq(E.transpose(1, 2).double(), x.transpose(0, 1).transpose(1, 2).double()).solution
+    return a.transpose(1, 2).transpose(0, 1)  # [B, L, n_true]
+
+
+def test_x_and_y_share_their_activities():
+    s = _gen()
+    x, y = s.batch(3, 257)
+    a = _activities(s, x)
+    # the activities are 0 or in [0.5, 1.5)
+    off = a.abs() < 1e-6
+    assert ((a[~off] >= 0.5 - 1e-6) & (a[~off] < 1.5 + 1e-6)).all()
+    y_want = (a.reshape(257, -1) @ s._U_all.double()).view_as(y)
+    torch.testing.assert_close(y.double(), y_want, rtol=1e-5, atol=1e-5)
+
+
+def test_activity_rate_and_magnitudes():
+    s = _gen(true_l0=3.0)
+    xs = [s.batch(i, 512)[0] for i in range(6)]
+    a = torch.cat([_activities(s, x) for x in xs])
+    on = a.abs() > 1e-6
+    n, p = on.numel(), s.p
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(on.sum().item() - n * p) < 5 * sd
+    # every feature of every layer is equally likely (no position is favoured by the sampler)
+    per = on.float().mean(0)  # [L, n_true]
+    assert (per - p).abs().max() < 6 * math.sqrt(p * (1 - p) / a.shape[0])
+    m = a[on]
+    assert abs(m.mean().item() - 1.0) < 5 * math.sqrt(1 / 12 / m.numel())
+    assert abs(m.var().item() - 1 / 12) < 0.01
+
+
+def test_noise_level():
+    s0, s1 = _gen(), _gen(noise=0.05)
+    x0, y0 = s0.batch(2, 300)
+    x1, y1 = s1.batch(2, 300)
+    # the same activities (same draws), plus Gaussian noise of the given std
+    for clean, noisy in ((x0, x1), (y0, y1)):
+        e = noisy - clean
+        assert abs(e.std().item() - 0.05) < 0.003 and abs(e.mean().item()) < 0.003
+
+
+@pytest.mark.parametrize("n,p", [(1, 0.5), (37, 0.3), (1000, 0.01), (50_000, 0.047), (20, 1.0)])
+def test_active_positions(n, p):
+    s = _gen(n_true=100, true_l0=100 * p)
+    g = torch.Generator().manual_seed(11)
+    counts = []
+    for _ in range(200 if n < 1000 else 20):
+        pos = s._active(n, g)
+        assert pos.dtype == torch.int64
+        if pos.numel():
+            assert pos.min() >= 0 and pos.max() < n
+            assert (pos.diff() > 0).all()  # increasing, so distinct
+        counts.append(pos.numel())
+    mean = sum(counts) / len(counts)
+    if p == 1.0:
+        assert counts == [n] * len(counts)
+    else:
+        assert abs(mean - n * p) < 5 * math.sqrt(n * p * (1 - p) / len(counts))
