@@ -308,8 +308,8 @@ GOALS = [
          _step_vs_floor(tuple(f"clt-{t}-batchtopk" for t in ("none", "per_source", "per_target")), "cpu-clt", 1.5)),
     Goal("CLT BatchTopK step vs crosslayer-coding, every tying", "cpu", "cpu-clt", "≥ 12× crosslayer-coding",
          _cpu_clt_vs_clc(12.0)),
-    Goal("the default demo's trainer loop vs a bare eager loop", "cpu", "demo", "≤ 1× the bare loop per step, with and without AuxK",
-         _loop_vs_bare),
+    Goal("the default demo's trainer loop vs a bare eager loop", "cpu", "demo",
+         "≤ 1× the bare loop per step, with and without AuxK", _loop_vs_bare),
     # Matryoshka (5 prefixes) and MOLT (d = 768, N = 32, 2% of the transforms open)
     Goal("Matryoshka (G = 5) SAE step vs the plain BatchTopK SAE step", "cuda", "sae-2304", "≤ 1.25× the plain step",
          _step_ratio("sae-batchtopk-matryoshka5", "sae-batchtopk", "sae-2304", 1.25)),

@@ -154,7 +154,7 @@ def test_select_backward(impl, device, op, dtype, poisoned):
     (8, 37, 5, "randn"), (16, 1001, 8, "randn"), (4, 37, 1, "randn"), (4, 37, 37, "randn"),
     (6, 40, 9, "ties"), (3, 16, 4, "equal"), (5, 23, 6, "negative"), (6, 45, 12, "inf"), (0, 37, 3, "randn"),
     (7, 50, 9, "negties"),
-    # k*B * 16 <= numel: the block-maximum bound and filter, blocks of 64 and smaller (csrc/cpu/select_cpu.cpp batch_topk)
+    # k*B * 16 <= numel: the block-maximum bound and filter, blocks of 64 and less (select_cpu.cpp)
     (8, 400, 3, "ties"), (6, 160, 1, "equal"), (9, 333, 2, "inf"), (7, 500, 4, "negties"),
     (10, 321, 3, "ascending"), (10, 321, 3, "descending"), (12, 250, 5, "hotrow"), (64, 2053, 32, "randn"),
     (4, 37, 12, "ties"), (5, 200, 20, "negties"),  # blocks of 1 and 2 entries
