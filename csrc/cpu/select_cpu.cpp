@@ -342,14 +342,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_compact_cpu(const at::
 }
 
 // The k-th largest of keys (1 <= k <= keys.size()), keys left as they are: the bin of the top 16
-// bits that holds it (one histogram), then nth_element among the keys of that bin. Up to 2^15
-// keys, nth_element on a copy: cheaper than a fresh 2^16-bin histogram (512 KiB to map and zero).
+// bits that holds it (one histogram), then nth_element among the keys of that bin.
 uint32_t kth_largest_key(const std::vector<uint32_t>& keys, int64_t k) {
-  if (keys.size() <= (size_t(1) << 15)) {
-    std::vector<uint32_t> copy(keys);
-    std::nth_element(copy.begin(), copy.begin() + (k - 1), copy.end(), std::greater<uint32_t>());
-    return copy[k - 1];
-  }
   std::vector<int64_t> hist(int64_t(1) << 16, 0);
   for (uint32_t key : keys) ++hist[key >> 16];
   int64_t above = 0, bin = (int64_t(1) << 16) - 1;
