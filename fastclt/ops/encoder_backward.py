@@ -85,21 +85,21 @@ class _SparseEncodeValue(torch.autograd.Function):
     """values = act(h) at fixed entries (row, col); the backward is the sparse encoder backward."""
 
     @staticmethod
-    def forward(ctx, x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth, kernels):
+    def forward(ctx, x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth, kernels, centered):
         if act == "jumprelu":
             value = torch.where(h > threshold.float().index_select(0, col), h, 0.0)
         elif act == "relu":
             value = h
         else:  # topk / batchtopk: ReLU applied to the kept values
             value = torch.relu(h)
-        ctx.save_for_backward(x, W, threshold, pre_bias, row_ptr, row, col, h)
+        ctx.save_for_backward(x, W, threshold, pre_bias, row_ptr, row, col, h, centered)
         ctx.act, ctx.bandwidth, ctx.kernels = act, bandwidth, kernels
         ctx.b_dtype = None if b is None else b.dtype
         return value.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dvalue):
-        x, W, threshold, pre_bias, row_ptr, row, col, h = ctx.saved_tensors
+        x, W, threshold, pre_bias, row_ptr, row, col, h, centered = ctx.saved_tensors
         need_x, need_W, need_b, need_t, need_p = ctx.needs_input_grad[:5]
         kern: SparseKernels = ctx.kernels
         F, B = W.shape[0], x.shape[0]
@@ -149,24 +149,32 @@ class _SparseEncodeValue(torch.autograd.Function):
             if need_x:
                 dx = (dH @ W.detach().to(gemm)).to(x.dtype)
             if need_W:
-                G = x.detach() if pre_bias is None else x.detach() - pre_bias.detach().to(x.dtype)
+                G = x.detach() if pre_bias is None else \
+                    centered if centered is not None else x.detach() - pre_bias.detach().to(x.dtype)
                 dW = (dH.t() @ G.to(gemm)).to(W.dtype)
-            return dx, dW, db, dt, dp, None, None, None, None, None, None, None
+            return dx, dW, db, dt, dp, None, None, None, None, None, None, None, None
         if need_x:
             dx = kern.gather(row_ptr, col, dh, W, x.dtype)
         if need_W:
-            G = x if pre_bias is None else x.float() - pre_bias.float()
+            G = x if pre_bias is None else centered if centered is not None else x.float() - pre_bias.float()
             G = G if G.stride(-1) == 1 else G.contiguous()
             dW = kern.feature_scatter(col, row, row_ptr, dh, G, F, seg).to(W.dtype)
-        return dx, dW, db, dt, dp, None, None, None, None, None, None, None
+        return dx, dW, db, dt, dp, None, None, None, None, None, None, None, None
 
 
 def encode_codes(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], threshold: Optional[torch.Tensor],
                  pre_bias: Optional[torch.Tensor], row_ptr: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
                  h: torch.Tensor, act: str, bandwidth: float, kernels: SparseKernels,
-                 k: Optional[int] = None) -> SparseCodes:
+                 k: Optional[int] = None, centered: Optional[torch.Tensor] = None) -> SparseCodes:
     """The pattern (row_ptr [B+1] int64, row int64 [nnz], col int32 [nnz], h fp32 [nnz]; sorted by
     (row, col)) of ``act(W (x − pre_bias) + b)`` → SparseCodes over W's F features, values in x's
-    dtype and differentiable through ``kernels`` (see the module docstring). k: fixed row length."""
-    value = _SparseEncodeValue.apply(x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth, kernels)
+    dtype and differentiable through ``kernels`` (see the module docstring). k: fixed row length.
+    ``centered``: x − pre_bias as the encode computed it (fp32 x only: then the same numbers as the
+    backward's own), kept for dW_enc instead of a second subtraction."""
+    if centered is not None and (pre_bias is None or x.dtype != torch.float32 or centered.dtype != torch.float32
+                                 or centered.shape != x.shape):
+        raise ValueError(f"centered: expected fp32 x − pre_bias of x's shape {tuple(x.shape)} with a pre_bias and "
+                         f"fp32 x, got {tuple(centered.shape)} {centered.dtype} for x {x.dtype}")
+    value = _SparseEncodeValue.apply(x, W, b, threshold, pre_bias, row_ptr, row, col, h, act, bandwidth, kernels,
+                                     None if centered is None else centered.detach())
     return SparseCodes(row_ptr, col, value, W.shape[0], k)

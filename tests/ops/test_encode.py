@@ -15,7 +15,7 @@ from _encode_cases import (check_bf16_vs_fp64, check_csr, check_deterministic, c
 from _encode_cases import assert_close as assert_close_named
 from _impls import GPU, impl_params
 from _util import assert_close
-from fastclt import ops
+from fastclt import _ext, ops
 from fastclt.ops.reference.encode import encode as ref_encode
 from fastclt.ops.reference.encode import encode_layers as ref_encode_layers
 from fastclt.ops.reference.select import batch_topk_layers
@@ -285,3 +285,38 @@ def test_encode_layers_equals_the_stacked_selection(impl, device):
         assert_close_named(f"layer {l} codes", tc[l].to_dense(F), rc[l].to_dense(F), 1e-5)
     for name, a, r in zip(("x", "W_enc", "b_enc"), tg, rg):
         assert_close_named(f"d{name}", a, r, 1e-4)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_encode_codes_centered_input_gives_the_same_gradients(dense):
+    """encode_codes with ``centered`` (x − pre_bias kept from the forward, fp32) gives bit-for-bit the
+    gradients of its own subtraction, on the sparse and the dense encoder backward; a centered
+    tensor that does not fit is refused by name."""
+    from fastclt.ops import density
+    from fastclt.ops.encoder_backward import encode_codes
+    from fastclt.ops.ext._common import EXT_KERNELS
+    from fastclt.ops.reference.select import topk
+    if not _ext.has_cpu_ext():
+        pytest.skip(_ext.missing_message("cpu"))
+    g = torch.Generator().manual_seed(31)
+    B, d, F, k = 13, 19, 41, 5
+    x = torch.randn(B, d, generator=g)
+    W = torch.randn(F, d, generator=g, requires_grad=True)
+    b = torch.randn(F, generator=g, requires_grad=True)
+    p = torch.randn(d, generator=g, requires_grad=True)
+    xc = x - p.detach()
+    c = topk(torch.nn.functional.linear(xc, W.detach(), b.detach()), k)
+    row = c.row_ids()
+    h_e = torch.nn.functional.linear(xc, W.detach(), b.detach())[row, c.index.long()]
+    up = torch.randn(c.nnz, generator=g)
+    grads = []
+    with density.crossover("always" if dense else "never", "encode_backward"):
+        for centered in (None, xc):
+            out = encode_codes(x, W, b, None, p, c.row_ptr, row, c.index, h_e, "topk", 0.01, EXT_KERNELS, k, centered)
+            grads.append(torch.autograd.grad((out.value * up).sum(), (W, b, p)))
+    for a, b_ in zip(*grads):
+        assert torch.equal(a, b_)
+    with pytest.raises(ValueError, match="centered: expected fp32"):
+        encode_codes(x, W, b, None, p, c.row_ptr, row, c.index, h_e, "topk", 0.01, EXT_KERNELS, k, xc[:, :-1])
+    with pytest.raises(ValueError, match="centered: expected fp32"):
+        encode_codes(x, W, b, None, None, c.row_ptr, row, c.index, h_e, "topk", 0.01, EXT_KERNELS, k, xc)

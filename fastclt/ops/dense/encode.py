@@ -46,10 +46,13 @@ class _JumpReLUMasked(torch.autograd.Function):
         ctx.save_for_backward(active, band, theta)
         ctx.eps = eps
         ctx.mark_non_differentiable(stored)
+        ctx.set_materialize_grads(False)  # no zero-filled [B, F] gradient for the mask
         return h * active, stored
 
     @staticmethod
     def backward(ctx, g, _):
+        if g is None:
+            return None, None, None
         active, band, theta = ctx.saved_tensors
         dh = dtheta = None
         if ctx.needs_input_grad[0]:

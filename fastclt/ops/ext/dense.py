@@ -44,6 +44,7 @@ class _JumpReLUMasked(torch.autograd.Function):
         ctx.bandwidth = bandwidth
         ctx.threshold_dtype = threshold.dtype
         ctx.mark_non_differentiable(stored)
+        ctx.set_materialize_grads(False)  # no zero-filled [B, F] gradient for the mask
         return value, stored
 
     @staticmethod
@@ -51,7 +52,7 @@ class _JumpReLUMasked(torch.autograd.Function):
     def backward(ctx, g, _):
         code, theta = ctx.saved_tensors
         need_h, need_threshold = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_h or need_threshold):
+        if not (need_h or need_threshold) or g is None:
             return None, None, None
         dh, dtheta = ops().jumprelu_dense_backward(g.contiguous(), code, theta, ctx.bandwidth, need_h,
                                                    need_threshold)

@@ -66,9 +66,15 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
         # into the select (fastclt::topk_bias); elsewhere the GEMM adds it
         fold = (activation == "topk" and shards is None and x.device.type == "cpu" and x.dtype == torch.float32
                 and b_enc is not None and b_enc.dtype == torch.float32)
+        centered = None
         with phase("encoder_gemm"):
-            h = preacts(x.detach(), W_enc.detach(), None if b_enc is None or fold else b_enc.detach(),
-                        None if pre_bias is None else pre_bias.detach(), out=h_out(x, x.shape[0], W_enc.shape[0]))
+            # x − pre_bias once, for the GEMM and (fp32: the same numbers) for dW_enc in the backward
+            if pre_bias is not None and x.dtype == torch.float32:
+                centered = x.detach() - pre_bias.detach().to(x.dtype)
+            h = preacts(x.detach() if centered is None else centered, W_enc.detach(),
+                        None if b_enc is None or fold else b_enc.detach(),
+                        None if pre_bias is None or centered is not None else pre_bias.detach(),
+                        out=h_out(x, x.shape[0], W_enc.shape[0]))
         if fold:
             index, value = ops().topk_bias(h, b_enc.detach().contiguous(), k)
             c = SparseCodes.from_topk(index, value, h.shape[1])
@@ -78,7 +84,7 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
                                               bandwidth, shards)
         del h
     return encode_codes(x, W_enc, b_enc, threshold, pre_bias, row_ptr, row, col, h_e, activation, bandwidth,
-                        EXT_KERNELS, k if activation == "topk" and shards is None else None)
+                        EXT_KERNELS, k if activation == "topk" and shards is None else None, centered)
 
 
 def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], k: int,

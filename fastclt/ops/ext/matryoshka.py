@@ -25,6 +25,7 @@ class _PrefixErrors(torch.autograd.Function):
         sq, y_hat = ops().prefix_errors_forward(y, base, blocks)
         ctx.save_for_backward(y, base, blocks)
         ctx.mark_non_differentiable(y_hat)
+        ctx.set_materialize_grads(False)  # no zero-filled [B, ..., d] gradient for ŷ
         return sq, y_hat
 
     @staticmethod
@@ -32,7 +33,7 @@ class _PrefixErrors(torch.autograd.Function):
     def backward(ctx, dsq, _):
         y, base, blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if not any(need):
+        if not any(need) or dsq is None:
             return None, None, None
         dy, dbase, dblocks = ops().prefix_errors_backward(y, base, blocks, dsq.float().contiguous(), need[0], need[1],
                                                           need[2])

@@ -33,11 +33,14 @@ class _TopK(torch.autograd.Function):
         ctx.save_for_backward(index, value)
         ctx.n_features = h.shape[1]
         ctx.mark_non_differentiable(index)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the indices
         return index, value
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_index, grad_value):
+        if grad_value is None:
+            return None, None
         index, value = ctx.saved_tensors
         # value = relu(h) at kept entries: the gradient passes where h > 0, i.e. where value > 0.
         grad_h = grad_value.new_zeros(index.shape[0], ctx.n_features)
@@ -142,11 +145,14 @@ class _BatchTopK(torch.autograd.Function):
         ctx.save_for_backward(row_ptr, index, value)
         ctx.shape = h.shape
         ctx.mark_non_differentiable(row_ptr, index)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for row_ptr and index
         return row_ptr, index, value
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_row_ptr, grad_index, grad_value):
+        if grad_value is None:
+            return None, None
         row_ptr, index, value = ctx.saved_tensors
         n_features = ctx.shape[-1]
         flat = SparseCodes.rows_of(row_ptr, index.shape[0]) * n_features + index.long()

@@ -38,11 +38,14 @@ class _PrefixErrors(torch.autograd.Function):
         ctx.save_for_backward(y, base, blocks)
         y_hat = y.to(acc) - e
         ctx.mark_non_differentiable(y_hat)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for ŷ
         return torch.stack(sq), y_hat.to(blocks.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dsq, _):
+        if dsq is None:
+            return None, None, None
         y, base, blocks = ctx.saved_tensors
         acc = acc_dtype(y.dtype)
         e = y.to(acc) - base.to(acc) - blocks.sum(0, dtype=acc)  # the last prefix's error
