@@ -516,8 +516,10 @@ class SparseDictionary(nn.Module):
         pre_bias = None if pre_bias is None else pre_bias.detach().to(cdt)
         k_aux = self.cfg.effective_k_aux
         group = None if tp is None else tp.process_group
-        aux_codes = [ops.auxk_select(xn[:, l].to(cdt), W_enc[l].to(cdt), b_enc[l].to(cdt), dead[l], k_aux, pre_bias,
-                                     group=group, impl=self.impl) for l in range(self.n_layers)]
+        # layer views by unbind: W_enc[l] would backpropagate a zero-filled [L, F, d_in] per layer
+        aux_codes = [ops.auxk_select(x_l.to(cdt), W_l.to(cdt), b_l.to(cdt), dead_l, k_aux, pre_bias, group=group,
+                                     impl=self.impl)
+                     for x_l, W_l, b_l, dead_l in zip(xn.unbind(1), W_enc.unbind(0), b_enc.unbind(0), dead.unbind(0))]
         e_hat = self._decode_n(aux_codes, xn, bias=False)  # xn: a MOLT's transforms read it
         residual = (yn - y_hat).detach()
         return ops.auxk_loss(e_hat, residual, yn, n_dead / self.n_layers, k_aux)

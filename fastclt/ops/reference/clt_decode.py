@@ -60,8 +60,9 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
     affine = feature_offset is not None or feature_scale is not None
     if tying == "none":
         d_out = W_dec[0].shape[-1]
-        parts = [decode(codes[s], W_dec[s]) for s in range(L)]  # [B, L−s, d]
-        y = _sum_shifted(parts, L, d_out)
+        # every source decoded, even one without entries: its (zero) gradient keeps W_dec[s]'s
+        # gradient defined, as the data-parallel reduction of the gradients needs on every rank
+        y = _sum_shifted([(s, decode(codes[s], W_dec[s])) for s in range(L)], L, d_out)  # parts [B, L−s, d]
     else:
         # Layer views by unbind, not W_dec[s]: each W_dec[s] in a graph backpropagates a zero-filled
         # full [L, F, d] gradient (L·(L+1)/2 of them for per_target); unbind's backward stacks the
@@ -89,10 +90,13 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
     return y
 
 
-def _sum_shifted(parts: list[torch.Tensor], L: int, d: int) -> torch.Tensor:
-    """parts[s]: [..., B, L−s, d] → [..., B, L, d] with parts[s] added at targets s..L−1."""
-    acc = acc_dtype(parts[0].dtype)
-    y = torch.zeros(*parts[0].shape[:-2], L, d, dtype=acc, device=parts[0].device)
-    for s, p in enumerate(parts):
-        y = y + torch.nn.functional.pad(p.to(acc), (0, 0, s, 0))
-    return y.to(parts[0].dtype)
+def _sum_shifted(parts: list[tuple[int, torch.Tensor]], L: int, d: int) -> torch.Tensor:
+    """parts: (s, [..., B, L−s, d]) in increasing s → [..., B, L, d] with each part added at targets
+    s..L−1 (in the order given; the first part padded, not added to zeros: the same sums)."""
+    acc = acc_dtype(parts[0][1].dtype)
+    y = None
+    for s, p in parts:
+        p = p.to(acc)
+        p = torch.nn.functional.pad(p, (0, 0, s, 0)) if s else p
+        y = p if y is None else y + p
+    return y.to(parts[0][1].dtype)
