@@ -312,3 +312,21 @@ def test_autocast_bf16_cpu():
         out = model.loss(x, y)
     out.loss.backward()
     assert model.W_enc.grad.dtype == torch.float32 and torch.isfinite(model.W_enc.grad).all()
+
+
+def test_loss_output_metrics_names_and_values():
+    """LossOutput.metrics: parts, per-layer means, every layer's value and the loss by name (one
+    transfer); per-layer tensors of different lengths, and an fp64 loss kept exactly."""
+    from fastclt.models.base import LossOutput
+    parts = {"reconstruction": torch.tensor(1.5), "auxk": torch.tensor(0.25, dtype=torch.float64)}
+    per_layer = {"mse": torch.tensor([1.0, 2.0, 4.5]), "l0": torch.tensor([3.0, 5.0, 7.0])}
+    m = LossOutput(loss=torch.tensor(2.5), codes=None, y_hat=None, fired=None, n_tokens=4, skipped_tokens=1,
+                   parts=parts, per_layer=per_layer).metrics
+    assert m == {"reconstruction": 1.5, "auxk": 0.25, "mse": 2.5, "l0": 5.0, "layer0/mse": 1.0, "layer1/mse": 2.0,
+                 "layer2/mse": 4.5, "layer0/l0": 3.0, "layer1/l0": 5.0, "layer2/l0": 7.0, "loss": 2.5,
+                 "skipped_tokens": 1.0}
+    ragged = LossOutput(loss=torch.tensor(1.0, dtype=torch.float64) / 3, codes=None, y_hat=None, fired=None,
+                        n_tokens=1, skipped_tokens=0, parts={},
+                        per_layer={"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([6.0])}).metrics
+    assert ragged == {"a": 2.0, "b": 6.0, "layer0/a": 1.0, "layer1/a": 3.0, "layer0/b": 6.0, "loss": 1 / 3,
+                      "skipped_tokens": 0.0}

@@ -51,22 +51,26 @@ class LossOutput:
 
     @property
     def metrics(self) -> dict:
+        """{name: float} of the parts, the per-layer means and every layer's value, and the loss: one
+        transfer from the device for all of them."""
         if self._metrics is None:
-            names, vals = [], []
-            for key, t in self.parts.items():
-                names.append(key)
-                vals.append(t.detach().float().reshape(()))
-            for key, t in self.per_layer.items():
-                names.append(key)
-                vals.append(t.detach().float().mean())
-            per_layer_names = []
-            for key, t in self.per_layer.items():
-                for l in range(t.shape[0]):
-                    per_layer_names.append(f"layer{l}/{key}")
-                    vals.append(t.detach().float()[l])
-            floats = torch.stack(vals).cpu().tolist() if vals else []
-            metrics = dict(zip(names + per_layer_names, floats))
-            metrics["loss"] = float(self.loss.detach())
+            names = list(self.parts) + list(self.per_layer)
+            per_layer_names = [f"layer{l}/{key}" for key, t in self.per_layer.items() for l in range(t.shape[0])]
+            dt = torch.float64 if self.loss.dtype == torch.float64 else torch.float32  # (the loss exactly)
+            scalars = [t.detach().to(dt).reshape(()) for t in self.parts.values()]
+            scalars.append(self.loss.detach().to(dt).reshape(()))
+            rows = [t.detach().to(dt).reshape(-1) for t in self.per_layer.values()]
+            parts = [torch.stack(scalars)]
+            if rows and len({r.shape[0] for r in rows}) == 1:  # one [K, L] block: its means in one op
+                block = torch.stack(rows)
+                parts += [block.mean(1), block.reshape(-1)]
+            elif rows:
+                parts += [torch.stack([r.mean() for r in rows])] + rows
+            floats = torch.cat(parts).cpu().tolist()
+            n = len(self.parts)
+            metrics = dict(zip(names[:n], floats[:n]))
+            metrics.update(zip(names[n:] + per_layer_names, floats[n + 1:]))
+            metrics["loss"] = floats[n]
             metrics["skipped_tokens"] = float(self.skipped_tokens)
             self._metrics = metrics
         return self._metrics
