@@ -15,8 +15,9 @@
                 dense decode through every (source, target ≥ source) matrix, summed MSE,
                 ``backward``, fused Adam. No checks, no metrics, no data pipeline
 
-Both run on the shape's device (the demo's shape: ``demo`` in benchmarks/shapes.py). The goal:
-the trainer's loop no slower per step than the bare loop.
+All run on the shape's device (the demo's shape: ``demo`` in benchmarks/shapes.py); each timed run
+is ``STEPS_PER_RUN`` consecutive steps, and the rows give the median per step. The goal: the
+trainer's loop no slower per step than the bare loop, before and after features die.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ __all__ = ["loop_cases", "LOOP_IMPLS"]
 
 LOOP_IMPLS = ("fastclt-trainer", "fastclt-trainer-auxk", "bare-eager")
 MAX_STEPS_TO_DEAD = 6000  # trainer-auxk: the steps it may run to reach a dead feature
+STEPS_PER_RUN = 20  # steps per timed run (one step is a few ms: single steps time the machine's noise)
 
 
 def _trainer_step(s: Shape, device: torch.device, auxk: bool = False) -> Callable[[int], Callable[[], None]]:
@@ -122,6 +124,7 @@ def loop_cases(shape: Shape, device: torch.device, *, priority_of: Callable[...,
              "fastclt-trainer-auxk": "the same, timed once a feature is dead: every step computes AuxK",
              "bare-eager": "plain PyTorch loop on in-memory data, dense decode, fused Adam"}
     return [Case(suite="profile", op="trainer_loop", variant="demo-clt-none-batchtopk", mode="step", shape=shape.name,
-                 impl=impl, make=makes[impl](shape, device), dtype="fp32", rotate=False, note=notes[impl],
+                 impl=impl, make=makes[impl](shape, device), dtype="fp32", rotate=False,
+                 note=f"{notes[impl]}; median of runs of {STEPS_PER_RUN} steps, per step", calls_per_run=STEPS_PER_RUN,
                  priority=priority_of("trainer_loop", "demo-clt-none-batchtopk", "", shape.name))
             for impl in LOOP_IMPLS]

@@ -152,3 +152,20 @@ def test_floor_and_loop_goals_on_given_rows():
     assert status(loop(9.0, 10.0), name)["status"] == "met"
     got = status(loop(9.0, 12.0), name)
     assert got["status"] == "not met" and "with AuxK active 1.20×" in got["measured"]
+
+
+def test_calls_per_run_times_runs_of_several_calls():
+    """A case with calls_per_run = n: every timed run makes n calls (the two untimed calls too), and
+    the row's median is per call (at most the run's duration over n). No timing is asserted."""
+    from benchmarks.harness import Case, Runner, TimingPolicy
+    calls = []
+
+    def make(seed):
+        return lambda: calls.append(seed)
+    runner = Runner(torch.device("cpu"), {"peak_flops": 1e12, "peak_bw": 1e11}, quick=True, stamp={})
+    runner.policy = TimingPolicy(0.0, 0.0, 4, 4, max_warmup=0)
+    row = runner.run(Case(suite="profile", op="loop", variant="v", mode="step", shape="s", impl="x", make=make,
+                          rotate=False, calls_per_run=7))
+    assert row["status"] == "ok" and row["n_runs"] == 4
+    assert len(calls) == 7 * (2 + 4)
+    assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
