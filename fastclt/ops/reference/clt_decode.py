@@ -59,10 +59,9 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
     L = len(codes)
     affine = feature_offset is not None or feature_scale is not None
     if tying == "none":
-        d_out = W_dec[0].shape[-1]
         # every source decoded, even one without entries: its (zero) gradient keeps W_dec[s]'s
         # gradient defined, as the data-parallel reduction of the gradients needs on every rank
-        y = _sum_shifted([(s, decode(codes[s], W_dec[s])) for s in range(L)], L, d_out)  # parts [B, L−s, d]
+        y = _sum_shifted([decode(codes[s], W_dec[s]) for s in range(L)])  # [B, L−s, d] each
     else:
         # Layer views by unbind, not W_dec[s]: each W_dec[s] in a graph backpropagates a zero-filled
         # full [L, F, d] gradient (L·(L+1)/2 of them for per_target); unbind's backward stacks the
@@ -90,13 +89,12 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
     return y
 
 
-def _sum_shifted(parts: list[tuple[int, torch.Tensor]], L: int, d: int) -> torch.Tensor:
-    """parts: (s, [..., B, L−s, d]) in increasing s → [..., B, L, d] with each part added at targets
-    s..L−1 (in the order given; the first part padded, not added to zeros: the same sums)."""
-    acc = acc_dtype(parts[0][1].dtype)
-    y = None
-    for s, p in parts:
-        p = p.to(acc)
-        p = torch.nn.functional.pad(p, (0, 0, s, 0)) if s else p
-        y = p if y is None else y + p
-    return y.to(parts[0][1].dtype)
+def _sum_shifted(parts: list[torch.Tensor]) -> torch.Tensor:
+    """parts[s]: [..., B, L−s, d] → [..., B, L, d] with parts[s] added at targets s..L−1: into the
+    first part (a decode's own fresh output, or its fp32 copy) in place, one slice at a time, in
+    increasing s (no zero-padded copies; the same sums in the same order as adding them padded)."""
+    acc = acc_dtype(parts[0].dtype)
+    y = parts[0].to(acc)
+    for s, p in enumerate(parts[1:], start=1):
+        y[..., s:, :].add_(p.to(acc))
+    return y.to(parts[0].dtype)
