@@ -310,6 +310,12 @@ GOALS = [
          _cpu_clt_vs_clc(12.0)),
     Goal("the default demo's trainer loop vs a bare eager loop", "cpu", "demo",
          "≤ 1× the bare loop per step, with and without AuxK", _loop_vs_bare),
+    # the same step profile on a GPU (gpu_check.sh's bench-profile stage), read against the CPU targets
+    Goal("TopK SAE step vs its floor (encoder GEMM + Adam)", "cuda", "sae-2304", "≤ 1.3× the floor",
+         _step_vs_floor(("sae-topk",), "sae-2304", 1.3)),
+    Goal("CLT BatchTopK step vs its floor (encoder GEMMs + Adam), every tying", "cuda", "gpt2-clt",
+         "≤ 1.5× the floor",
+         _step_vs_floor(tuple(f"clt-{t}-batchtopk" for t in ("none", "per_source", "per_target")), "gpt2-clt", 1.5)),
     # Matryoshka (5 prefixes) and MOLT (d = 768, N = 32, 2% of the transforms open)
     Goal("Matryoshka (G = 5) SAE step vs the plain BatchTopK SAE step", "cuda", "sae-2304", "≤ 1.25× the plain step",
          _step_ratio("sae-batchtopk-matryoshka5", "sae-batchtopk", "sae-2304", 1.25)),

@@ -80,6 +80,10 @@ STAGES = [
     Stage("bench-density", "the density sweep (sparse / dense / adaptive, 0.3% to 50%) and the crossover", "bench",
           100, 30, bench=["--suite", "density", "--shapes", "density-gpu", "--append"],
           dry_bench=TINY + ["--suite", "density", "--append"]),
+    Stage("bench-profile", "the training step's phases beside their floors (SAE at sae-2304, the CLT's three "
+          "tyings at gpt2-clt)", "bench", 90, 30,
+          bench=["--suite", "profile", "--shapes", "sae-2304,gpt2-clt", "--append"],
+          dry_bench=TINY + ["--suite", "profile", "--append"]),
     Stage("tests-rest", "the rest of the test suite (its CPU cases already ran in CI)", "tests", 120, 30,
           files=None),
     Stage("bench-rest", "the other benchmark cases, while time remains", "bench", 10 ** 6, 30,

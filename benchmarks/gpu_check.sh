@@ -14,8 +14,9 @@
 #   5. tests-models-cuda  the models' default path (kernels vs reference) on CUDA           ≤  50 s
 #   6. bench-goals        benchmarks of the goal cases (--quick)                           ≤ 120 s
 #   7. bench-density      the density sweep (sparse / dense / adaptive) and the crossover   ≤ 100 s
-#   8. tests-rest         the rest of the test suite                                        ≤ 120 s
-#   9. bench-rest         the other benchmark cases, while time remains
+#   8. bench-profile      the training step's phases beside their floors (sae-2304, gpt2-clt) ≤  90 s
+#   9. tests-rest         the rest of the test suite                                        ≤ 120 s
+#  10. bench-rest         the other benchmark cases, while time remains
 # Exit status 1 when the build fails or any test fails. Outputs in OUT_DIR (at most 8 files):
 # summary.txt (plain: device, versions, each stage's status and counts, what was skipped, the
 # goal table, the verdict), build.log, tests.log, junit.xml, results.csv, results.md, bench.tar.gz.

@@ -38,7 +38,7 @@ def _check_outputs(out: Path) -> None:
 
 def test_header_lists_the_stages_in_order():
     """A reader of gpu_check.sh sees the stage table of gpu_check.py, in its order."""
-    header = [ln for ln in SCRIPT.read_text().splitlines() if re.match(r"#\s+\d\. ", ln)]
+    header = [ln for ln in SCRIPT.read_text().splitlines() if re.match(r"#\s+\d+\. ", ln)]
     assert [ln.split()[2] for ln in header] == [s.name for s in gpu_check.STAGES]
 
 
