@@ -18,6 +18,7 @@ TORCH_LIBRARY(fastclt, m) {
   // h [..., F] -> CSR over the numel/F rows of the k_total largest entries (ties: lowest flat
   // index), value = relu(h): exact BatchTopK on one device (CPU: block-maximum bound + filter).
   m.def("batch_topk(Tensor h, int k_total) -> (Tensor row_ptr, Tensor index, Tensor value)");
+  m.def("batch_topk_bias(Tensor h, Tensor bias, int k_total) -> (Tensor row_ptr, Tensor index, Tensor value)");
   // h [B, F] -> CSR of the entries with h > threshold[f] or |h - threshold[f]| < half_band (the
   // difference rounded to h's dtype; no threshold: h > 0); value fp32 = h there. CPU.
   m.def("threshold_compact(Tensor h, Tensor? threshold, float half_band)"

@@ -12,8 +12,8 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
            "host_pool_release", "host_pool_set_limit", "OPS"]
 
 # Op names under torch.ops.fastclt.
-OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "threshold_compact",
-       "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot", "jumprelu_dense",
+OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "batch_topk_bias",
+       "threshold_compact", "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot", "jumprelu_dense",
        "jumprelu_dense_backward")
 
 BUILD_HINT = {
@@ -115,6 +115,11 @@ def _register_fakes() -> None:
     def _(h, k_total):
         rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
         return (h.new_empty(rows + 1, dtype=torch.int64), h.new_empty(k_total, dtype=torch.int32),
+                h.new_empty(k_total))
+
+    @torch.library.register_fake("fastclt::batch_topk_bias")
+    def _(h, bias, k_total):
+        return (h.new_empty(h.shape[0] + 1, dtype=torch.int64), h.new_empty(k_total, dtype=torch.int32),
                 h.new_empty(k_total))
 
     @torch.library.register_fake("fastclt::threshold_compact")

@@ -367,14 +367,20 @@ uint32_t kth_largest_key(const std::vector<uint32_t>& keys, int64_t k) {
 // then the exact k_total-th candidate P (key, then lowest flat index: the tie rule of
 // batch_topk_compact) by nth_element, and the candidates ranked up to P are written as CSR.
 // Blocks are smaller when k_total > numel / 256 (about 4 k_total blocks), down to one entry.
+// With a bias (fp32 only: batch_topk_bias) the keys are those of h + bias[column], and the block is
+// the largest divisor of F not above that size, so that no block straddles two rows: each row's
+// span of a part is then one aligned call of the biased block scans.
 template <typename T>
-void batch_topk_impl(const T* h, int64_t n, int64_t F, int64_t k_total, int64_t* row_ptr, int32_t* out_index,
-                     T* out_value) {
+void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_t k_total, int64_t* row_ptr,
+                     int32_t* out_index, T* out_value) {
   const int64_t R = n / F;
   // n_blocks >= k_total (the bound needs k_total block maxima), and about 4 k_total where blocks of
   // 64 would give fewer: with only k_total maxima the bound is their minimum, which lets a third of
   // h through as candidates at k_total = numel / 32; with 4 k_total it lets about 1.1 k_total through.
-  const int64_t block = std::clamp<int64_t>(n / (4 * k_total), 1, 64), n_blocks = (n + block - 1) / block;
+  int64_t block = std::clamp<int64_t>(n / (4 * k_total), 1, 64);
+  if (bias != nullptr)
+    while (F % block != 0) --block;
+  const int64_t n_blocks = (n + block - 1) / block;
   std::vector<uint32_t> keymax(n_blocks);
   constexpr int64_t kParts = 64;  // of the blocks, for both passes
   const int64_t grain = n > kParallelEntries ? 1 : kParts;
@@ -384,22 +390,55 @@ void batch_topk_impl(const T* h, int64_t n, int64_t F, int64_t k_total, int64_t*
     const int64_t b0 = std::min(n_blocks, p * part_blocks), start = b0 * block;
     return std::make_tuple(b0, start, std::min(n, (b0 + part_blocks) * block) - start);
   };
+  // fn(first entry, entries) over [start, start + len): one span without a bias, else one per row
+  auto for_spans = [&](int64_t start, int64_t len, auto&& fn) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (bias != nullptr) {
+        for (int64_t pos = start, end = start + len; pos < end;) {
+          const int64_t stop = std::min(end, (pos / F + 1) * F);
+          fn(pos, stop - pos);
+          pos = stop;
+        }
+        return;
+      }
+    }
+    fn(start, len);
+  };
   at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       auto [b0, start, len] = part_span(p);
-      if (len > 0) part_nan[p] = simd::block_key_max(h + start, len, block, keymax.data() + b0);
+      for_spans(start, len, [&](int64_t pos, int64_t m) {
+        uint32_t* km = keymax.data() + pos / block;
+        if constexpr (std::is_same_v<T, float>) {
+          if (bias != nullptr) {
+            part_nan[p] |= simd::block_key_max(h + pos, bias + pos % F, m, block, km);
+            return;
+          }
+        }
+        part_nan[p] |= simd::block_key_max(h + pos, m, block, km);
+      });
     }
   });
   int64_t nan_parts = 0;
   for (uint32_t f : part_nan) nan_parts += f != 0;
-  TORCH_CHECK_VALUE(nan_parts == 0, "batch_topk: h contains NaN");
+  TORCH_CHECK_VALUE(nan_parts == 0, bias != nullptr ? "batch_topk: h + bias contains NaN"
+                                                    : "batch_topk: h contains NaN");
   const uint32_t bound = kth_largest_key(keymax, k_total);
 
   std::vector<std::vector<simd::Candidate>> parts(kParts);
   at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       auto [b0, start, len] = part_span(p);
-      if (len > 0) simd::collect_at_least(h + start, len, block, keymax.data() + b0, bound, start, parts[p]);
+      for_spans(start, len, [&](int64_t pos, int64_t m) {
+        const uint32_t* km = keymax.data() + pos / block;
+        if constexpr (std::is_same_v<T, float>) {
+          if (bias != nullptr) {
+            simd::collect_at_least(h + pos, bias + pos % F, m, block, km, bound, pos, parts[p]);
+            return;
+          }
+        }
+        simd::collect_at_least(h + pos, m, block, km, bound, pos, parts[p]);
+      });
     }
   });
   keymax = std::vector<uint32_t>();
@@ -416,8 +455,9 @@ void batch_topk_impl(const T* h, int64_t n, int64_t F, int64_t k_total, int64_t*
   for (auto& part : parts) {
     for (const simd::Candidate& c : part) {
       if (simd::ranks_before(pivot, c)) continue;  // ranked after the k_total-th
-      out_index[out] = int32_t(c.index % F);
-      out_value[out] = relu(h[c.index]);
+      const int64_t col = c.index % F;
+      out_index[out] = int32_t(col);
+      out_value[out] = bias != nullptr ? T(relu(to_f32(h[c.index]) + bias[col])) : relu(h[c.index]);
       ++row_ptr[c.index / F + 1];
       ++out;
     }
@@ -444,9 +484,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_cpu(const at::Tensor& 
   }
   dispatch_float(h.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    batch_topk_impl<scalar_t>(h.data_ptr<scalar_t>(), n, F, k_total, row_ptr.data_ptr<int64_t>(),
+    batch_topk_impl<scalar_t>(h.data_ptr<scalar_t>(), nullptr, n, F, k_total, row_ptr.data_ptr<int64_t>(),
                               index.data_ptr<int32_t>(), value.data_ptr<scalar_t>());
   });
+  return {row_ptr, index, value};
+}
+
+// batch_topk of h + bias (fp32; bias [F] broadcast over the rows) without forming it, as topk_bias
+// does for TopK: the CPU encoder's GEMM then runs without its bias (no [B, F] broadcast copy before
+// a beta = 1 GEMM). value = relu(h + bias) at the kept entries (the sum rounded once, in fp32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_bias_cpu(const at::Tensor& h, const at::Tensor& bias,
+                                                                   int64_t k_total) {
+  TORCH_CHECK(h.dim() == 2, "fastclt::batch_topk_bias: h must be 2-D [B, F], got shape ", h.sizes());
+  TORCH_CHECK(h.scalar_type() == at::kFloat, "fastclt::batch_topk_bias: h must be float32, got ", h.scalar_type());
+  TORCH_CHECK(h.is_contiguous(), "fastclt::batch_topk_bias: h must be contiguous");
+  TORCH_CHECK(h.device().is_cpu(), "fastclt::batch_topk_bias: CPU kernel called on ", h.device());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == h.size(1), "fastclt::batch_topk_bias: bias must have shape [F=",
+              h.size(1), "], got ", bias.sizes());
+  check_float_tensor(bias, "batch_topk_bias", "bias");
+  check_same_dtype(bias, h, "batch_topk_bias", "bias", "h");
+  check_device(bias, h, "batch_topk_bias", "bias", "h");
+  const int64_t n = h.numel(), F = h.size(1), R = h.size(0);
+  TORCH_CHECK(F <= INT32_MAX, "fastclt::batch_topk_bias: F must fit in int32, got ", F);
+  TORCH_CHECK_VALUE(k_total >= 0 && k_total <= n, "batch_topk: k_total must be in [0, h.numel()=", n,
+                    "], got ", k_total);
+  auto row_ptr = new_output({R + 1}, h.options().dtype(at::kLong));
+  auto index = new_output({k_total}, h.options().dtype(at::kInt));
+  auto value = new_output({k_total}, h.options());
+  if (k_total == 0) {
+    row_ptr.zero_();
+    return {row_ptr, index, value};
+  }
+  batch_topk_impl<float>(h.data_ptr<float>(), bias.contiguous().data_ptr<float>(), n, F, k_total,
+                         row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), value.data_ptr<float>());
   return {row_ptr, index, value};
 }
 
@@ -542,6 +612,7 @@ TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("batch_topk_histogram", &batch_topk_histogram_cpu);
   m.impl("batch_topk_compact", &batch_topk_compact_cpu);
   m.impl("batch_topk", &batch_topk_cpu);
+  m.impl("batch_topk_bias", &batch_topk_bias_cpu);
   m.impl("threshold_compact", &threshold_compact_cpu);
 }
 

@@ -62,10 +62,10 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
         return activate(h, activation, k=k, threshold=threshold, bandwidth=bandwidth, shards=shards,
                         select=ext_select), h
     with torch.no_grad():
-        # CPU fp32 TopK: the GEMM without its bias (no broadcast copy, beta = 0), the bias folded
-        # into the select (fastclt::topk_bias); elsewhere the GEMM adds it
-        fold = (activation == "topk" and shards is None and x.device.type == "cpu" and x.dtype == torch.float32
-                and b_enc is not None and b_enc.dtype == torch.float32)
+        # CPU fp32 TopK / BatchTopK: the GEMM without its bias (no broadcast copy, beta = 0), the bias
+        # folded into the select (fastclt::topk_bias, fastclt::batch_topk_bias); elsewhere the GEMM adds it
+        fold = (activation in ("topk", "batchtopk") and shards is None and x.device.type == "cpu"
+                and x.dtype == torch.float32 and b_enc is not None and b_enc.dtype == torch.float32)
         centered = None
         with phase("encoder_gemm"):
             # x − pre_bias once, for the GEMM and (fp32: the same numbers) for dW_enc in the backward
@@ -76,8 +76,11 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
                         None if pre_bias is None or centered is not None else pre_bias.detach(),
                         out=h_out(x, x.shape[0], W_enc.shape[0]))
         if fold:
-            index, value = ops().topk_bias(h, b_enc.detach().contiguous(), k)
-            c = SparseCodes.from_topk(index, value, h.shape[1])
+            bias = b_enc.detach().contiguous()
+            if activation == "topk":
+                c = SparseCodes.from_topk(*ops().topk_bias(h, bias, k), h.shape[1])
+            else:
+                c = SparseCodes(*ops().batch_topk_bias(h, bias, k * h.shape[0]), h.shape[1])
             row_ptr, row, col, h_e = c.row_ptr, c.row_ids(), c.index, c.value  # relu'd: the same codes and mask
         else:
             row_ptr, row, col, h_e = _pattern(h, activation, k, None if threshold is None else threshold.detach(),

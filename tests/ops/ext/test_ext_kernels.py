@@ -421,3 +421,43 @@ def test_topk_bias_bad_input_and_opcheck():
     with pytest.raises(RuntimeError, match="h \\+ bias contains NaN"):
         ops.topk_bias(h, nan_sum, 3)
     torch.library.opcheck(ops.topk_bias, (torch.randn(4, 37), torch.randn(37), 3))
+
+
+# ---------------------------------------------------------------------- batch_topk_bias (CPU only)
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("B,F,k,kind", [(7, 37, 5, "randn"), (16, 1001, 8, "randn"), (4, 600, 8, "ties"),
+                                        (10, 321, 3, "ascending"), (12, 250, 5, "hotrow"), (6, 45, 12, "inf"),
+                                        (0, 37, 3, "randn"), (3, 40, 40, "randn"), (64, 129, 4, "ties"),
+                                        (64, 128, 4, "randn"), (9, 333, 2, "negties")])
+def test_batch_topk_bias_is_batch_topk_of_the_sum(B, F, k, kind, poisoned):
+    """batch_topk_bias(h, b, k·B) == batch_topk(h + b, k·B) exactly (one fp32 rounding of the sum either
+    way; blocks that divide F, one per row span), at F prime, odd and a power of two, on ties."""
+    h = make_h(B, F, torch.float32, "cpu", kind, seed=13)
+    bias = torch.randn(F, generator=torch.Generator().manual_seed(14))
+    if kind in ("ties", "negties"):
+        bias = (bias * 2).round() / 2  # sums with ties
+    got = torch.ops.fastclt.batch_topk_bias(h, bias, k * B)
+    want = torch.ops.fastclt.batch_topk((h + bias).contiguous(), k * B)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_batch_topk_bias_bad_input_and_opcheck():
+    ops = torch.ops.fastclt
+    h, b = torch.randn(4, 1000), torch.randn(1000)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[F=1000\]"):
+        ops.batch_topk_bias(h, b[:-1], 3)
+    with pytest.raises(RuntimeError, match="h must be float32"):
+        ops.batch_topk_bias(h.bfloat16(), b.bfloat16(), 3)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.batch_topk_bias(h, b.bfloat16(), 3)
+    with pytest.raises(RuntimeError, match="h must be 2-D"):
+        ops.batch_topk_bias(h.view(2, 2, 1000), b, 3)
+    with pytest.raises(ValueError, match=r"k_total must be in \[0, h.numel\(\)=4000\]"):
+        ops.batch_topk_bias(h, b, 4001)
+    nan_sum = b.clone()
+    nan_sum[999], h[3, 999] = float("inf"), float("-inf")  # inf + -inf: a NaN in the sum only
+    with pytest.raises(ValueError, match="h \\+ bias contains NaN"):
+        ops.batch_topk_bias(h, nan_sum, 3)
+    torch.library.opcheck(ops.batch_topk_bias, (torch.randn(4, 37), torch.randn(37), 12))
