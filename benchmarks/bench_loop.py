@@ -15,24 +15,28 @@
                 dense decode through every (source, target ≥ source) matrix, summed MSE,
                 ``backward``, fused Adam. No checks, no metrics, no data pipeline
 
-All run on the shape's device (the demo's shape: ``demo`` in benchmarks/shapes.py); each timed run
-is ``STEPS_PER_RUN`` consecutive steps, and the rows give the median per step. The goal: the
-trainer's loop no slower per step than the bare loop, before and after features die.
+All run on the shape's device (the demo's shape: ``demo`` in benchmarks/shapes.py), in alternation
+(``LoopCase``); each timed run is ``STEPS_PER_RUN`` consecutive steps, and the rows give the median
+per step. The goal: the trainer's loop no slower per step than the bare loop, before and after
+features die.
 """
 from __future__ import annotations
 
 import contextlib
 import shutil
+import statistics
 import tempfile
+import time
 import weakref
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, Runner, Timing, _percentile, _sync
 from benchmarks.shapes import Shape
 
-__all__ = ["loop_cases", "LOOP_IMPLS"]
+__all__ = ["loop_cases", "LoopCase", "LOOP_IMPLS"]
 
 LOOP_IMPLS = ("fastclt-trainer", "fastclt-trainer-auxk", "bare-eager")
 MAX_STEPS_TO_DEAD = 6000  # trainer-auxk: the steps it may run to reach a dead feature
@@ -114,17 +118,63 @@ def _bare_step(s: Shape, device: torch.device) -> Callable[[int], Callable[[], N
     return make
 
 
+@dataclass
+class LoopCase(Case):
+    """The loop rows of one shape, timed in alternation: after two warm-up runs each, ``rounds``
+    rounds run every implementation once (``STEPS_PER_RUN`` steps), in an order that rotates each
+    round, so that a drift of the machine's speed reaches every row alike. ``run_rows`` returns one
+    row per implementation (a skipped case: one row per implementation, with the reason)."""
+
+    rounds: int = 9
+    impls: tuple = LOOP_IMPLS
+    makes: Optional[dict] = None
+    notes: Optional[dict] = None
+
+    def _row_case(self, impl: str) -> Case:
+        return Case(suite=self.suite, op=self.op, variant=self.variant, mode=self.mode, shape=self.shape, impl=impl,
+                    make=None, dtype=self.dtype, note=self.notes[impl], priority=self.priority)
+
+    def run_rows(self, runner: Runner) -> list[dict]:
+        if self.skip:
+            return [runner.row(self._row_case(i), "skipped", self.skip) for i in self.impls]
+        try:
+            fns = {impl: self.makes[impl](0) for impl in self.impls}
+        except Exception as e:  # a broken case is a row with a note, never a crashed run
+            msg = f"{type(e).__name__}: {str(e).strip()[:200]}"
+            return [runner.row(self._row_case(i), "error", msg) for i in self.impls]
+
+        def run(impl: str) -> float:
+            fn = fns[impl]
+            t0 = time.perf_counter()
+            for _ in range(STEPS_PER_RUN):
+                fn()
+            _sync(runner.device)
+            return (time.perf_counter() - t0) * 1e3 / STEPS_PER_RUN
+        for impl in self.impls:
+            run(impl)
+            run(impl)
+        n = 2 if runner.quick else self.rounds
+        times: dict = {impl: [] for impl in self.impls}
+        for r in range(n):
+            k = r % len(self.impls)
+            for impl in self.impls[k:] + self.impls[:k]:
+                times[impl].append(run(impl))
+        note = f"alternated: {n} runs of {STEPS_PER_RUN} steps each, per step"
+        return [runner.row(self._row_case(impl), "ok", note,
+                           timing=Timing(statistics.median(ts), _percentile(ts, 0.2), _percentile(ts, 0.8), n))
+                for impl, ts in times.items()]
+
+
 def loop_cases(shape: Shape, device: torch.device, *, priority_of: Callable[..., int] = lambda *a: 1) -> list[Case]:
-    """The two loop cases of a shape whose models include "loop" (the demo's shape)."""
+    """The loop case of a shape whose models include "loop" (the demo's shape): its three rows."""
     if "loop" not in shape.models:
         return []
-    makes = {"fastclt-trainer": _trainer_step, "bare-eager": _bare_step,
-             "fastclt-trainer-auxk": lambda shape, device: _trainer_step(shape, device, auxk=True)}
+    makes = {"fastclt-trainer": _trainer_step(shape, device), "bare-eager": _bare_step(shape, device),
+             "fastclt-trainer-auxk": _trainer_step(shape, device, auxk=True)}
     notes = {"fastclt-trainer": "the trainer's loop turn (_Run._advance), demo defaults, no progress bar",
              "fastclt-trainer-auxk": "the same, timed once a feature is dead: every step computes AuxK",
              "bare-eager": "plain PyTorch loop on in-memory data, dense decode, fused Adam"}
-    return [Case(suite="profile", op="trainer_loop", variant="demo-clt-none-batchtopk", mode="step", shape=shape.name,
-                 impl=impl, make=makes[impl](shape, device), dtype="fp32", rotate=False,
-                 note=f"{notes[impl]}; median of runs of {STEPS_PER_RUN} steps, per step", calls_per_run=STEPS_PER_RUN,
-                 priority=priority_of("trainer_loop", "demo-clt-none-batchtopk", "", shape.name))
-            for impl in LOOP_IMPLS]
+    return [LoopCase(suite="profile", op="trainer_loop", variant="demo-clt-none-batchtopk", mode="step",
+                     shape=shape.name, impl="fastclt-trainer", make=None, dtype="fp32", rotate=False,
+                     makes=makes, notes=notes,
+                     priority=priority_of("trainer_loop", "demo-clt-none-batchtopk", "", shape.name))]

@@ -301,7 +301,6 @@ class Case:
     skip: Optional[str] = None  # a reason to skip without running
     priority: int = 1  # 0: a goal of the README depends on it: run first
     rotate: bool = True
-    calls_per_run: int = 1  # calls of the callable per timed run; the row gives the time per call
 
 
 class Runner:
@@ -360,14 +359,9 @@ class Runner:
             fns = [case.make(seed) for seed in range(n_sets)]
             if len(fns) == 1:
                 fns = fns * 2
-            n_calls = case.calls_per_run
-            if n_calls > 1:  # short calls (a training loop's turn): time runs of several, report per call
-                fns = [_repeated(f, n_calls) for f in fns]
             mem: list = []
             before = _encode_stats()
             timing = time_fns(fns, self.device, self.policy, memory=mem)
-            if n_calls > 1:
-                timing = Timing(timing.median_ms / n_calls, timing.p20_ms / n_calls, timing.p80_ms / n_calls, timing.n)
             return self.row(case, "ok", _stats_note(before, _encode_stats()), timing=timing, mem=mem[0],
                             n_sets=n_sets)
         except torch.OutOfMemoryError:
@@ -379,13 +373,6 @@ class Runner:
         finally:
             del fns
             release(self.device, big=case.need_bytes > (256 << 20))
-
-
-def _repeated(fn: Callable[[], Any], n: int) -> Callable[[], None]:
-    def run() -> None:
-        for _ in range(n):
-            fn()
-    return run
 
 
 def _encode_stats() -> Counter:

@@ -154,18 +154,32 @@ def test_floor_and_loop_goals_on_given_rows():
     assert got["status"] == "not met" and "with AuxK active 1.20×" in got["measured"]
 
 
-def test_calls_per_run_times_runs_of_several_calls():
-    """A case with calls_per_run = n: every timed run makes n calls (the two untimed calls too), and
-    the row's median is per call (at most the run's duration over n). No timing is asserted."""
-    from benchmarks.harness import Case, Runner, TimingPolicy
+
+def test_loop_case_alternates_its_rows():
+    """LoopCase: every implementation warms up twice, then runs once per round in a rotating order
+    (STEPS_PER_RUN calls a run); one row each. A skipped or broken case gives a row per
+    implementation with the reason. No timing is asserted."""
+    from benchmarks.bench_loop import STEPS_PER_RUN, LoopCase
+    from benchmarks.harness import Runner
     calls = []
 
-    def make(seed):
-        return lambda: calls.append(seed)
-    runner = Runner(torch.device("cpu"), {"peak_flops": 1e12, "peak_bw": 1e11}, quick=True, stamp={})
-    runner.policy = TimingPolicy(0.0, 0.0, 4, 4, max_warmup=0)
-    row = runner.run(Case(suite="profile", op="loop", variant="v", mode="step", shape="s", impl="x", make=make,
-                          rotate=False, calls_per_run=7))
-    assert row["status"] == "ok" and row["n_runs"] == 4
-    assert len(calls) == 7 * (2 + 4)
-    assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    def maker(name):
+        return lambda seed: (lambda: calls.append(name))
+    impls = ("a", "b", "c")
+    case = LoopCase(suite="profile", op="trainer_loop", variant="v", mode="step", shape="s", impl="a", make=None,
+                    rounds=4, impls=impls, makes={i: maker(i) for i in impls}, notes={i: i for i in impls})
+    runner = Runner(torch.device("cpu"), {"peak_flops": 1e12, "peak_bw": 1e11}, quick=False, stamp={})
+    rows = case.run_rows(runner)
+    assert [(r["impl"], r["status"], r["n_runs"]) for r in rows] == [(i, "ok", 4) for i in impls]
+    runs = [calls[j] for j in range(0, len(calls), STEPS_PER_RUN)]
+    assert runs == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert all(0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in rows)
+
+    def broken(seed):
+        raise RuntimeError("no trainer here")
+    bad = LoopCase(suite="profile", op="trainer_loop", variant="v", mode="step", shape="s", impl="a", make=None,
+                   impls=impls, makes={"a": maker("a"), "b": broken, "c": maker("c")}, notes={i: i for i in impls})
+    assert [(r["impl"], r["status"]) for r in bad.run_rows(runner)] == [(i, "error") for i in impls]
+    assert "no trainer here" in bad.run_rows(runner)[0]["note"]
+    bad.skip = "time budget spent"
+    assert [r["status"] for r in bad.run_rows(runner)] == ["skipped"] * 3

@@ -13,7 +13,10 @@ the best cosine similarity with a learned decoder direction ``model.decoder_weig
 SAE — kind "sae" — x = y on one layer and the planted directions are e).
 
 Batch ``i`` of data-parallel rank ``r`` is a pure function of (seed, r, i): resuming needs only
-the batch counter, and every tensor-parallel rank of one dp group draws the same batch.
+the batch counter, and every tensor-parallel rank of one dp group draws the same batch. Small
+batches are drawn C at a time (C = ``chunk_batches(B)``, up to 8 while a chunk stays under ~2M
+values): batch i is rows (i mod C)·B … of chunk ⌊i / C⌋, a pure function of (seed, r, ⌊i / C⌋, C),
+and the chunk of the last call is kept, so the draw's fixed cost is paid once per C batches.
 """
 from __future__ import annotations
 
@@ -40,11 +43,38 @@ class SyntheticActivations:
         for s in range(n_layers):
             U_all[s, :, s:] = self.U[s]
         self._U_all = U_all.reshape(n_layers * n_true, n_layers * d_out)
+        self._cached = None  # (key, x, y) of the last chunk of small batches
+
+    CHUNK_VALUES = 1 << 21  # values drawn per chunk of small batches (activities, x and y), at most
+    MAX_CHUNK = 8
+
+    def chunk_batches(self, batch_size: int) -> int:
+        """C: the batches of ``batch_size`` rows drawn together (1 for large batches)."""
+        per_batch = max(1, batch_size * self.L * (self.n_true + self.d_in + self.d_out))
+        return max(1, min(self.MAX_CHUNK, self.CHUNK_VALUES // per_batch))
 
     def batch(self, index: int, batch_size: int, dp_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (x [B, L, d_in], y [B, L, d_out]) fp32 on the CPU (y is x for kind "sae")."""
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + dp_rank) * 1_000_000_007 + index) % (2 ** 62))
-        B, L = batch_size, self.L
+        C = self.chunk_batches(batch_size)
+        if C == 1:
+            return self._draw(index, batch_size, dp_rank, 1)
+        chunk, j = divmod(index, C)
+        key = (chunk, batch_size, dp_rank)
+        cached = self._cached  # one tuple, replaced whole: a reader in another thread sees one or the other
+        if cached is None or cached[0] != key:
+            cached = (key, *self._draw(chunk, batch_size * C, dp_rank, C))
+            self._cached = cached
+        rows = slice(j * batch_size, (j + 1) * batch_size)
+        x = cached[1][rows]
+        return (x, x) if self.kind == "sae" else (x, cached[2][rows])
+
+    def _draw(self, index: int, n_rows: int, dp_rank: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n_rows`` rows from the generator of (seed, rank, index, chunk size)."""
+        mix = (self.seed * 1_000_003 + dp_rank) * 1_000_000_007 + index
+        if chunk > 1:
+            mix = mix * 31 + chunk
+        g = torch.Generator().manual_seed(mix % (2 ** 62))
+        B, L = n_rows, self.L
         a = torch.zeros(B * L * self.n_true)
         where = self._active(a.numel(), g)
         a[where] = 0.5 + torch.rand(where.numel(), generator=g)

@@ -87,3 +87,30 @@ def test_active_positions(n, p):
         assert counts == [n] * len(counts)
     else:
         assert abs(mean - n * p) < 5 * math.sqrt(n * p * (1 - p) / len(counts))
+
+
+def test_small_batches_come_in_chunks_large_ones_alone():
+    """Small batches are rows of a chunk of C drawn together (the same numbers in any call order, for
+    any rank and batch size, whatever was drawn before); a batch too large to chunk is drawn alone."""
+    s = _gen(noise=0.1)
+    C = s.chunk_batches(40)
+    assert C == s.MAX_CHUNK and s.chunk_batches(100_000) == 1
+    x_chunk, y_chunk = s._draw(1, 40 * C, 0, C)
+    order = [C + 2, 0, C + 2, 2 * C - 1, C]
+    for i in order:
+        x, y = s.batch(i, 40)
+        j = i - C
+        if 0 <= j < C:
+            assert torch.equal(x, x_chunk[j * 40:(j + 1) * 40]) and torch.equal(y, y_chunk[j * 40:(j + 1) * 40])
+    a = _gen(noise=0.1)
+    for i in reversed(order):  # another order, interleaved with other ranks and sizes
+        a.batch(i, 40, dp_rank=1)
+        a.batch(i, 41)
+        assert all(torch.equal(u, v) for u, v in zip(a.batch(i, 40), s.batch(i, 40)))
+    assert not torch.equal(s.batch(3, 40)[0], s.batch(3, 40, dp_rank=1)[0])
+    big = _gen(noise=0.1)
+    B = 100_000
+    assert torch.equal(big.batch(5, B)[0], big._draw(5, B, 0, 1)[0])
+    sae = _gen(kind="sae", noise=0.1)
+    x, y = sae.batch(3, 40)
+    assert x is y and x.shape == (40, 3, 24)
