@@ -134,7 +134,9 @@ class CrossLayerTranscoder(SparseDictionary):
             y = torch.stack([ops.sparse_decode(c, W, b, impl=self.impl)
                              for c, W, b in zip(codes, W_dec.unbind(0), b_l)], 1)
         else:
-            y = ops.clt_decode(codes, W_dec, cfg.decoder_tying, b_dec, off, scale, impl=self.impl)
+            # AuxK's decode (bias=False) may leave out the sources without dead features: the loss's
+            # own decode gives every decoder block its gradient
+            y = ops.clt_decode(codes, W_dec, cfg.decoder_tying, b_dec, off, scale, impl=self.impl, skip_empty=not bias)
         if self.tp is not None:  # this shard's features: a partial sum over features, then b_dec once
             y = self.tp.reduce_partial(y)
             if bias:

@@ -152,19 +152,23 @@ def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch
 
 def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
                b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
-               feature_scale: Optional[torch.Tensor] = None, *, impl: str = "auto") -> torch.Tensor:
+               feature_scale: Optional[torch.Tensor] = None, *, impl: str = "auto",
+               skip_empty: bool = False) -> torch.Tensor:
     """codes: L SparseCodes (source layers) → ŷ: [B, L, d_out] (no skip term; add it outside).
 
     W_dec: L tensors [F, L−s, d_out] (tying "none") or [L, F, d_out] (tied: "per_source",
     "per_target"); b_dec: [L, d_out] or None (None for AuxK: never add b_dec there);
     feature_offset / feature_scale: [L, F] per target layer (tied only) or None (docs/DESIGN.md §2.1).
     ``impl="auto"`` decodes densely (GEMMs) when the codes of all sources together are at least as
-    dense as the crossover."""
+    dense as the crossover. ``skip_empty``: an implementation may leave out the sources whose codes
+    hold no entry (the same ŷ; their decoder blocks then get no gradient from this call, so use it
+    only for a second decode of decoders that another one reaches, as AuxK's: data-parallel ranks
+    reduce the gradients of every parameter that has one)."""
     _checks.check_clt_decode(codes, W_dec, tying, b_dec, feature_offset, feature_scale)
     like = W_dec if isinstance(W_dec, torch.Tensor) else W_dec[0]
     F = like.shape[-2] if isinstance(W_dec, torch.Tensor) else like.shape[0]
     return _call("clt_decode", impl, like, None, codes, W_dec, tying, b_dec, feature_offset, feature_scale,
-                 density=_density.of_codes(codes, F))
+                 density=_density.of_codes(codes, F), skip_empty=skip_empty)
 
 
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,

@@ -339,3 +339,33 @@ def test_bad_input(impl, device):
              codes[2]], W, "per_target")
     with pytest.raises(ValueError, match="codes: expected a sequence"):
         dec([], W, "per_target")
+
+
+@pytest.mark.parametrize("empty", [(0,), (1, 2), (0, 1, 2)])
+@pytest.mark.parametrize("impl,device", impl_params("clt_decode", reference=True))
+def test_skip_empty_sources(impl, device, empty):
+    """skip_empty=True: the same ŷ and the same gradients of every non-empty source's values and decoder
+    (bit for bit on the composed decodes, which then leave the empty sources out: no gradient for
+    their decoders); every source empty gives zeros. Tied decoders ignore it."""
+    codes, W, b, _, _, up = make("none", None, torch.float32, device, seed=41)
+    codes = [SparseCodes(torch.zeros_like(c.row_ptr), c.index[:0], c.value[:0], F) if s in empty else c
+             for s, c in enumerate(codes)]
+    y, g = run(clt_with(impl), "none", codes, W, None, None, None, up)
+    y_skip, g_skip = run(functools.partial(ops.clt_decode, impl=impl, skip_empty=True), "none", codes, W, None,
+                         None, None, up)
+    composed = _registry.resolve("clt_decode", impl, torch.device(device), torch.float32)[0] in ("reference", "cpu",
+                                                                                                  "cuda")
+    assert_close(y_skip, y, 0.0 if composed else 1e-6, "y")
+    skipped = set(empty) - {0} if len(empty) == L else set(empty)  # (all empty: source 0 gives ŷ's shape)
+    for s in range(L):
+        if composed and s in skipped:
+            assert g_skip[f"W_dec[{s}]"] is None
+        else:
+            assert_close(g_skip[f"W_dec[{s}]"], g[f"W_dec[{s}]"], 0.0 if composed else 1e-6, f"dW_dec[{s}]")
+        if s not in empty:
+            assert_close(g_skip[f"value[{s}]"], g[f"value[{s}]"], 0.0 if composed else 1e-6, f"dvalue[{s}]")
+    if len(empty) == L:
+        assert torch.equal(y_skip, torch.zeros_like(y_skip))
+    Wt = torch.randn(L, F, d, generator=torch.Generator().manual_seed(3)).to(device)
+    yt = ops.clt_decode(codes, Wt, "per_source", impl=impl, skip_empty=True)
+    assert torch.equal(yt, ops.clt_decode(codes, Wt, "per_source", impl=impl))

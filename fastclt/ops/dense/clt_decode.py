@@ -34,8 +34,9 @@ __all__ = ["clt_decode", "clt_decode_blocks"]
 
 def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
                b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
-               feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Same arguments and result as ``fastclt.ops.clt_decode``."""
+               feature_scale: Optional[torch.Tensor] = None, skip_empty: bool = False) -> torch.Tensor:
+    """Same arguments and result as ``fastclt.ops.clt_decode`` (``skip_empty`` is a permission this
+    implementation does not use: its sources' GEMMs run whatever their codes hold)."""
     return _decode(codes, W_dec, tying, b_dec, feature_offset, feature_scale, None)
 
 

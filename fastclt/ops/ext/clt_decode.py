@@ -16,6 +16,6 @@ __all__ = ["clt_decode"]
 
 def clt_decode(codes, W_dec, tying: str, b_dec: Optional[torch.Tensor] = None,
                feature_offset: Optional[torch.Tensor] = None,
-               feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+               feature_scale: Optional[torch.Tensor] = None, skip_empty: bool = False) -> torch.Tensor:
     """Same arguments and result as ``fastclt.ops.clt_decode``."""
-    return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+    return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale, skip_empty)

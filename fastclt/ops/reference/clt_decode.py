@@ -37,31 +37,36 @@ def feature_affine(codes: SparseCodes, offset: Optional[torch.Tensor], scale: Op
 
 def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
                b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
-               feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+               feature_scale: Optional[torch.Tensor] = None, skip_empty: bool = False) -> torch.Tensor:
     """codes: L SparseCodes (source layers) → ŷ: [B, L, d_out] (no skip term; add it outside).
 
     W_dec: list of L [F, L−s, d_out] (tying "none") or [L, F, d_out] (tied);
     b_dec: [L, d_out] or None (None for AuxK: never add b_dec there);
-    feature_offset / feature_scale: [L, F] per target layer (tied only) or None.
+    feature_offset / feature_scale: [L, F] per target layer (tied only) or None;
+    skip_empty: leave out untied sources without entries (``fastclt.ops.clt_decode``).
     """
-    return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale)
+    return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale, skip_empty)
 
 
 def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]],
                     tying: str, b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
-                    feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    feature_scale: Optional[torch.Tensor] = None, skip_empty: bool = False) -> torch.Tensor:
     """``clt_decode`` built from ``decode(codes, W [F, D] or [F, T, d]) -> [..., B, D] or [..., B, T, d]``
     (this module's reference ``sparse_decode``, or a kernel's; the leading dimensions, if any, are
     carried through: [..., B, L, d_out]): L decodes for untied and plain per_source decoders,
     L(L+1)/2 with the feature affine or per_target tying. The decodes' results are summed in fp32
     (fp64 for fp64 decoders) and rounded to W_dec's dtype once; the feature affine's values are fp32
-    (``feature_affine``). Arguments as checked by ``fastclt.ops.clt_decode``."""
+    (``feature_affine``). Arguments as checked by ``fastclt.ops.clt_decode``; ``skip_empty`` leaves out
+    the untied sources whose codes hold no entry (tied decoders decode every source)."""
     L = len(codes)
     affine = feature_offset is not None or feature_scale is not None
     if tying == "none":
-        # every source decoded, even one without entries: its (zero) gradient keeps W_dec[s]'s
-        # gradient defined, as the data-parallel reduction of the gradients needs on every rank
-        y = _sum_shifted([decode(codes[s], W_dec[s]) for s in range(L)])  # [B, L−s, d] each
+        # every source decoded, even one without entries (its zero gradient keeps W_dec[s]'s gradient
+        # defined on every data-parallel rank), unless skip_empty (then at least one, for ŷ's shape)
+        sources = range(L)
+        if skip_empty:
+            sources = [s for s in range(L) if not _empty(codes[s])] or [0]
+        y = _sum_shifted([(s, decode(codes[s], W_dec[s])) for s in sources])  # [B, L−s, d] each
     else:
         # Layer views by unbind, not W_dec[s]: each W_dec[s] in a graph backpropagates a zero-filled
         # full [L, F, d] gradient (L·(L+1)/2 of them for per_target); unbind's backward stacks the
@@ -89,12 +94,21 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
     return y
 
 
-def _sum_shifted(parts: list[torch.Tensor]) -> torch.Tensor:
-    """parts[s]: [..., B, L−s, d] → [..., B, L, d] with parts[s] added at targets s..L−1: into the
-    first part (a decode's own fresh output, or its fp32 copy) in place, one slice at a time, in
-    increasing s (no zero-padded copies; the same sums in the same order as adding them padded)."""
-    acc = acc_dtype(parts[0].dtype)
-    y = parts[0].to(acc)
-    for s, p in enumerate(parts[1:], start=1):
+def _empty(c) -> bool:
+    """Codes with no stored entry, known without a device sync (CSR codes; dense codes never count)."""
+    return not c.is_dense and c.index.shape[0] == 0
+
+
+def _sum_shifted(parts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """parts: (s, [..., B, L−s, d]) in increasing s → [..., B, L, d] with each part added at targets
+    s..L−1: into the first part (a decode's own fresh output, or its fp32 copy; zero-padded when it
+    is not source 0) in place, one slice at a time, in increasing s (no zero-padded copies of the
+    others; the same sums in the same order as adding them all padded)."""
+    s0, p0 = parts[0]
+    acc = acc_dtype(p0.dtype)
+    y = p0.to(acc)
+    if s0:
+        y = torch.nn.functional.pad(y, (0, 0, s0, 0))
+    for s, p in parts[1:]:
         y[..., s:, :].add_(p.to(acc))
-    return y.to(parts[0].dtype)
+    return y.to(p0.dtype)

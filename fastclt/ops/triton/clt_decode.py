@@ -334,12 +334,13 @@ class CLTDecodeFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------ entry point
 def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence[torch.Tensor]], tying: str,
                b_dec: Optional[torch.Tensor] = None, feature_offset: Optional[torch.Tensor] = None,
-               feature_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+               feature_scale: Optional[torch.Tensor] = None, skip_empty: bool = False) -> torch.Tensor:
     """codes: L SparseCodes (source layers, B rows each) → ŷ: [B, L, d_out] in W_dec's dtype.
 
     W_dec: L tensors [F, L−s, d_out] (tying "none") or [L, F, d_out] (tied); b_dec: [L, d_out] or None;
     feature_offset / feature_scale: [L, F] per target layer (tied only) or None. Same semantics as
     ``fastclt.ops.clt_decode``; differentiable in every codes.value, W_dec, b_dec, offset, scale.
+    ``skip_empty`` is a permission this kernel does not need: one launch decodes every source.
     """
     plan, W_list = _check_clt_args(codes, W_dec, tying, b_dec, feature_offset, feature_scale)
     row_ptrs = tuple(c.row_ptr.contiguous() for c in codes)
