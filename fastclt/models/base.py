@@ -439,17 +439,19 @@ class SparseDictionary(nn.Module):
                 parts[f"fvu_prefix{g}"] = (sq_g / tv).mean()
         parts["reconstruction"] = recon
         total = recon
-        for term in self.penalties(codes, hs, xn, yn, y_hat, dead_mask, lam, lam_p, parts):
+        for term in self.penalties(codes, hs, xn, yn, y_hat, dead_mask, lam, lam_p, parts, total_var=tv):
             total = total + term
         return parts, total, y_hat, mse_l, fvu_l
 
     def penalties(self, codes: list, hs: Optional[list], xn: torch.Tensor, yn: torch.Tensor, y_hat: torch.Tensor,
-                  dead_mask: Optional[torch.Tensor], lam: float, lam_p: float, parts: dict) -> list:
+                  dead_mask: Optional[torch.Tensor], lam: float, lam_p: float, parts: dict,
+                  total_var: Optional[torch.Tensor] = None) -> list:
         """The terms ``loss`` adds to the reconstruction loss (docs/DESIGN.md §4), also used by the
         objectives that train through the LM: λ · sparsity (ReLU/JumpReLU), λ_p · the pre-activation
         loss (JumpReLU, ``hs``: the L dense pre-activations), AuxK weight · AuxK (TopK/BatchTopK with a
         ``dead_mask``). codes: L SparseCodes of xn [B, L, d_in]; yn, y_hat: the normalised target and
-        prediction [B, L, d_out]. Fills ``parts``; returns the weighted terms (scalar tensors) to add."""
+        prediction [B, L, d_out]; total_var: ``ops.total_variance(yn)`` when the caller has it. Fills
+        ``parts``; returns the weighted terms (scalar tensors) to add."""
         cfg = self.cfg
         terms = []
         norms = None
@@ -471,7 +473,7 @@ class SparseDictionary(nn.Module):
             terms.append(lam_p * pre)
         if dead_mask is not None and cfg.activation in ("topk", "batchtopk"):
             dead = self._layered_mask(dead_mask)
-            aux = self._auxk(xn, yn, y_hat, dead)
+            aux = self._auxk(xn, yn, y_hat, dead, total_var)
             parts["auxk"] = aux
             if tp is not None:
                 parts["dead_fraction"] = tp.sum_detached(dead.float().sum()) / (dead.numel() * tp.size)
@@ -507,7 +509,7 @@ class SparseDictionary(nn.Module):
         """Call after the backward pass, before the optimizer step: a constraint on the decoder's
         gradient (an SAE with unit-norm decoder rows); nothing for other dictionaries."""
 
-    def _auxk(self, xn, yn, y_hat, dead: torch.Tensor) -> torch.Tensor:
+    def _auxk(self, xn, yn, y_hat, dead: torch.Tensor, total_var: Optional[torch.Tensor] = None) -> torch.Tensor:
         """AuxK (docs/DESIGN.md §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip."""
         tp = self.tp
         n_dead = int(dead.sum()) if tp is None else int(tp.sum_detached(dead.sum()))
@@ -526,7 +528,7 @@ class SparseDictionary(nn.Module):
                      for x_l, W_l, b_l, dead_l in zip(xn.unbind(1), W_enc.unbind(0), b_enc.unbind(0), dead.unbind(0))]
         e_hat = self._decode_n(aux_codes, xn, bias=False)  # xn: a MOLT's transforms read it
         residual = (yn - y_hat).detach()
-        return ops.auxk_loss(e_hat, residual, yn, n_dead / self.n_layers, k_aux)
+        return ops.auxk_loss(e_hat, residual, yn, n_dead / self.n_layers, k_aux, total_var=total_var)
 
     def _layered_mask(self, dead_mask: torch.Tensor) -> torch.Tensor:
         L, F = self.n_layers, self.cfg.n_features

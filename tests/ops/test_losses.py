@@ -59,3 +59,19 @@ def test_auxk_loss_formula(gen):
     got = ops.auxk_loss(e_hat, resid, y, n_dead=2, k_aux=k_aux)
     ref = min(2 / k_aux, 1) * ((e_hat - resid) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
     assert_close(got, ref, 1e-6)
+
+
+def test_auxk_loss_takes_the_callers_total_variance():
+    """auxk_loss(..., total_var=total_variance(y)) is bit for bit the loss that computes it, in value
+    and gradient (the model passes the reconstruction loss's own)."""
+    from fastclt.ops.reference.losses import auxk_loss, total_variance
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(17, 3, 11, generator=g) * 2 + 1
+    res = torch.randn(17, 3, 11, generator=g)
+    outs = []
+    for tv in (None, total_variance(y)):
+        e = torch.randn(17, 3, 11, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+        loss = auxk_loss(e, res, y, 5, 8, total_var=tv)
+        loss.backward()
+        outs.append((loss.detach(), e.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

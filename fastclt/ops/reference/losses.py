@@ -13,7 +13,7 @@ The weighting coefficients (λ, λ_p, the AuxK coefficient) are applied by the c
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -118,11 +118,13 @@ def preact_loss(h: torch.Tensor, threshold: torch.Tensor, decoder_norms: torch.T
 
 
 def auxk_loss(aux_recon: torch.Tensor, residual: torch.Tensor, y: torch.Tensor, n_dead: int, k_aux: int,
-              eps: float = 1e-12) -> torch.Tensor:
+              eps: float = 1e-12, total_var: Optional[torch.Tensor] = None) -> torch.Tensor:
     """aux_recon ê, residual e = y − ŷ, y: [B, L, d] (or [B, d]) → scalar
-    min(n_dead/k_aux, 1) · Σ_l Σ_b‖ê_l − e_l‖² / Σ_b‖y_l − ȳ_l‖².  ``residual`` is detached here."""
+    min(n_dead/k_aux, 1) · Σ_l Σ_b‖ê_l − e_l‖² / Σ_b‖y_l − ȳ_l‖².  ``residual`` is detached here.
+    ``total_var``: ``total_variance(y)`` when the caller has it already (clamped to eps here)."""
     if n_dead <= 0:
         return aux_recon.new_zeros((), dtype=torch.float32)
     scale = min(n_dead / k_aux, 1.0)
-    ratio = squared_error(residual.detach(), aux_recon) / total_variance(y).clamp_min(eps)
+    tv = total_variance(y) if total_var is None else total_var
+    ratio = squared_error(residual.detach(), aux_recon) / tv.clamp_min(eps)
     return scale * ratio.sum()
