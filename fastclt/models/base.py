@@ -16,6 +16,7 @@ from torch import nn
 
 from fastclt import ops
 from fastclt.ops import density
+from fastclt.ops.reference.auxk import empty_codes
 from fastclt.checkpoint import CheckpointError, load_tensors, read_header, save_tensors, write_json
 from fastclt.codes import SparseCodes
 from fastclt.config import SAEConfig
@@ -512,7 +513,9 @@ class SparseDictionary(nn.Module):
     def _auxk(self, xn, yn, y_hat, dead: torch.Tensor, total_var: Optional[torch.Tensor] = None) -> torch.Tensor:
         """AuxK (docs/DESIGN.md §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip."""
         tp = self.tp
-        n_dead = int(dead.sum()) if tp is None else int(tp.sum_detached(dead.sum()))
+        # per layer in one transfer (unsharded: a layer without dead features needs no selection)
+        per_layer = dead.sum(1).tolist() if tp is None else None
+        n_dead = sum(per_layer) if tp is None else int(tp.sum_detached(dead.sum()))
         if n_dead == 0:
             return y_hat.new_zeros((), dtype=torch.float32)
         cdt = self._compute_dtype()
@@ -523,9 +526,11 @@ class SparseDictionary(nn.Module):
         k_aux = self.cfg.effective_k_aux
         group = None if tp is None else tp.process_group
         # layer views by unbind: W_enc[l] would backpropagate a zero-filled [L, F, d_in] per layer
-        aux_codes = [ops.auxk_select(x_l.to(cdt), W_l.to(cdt), b_l.to(cdt), dead_l, k_aux, pre_bias, group=group,
+        aux_codes = [empty_codes(x_l.to(cdt), W_l.shape[0]) if per_layer is not None and per_layer[l] == 0 else
+                     ops.auxk_select(x_l.to(cdt), W_l.to(cdt), b_l.to(cdt), dead_l, k_aux, pre_bias, group=group,
                                      impl=self.impl)
-                     for x_l, W_l, b_l, dead_l in zip(xn.unbind(1), W_enc.unbind(0), b_enc.unbind(0), dead.unbind(0))]
+                     for l, (x_l, W_l, b_l, dead_l) in enumerate(zip(xn.unbind(1), W_enc.unbind(0), b_enc.unbind(0),
+                                                                     dead.unbind(0)))]
         e_hat = self._decode_n(aux_codes, xn, bias=False)  # xn: a MOLT's transforms read it
         residual = (yn - y_hat).detach()
         return ops.auxk_loss(e_hat, residual, yn, n_dead / self.n_layers, k_aux, total_var=total_var)
