@@ -153,18 +153,24 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& h, int64_t k) {
   return {index, value};
 }
 
+// The selections over h + bias (topk_bias, batch_topk_bias): h fp32 [B, F] on the CPU, bias [F] of
+// h's dtype and device.
+void check_row_bias(const at::Tensor& h, const at::Tensor& bias, const char* op) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat, "fastclt::", op, ": h must be float32, got ", h.scalar_type());
+  TORCH_CHECK(h.device().is_cpu(), "fastclt::", op, ": CPU kernel called on ", h.device());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == h.size(1), "fastclt::", op, ": bias must have shape [F=",
+              h.size(1), "], got ", bias.sizes());
+  check_float_tensor(bias, op, "bias");
+  check_same_dtype(bias, h, op, "bias", "h");
+  check_device(bias, h, op, "bias", "h");
+}
+
 // topk of h + bias (fp32; bias [F] broadcast over rows) without forming it: the CPU encoder runs its
 // GEMM with no bias (the bias broadcast and beta = 1 cost ~12 ms at the cpu-small shape) and folds
 // the bias in here. value = relu(h + bias) at the kept entries (the sum rounded once, in fp32).
 std::tuple<at::Tensor, at::Tensor> topk_bias_cpu(const at::Tensor& h, const at::Tensor& bias, int64_t k) {
   check_topk_args(h, k, "topk_bias");
-  TORCH_CHECK(h.scalar_type() == at::kFloat, "fastclt::topk_bias: h must be float32, got ", h.scalar_type());
-  TORCH_CHECK(h.device().is_cpu(), "fastclt::topk_bias: CPU kernel called on ", h.device());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == h.size(1), "fastclt::topk_bias: bias must have shape [F=",
-              h.size(1), "], got ", bias.sizes());
-  check_float_tensor(bias, "topk_bias", "bias");
-  check_same_dtype(bias, h, "topk_bias", "bias", "h");
-  check_device(bias, h, "topk_bias", "bias", "h");
+  check_row_bias(h, bias, "topk_bias");
   const int64_t B = h.size(0), F = h.size(1);
   auto index = new_output({B, k}, h.options().dtype(at::kInt));
   auto value = new_output({B, k}, h.options());
@@ -466,12 +472,12 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
   for (int64_t r = 0; r < R; ++r) row_ptr[r + 1] += row_ptr[r];
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_cpu(const at::Tensor& h, int64_t k_total) {
-  TORCH_CHECK(h.dim() >= 2, "fastclt::batch_topk: h must have at least 2 dims [..., F], got shape ", h.sizes());
-  check_float_tensor(h, "batch_topk", "h");
-  TORCH_CHECK(h.device().is_cpu(), "fastclt::batch_topk: CPU kernel called on ", h.device());
+// batch_topk and batch_topk_bias after their own checks: the outputs, then batch_topk_impl (bias:
+// nullptr, or fp32 [F] with fp32 h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_run(const at::Tensor& h, const float* bias, int64_t k_total,
+                                                              const char* op) {
   const int64_t n = h.numel(), F = h.size(-1);
-  TORCH_CHECK(F <= INT32_MAX, "fastclt::batch_topk: F must fit in int32, got ", F);
+  TORCH_CHECK(F <= INT32_MAX, "fastclt::", op, ": F must fit in int32, got ", F);
   TORCH_CHECK_VALUE(k_total >= 0 && k_total <= n, "batch_topk: k_total must be in [0, h.numel()=", n,
                     "], got ", k_total);
   const int64_t R = F == 0 ? 0 : n / F;
@@ -484,10 +490,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_cpu(const at::Tensor& 
   }
   dispatch_float(h.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    batch_topk_impl<scalar_t>(h.data_ptr<scalar_t>(), nullptr, n, F, k_total, row_ptr.data_ptr<int64_t>(),
+    batch_topk_impl<scalar_t>(h.data_ptr<scalar_t>(), bias, n, F, k_total, row_ptr.data_ptr<int64_t>(),
                               index.data_ptr<int32_t>(), value.data_ptr<scalar_t>());
   });
   return {row_ptr, index, value};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_cpu(const at::Tensor& h, int64_t k_total) {
+  TORCH_CHECK(h.dim() >= 2, "fastclt::batch_topk: h must have at least 2 dims [..., F], got shape ", h.sizes());
+  check_float_tensor(h, "batch_topk", "h");
+  TORCH_CHECK(h.device().is_cpu(), "fastclt::batch_topk: CPU kernel called on ", h.device());
+  return batch_topk_run(h, nullptr, k_total, "batch_topk");
 }
 
 // batch_topk of h + bias (fp32; bias [F] broadcast over the rows) without forming it, as topk_bias
@@ -496,28 +509,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_cpu(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_bias_cpu(const at::Tensor& h, const at::Tensor& bias,
                                                                    int64_t k_total) {
   TORCH_CHECK(h.dim() == 2, "fastclt::batch_topk_bias: h must be 2-D [B, F], got shape ", h.sizes());
-  TORCH_CHECK(h.scalar_type() == at::kFloat, "fastclt::batch_topk_bias: h must be float32, got ", h.scalar_type());
   TORCH_CHECK(h.is_contiguous(), "fastclt::batch_topk_bias: h must be contiguous");
-  TORCH_CHECK(h.device().is_cpu(), "fastclt::batch_topk_bias: CPU kernel called on ", h.device());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == h.size(1), "fastclt::batch_topk_bias: bias must have shape [F=",
-              h.size(1), "], got ", bias.sizes());
-  check_float_tensor(bias, "batch_topk_bias", "bias");
-  check_same_dtype(bias, h, "batch_topk_bias", "bias", "h");
-  check_device(bias, h, "batch_topk_bias", "bias", "h");
-  const int64_t n = h.numel(), F = h.size(1), R = h.size(0);
-  TORCH_CHECK(F <= INT32_MAX, "fastclt::batch_topk_bias: F must fit in int32, got ", F);
-  TORCH_CHECK_VALUE(k_total >= 0 && k_total <= n, "batch_topk: k_total must be in [0, h.numel()=", n,
-                    "], got ", k_total);
-  auto row_ptr = new_output({R + 1}, h.options().dtype(at::kLong));
-  auto index = new_output({k_total}, h.options().dtype(at::kInt));
-  auto value = new_output({k_total}, h.options());
-  if (k_total == 0) {
-    row_ptr.zero_();
-    return {row_ptr, index, value};
-  }
-  batch_topk_impl<float>(h.data_ptr<float>(), bias.contiguous().data_ptr<float>(), n, F, k_total,
-                         row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), value.data_ptr<float>());
-  return {row_ptr, index, value};
+  check_row_bias(h, bias, "batch_topk_bias");
+  const at::Tensor b = bias.contiguous();
+  return batch_topk_run(h, b.data_ptr<float>(), k_total, "batch_topk_bias");
 }
 
 // Threshold patterns (ReLU; JumpReLU with the band its backward visits): the entries of h [B, F]

@@ -404,25 +404,6 @@ def test_topk_bias_is_topk_of_the_sum(B, F, k, kind):
     assert torch.equal(index.view(-1), ref.index) and torch.equal(value.view(-1), ref.value)
 
 
-@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
-def test_topk_bias_bad_input_and_opcheck():
-    ops = torch.ops.fastclt
-    h, b = torch.randn(4, 1000), torch.randn(1000)
-    with pytest.raises(RuntimeError, match=r"bias must have shape \[F=1000\]"):
-        ops.topk_bias(h, b[:-1], 3)
-    with pytest.raises(RuntimeError, match="h must be float32"):
-        ops.topk_bias(h.bfloat16(), b.bfloat16(), 3)
-    with pytest.raises(RuntimeError, match="same dtype"):
-        ops.topk_bias(h, b.bfloat16(), 3)
-    with pytest.raises(RuntimeError, match="k must be in"):
-        ops.topk_bias(h, b, 1001)
-    nan_sum = b.clone()
-    nan_sum[999], h[3, 999] = float("inf"), float("-inf")  # inf + -inf: a NaN in the sum only
-    with pytest.raises(RuntimeError, match="h \\+ bias contains NaN"):
-        ops.topk_bias(h, nan_sum, 3)
-    torch.library.opcheck(ops.topk_bias, (torch.randn(4, 37), torch.randn(37), 3))
-
-
 # ---------------------------------------------------------------------- batch_topk_bias (CPU only)
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 @pytest.mark.parametrize("B,F,k,kind", [(7, 37, 5, "randn"), (16, 1001, 8, "randn"), (4, 600, 8, "ties"),
@@ -443,21 +424,26 @@ def test_batch_topk_bias_is_batch_topk_of_the_sum(B, F, k, kind, poisoned):
 
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
-def test_batch_topk_bias_bad_input_and_opcheck():
-    ops = torch.ops.fastclt
+@pytest.mark.parametrize("name,k_over,k_error,nan_error,k_ok", [
+    ("topk_bias", 1001, (RuntimeError, "k must be in"), RuntimeError, 3),
+    ("batch_topk_bias", 4001, (ValueError, r"k_total must be in \[0, h.numel\(\)=4000\]"), ValueError, 12),
+])
+def test_bias_selections_bad_input_and_opcheck(name, k_over, k_error, nan_error, k_ok):
+    """topk_bias and batch_topk_bias share their checks of h and bias; each names its own k bound."""
+    op = getattr(torch.ops.fastclt, name)
     h, b = torch.randn(4, 1000), torch.randn(1000)
     with pytest.raises(RuntimeError, match=r"bias must have shape \[F=1000\]"):
-        ops.batch_topk_bias(h, b[:-1], 3)
+        op(h, b[:-1], 3)
     with pytest.raises(RuntimeError, match="h must be float32"):
-        ops.batch_topk_bias(h.bfloat16(), b.bfloat16(), 3)
+        op(h.bfloat16(), b.bfloat16(), 3)
     with pytest.raises(RuntimeError, match="same dtype"):
-        ops.batch_topk_bias(h, b.bfloat16(), 3)
+        op(h, b.bfloat16(), 3)
     with pytest.raises(RuntimeError, match="h must be 2-D"):
-        ops.batch_topk_bias(h.view(2, 2, 1000), b, 3)
-    with pytest.raises(ValueError, match=r"k_total must be in \[0, h.numel\(\)=4000\]"):
-        ops.batch_topk_bias(h, b, 4001)
+        op(h.view(2, 2, 1000), b, 3)
+    with pytest.raises(k_error[0], match=k_error[1]):
+        op(h, b, k_over)
     nan_sum = b.clone()
     nan_sum[999], h[3, 999] = float("inf"), float("-inf")  # inf + -inf: a NaN in the sum only
-    with pytest.raises(ValueError, match="h \\+ bias contains NaN"):
-        ops.batch_topk_bias(h, nan_sum, 3)
-    torch.library.opcheck(ops.batch_topk_bias, (torch.randn(4, 37), torch.randn(37), 12))
+    with pytest.raises(nan_error, match="h \\+ bias contains NaN"):
+        op(h, nan_sum, 3)
+    torch.library.opcheck(op, (torch.randn(4, 37), torch.randn(37), k_ok))
