@@ -43,7 +43,7 @@ from fastclt.training.config import ConfigError, RunConfig, build_parser, load_c
 from fastclt.training.data import Prefetcher, make_source, share_batch
 from fastclt.training.metrics import MetricsLogger, last_logged, step_flops, write_summary
 from fastclt.training.parallel import (Layout, TensorParallel, allreduce_grads, clip_grad_norm, gather_full_state,
-                                       init_distributed, shard_state)
+                                       init_distributed, shard_state, shutdown_distributed)
 from fastclt.training.rundir import RunLock, die_with_parent, probe_writable
 
 __all__ = ["main", "train"]
@@ -111,7 +111,7 @@ def train(cfg: RunConfig) -> dict:
         die_with_parent()
     with contextlib.ExitStack() as resources:  # what a run opens is closed here, in reverse order
         if not dist.is_initialized():
-            resources.callback(lambda: dist.is_initialized() and dist.destroy_process_group())
+            resources.callback(shutdown_distributed)
         layout = init_distributed(cfg.train.tp, device.type)
         if device.type == "cuda":
             device = torch.device("cuda", layout.local_rank)

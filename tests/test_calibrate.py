@@ -178,12 +178,13 @@ def _tp_worker(rank, world, store_path, args):
 
     import torch.distributed as dist
     from fastclt.train import train
+    from fastclt.training.parallel import shutdown_distributed
     from fastclt.training.config import load_config
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     torch.set_num_threads(1)
     train(load_config(args))
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_trainer_calibrates_under_tensor_parallelism_with_an_lm_source(tmp_path):

@@ -40,6 +40,7 @@ histograms — against 3 GiB (B·F·L·s) for gathering the pre-activations.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -106,6 +107,16 @@ def init_distributed(tp: int, device_kind: str) -> Layout:
     return Layout(rank=rank, world=world, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp,
                   local_rank=local_rank, tp_group=tp_group, dp_group=dp_group, backend=backend)
 
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group, first collecting garbage: a group still referenced from a
+    reference cycle (a caught exception's traceback keeps the frames, and their locals, of the
+    collective that raised) would otherwise be destroyed during interpreter shutdown, where gloo's
+    process group can abort the process. A no-op when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 # ------------------------------------------------------------------ autograd all-reduces
 class _ReducePartial(torch.autograd.Function):

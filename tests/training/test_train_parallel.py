@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import fastclt
 from fastclt.training.config import load_config
-from fastclt.training.parallel import TensorParallel, shard_state
+from fastclt.training.parallel import TensorParallel, shard_state, shutdown_distributed
 
 RUN_ARGS = ["--model.n_layers", "3", "--model.d_in", "16", "--model.d_out", "16", "--model.n_features", "32",
             "--model.dtype", "float64", "--data.n_true", "16", "--data.true_l0", "2",
@@ -112,7 +112,7 @@ def _worker(rank, world, store_path, out_root):
     # data parallel (tp=1, dp=2) on shards: replica r takes micro-batches 2i + r, gradients averaged
     train(load_config(RUN_ARGS + RUNS["topk"] + DP_ARGS + ["--out_dir", os.path.join(out_root, "dp2"),
                                                            "--data.path", os.path.join(out_root, "shards")]))
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _losses(path):
