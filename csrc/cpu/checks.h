@@ -47,6 +47,15 @@ inline uint32_t float_key(float x) {
   return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
 }
 
+// The float whose float_key is `key` (-0.0 comes back as +0.0): lets a selection write the values
+// it kept from their keys, without reading the entries again.
+inline float key_float(uint32_t key) {
+  const uint32_t u = key ^ (uint32_t(int32_t(~key) >> 31) | 0x80000000u);
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
 // Calls fn(scalar_t{}) with scalar_t = float or at::BFloat16 (the two dtypes the kernels take).
 template <typename Fn>
 inline void dispatch_float(at::ScalarType dtype, Fn&& fn) {

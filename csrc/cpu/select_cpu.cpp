@@ -463,7 +463,7 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
       if (simd::ranks_before(pivot, c)) continue;  // ranked after the k_total-th
       const int64_t col = c.index % F;
       out_index[out] = int32_t(col);
-      out_value[out] = bias != nullptr ? T(relu(to_f32(h[c.index]) + bias[col])) : relu(h[c.index]);
+      out_value[out] = T(relu(key_float(c.key)));  // h[c.index] (+ bias[col]), from its key
       ++row_ptr[c.index / F + 1];
       ++out;
     }

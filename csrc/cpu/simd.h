@@ -231,30 +231,66 @@ inline bool ranks_before(const Candidate& a, const Candidate& b) {
 }
 
 // Appends {key, base + i} for every i < n with float_key(src(i)) >= thr, in index order, scanning
-// only the blocks of `block` entries whose maximum key (keymax, from block_key_max) is >= thr.
-// Groups of 16 are tested by a vectorised OR first: the cost follows the number of candidates.
-template <typename Src>
-FASTCLT_ALWAYS_INLINE void collect_at_least_src(Src src, int64_t n, int64_t block, const uint32_t* __restrict__ keymax,
-                                                uint32_t thr, int64_t base, std::vector<Candidate>& out) {
-  constexpr int64_t G = 16;
-  for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, ++b) {
-    if (keymax[b] < thr) continue;
-    const int64_t end = std::min(n, b0 + block);
-    int64_t i0 = b0;
-    for (; i0 + G <= end; i0 += G) {
-      uint32_t any = 0;
-      for (int64_t i = 0; i < G; ++i) any |= uint32_t(float_key(src(i0 + i)) >= thr);
-      if (!any) continue;
-      for (int64_t i = 0; i < G; ++i) {
-        const uint32_t key = float_key(src(i0 + i));
-        if (key >= thr) out.push_back({key, base + i0 + i});
+// only the blocks of `block` entries whose maximum key (keymax, from block_key_max) is >= thr; x is
+// the storage src reads (for prefetching only). Three things keep this pass, which reads about a
+// quarter of h in BatchTopK, from costing more than the full first pass:
+//   - the blocks to read are listed first, a chunk at a time, and each is prefetched a few blocks
+//     ahead: they are scattered, and each read otherwise waits on memory;
+//   - groups of 16 entries are tested by a vectorised OR first, so the cost follows the number of
+//     candidates;
+//   - a group that holds some is written without branches (every entry stored into a local buffer,
+//     the count advanced by the comparison): which entries pass is data-dependent, and a branch per
+//     entry mispredicts often.
+template <typename Src, typename Elem>
+FASTCLT_ALWAYS_INLINE void collect_at_least_src(Src src, const Elem* x, int64_t n, int64_t block,
+                                                const uint32_t* __restrict__ keymax, uint32_t thr, int64_t base,
+                                                std::vector<Candidate>& out) {
+  constexpr int64_t G = 16, kChunk = 256, kAhead = 8, kBuf = 512, kLine = 64;
+  int32_t chosen[kChunk];
+  Candidate buf[kBuf];
+  int64_t held = 0;
+  auto flush = [&] {
+    out.insert(out.end(), buf, buf + held);
+    held = 0;
+  };
+  auto prefetch = [&](int64_t b) {
+    const char* p = reinterpret_cast<const char*>(x + b * block);
+    const int64_t bytes = std::min(block, n - b * block) * int64_t(sizeof(Elem));
+    for (int64_t o = 0; o < bytes; o += kLine) __builtin_prefetch(p + o);
+  };
+  const int64_t n_blocks = (n + block - 1) / block;
+  for (int64_t c0 = 0; c0 < n_blocks; c0 += kChunk) {
+    const int64_t c1 = std::min(n_blocks, c0 + kChunk);
+    int64_t m = 0;
+    for (int64_t b = c0; b < c1; ++b) {
+      chosen[m] = int32_t(b - c0);
+      m += keymax[b] >= thr;
+    }
+    for (int64_t j = 0; j < std::min(m, kAhead); ++j) prefetch(c0 + chosen[j]);
+    for (int64_t j = 0; j < m; ++j) {
+      if (j + kAhead < m) prefetch(c0 + chosen[j + kAhead]);
+      const int64_t b0 = (c0 + chosen[j]) * block, end = std::min(n, b0 + block);
+      int64_t i0 = b0;
+      for (; i0 + G <= end; i0 += G) {
+        uint32_t any = 0;
+        for (int64_t i = 0; i < G; ++i) any |= uint32_t(float_key(src(i0 + i)) >= thr);
+        if (!any) continue;
+        if (held + G > kBuf) flush();
+        for (int64_t i = 0; i < G; ++i) {
+          const uint32_t key = float_key(src(i0 + i));
+          buf[held] = {key, base + i0 + i};
+          held += key >= thr;
+        }
+      }
+      for (; i0 < end; ++i0) {
+        const uint32_t key = float_key(src(i0));
+        if (held == kBuf) flush();
+        buf[held] = {key, base + i0};
+        held += key >= thr;
       }
     }
-    for (; i0 < end; ++i0) {
-      const uint32_t key = float_key(src(i0));
-      if (key >= thr) out.push_back({key, base + i0});
-    }
   }
+  flush();
 }
 
 FASTCLT_SIMD_CLONES static uint32_t block_key_max(const float* x, int64_t n, int64_t block, uint32_t* keymax) {
@@ -277,13 +313,13 @@ FASTCLT_SIMD_CLONES static uint32_t block_key_max(const float* x, const float* b
 
 FASTCLT_SIMD_CLONES static void collect_at_least(const float* x, int64_t n, int64_t block, const uint32_t* keymax,
                                                  uint32_t thr, int64_t base, std::vector<Candidate>& out) {
-  collect_at_least_src([x](int64_t i) { return x[i]; }, n, block, keymax, thr, base, out);
+  collect_at_least_src([x](int64_t i) { return x[i]; }, x, n, block, keymax, thr, base, out);
 }
 
 FASTCLT_SIMD_CLONES static void collect_at_least_bf16(const uint16_t* x, int64_t n, int64_t block,
                                                       const uint32_t* keymax, uint32_t thr, int64_t base,
                                                       std::vector<Candidate>& out) {
-  collect_at_least_src([x](int64_t i) { return bf16_bits_to_f32(x[i]); }, n, block, keymax, thr, base, out);
+  collect_at_least_src([x](int64_t i) { return bf16_bits_to_f32(x[i]); }, x, n, block, keymax, thr, base, out);
 }
 
 inline void collect_at_least(const at::BFloat16* x, int64_t n, int64_t block, const uint32_t* keymax, uint32_t thr,
@@ -294,7 +330,7 @@ inline void collect_at_least(const at::BFloat16* x, int64_t n, int64_t block, co
 FASTCLT_SIMD_CLONES static void collect_at_least(const float* x, const float* bias, int64_t n, int64_t block,
                                                  const uint32_t* keymax, uint32_t thr, int64_t base,
                                                  std::vector<Candidate>& out) {
-  collect_at_least_src([x, bias](int64_t i) { return x[i] + bias[i]; }, n, block, keymax, thr, base, out);
+  collect_at_least_src([x, bias](int64_t i) { return x[i] + bias[i]; }, x, n, block, keymax, thr, base, out);
 }
 
 // Appends every i < n with load(x[i]) - load(t[i]) > bound (in fp32), in index order: the

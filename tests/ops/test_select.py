@@ -117,6 +117,7 @@ def test_every_implementation_equals_the_reference(impl, device, op, dtype, gen,
     # k * 16 <= F: the block-maximum bound and filter (csrc/cpu/select_cpu.cpp topk_row)
     (4, 600, 8, "ties"), (3, 512, 4, "equal"), (4, 777, 6, "inf"), (5, 640, 10, "negties"),
     (3, 1003, 7, "ascending"), (3, 999, 5, "descending"), (6, 500, 3, "hotrow"), (2, 4099, 256, "randn"),
+    (3, 8209, 80, "ties"),  # more blocks per row than the candidate scan lists at a time
 ])
 @pytest.mark.parametrize("impl,device", impl_params("topk"))
 def test_topk_forward(impl, device, B, F, k, kind, dtype, poisoned):
