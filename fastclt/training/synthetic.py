@@ -79,12 +79,13 @@ class SyntheticActivations:
         where = self._active(a.numel(), g)
         a[where] = 0.5 + torch.rand(where.numel(), generator=g)
         a = a.view(B, L, self.n_true)
-        x = torch.bmm(a.transpose(0, 1), self.E).transpose(0, 1)
-        x = x + self.noise * torch.randn(x.shape, generator=g)
+        # the noise drawn with its scale (no separate multiply), and added by the GEMM of y (beta = 1)
+        x = torch.bmm(a.transpose(0, 1), self.E).transpose(0, 1) + \
+            torch.empty(B, L, self.d_in).normal_(0.0, self.noise, generator=g)
         if self.kind == "sae":
             return x, x
-        y = (a.reshape(B, L * self.n_true) @ self._U_all).view(B, L, self.d_out)  # Σ_{s≤t} a_s U_s[:, t−s]
-        y = y + self.noise * torch.randn(y.shape, generator=g)
+        y = torch.empty(B, L * self.d_out).normal_(0.0, self.noise, generator=g)
+        y = torch.addmm(y, a.reshape(B, L * self.n_true), self._U_all).view(B, L, self.d_out)  # Σ_{s≤t} a_s U_s[:, t−s]
         return x, y
 
     def _active(self, n: int, g: torch.Generator) -> torch.Tensor:

@@ -101,14 +101,36 @@ def _empty(c) -> bool:
 
 def _sum_shifted(parts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
     """parts: (s, [..., B, L−s, d]) in increasing s → [..., B, L, d] with each part added at targets
-    s..L−1: into the first part (a decode's own fresh output, or its fp32 copy; zero-padded when it
-    is not source 0) in place, one slice at a time, in increasing s (no zero-padded copies of the
-    others; the same sums in the same order as adding them all padded)."""
-    s0, p0 = parts[0]
-    acc = acc_dtype(p0.dtype)
-    y = p0.to(acc)
-    if s0:
-        y = torch.nn.functional.pad(y, (0, 0, s0, 0))
-    for s, p in parts[1:]:
-        y[..., s:, :].add_(p.to(acc))
-    return y.to(p0.dtype)
+    s..L−1 (``_ShiftedSum``), summed in fp32 (fp64 for fp64 parts) and rounded to the parts' dtype."""
+    shifts = tuple(s for s, _ in parts)
+    L = shifts[0] + parts[0][1].shape[-2]
+    return _ShiftedSum.apply(shifts, L, *(p for _, p in parts)).to(parts[0][1].dtype)
+
+
+class _ShiftedSum(torch.autograd.Function):
+    """Σ_s (part s placed at targets s..L−1): the first part itself is the accumulator when it starts
+    at target 0 and is already in the accumulation dtype (a decode's fresh output: marked dirty),
+    else a new one; the others are added in place, one slice at a time, in increasing s (the same
+    sums in the same order as adding them all zero-padded). The backward hands each part its slice
+    of the output's gradient, as a view: no zero-padded copies forward, no copies of the whole
+    gradient per in-place add backward."""
+
+    @staticmethod
+    def forward(ctx, shifts, L, *parts):
+        p0 = parts[0]
+        acc = acc_dtype(p0.dtype)
+        ctx.shifts, ctx.dtypes = shifts, [p.dtype for p in parts]
+        if shifts[0] == 0 and p0.dtype == acc:
+            y = p0
+            ctx.mark_dirty(p0)
+        else:
+            y = p0.new_zeros((*p0.shape[:-2], L, p0.shape[-1]), dtype=acc)
+            y[..., shifts[0]:, :] = p0
+        for s, p in zip(shifts[1:], parts[1:]):
+            y[..., s:, :].add_(p.to(acc))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (None, None, *(grad[..., s:, :].to(dt) for s, dt in zip(ctx.shifts, ctx.dtypes)))
