@@ -247,15 +247,16 @@ def test_encode_layers_per_layer_is_one_encode_per_layer(impl, device):
     W = (torch.randn(L, F, d, generator=g) / d ** 0.5).to(device)
     b = (torch.randn(L, F, generator=g) * 0.1).to(device)
     up = torch.randn(L, B, F, dtype=torch.float64, generator=g).to(device)
-    Wa, Wb = W.clone().requires_grad_(), W.clone().requires_grad_()
-    got = ops.encode_layers(x, Wa, b, k, across_layers=False, impl=impl)
-    want = [ref_encode(x[:, l], Wb[l], b[l], activation="batchtopk", k=k) for l in range(L)]
+    (xa, Wa, ba), (xb, Wb, bb) = [[t.clone().requires_grad_() for t in (x, W, b)] for _ in range(2)]
+    got = ops.encode_layers(xa, Wa, ba, k, across_layers=False, impl=impl)
+    want = [ref_encode(xb[:, l], Wb[l], bb[l], activation="batchtopk", k=k) for l in range(L)]
     for l in range(L):
         assert got[l].nnz == k * B and torch.equal(pattern(got[l], F), pattern(want[l], F))
         assert_close(got[l].to_dense(F), want[l].to_dense(F), 1e-5, f"layer {l}")
     sum((c.to_dense(F).double() * up[l]).sum() for l, c in enumerate(got)).backward()
     sum((c.to_dense(F).double() * up[l]).sum() for l, c in enumerate(want)).backward()
-    assert_close(Wa.grad, Wb.grad, 1e-4, "dW_enc")
+    for name, a, r in (("dW_enc", Wa, Wb), ("db_enc", ba, bb), ("dx", xa, xb)):
+        assert_close(a.grad, r.grad, 1e-4, name)
 
 
 @pytest.mark.parametrize("impl,device", impl_params("encode_layers"))

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from fastclt.codes import SparseCodes
-from fastclt.ops import sharded
+from fastclt.ops import density, sharded
 from fastclt.ops.encoder_backward import encode_codes
 from fastclt.ops.ext import select as ext_select
 from fastclt.ops.ext._common import EXT_KERNELS, h_out, ops
@@ -61,47 +61,58 @@ def encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], 
         h = preacts(x, W_enc, b_enc, pre_bias)
         return activate(h, activation, k=k, threshold=threshold, bandwidth=bandwidth, shards=shards,
                         select=ext_select), h
-    with torch.no_grad():
-        # CPU fp32 TopK / BatchTopK: the GEMM without its bias (no broadcast copy, beta = 0), the bias
-        # folded into the select (fastclt::topk_bias, fastclt::batch_topk_bias); elsewhere the GEMM adds it
-        fold = (activation in ("topk", "batchtopk") and shards is None and x.device.type == "cpu"
-                and x.dtype == torch.float32 and b_enc is not None and b_enc.dtype == torch.float32)
-        centered = None
-        with phase("encoder_gemm"):
-            # x − pre_bias once, for the GEMM and (fp32: the same numbers) for dW_enc in the backward
-            if pre_bias is not None and x.dtype == torch.float32:
-                centered = x.detach() - pre_bias.detach().to(x.dtype)
-            h = preacts(x.detach() if centered is None else centered, W_enc.detach(),
-                        None if b_enc is None or fold else b_enc.detach(),
-                        None if pre_bias is None or centered is not None else pre_bias.detach(),
-                        out=h_out(x, x.shape[0], W_enc.shape[0]))
-        if fold:
-            bias = b_enc.detach().contiguous()
-            if activation == "topk":
-                c = SparseCodes.from_topk(*ops().topk_bias(h, bias, k), h.shape[1])
-            else:
-                c = SparseCodes(*ops().batch_topk_bias(h, bias, k * h.shape[0]), h.shape[1])
-            row_ptr, row, col, h_e = c.row_ptr, c.row_ids(), c.index, c.value  # relu'd: the same codes and mask
-        else:
-            row_ptr, row, col, h_e = _pattern(h, activation, k, None if threshold is None else threshold.detach(),
-                                              bandwidth, shards)
-        del h
+    row_ptr, row, col, h_e, centered = _entries(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias, shards)
     return encode_codes(x, W_enc, b_enc, threshold, pre_bias, row_ptr, row, col, h_e, activation, bandwidth,
                         EXT_KERNELS, k if activation == "topk" and shards is None else None, centered)
+
+
+@torch.no_grad()
+def _entries(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias, shards):
+    """encode's forward without autograd → (row_ptr, row, col, h fp32 at the entries, centered)."""
+    # CPU fp32 TopK / BatchTopK: the GEMM without its bias (no broadcast copy, beta = 0), the bias
+    # folded into the select (fastclt::topk_bias, fastclt::batch_topk_bias); elsewhere the GEMM adds it
+    fold = (activation in ("topk", "batchtopk") and shards is None and x.device.type == "cpu"
+            and x.dtype == torch.float32 and b_enc is not None and b_enc.dtype == torch.float32)
+    centered = None
+    with phase("encoder_gemm"):
+        # x − pre_bias once, for the GEMM and (fp32: the same numbers) for dW_enc in the backward
+        if pre_bias is not None and x.dtype == torch.float32:
+            centered = x.detach() - pre_bias.detach().to(x.dtype)
+        h = preacts(x.detach() if centered is None else centered, W_enc.detach(),
+                    None if b_enc is None or fold else b_enc.detach(),
+                    None if pre_bias is None or centered is not None else pre_bias.detach(),
+                    out=h_out(x, x.shape[0], W_enc.shape[0]))
+    if fold:
+        bias = b_enc.detach().contiguous()
+        if activation == "topk":
+            c = SparseCodes.from_topk(*ops().topk_bias(h, bias, k), h.shape[1])
+        else:
+            c = SparseCodes(*ops().batch_topk_bias(h, bias, k * h.shape[0]), h.shape[1])
+        return c.row_ptr, c.row_ids(), c.index, c.value, centered  # relu'd: the same codes and mask
+    threshold = None if threshold is None else threshold.detach()
+    return (*_pattern(h, activation, k, threshold, bandwidth, shards), centered)
 
 
 def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], k: int,
                   pre_bias: Optional[torch.Tensor] = None, *, across_layers: bool = True,
                   shards: Optional[sharded.Shards] = None) -> list[SparseCodes]:
     """BatchTopK of a CLT's L layers: x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L SparseCodes
-    with exactly k·B·L entries over all layers together (k·B per layer when not ``across_layers``);
-    one exact selection over the stacked h (no grad), then the sparse encoder backward per layer."""
+    with exactly k·B·L entries over all layers together (k·B per layer when not ``across_layers``):
+    one exact selection over the stacked h (no grad; per layer, each with its own GEMM, when not
+    across layers and unsharded), then the sparse encoder backward — for all layers at once
+    (``_encode_joined``) unless there is a pre-bias or the codes are dense enough for its dense form."""
     L, F = W_enc.shape[0], W_enc.shape[1]
     xs, Ws = x.unbind(1), W_enc.unbind(0)
     bs = [None] * L if b_enc is None else b_enc.unbind(0)
+    joined = pre_bias is None and L * F < 2 ** 31 and \
+        k / max(F, 1) < density.crossover_for("encode_backward", x.device, x.dtype)
     if not across_layers and shards is None:
-        return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias)
+        if not joined:
+            return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias)
+                    for x_l, W_l, b_l in zip(xs, Ws, bs)]
+        pats = [_entries(x_l, W_l, b_l, "batchtopk", k, None, 0.01, None, None)[:4]
                 for x_l, W_l, b_l in zip(xs, Ws, bs)]
+        return _encode_joined(x, W_enc, b_enc, pats)
     with torch.no_grad():
         with phase("encoder_gemm"):
             h = preacts_layers(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
@@ -116,5 +127,33 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
             row = SparseCodes.rows_of(row_ptr, col.shape[0])
             pats.append((row_ptr, row, col.to(torch.int32), h_l[row, col].float()))
         del h, parts
+    if joined:
+        return _encode_joined(x, W_enc, b_enc, pats)
     return [encode_codes(x_l, W_l, b_l, None, pre_bias, *pat, "batchtopk", 0.01, EXT_KERNELS)
             for x_l, W_l, b_l, pat in zip(xs, Ws, bs, pats)]
+
+
+def _encode_joined(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
+                   pats: list) -> list[SparseCodes]:
+    """The L layers' entries (row_ptr, row, col, h per layer) as the codes of one encode: rows
+    l·B + b of x laid out layer-major [L·B, d_in] (one copy of x), features l·F + f of W_enc viewed
+    [L·F, d_in] (and of b_enc viewed [L·F]), so that the joined CSR is the layers' CSRs one after
+    another. One sparse encoder backward then writes dW_enc and db_enc in their own [L, F, d_in] and
+    [L, F] layouts — no stack of per-layer gradients (4 layers of [4096, 256] cost ~3.5 ms of copies
+    per step on a 2-core CPU) and one autograd node, not L. Each layer's values are a slice of the
+    joined values."""
+    B, L, d = x.shape
+    F = W_enc.shape[1]
+    lens = [c.shape[0] for _, _, c, _ in pats]
+    with torch.no_grad():
+        starts = [0]
+        for n in lens[:-1]:
+            starts.append(starts[-1] + n)
+        row_ptr = torch.cat([pats[0][0]] + [rp[1:] + s for (rp, _, _, _), s in zip(pats[1:], starts[1:])])
+        rows = torch.cat([row + l * B for l, (_, row, _, _) in enumerate(pats)])
+        col = torch.cat([c + l * F for l, (_, _, c, _) in enumerate(pats)])
+        h = torch.cat([h_l for _, _, _, h_l in pats])
+    codes = encode_codes(x.transpose(0, 1).reshape(L * B, d), W_enc.reshape(L * F, d),
+                         None if b_enc is None else b_enc.reshape(L * F), None, None, row_ptr, rows, col, h,
+                         "batchtopk", 0.01, EXT_KERNELS)
+    return [SparseCodes(rp, c, v, F) for (rp, _, c, _), v in zip(pats, codes.value.split(lens))]
