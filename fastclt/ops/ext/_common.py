@@ -29,10 +29,20 @@ class _ExtKernels:
 
     @staticmethod
     def feature_sums(col, coef, n_features, segments):
+        coef = coef.float()
+        if col.device.type == "cpu":
+            # a column at a time, 1-D index_add_: one sequential pass over the entries in their order
+            # (deterministic, and per feature the order feature_scatter's stable grouping would
+            # take), ~10× faster at these widths (1 or 2 columns) than a feature_scatter of
+            # one-entry rows (65536 entries into 16384 features: 0.9 → 0.1 ms on the 2-core Xeon)
+            out = torch.zeros(n_features, coef.shape[1], dtype=torch.float32)
+            for j in range(coef.shape[1]):
+                out[:, j].index_add_(0, col, coef[:, j])
+            return out
         nnz = col.shape[0]
         per_entry = torch.arange(nnz + 1, dtype=torch.int64, device=col.device)  # each entry its own row
         ones = torch.ones(nnz, dtype=torch.float32, device=col.device)
-        return ops().feature_scatter(per_entry, col.contiguous(), ones, coef.float().contiguous(), n_features)[0]
+        return ops().feature_scatter(per_entry, col.contiguous(), ones, coef.contiguous(), n_features)[0]
 
     @staticmethod
     def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
