@@ -369,3 +369,29 @@ def test_skip_empty_sources(impl, device, empty):
     Wt = torch.randn(L, F, d, generator=torch.Generator().manual_seed(3)).to(device)
     yt = ops.clt_decode(codes, Wt, "per_source", impl=impl, skip_empty=True)
     assert torch.equal(yt, ops.clt_decode(codes, Wt, "per_source", impl=impl))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("first", [0, 2])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
+def test_shifted_sum(dtype, first, mode):
+    """The untied decode's sum of shifted parts (``_sum_shifted``): parts (s, [B, L−s, d]) from s =
+    ``first`` on placed at targets s.. and summed in fp32 (fp64 for fp64), rounded once; each part's
+    gradient is its slice of the output's; the same under no_grad and inference_mode (the first part,
+    the accumulator when it starts at target 0 in the accumulation dtype, is a fresh non-leaf)."""
+    from fastclt.ops.reference.clt_decode import _sum_shifted
+    g = torch.Generator().manual_seed(31 + first)
+    B, L, d = 7, 5, 3
+    leaves = [(s, torch.randn(B, L - s, d, generator=g).to(dtype).requires_grad_()) for s in range(first, L)]
+    want = sum(torch.nn.functional.pad(p.detach().double(), (0, 0, s, 0)) for s, p in leaves)
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    with ctx():
+        y = _sum_shifted([(s, p * 1) for s, p in leaves])  # fresh parts, as a decode returns them
+    assert y.dtype == dtype and y.shape == (B, L, d)
+    tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-6
+    assert_close(y.double(), want, tol, "sum")
+    if mode == "grad":
+        up = torch.randn(B, L, d, generator=g).to(dtype)
+        (y * up).sum().backward()
+        for s, p in leaves:
+            assert p.grad.dtype == dtype and torch.equal(p.grad, up[:, s:]), s
