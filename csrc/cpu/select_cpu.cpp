@@ -57,21 +57,23 @@ inline float entry(const T* x, const float* bias, int64_t i) {
   return bias != nullptr ? to_f32(x[i]) + bias[i] : to_f32(x[i]);
 }
 
+// The block scans over n entries of x, plus bias[i] when there is a bias (fp32 x only), dispatched
+// once for topk_row and batch_topk_impl. Candidates' indices are base + i.
 template <typename T>
-uint32_t row_block_key_max(const T* x, const float* bias, int64_t F, int64_t block, uint32_t* keymax) {
+uint32_t row_block_key_max(const T* x, const float* bias, int64_t n, int64_t block, uint32_t* keymax) {
   if constexpr (std::is_same_v<T, float>) {
-    if (bias != nullptr) return simd::block_key_max(x, bias, F, block, keymax);
+    if (bias != nullptr) return simd::block_key_max(x, bias, n, block, keymax);
   }
-  return simd::block_key_max(x, F, block, keymax);
+  return simd::block_key_max(x, n, block, keymax);
 }
 
 template <typename T>
-void row_collect_at_least(const T* x, const float* bias, int64_t F, int64_t block, const uint32_t* keymax,
-                          uint32_t thr, std::vector<simd::Candidate>& out) {
+void row_collect_at_least(const T* x, const float* bias, int64_t n, int64_t block, const uint32_t* keymax,
+                          uint32_t thr, int64_t base, std::vector<simd::Candidate>& out) {
   if constexpr (std::is_same_v<T, float>) {
-    if (bias != nullptr) return simd::collect_at_least(x, bias, F, block, keymax, thr, 0, out);
+    if (bias != nullptr) return simd::collect_at_least(x, bias, n, block, keymax, thr, base, out);
   }
-  simd::collect_at_least(x, F, block, keymax, thr, 0, out);
+  simd::collect_at_least(x, n, block, keymax, thr, base, out);
 }
 
 // Top-k of one row into `chosen` (k feature indices, ascending). When k is small next to F: the
@@ -95,7 +97,7 @@ void topk_row(const T* x, const float* bias, int64_t F, int64_t k, RowScratch& s
     s.order.assign(s.keymax.begin(), s.keymax.end());
     std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(), std::greater<uint32_t>());
     s.cand.clear();
-    row_collect_at_least(x, bias, F, block, s.keymax.data(), s.order[k - 1], s.cand);
+    row_collect_at_least(x, bias, F, block, s.keymax.data(), s.order[k - 1], 0, s.cand);
     std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), simd::ranks_before);
     for (int64_t i = 0; i < k; ++i) chosen[i] = int32_t(s.cand[i].index);
   } else {
@@ -398,30 +400,20 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
   };
   // fn(first entry, entries) over [start, start + len): one span without a bias, else one per row
   auto for_spans = [&](int64_t start, int64_t len, auto&& fn) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (bias != nullptr) {
-        for (int64_t pos = start, end = start + len; pos < end;) {
-          const int64_t stop = std::min(end, (pos / F + 1) * F);
-          fn(pos, stop - pos);
-          pos = stop;
-        }
-        return;
-      }
+    if (bias == nullptr) return fn(start, len);
+    for (int64_t pos = start, end = start + len; pos < end;) {
+      const int64_t stop = std::min(end, (pos / F + 1) * F);
+      fn(pos, stop - pos);
+      pos = stop;
     }
-    fn(start, len);
   };
+  // the bias of the span starting at entry pos (within one row), or none
+  auto row_bias = [&](int64_t pos) -> const float* { return bias == nullptr ? nullptr : bias + pos % F; };
   at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       auto [b0, start, len] = part_span(p);
       for_spans(start, len, [&](int64_t pos, int64_t m) {
-        uint32_t* km = keymax.data() + pos / block;
-        if constexpr (std::is_same_v<T, float>) {
-          if (bias != nullptr) {
-            part_nan[p] |= simd::block_key_max(h + pos, bias + pos % F, m, block, km);
-            return;
-          }
-        }
-        part_nan[p] |= simd::block_key_max(h + pos, m, block, km);
+        part_nan[p] |= row_block_key_max(h + pos, row_bias(pos), m, block, keymax.data() + pos / block);
       });
     }
   });
@@ -436,14 +428,7 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
     for (int64_t p = p0; p < p1; ++p) {
       auto [b0, start, len] = part_span(p);
       for_spans(start, len, [&](int64_t pos, int64_t m) {
-        const uint32_t* km = keymax.data() + pos / block;
-        if constexpr (std::is_same_v<T, float>) {
-          if (bias != nullptr) {
-            simd::collect_at_least(h + pos, bias + pos % F, m, block, km, bound, pos, parts[p]);
-            return;
-          }
-        }
-        simd::collect_at_least(h + pos, m, block, km, bound, pos, parts[p]);
+        row_collect_at_least(h + pos, row_bias(pos), m, block, keymax.data() + pos / block, bound, pos, parts[p]);
       });
     }
   });
@@ -461,9 +446,8 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
   for (auto& part : parts) {
     for (const simd::Candidate& c : part) {
       if (simd::ranks_before(pivot, c)) continue;  // ranked after the k_total-th
-      const int64_t col = c.index % F;
-      out_index[out] = int32_t(col);
-      out_value[out] = T(relu(key_float(c.key)));  // h[c.index] (+ bias[col]), from its key
+      out_index[out] = int32_t(c.index % F);
+      out_value[out] = T(relu(key_float(c.key)));  // h[c.index] (+ its bias), from its key
       ++row_ptr[c.index / F + 1];
       ++out;
     }
