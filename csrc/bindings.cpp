@@ -19,6 +19,10 @@ TORCH_LIBRARY(fastclt, m) {
   // index), value = relu(h): exact BatchTopK on one device (CPU: block-maximum bound + filter).
   m.def("batch_topk(Tensor h, int k_total) -> (Tensor row_ptr, Tensor index, Tensor value)");
   m.def("batch_topk_bias(Tensor h, Tensor bias, int k_total) -> (Tensor row_ptr, Tensor index, Tensor value)");
+  // h fp32 [L, B, F], bias [L, F] -> CSR over the L·B rows: batch_topk_bias of each layer (k_total per
+  // layer), the layers one after another. CPU.
+  m.def("batch_topk_bias_layers(Tensor h, Tensor bias, int k_total)"
+        " -> (Tensor row_ptr, Tensor index, Tensor value)");
   // h [B, F] -> CSR of the entries with h > threshold[f] or |h - threshold[f]| < half_band (the
   // difference rounded to h's dtype; no threshold: h > 0); value fp32 = h there. CPU.
   m.def("threshold_compact(Tensor h, Tensor? threshold, float half_band)"

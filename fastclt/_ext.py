@@ -13,6 +13,7 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
 
 # Op names under torch.ops.fastclt.
 OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "batch_topk_bias",
+       "batch_topk_bias_layers",
        "threshold_compact", "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot", "jumprelu_dense",
        "jumprelu_dense_backward")
 
@@ -121,6 +122,12 @@ def _register_fakes() -> None:
     def _(h, bias, k_total):
         return (h.new_empty(h.shape[0] + 1, dtype=torch.int64), h.new_empty(k_total, dtype=torch.int32),
                 h.new_empty(k_total))
+
+    @torch.library.register_fake("fastclt::batch_topk_bias_layers")
+    def _(h, bias, k_total):
+        L, B = h.shape[0], h.shape[1]
+        return (h.new_empty(L * B + 1, dtype=torch.int64), h.new_empty(L * k_total, dtype=torch.int32),
+                h.new_empty(L * k_total))
 
     @torch.library.register_fake("fastclt::threshold_compact")
     def _(h, threshold, half_band):

@@ -499,6 +499,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_bias_cpu(const at::Ten
   return batch_topk_run(h, b.data_ptr<float>(), k_total, "batch_topk_bias");
 }
 
+// batch_topk_bias of each of L layers at once: h fp32 [L, R, F], bias fp32 [L, F] -> one CSR over the
+// L·R rows (layer-major) holding exactly k_total entries per layer, layer l's as batch_topk_bias(h[l],
+// bias[l], k_total) would give them. Small layers (R·F at most kParallelEntries, where one layer's
+// selection runs on one thread) are selected in parallel, one layer per thread; larger ones one after
+// another, each on every thread. A per-layer BatchTopK CLT's L selections are then one call, and at
+// the default demo's shape (L = 4, [512, 128] per layer) run on both cores of a 2-core machine.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_bias_layers_cpu(const at::Tensor& h, const at::Tensor& bias,
+                                                                          int64_t k_total) {
+  TORCH_CHECK(h.dim() == 3, "fastclt::batch_topk_bias_layers: h must be 3-D [L, B, F], got shape ", h.sizes());
+  TORCH_CHECK(h.is_contiguous(), "fastclt::batch_topk_bias_layers: h must be contiguous");
+  TORCH_CHECK(h.scalar_type() == at::kFloat, "fastclt::batch_topk_bias_layers: h must be float32, got ",
+              h.scalar_type());
+  TORCH_CHECK(h.device().is_cpu(), "fastclt::batch_topk_bias_layers: CPU kernel called on ", h.device());
+  const int64_t L = h.size(0), R = h.size(1), F = h.size(2);
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == L && bias.size(1) == F,
+              "fastclt::batch_topk_bias_layers: bias must have shape [L=", L, ", F=", F, "], got ", bias.sizes());
+  check_float_tensor(bias, "batch_topk_bias_layers", "bias");
+  check_same_dtype(bias, h, "batch_topk_bias_layers", "bias", "h");
+  check_device(bias, h, "batch_topk_bias_layers", "bias", "h");
+  TORCH_CHECK(F <= INT32_MAX, "fastclt::batch_topk_bias_layers: F must fit in int32, got ", F);
+  const int64_t n = R * F;
+  TORCH_CHECK_VALUE(k_total >= 0 && k_total <= n, "batch_topk: k_total must be in [0, B·F=", n,
+                    "] (per layer), got ", k_total);
+  const at::Tensor b = bias.contiguous();
+  auto row_ptr = new_output({L * R + 1}, h.options().dtype(at::kLong));
+  auto index = new_output({L * k_total}, h.options().dtype(at::kInt));
+  auto value = new_output({L * k_total}, h.options());
+  int64_t* rp = row_ptr.data_ptr<int64_t>();
+  if (k_total == 0 || L == 0) {
+    row_ptr.zero_();
+    return {row_ptr, index, value};
+  }
+  // each layer's row_ptr [R + 1] from 0 in its own buffer (neighbouring layers share a boundary entry)
+  std::vector<int64_t> local(L * (R + 1));
+  const float* hp = h.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  int32_t* ip = index.data_ptr<int32_t>();
+  float* vp = value.data_ptr<float>();
+  auto layer = [&](int64_t l) {
+    batch_topk_impl<float>(hp + l * n, bp + l * F, n, F, k_total, local.data() + l * (R + 1), ip + l * k_total,
+                           vp + l * k_total);
+  };
+  if (n > kParallelEntries) {
+    for (int64_t l = 0; l < L; ++l) layer(l);
+  } else {
+    at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
+      for (int64_t l = l0; l < l1; ++l) layer(l);
+    });
+  }
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t r = 0; r < R; ++r) rp[l * R + r] = l * k_total + local[l * (R + 1) + r];
+  rp[L * R] = L * k_total;
+  return {row_ptr, index, value};
+}
+
 // Threshold patterns (ReLU; JumpReLU with the band its backward visits): the entries of h [B, F]
 // with h > θ[f] or |h − θ[f]| < half_band, the difference rounded to h's dtype as PyTorch's
 // `(h - θ).abs() < half_band` does (θ = 0 and half_band = 0 give ReLU's h > 0). One read of h:
@@ -592,6 +647,7 @@ TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("batch_topk_compact", &batch_topk_compact_cpu);
   m.impl("batch_topk", &batch_topk_cpu);
   m.impl("batch_topk_bias", &batch_topk_bias_cpu);
+  m.impl("batch_topk_bias_layers", &batch_topk_bias_layers_cpu);
   m.impl("threshold_compact", &threshold_compact_cpu);
 }
 

@@ -71,8 +71,7 @@ def _entries(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias, sha
     """encode's forward without autograd → (row_ptr, row, col, h fp32 at the entries, centered)."""
     # CPU fp32 TopK / BatchTopK: the GEMM without its bias (no broadcast copy, beta = 0), the bias
     # folded into the select (fastclt::topk_bias, fastclt::batch_topk_bias); elsewhere the GEMM adds it
-    fold = (activation in ("topk", "batchtopk") and shards is None and x.device.type == "cpu"
-            and x.dtype == torch.float32 and b_enc is not None and b_enc.dtype == torch.float32)
+    fold = activation in ("topk", "batchtopk") and shards is None and _folds(x, b_enc)
     centered = None
     with phase("encoder_gemm"):
         # x − pre_bias once, for the GEMM and (fp32: the same numbers) for dW_enc in the backward
@@ -98,10 +97,11 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
                   shards: Optional[sharded.Shards] = None) -> list[SparseCodes]:
     """BatchTopK of a CLT's L layers: x: [B, L, d_in], W_enc: [L, F, d_in], b_enc: [L, F] → L SparseCodes
     with exactly k·B·L entries over all layers together (k·B per layer when not ``across_layers``):
-    one exact selection over the stacked h (no grad; per layer, each with its own GEMM, when not
-    across layers and unsharded), then the sparse encoder backward — for all layers at once
+    one exact selection over the stacked h (no grad; per layer when not across layers and unsharded:
+    on the CPU in fp32 one ``fastclt::batch_topk_bias_layers`` for all layers, elsewhere each layer's
+    own GEMM and selection), then the sparse encoder backward — for all layers at once
     (``_encode_joined``) unless there is a pre-bias or the codes are dense enough for its dense form."""
-    L, F = W_enc.shape[0], W_enc.shape[1]
+    B, L, F = x.shape[0], W_enc.shape[0], W_enc.shape[1]
     xs, Ws = x.unbind(1), W_enc.unbind(0)
     bs = [None] * L if b_enc is None else b_enc.unbind(0)
     joined = pre_bias is None and L * F < 2 ** 31 and \
@@ -110,9 +110,20 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
         if not joined:
             return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias)
                     for x_l, W_l, b_l in zip(xs, Ws, bs)]
+        if _folds(x, b_enc):  # the L selections in one call, the bias folded in (see _entries)
+            with torch.no_grad():
+                with phase("encoder_gemm"):
+                    h = preacts_layers(x.detach(), W_enc.detach(), None, out=h_out(x, L, B, F))
+                row_ptr, index, value = ops().batch_topk_bias_layers(h, b_enc.detach().contiguous(), k * B)
+                del h
+                rows = SparseCodes.rows_of(row_ptr, index.shape[0])
+                offsets = torch.arange(0, L * F, F, device=x.device, dtype=torch.int32)
+                col = (index.view(L, k * B) + offsets[:, None]).view(-1)
+                layers = sharded.split_layers(row_ptr, L, B, index)
+            return _encode_joined(x, W_enc, b_enc, row_ptr, rows, col, value, layers)
         pats = [_entries(x_l, W_l, b_l, "batchtopk", k, None, 0.01, None, None)[:4]
                 for x_l, W_l, b_l in zip(xs, Ws, bs)]
-        return _encode_joined(x, W_enc, b_enc, pats)
+        return _encode_joined(x, W_enc, b_enc, *_join(pats, B, F))
     with torch.no_grad():
         with phase("encoder_gemm"):
             h = preacts_layers(x.detach(), W_enc.detach(), None if b_enc is None else b_enc.detach(),
@@ -128,32 +139,45 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
             pats.append((row_ptr, row, col.to(torch.int32), h_l[row, col].float()))
         del h, parts
     if joined:
-        return _encode_joined(x, W_enc, b_enc, pats)
+        return _encode_joined(x, W_enc, b_enc, *_join(pats, B, F))
     return [encode_codes(x_l, W_l, b_l, None, pre_bias, *pat, "batchtopk", 0.01, EXT_KERNELS)
             for x_l, W_l, b_l, pat in zip(xs, Ws, bs, pats)]
 
 
-def _encode_joined(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
-                   pats: list) -> list[SparseCodes]:
-    """The L layers' entries (row_ptr, row, col, h per layer) as the codes of one encode: rows
-    l·B + b of x laid out layer-major [L·B, d_in] (one copy of x), features l·F + f of W_enc viewed
-    [L·F, d_in] (and of b_enc viewed [L·F]), so that the joined CSR is the layers' CSRs one after
-    another. One sparse encoder backward then writes dW_enc and db_enc in their own [L, F, d_in] and
-    [L, F] layouts — no stack of per-layer gradients (4 layers of [4096, 256] cost ~3.5 ms of copies
-    per step on a 2-core CPU) and one autograd node, not L. Each layer's values are a slice of the
-    joined values."""
+def _folds(x: torch.Tensor, b_enc: Optional[torch.Tensor]) -> bool:
+    """Whether a CPU TopK / BatchTopK selection takes the bias (fastclt::topk_bias and the
+    batch_topk_bias ops: fp32 h and bias) so that the GEMM runs without it."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and b_enc is not None
+            and b_enc.dtype == torch.float32)
+
+
+@torch.no_grad()
+def _join(pats: list, B: int, F: int) -> tuple:
+    """The L layers' entries (row_ptr, row, col, h per layer) as one CSR over the L·B rows
+    (layer-major) → (row_ptr, rows, col + l·F, h, [(row_ptr, col) of each layer])."""
+    starts = [0]
+    for _, _, c, _ in pats[:-1]:
+        starts.append(starts[-1] + c.shape[0])
+    row_ptr = torch.cat([pats[0][0]] + [rp[1:] + s for (rp, _, _, _), s in zip(pats[1:], starts[1:])])
+    rows = torch.cat([row + l * B for l, (_, row, _, _) in enumerate(pats)])
+    col = torch.cat([c + l * F for l, (_, _, c, _) in enumerate(pats)])
+    h = torch.cat([h_l for _, _, _, h_l in pats])
+    return row_ptr, rows, col, h, [(rp, c) for rp, _, c, _ in pats]
+
+
+def _encode_joined(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], row_ptr: torch.Tensor,
+                   rows: torch.Tensor, col: torch.Tensor, h: torch.Tensor, layers: list) -> list[SparseCodes]:
+    """The L layers' entries as the codes of one encode: a CSR over the rows l·B + b of x laid out
+    layer-major [L·B, d_in] (one copy of x; ``row_ptr``, ``rows`` of its entries), their features
+    l·F + f (``col``) of W_enc viewed [L·F, d_in] (and of b_enc viewed [L·F]), ``h`` their fp32
+    pre-activations, ``layers`` each layer's own (row_ptr, col). One sparse encoder backward then
+    writes dW_enc and db_enc in their own [L, F, d_in] and [L, F] layouts — no stack of per-layer
+    gradients (4 layers of [4096, 256] cost ~3.5 ms of copies per step on a 2-core CPU) and one
+    autograd node, not L. Each layer's values are a slice of the joined values."""
     B, L, d = x.shape
     F = W_enc.shape[1]
-    lens = [c.shape[0] for _, _, c, _ in pats]
-    with torch.no_grad():
-        starts = [0]
-        for n in lens[:-1]:
-            starts.append(starts[-1] + n)
-        row_ptr = torch.cat([pats[0][0]] + [rp[1:] + s for (rp, _, _, _), s in zip(pats[1:], starts[1:])])
-        rows = torch.cat([row + l * B for l, (_, row, _, _) in enumerate(pats)])
-        col = torch.cat([c + l * F for l, (_, _, c, _) in enumerate(pats)])
-        h = torch.cat([h_l for _, _, _, h_l in pats])
     codes = encode_codes(x.transpose(0, 1).reshape(L * B, d), W_enc.reshape(L * F, d),
                          None if b_enc is None else b_enc.reshape(L * F), None, None, row_ptr, rows, col, h,
                          "batchtopk", 0.01, EXT_KERNELS)
-    return [SparseCodes(rp, c, v, F) for (rp, _, c, _), v in zip(pats, codes.value.split(lens))]
+    lens = [c.shape[0] for _, c in layers]
+    return [SparseCodes(rp, c, v, F) for (rp, c), v in zip(layers, codes.value.split(lens))]

@@ -424,6 +424,58 @@ def test_batch_topk_bias_is_batch_topk_of_the_sum(B, F, k, kind, poisoned):
 
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("L,B,F,k,kind", [(3, 7, 37, 5, "randn"), (4, 64, 128, 4, "randn"), (2, 4, 600, 8, "ties"),
+                                          (5, 10, 321, 3, "ascending"), (3, 12, 250, 5, "hotrow"),
+                                          (2, 6, 45, 12, "inf"), (3, 0, 37, 3, "randn"), (2, 3, 40, 40, "randn"),
+                                          (1, 9, 333, 2, "negties"), (3, 300, 1001, 2, "randn")])
+def test_batch_topk_bias_layers_is_each_layers_batch_topk_bias(L, B, F, k, kind, poisoned):
+    """batch_topk_bias_layers(h, bias, k·B) == the layers' batch_topk_bias(h[l], bias[l], k·B) one after
+    another as a CSR over the L·B rows, exactly: small layers (selected in parallel, one per thread)
+    and layers above the parallel size ([300, 1001], one after another), ties, ±inf, an empty batch,
+    k = F (every entry)."""
+    g = torch.Generator().manual_seed(15)
+    h = torch.stack([make_h(B, F, torch.float32, "cpu", kind, seed=16 + l) for l in range(L)])
+    bias = torch.randn(L, F, generator=g)
+    if kind in ("ties", "negties"):
+        bias = (bias * 2).round() / 2
+    row_ptr, index, value = torch.ops.fastclt.batch_topk_bias_layers(h, bias, k * B)
+    assert row_ptr.shape == (L * B + 1,) and index.shape == value.shape == (L * k * B,)
+    for l in range(L):
+        want = torch.ops.fastclt.batch_topk_bias(h[l], bias[l], k * B)
+        rp = row_ptr[l * B:(l + 1) * B + 1]
+        assert torch.equal(rp - l * k * B, want[0]), f"layer {l}: row_ptr"
+        entries = slice(l * k * B, (l + 1) * k * B)
+        assert torch.equal(index[entries], want[1]) and torch.equal(value[entries], want[2]), f"layer {l}"
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_batch_topk_bias_layers_bad_input_and_opcheck():
+    """Shapes, dtypes and k are named; a NaN in one layer's h + bias is refused, whichever thread
+    selects that layer; the registered fake agrees with the kernel."""
+    op = torch.ops.fastclt.batch_topk_bias_layers
+    h, b = torch.randn(3, 4, 100), torch.randn(3, 100)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[L=3, F=100\]"):
+        op(h, b[:2], 3)
+    with pytest.raises(RuntimeError, match="h must be 3-D"):
+        op(h[0], b, 3)
+    with pytest.raises(RuntimeError, match="h must be float32"):
+        op(h.bfloat16(), b, 3)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        op(h, b.bfloat16(), 3)
+    with pytest.raises(RuntimeError, match="h must be contiguous"):
+        op(h.transpose(0, 1), b, 3)
+    with pytest.raises(ValueError, match=r"k_total must be in \[0, B·F=400\]"):
+        op(h, b, 401)
+    nan_h = h.clone()
+    nan_h[2, 1, 7] = float("nan")
+    with pytest.raises(ValueError, match="h \\+ bias contains NaN"):
+        op(nan_h, b, 3)
+    row_ptr, index, value = op(h, b, 0)
+    assert index.numel() == 0 and torch.equal(row_ptr, torch.zeros(13, dtype=torch.long))
+    torch.library.opcheck(op, (torch.randn(2, 5, 37), torch.randn(2, 37), 6))
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 @pytest.mark.parametrize("name,k_over,k_error,nan_error,k_ok", [
     ("topk_bias", 1001, (RuntimeError, "k must be in"), RuntimeError, 3),
     ("batch_topk_bias", 4001, (ValueError, r"k_total must be in \[0, h.numel\(\)=4000\]"), ValueError, 12),
