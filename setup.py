@@ -26,7 +26,7 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 CPU_SOURCES = [f"{CSRC}/cpu/select_cpu.cpp", f"{CSRC}/cpu/sparse_cpu.cpp", f"{CSRC}/cpu/molt_cpu.cpp",
-               f"{CSRC}/cpu/matryoshka_cpu.cpp", f"{CSRC}/cpu/dense_cpu.cpp"]
+               f"{CSRC}/cpu/matryoshka_cpu.cpp", f"{CSRC}/cpu/dense_cpu.cpp", f"{CSRC}/cpu/random_cpu.cpp"]
 CUDA_SOURCES = [f"{CSRC}/cuda/ops_cuda.cpp", f"{CSRC}/cuda/select_kernels.cu", f"{CSRC}/cuda/sparse_kernels.cu"]
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
 
@@ -71,7 +71,11 @@ def _variant(cpp_extension, with_cpu, with_cuda, openmp):
     """One way to build fastclt._C; setup falls back along a list of these in auto mode."""
     # Both defines are added by BuildExtension too; set here so a fallback variant has them.
     defines = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
-    cxx = ["-O3"] + defines  # torch adds the -std= its headers need (C++17 or C++20)
+    # torch adds the -std= its headers need (C++17 or C++20). -fno-math-errno -fno-trapping-math change
+    # no value (no kernel reads errno or the floating-point exception flags); they let the compiler
+    # inline sqrt and if-convert float selects, so that loops such as the Box-Muller loop of
+    # cpu/random_cpu.cpp vectorise.
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + defines
     link = []
     if openmp:
         # Links libgomp.so.1; at run time the loader reuses the libgomp.so.1 that torch already

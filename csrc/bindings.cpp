@@ -27,6 +27,9 @@ TORCH_LIBRARY(fastclt, m) {
   // difference rounded to h's dtype; no threshold: h > 0); value fp32 = h there. CPU.
   m.def("threshold_compact(Tensor h, Tensor? threshold, float half_band)"
         " -> (Tensor row_ptr, Tensor index, Tensor value)");
+  // out fp32 [n] (contiguous) = n draws of N(0, std^2) from the counter-based generator of (seed, stream):
+  // value i depends only on (seed, stream, i) (cpu/random_cpu.cpp; the synthetic activations' noise). CPU.
+  m.def("normal_philox_(Tensor(a!) out, int seed, int stream, float std) -> ()");
   // y [B, D] = sum_j value[j] * weight[index[j]] (+ bias).
   m.def("sparse_decode(Tensor row_ptr, Tensor index, Tensor value, Tensor weight, Tensor? bias)"
         " -> Tensor");

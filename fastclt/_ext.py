@@ -15,7 +15,7 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
 OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "batch_topk_bias",
        "batch_topk_bias_layers",
        "threshold_compact", "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot", "jumprelu_dense",
-       "jumprelu_dense_backward")
+       "jumprelu_dense_backward", "normal_philox_")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -128,6 +128,10 @@ def _register_fakes() -> None:
         L, B = h.shape[0], h.shape[1]
         return (h.new_empty(L * B + 1, dtype=torch.int64), h.new_empty(L * k_total, dtype=torch.int32),
                 h.new_empty(L * k_total))
+
+    @torch.library.register_fake("fastclt::normal_philox_")
+    def _(out, seed, stream, std):
+        return None
 
     @torch.library.register_fake("fastclt::threshold_compact")
     def _(h, threshold, half_band):

@@ -17,12 +17,25 @@ the batch counter, and every tensor-parallel rank of one dp group draws the same
 batches are drawn C at a time (C = ``chunk_batches(B)``, up to 8 while a chunk stays under ~2M
 values): batch i is rows (i mod C)·B … of chunk ⌊i / C⌋, a pure function of (seed, r, ⌊i / C⌋, C),
 and the chunk of the last call is kept, so the draw's fixed cost is paid once per C batches.
+
+The noise is ``philox_normal``: counter-based Gaussian draws (Philox4x32-10 and Box-Muller), each a
+function of (seed, stream, its index) only. With the C++ extension built they come from
+``fastclt::normal_philox_`` (both cores, several times faster than ``Tensor.normal_``, whose
+Mersenne twister steps once per value and dominated the demo's data cost); without it the same
+uniforms go through PyTorch's log, sin and cos, so the two agree to float rounding (≤ ~1e-6 of the
+std), not to the bit. The sums x = a E and y = a U run as sparse decodes of the activities (about 5%
+of them are non-zero), not as dense GEMMs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["SyntheticActivations", "mmcs"]
+from fastclt import ops
+from fastclt.codes import SparseCodes
+
+__all__ = ["SyntheticActivations", "mmcs", "philox_normal"]
 
 
 class SyntheticActivations:
@@ -40,9 +53,12 @@ class SyntheticActivations:
             self.U.append(U / U.flatten(1).norm(dim=1)[:, None, None])
         # every source's decoder as one [L·n_true, L·d_out] matrix (zero blocks for t < s): y in one GEMM
         U_all = torch.zeros(n_layers, n_true, n_layers, d_out)
+        E_all = torch.zeros(n_layers, n_true, n_layers, d_in)
         for s in range(n_layers):
             U_all[s, :, s:] = self.U[s]
+            E_all[s, :, s] = self.E[s]
         self._U_all = U_all.reshape(n_layers * n_true, n_layers * d_out)
+        self._E_all = E_all.reshape(n_layers * n_true, n_layers * d_in)  # x_s = a_s E_s in one decode
         self._cached = None  # (key, x, y) of the last chunk of small batches
 
     CHUNK_VALUES = 1 << 21  # values drawn per chunk of small batches (activities, x and y), at most
@@ -73,19 +89,22 @@ class SyntheticActivations:
         mix = (self.seed * 1_000_003 + dp_rank) * 1_000_000_007 + index
         if chunk > 1:
             mix = mix * 31 + chunk
-        g = torch.Generator().manual_seed(mix % (2 ** 62))
-        B, L = n_rows, self.L
-        a = torch.zeros(B * L * self.n_true)
-        where = self._active(a.numel(), g)
-        a[where] = 0.5 + torch.rand(where.numel(), generator=g)
-        a = a.view(B, L, self.n_true)
-        # the noise drawn with its scale (no separate multiply), and added by the GEMM of y (beta = 1)
-        x = torch.bmm(a.transpose(0, 1), self.E).transpose(0, 1) + \
-            torch.empty(B, L, self.d_in).normal_(0.0, self.noise, generator=g)
-        if self.kind == "sae":
-            return x, x
-        y = torch.empty(B, L * self.d_out).normal_(0.0, self.noise, generator=g)
-        y = torch.addmm(y, a.reshape(B, L * self.n_true), self._U_all).view(B, L, self.d_out)  # Σ_{s≤t} a_s U_s[:, t−s]
+        seed = mix % (2 ** 62)
+        g = torch.Generator().manual_seed(seed)
+        B, L, T = n_rows, self.L, self.n_true
+        where = self._active(B * L * T, g)  # flat positions in [B, L·n_true], increasing
+        width = L * T
+        row_ptr = torch.searchsorted(where, torch.arange(B + 1) * width)
+        a = SparseCodes(row_ptr, (where % width).to(torch.int32), 0.5 + torch.rand(where.numel(), generator=g), width)
+        with torch.no_grad():
+            x = ops.sparse_decode(a, self._E_all).view(B, L, self.d_in)
+            if self.noise > 0:
+                x += philox_normal(x.numel(), seed, 0, self.noise).view_as(x)
+            if self.kind == "sae":
+                return x, x
+            y = ops.sparse_decode(a, self._U_all).view(B, L, self.d_out)  # Σ_{s≤t} a_s U_s[:, t−s]
+            if self.noise > 0:
+                y += philox_normal(y.numel(), seed, 1, self.noise).view_as(y)
         return x, y
 
     def _active(self, n: int, g: torch.Generator) -> torch.Tensor:
@@ -113,6 +132,50 @@ class SyntheticActivations:
         if self.kind == "sae":
             return self.E[s].unsqueeze(1)
         return self.U[s]
+
+
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+_WORD = 0xFFFFFFFF
+
+
+def _philox4x32(c: list, key: tuple, rounds: int = 10) -> list:
+    """Philox4x32 of the counter words ``c`` (four int64 tensors of values < 2³²) under ``key`` (two
+    ints < 2³²) → the four output words (int64 tensors)."""
+    k0, k1 = key
+    for _ in range(rounds):  # int64 products wrap; their low 64 bits are the exact 32 × 32-bit product
+        p0, p1 = c[0] * _PHILOX_MUL[0], c[2] * _PHILOX_MUL[1]
+        c = [((p1 >> 32) & _WORD) ^ c[1] ^ k0, p1 & _WORD, ((p0 >> 32) & _WORD) ^ c[3] ^ k1, p0 & _WORD]
+        k0, k1 = (k0 + _PHILOX_WEYL[0]) & _WORD, (k1 + _PHILOX_WEYL[1]) & _WORD
+    return c
+
+
+def philox_normal(n: int, seed: int, stream: int, std: float) -> torch.Tensor:
+    """n draws of N(0, std²), fp32 on the CPU, value i a function of (seed, stream, i) only.
+
+    Block j of four values is Philox4x32-10 of the counter (j mod 2³², ⌊j / 2³²⌋, stream, 0) under
+    the key (seed mod 2³², ⌊seed / 2³²⌋ mod 2³²); its words w give uniforms u = (2⌊w / 2⁹⌋ + 1) 2⁻²⁴
+    in (0, 1), and each pair (u₁, u₂) two values by Box-Muller: r cos θ, r sin θ with
+    r = std·√(−2 ln u₁), θ = 2π (u₂ − ½). On the C++ extension, ``fastclt::normal_philox_``; else
+    these ops (the same uniforms; the two agree to float rounding)."""
+    if n < 0 or not 0 <= stream < 2 ** 32 or std < 0:
+        raise ValueError(f"philox_normal: expected n >= 0, stream in [0, 2^32), std >= 0; got n={n}, "
+                         f"stream={stream}, std={std}")
+    from fastclt import _ext
+
+    if _ext.has_cpu_ext():
+        out = torch.empty(n)
+        torch.ops.fastclt.normal_philox_(out, seed, stream, std)
+        return out
+    j = torch.arange((n + 3) // 4, dtype=torch.int64)
+    c = _philox4x32([j & _WORD, j >> 32, torch.full_like(j, stream), torch.zeros_like(j)],
+                    (seed & _WORD, (seed >> 32) & _WORD))
+    u = [((w >> 9).float() * 2 + 1) * 2.0 ** -24 for w in c]
+    out = []
+    for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
+        r, theta = std * torch.sqrt(-2 * torch.log(u1)), 2 * math.pi * (u2 - 0.5)
+        out += [r * torch.cos(theta), r * torch.sin(theta)]
+    return torch.stack(out, 1).reshape(-1)[:n]
 
 
 @torch.no_grad()

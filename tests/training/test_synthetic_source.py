@@ -114,3 +114,106 @@ def test_small_batches_come_in_chunks_large_ones_alone():
     sae = _gen(kind="sae", noise=0.1)
     x, y = sae.batch(3, 40)
     assert x is y and x.shape == (40, 3, 24)
+
+
+# ------------------------------------------------------------------------------------ philox_normal
+def test_philox_words_match_the_published_answers():
+    """Philox4x32-10 against the known-answer vectors of its authors' Random123 library (counter,
+    key → four words): zeros, all ones, and the digits of π."""
+    from fastclt.training.synthetic import _philox4x32
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in cases:
+        got = _philox4x32([torch.tensor([v]) for v in ctr], key)
+        assert tuple(int(w) for w in got) == want
+
+
+def _both_normals(monkeypatch, n, seed, stream, std):
+    """(the extension's draws, the PyTorch ops' draws) of philox_normal."""
+    from fastclt import _ext
+    from fastclt.training.synthetic import philox_normal
+    if not _ext.has_cpu_ext():
+        pytest.skip(_ext.missing_message("cpu"))
+    ext = philox_normal(n, seed, stream, std)
+    with monkeypatch.context() as m:
+        m.setattr(_ext, "has_cpu_ext", lambda: False)
+        ops = philox_normal(n, seed, stream, std)
+    return ext, ops
+
+
+@pytest.mark.parametrize("n,seed,stream,std", [(1, 0, 0, 1.0), (1001, 5, 1, 0.02), (64 * 257 + 3, 2 ** 61 + 7, 3, 2.5),
+                                               (0, 1, 0, 1.0)])
+def test_philox_normal_kernel_matches_the_ops(monkeypatch, n, seed, stream, std):
+    """fastclt::normal_philox_ (polynomial ln, sin, cos) against PyTorch's functions on the same
+    uniforms: equal to float rounding, at sizes that cut a block of four and a sweep of 64, a seed
+    above 2³², a stream above 0."""
+    ext, ops = _both_normals(monkeypatch, n, seed, stream, std)
+    assert ext.shape == ops.shape == (n,) and ext.dtype == torch.float32
+    torch.testing.assert_close(ext, ops, rtol=2e-6, atol=2e-6 * std)
+
+
+def test_philox_normal_is_a_function_of_the_index(monkeypatch):
+    """A value depends on (seed, stream, index) only: a shorter draw is a prefix of a longer one,
+    whatever the thread count; seeds and streams give different, uncorrelated draws; every value
+    of the output is written (the buffer starts as NaN)."""
+    from fastclt.training.synthetic import philox_normal
+    long = philox_normal(100_003, 9, 0, 1.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(philox_normal(5_001, 9, 0, 1.0), long[:5_001])
+    finally:
+        torch.set_num_threads(threads)
+    for other in (philox_normal(100_003, 10, 0, 1.0), philox_normal(100_003, 9, 1, 1.0)):
+        assert abs(float(torch.corrcoef(torch.stack([long, other]))[0, 1])) < 5 / 100_003 ** 0.5
+    from fastclt import _ext
+    if _ext.has_cpu_ext():
+        out = torch.full((777,), float("nan"))
+        torch.ops.fastclt.normal_philox_(out, 9, 0, 1.0)
+        assert torch.equal(out, long[:777])
+
+
+@pytest.mark.parametrize("use_ext", [True, False])
+def test_philox_normal_is_gaussian(monkeypatch, use_ext):
+    """2^18 draws: mean, variance, kurtosis within their sampling errors, and the largest gap between
+    the empirical and the normal CDF (Kolmogorov-Smirnov) below its 0.1% critical value; the two
+    values of a Box-Muller pair uncorrelated."""
+    from fastclt import _ext
+    from fastclt.training.synthetic import philox_normal
+    if use_ext and not _ext.has_cpu_ext():
+        pytest.skip(_ext.missing_message("cpu"))
+    n = 2 ** 18
+    with monkeypatch.context() as m:
+        if not use_ext:
+            m.setattr(_ext, "has_cpu_ext", lambda: False)
+        z = philox_normal(n, 123, 0, 1.0).double()
+    assert abs(float(z.mean())) < 5 / n ** 0.5
+    assert abs(float(z.var()) - 1) < 5 * (2 / n) ** 0.5
+    assert abs(float((z ** 4).mean()) - 3) < 5 * (96 / n) ** 0.5
+    cdf = 0.5 * (1 + torch.erf(z.sort().values / 2 ** 0.5))
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = float(torch.maximum(i / n - cdf, cdf - (i - 1) / n).max())
+    assert ks < 1.95 / n ** 0.5
+    pairs = z.view(-1, 2)
+    assert abs(float((pairs[:, 0] * pairs[:, 1]).mean())) < 5 / (n / 2) ** 0.5
+
+
+def test_philox_normal_bad_input():
+    from fastclt import _ext
+    from fastclt.training.synthetic import philox_normal
+    for kw, what in ((dict(n=-1), "n=-1"), (dict(stream=2 ** 32), "stream=4294967296"), (dict(std=-0.5), "std=-0.5")):
+        args = dict(n=4, seed=0, stream=0, std=1.0)
+        args.update(kw)
+        with pytest.raises(ValueError, match=what):
+            philox_normal(**args)
+    if _ext.has_cpu_ext():
+        op = torch.ops.fastclt.normal_philox_
+        with pytest.raises(RuntimeError, match="out must be float32"):
+            op(torch.empty(8, dtype=torch.float64), 0, 0, 1.0)
+        with pytest.raises(RuntimeError, match="out must be contiguous"):
+            op(torch.empty(8, 2)[:, 0], 0, 0, 1.0)
+        with pytest.raises(ValueError, match="stream must be in"):
+            op(torch.empty(8), 0, -1, 1.0)
+        torch.library.opcheck(op, (torch.empty(37), 3, 1, 0.5))
