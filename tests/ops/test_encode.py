@@ -238,11 +238,15 @@ def test_encode_layers_matches_reference(impl, device, dtype, pre_bias, poisoned
             assert_close_named(f"d{name}", a, r, 1e-4)
 
 
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bias,one_call", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("impl,device", impl_params("encode_layers", reference=True))
-def test_encode_layers_per_layer_is_one_encode_per_layer(impl, device, bias, poisoned):
+def test_encode_layers_per_layer_is_one_encode_per_layer(impl, device, bias, one_call, poisoned, monkeypatch):
     """Not across layers: each layer's own BatchTopK of k·B, as ``encode`` gives it, gradients too
-    (with a bias: on the CPU kernels one selection for all layers, the bias folded in)."""
+    (with a bias, on the CPU kernels: small layers in one selection for all, the bias folded in;
+    ``one_call`` False makes these layers count as large, each selected after its own GEMM)."""
+    if not one_call:
+        from fastclt.ops.ext import encode as ext_encode
+        monkeypatch.setattr(ext_encode, "_SMALL_LAYER", 0)
     B, d, F, L, k = 11, 19, 37, 3, 3
     g = torch.Generator().manual_seed(28)
     x = torch.randn(B, L, d, generator=g).to(device)
