@@ -39,25 +39,25 @@ FASTCLT_ALWAYS_INLINE float bf16_bits_to_f32(uint16_t b) {
   return f;
 }
 
-// acc[d] += sum_j coef[j] * W[rows[j] * D + d] for d < D: the gather-sum of both decode (rows =
-// feature indices) and the scatter by feature (rows = token rows). Four rows per sweep over acc:
+// acc[d] += sum_j coef[j] * W[rows[j] * ld + d] for d < D (ld >= D: W's row stride): the gather-sum
+// of both decode (rows = feature indices) and the scatter by feature (rows = token rows). Four rows per sweep over acc:
 // one read-modify-write of acc per four gathered rows, and four independent row streams in flight
 // (measured 1.5-2x faster than one row per sweep; a register-blocked column-slice loop was slower).
 template <typename W_t, typename Load>
 FASTCLT_ALWAYS_INLINE void gather_axpy_rows(float* __restrict__ acc, const W_t* __restrict__ W, const int64_t* __restrict__ rows,
-                             const float* __restrict__ coef, int64_t n, int64_t D, Load load) {
+                             const float* __restrict__ coef, int64_t n, int64_t D, int64_t ld, Load load) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const W_t* __restrict__ w0 = W + rows[j] * D;
-    const W_t* __restrict__ w1 = W + rows[j + 1] * D;
-    const W_t* __restrict__ w2 = W + rows[j + 2] * D;
-    const W_t* __restrict__ w3 = W + rows[j + 3] * D;
+    const W_t* __restrict__ w0 = W + rows[j] * ld;
+    const W_t* __restrict__ w1 = W + rows[j + 1] * ld;
+    const W_t* __restrict__ w2 = W + rows[j + 2] * ld;
+    const W_t* __restrict__ w3 = W + rows[j + 3] * ld;
     const float c0 = coef[j], c1 = coef[j + 1], c2 = coef[j + 2], c3 = coef[j + 3];
     for (int64_t d = 0; d < D; ++d)
       acc[d] += c0 * load(w0[d]) + c1 * load(w1[d]) + c2 * load(w2[d]) + c3 * load(w3[d]);
   }
   for (; j < n; ++j) {
-    const W_t* __restrict__ w = W + rows[j] * D;
+    const W_t* __restrict__ w = W + rows[j] * ld;
     const float c = coef[j];
     for (int64_t d = 0; d < D; ++d) acc[d] += c * load(w[d]);
   }
@@ -65,35 +65,35 @@ FASTCLT_ALWAYS_INLINE void gather_axpy_rows(float* __restrict__ acc, const W_t* 
 
 FASTCLT_SIMD_CLONES static void gather_axpy(float* __restrict__ acc, const float* __restrict__ W,
                                             const int64_t* __restrict__ rows, const float* __restrict__ coef,
-                                            int64_t n, int64_t D) {
-  gather_axpy_rows(acc, W, rows, coef, n, D, [](float x) { return x; });
+                                            int64_t n, int64_t D, int64_t ld) {
+  gather_axpy_rows(acc, W, rows, coef, n, D, ld, [](float x) { return x; });
 }
 
 FASTCLT_SIMD_CLONES static void gather_axpy_bf16(float* __restrict__ acc, const uint16_t* __restrict__ W,
                                                  const int64_t* __restrict__ rows, const float* __restrict__ coef,
-                                                 int64_t n, int64_t D) {
-  gather_axpy_rows(acc, W, rows, coef, n, D, bf16_bits_to_f32);
+                                                 int64_t n, int64_t D, int64_t ld) {
+  gather_axpy_rows(acc, W, rows, coef, n, D, ld, bf16_bits_to_f32);
 }
 
 inline void gather_axpy(float* acc, const at::BFloat16* W, const int64_t* rows, const float* coef, int64_t n,
-                        int64_t D) {
-  gather_axpy_bf16(acc, reinterpret_cast<const uint16_t*>(W), rows, coef, n, D);
+                        int64_t D, int64_t ld) {
+  gather_axpy_bf16(acc, reinterpret_cast<const uint16_t*>(W), rows, coef, n, D, ld);
 }
 
-// Both halves of a decode backward for one feature f: acc[d] += sum_j coef[j] * X[rows[j] * D + d]
+// Both halves of a decode backward for one feature f: acc[d] += sum_j coef[j] * X[rows[j] * ld + d]
 // (dW_dec[f]) and dots[j] = <X[rows[j]], w> (dvalue, with w = W_dec[f]) in the same sweep, so each
 // gathered X row is read once for both and w once per feature. Four rows per sweep, as above.
 template <typename X_t, typename Load>
 FASTCLT_ALWAYS_INLINE void gather_axpy_dot_rows(float* __restrict__ acc, const X_t* __restrict__ X,
                                                 const int64_t* __restrict__ rows, const float* __restrict__ coef,
                                                 const X_t* __restrict__ w, float* __restrict__ dots, int64_t n,
-                                                int64_t D, Load load) {
+                                                int64_t D, int64_t ld, Load load) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const X_t* __restrict__ x0 = X + rows[j] * D;
-    const X_t* __restrict__ x1 = X + rows[j + 1] * D;
-    const X_t* __restrict__ x2 = X + rows[j + 2] * D;
-    const X_t* __restrict__ x3 = X + rows[j + 3] * D;
+    const X_t* __restrict__ x0 = X + rows[j] * ld;
+    const X_t* __restrict__ x1 = X + rows[j + 1] * ld;
+    const X_t* __restrict__ x2 = X + rows[j + 2] * ld;
+    const X_t* __restrict__ x3 = X + rows[j + 3] * ld;
     const float c0 = coef[j], c1 = coef[j + 1], c2 = coef[j + 2], c3 = coef[j + 3];
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
@@ -111,7 +111,7 @@ FASTCLT_ALWAYS_INLINE void gather_axpy_dot_rows(float* __restrict__ acc, const X
     dots[j + 3] = s3;
   }
   for (; j < n; ++j) {
-    const X_t* __restrict__ x = X + rows[j] * D;
+    const X_t* __restrict__ x = X + rows[j] * ld;
     const float c = coef[j];
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -127,21 +127,21 @@ FASTCLT_ALWAYS_INLINE void gather_axpy_dot_rows(float* __restrict__ acc, const X
 FASTCLT_SIMD_CLONES static void gather_axpy_dot(float* __restrict__ acc, const float* __restrict__ X,
                                                 const int64_t* __restrict__ rows, const float* __restrict__ coef,
                                                 const float* __restrict__ w, float* __restrict__ dots, int64_t n,
-                                                int64_t D) {
-  gather_axpy_dot_rows(acc, X, rows, coef, w, dots, n, D, [](float v) { return v; });
+                                                int64_t D, int64_t ld) {
+  gather_axpy_dot_rows(acc, X, rows, coef, w, dots, n, D, ld, [](float v) { return v; });
 }
 
 FASTCLT_SIMD_CLONES static void gather_axpy_dot_bf16(float* __restrict__ acc, const uint16_t* __restrict__ X,
                                                      const int64_t* __restrict__ rows, const float* __restrict__ coef,
                                                      const uint16_t* __restrict__ w, float* __restrict__ dots,
-                                                     int64_t n, int64_t D) {
-  gather_axpy_dot_rows(acc, X, rows, coef, w, dots, n, D, bf16_bits_to_f32);
+                                                     int64_t n, int64_t D, int64_t ld) {
+  gather_axpy_dot_rows(acc, X, rows, coef, w, dots, n, D, ld, bf16_bits_to_f32);
 }
 
 inline void gather_axpy_dot(float* acc, const at::BFloat16* X, const int64_t* rows, const float* coef,
-                            const at::BFloat16* w, float* dots, int64_t n, int64_t D) {
+                            const at::BFloat16* w, float* dots, int64_t n, int64_t D, int64_t ld) {
   gather_axpy_dot_bf16(acc, reinterpret_cast<const uint16_t*>(X), rows, coef, reinterpret_cast<const uint16_t*>(w),
-                       dots, n, D);
+                       dots, n, D, ld);
 }
 
 // out[j] = sum_d g[d] * W[rows[j] * D + d] for j < n: the latent gradient of one token row. Four rows

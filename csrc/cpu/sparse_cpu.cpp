@@ -60,7 +60,7 @@ void decode_impl(const int64_t* rp, const int32_t* idx, const V* val, const T* W
         coef[j] = static_cast<float>(val[start + j]);
       }
       for (int64_t d = 0; d < D; ++d) acc[d] = bias ? static_cast<float>(bias[d]) : 0.f;
-      simd::gather_axpy(acc.data(), W, rows.data(), coef.data(), n, D);
+      simd::gather_axpy(acc.data(), W, rows.data(), coef.data(), n, D, D);
       T* out = y + b * D;
       for (int64_t d = 0; d < D; ++d) out[d] = T(acc[d]);
     }
@@ -178,7 +178,7 @@ inline void stores_done() {
 // features once per column tile of X, so that X[:, tile] stays in L2, was slower at the cpu-small
 // shape: 16.4 ms for 2 tiles and 22 ms for 6, against 15 ms untiled, for the decode fwd+bwd.)
 template <typename T>
-void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T* X, int64_t B,
+void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T* X, int64_t ldx, int64_t B,
                   int64_t nnz, int64_t F, int64_t D, T* out, float* coef_sum, const T* W = nullptr,
                   T* dot = nullptr) {
   // Group entries by feature with a stable counting sort (entries of a feature stay in flat order,
@@ -211,10 +211,10 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       if (W == nullptr) {
-        simd::gather_axpy(acc.data(), X, rows.data(), c.data(), n, D);
+        simd::gather_axpy(acc.data(), X, rows.data(), c.data(), n, D, ldx);
       } else {
         dots.resize(n);
-        simd::gather_axpy_dot(acc.data(), X, rows.data(), c.data(), W + f * D, dots.data(), n, D);
+        simd::gather_axpy_dot(acc.data(), X, rows.data(), c.data(), W + f * D, dots.data(), n, D, ldx);
         for (int64_t p = 0; p < n; ++p) dot[order[start + p]] = T(dots[p]);
       }
       store_row(out + f * D, acc.data(), D);
@@ -231,7 +231,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_scatter(const char* op, const
                                                            const at::Tensor& x, int64_t n_features,
                                                            const at::Tensor* weight) {
   const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
-  check_matrix(x, row_ptr, op, "x");
+  // x may be a view with a row stride (a slice of columns of a wider matrix: a CLT decode's gradient
+  // for the targets of one source), its rows contiguous
+  TORCH_CHECK(x.dim() == 2, "fastclt::", op, ": x must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "fastclt::", op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fastclt::", op, ": x's rows must be contiguous (stride 1), got "
+              "strides ", x.strides());
+  TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= x.size(1), "fastclt::", op, ": x's rows must not overlap, got "
+              "strides ", x.strides());
+  check_device(x, row_ptr, op, "x", "row_ptr");
   if (weight != nullptr) check_matrix(*weight, row_ptr, op, "weight");
   check_same_dtype(coef, x, op, "coef", "x");
   if (weight != nullptr) check_same_dtype(*weight, x, op, "weight", "x");
@@ -251,8 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_scatter(const char* op, const
   at::Tensor dot = weight != nullptr ? new_output({index.size(0)}, x.options()) : at::Tensor();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    scatter_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), coef.data_ptr<T>(), x.data_ptr<T>(), B,
-                    index.size(0), n_features, D, out.data_ptr<T>(), coef_sum.data_ptr<float>(),
+    scatter_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), coef.data_ptr<T>(), x.data_ptr<T>(),
+                    x.size(0) <= 1 ? D : x.stride(0), B, index.size(0), n_features, D, out.data_ptr<T>(), coef_sum.data_ptr<float>(),
                     weight != nullptr ? weight->data_ptr<T>() : nullptr,
                     weight != nullptr ? dot.data_ptr<T>() : nullptr);
   });

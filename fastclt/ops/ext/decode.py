@@ -29,14 +29,17 @@ class _SparseDecode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         row_ptr, index, value, weight = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
         value = value.to(grad_y.dtype)  # fp32 values of bf16 weights: the scatters take one dtype
         fastclt_ops = ops()
         grad_value = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2] and ctx.needs_input_grad[3] and grad_y.device.type == "cpu":
-            # dW and dvalue in one sweep: each gathered grad_y row read once for both
+            # dW and dvalue in one sweep: each gathered grad_y row read once for both. Rows with a
+            # stride are read in place (a CLT source's slice of the targets' gradient: no copy).
+            if grad_y.stride(-1) != 1:
+                grad_y = grad_y.contiguous()
             grad_weight, _, grad_value = fastclt_ops.feature_scatter_dot(row_ptr, index, value, grad_y, weight)
         else:
+            grad_y = grad_y.contiguous()
             if ctx.needs_input_grad[2]:
                 grad_value = fastclt_ops.sparse_dot(row_ptr, index, grad_y, weight)
             if ctx.needs_input_grad[3]:

@@ -369,6 +369,30 @@ def test_feature_scatter_dot_matches_float64(B, F, D, k, dtype):
 
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["feature_scatter", "feature_scatter_dot"])
+def test_feature_scatters_read_row_strided_x_in_place(op, dtype, poisoned):
+    """x a slice of columns of a wider matrix (rows contiguous, row stride > D: a CLT source's part of
+    the targets' gradient) gives the results of its contiguous copy, bit for bit; x whose rows are
+    not contiguous is refused by name."""
+    g = torch.Generator().manual_seed(77)
+    B, F, D, k = 29, 41, 23, 6
+    codes = ext_select.topk(torch.randn(B, F, generator=g).to(dtype), k)
+    coef = (torch.rand(codes.nnz, generator=g) + 0.1).to(dtype)
+    wide = torch.randn(B, 3 * D + 5, generator=g).to(dtype)
+    X = wide[:, D + 2:2 * D + 2]
+    assert not X.is_contiguous() and X.stride() == (3 * D + 5, 1)
+    fn = getattr(torch.ops.fastclt, op)
+    extra = (torch.randn(F, D, generator=g).to(dtype),) if op == "feature_scatter_dot" else (F,)
+    got = fn(codes.row_ptr, codes.index, coef, X, *extra)
+    want = fn(codes.row_ptr, codes.index, coef, X.contiguous(), *extra)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="x's rows must be contiguous"):
+        fn(codes.row_ptr, codes.index, coef, wide[:, ::2][:, :D], *extra)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 def test_feature_scatter_dot_bad_input_and_opcheck():
     ops = torch.ops.fastclt
     codes = ext_select.topk(torch.randn(4, 37), 3)
