@@ -104,6 +104,16 @@ class SparseCodes:
         rows = torch.arange(row_ptr.shape[0] - 1, device=row_ptr.device)
         return torch.repeat_interleave(rows, row_ptr[1:] - row_ptr[:-1], output_size=nnz)
 
+    @staticmethod
+    def join_row_ptrs(row_ptrs: list, nnzs: list) -> torch.Tensor:
+        """CSR row pointers (each from 0; block i holds ``nnzs[i]`` entries) → one row pointer over all
+        their rows, block after block (the codes of several layers or sources as one CSR)."""
+        parts, start = [row_ptrs[0]], nnzs[0]
+        for rp, n in zip(row_ptrs[1:], nnzs[1:]):
+            parts.append(rp[1:] + start)
+            start += n
+        return torch.cat(parts)
+
     def row_lengths(self) -> torch.Tensor:
         """int64 [B]: stored entries per row (active and band)."""
         return self.row_ptr[1:] - self.row_ptr[:-1]

@@ -29,3 +29,14 @@ def test_codes_validation():
         SparseCodes(torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int32), torch.zeros(1))
     with pytest.raises(ValueError, match="n_features"):
         SparseCodes(torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), torch.zeros(0)).to_dense()
+
+
+def test_join_row_ptrs_puts_blocks_one_after_another():
+    """Two CSR blocks (one with an empty row, one with no entry at all, one of a single row) joined:
+    the row pointer of their rows in order, each block's entries after the previous blocks'."""
+    a = torch.tensor([0, 2, 2, 5])
+    b = torch.tensor([0, 0, 0])
+    c = torch.tensor([0, 4])
+    got = SparseCodes.join_row_ptrs([a, b, c], [5, 0, 4])
+    assert torch.equal(got, torch.tensor([0, 2, 2, 5, 5, 5, 9]))
+    assert torch.equal(SparseCodes.join_row_ptrs([a], [5]), a)

@@ -31,10 +31,7 @@ def _joined(blocks: list, n_features: int) -> SparseCodes:
     block's features shifted by its offset (the decode of a tied CLT's sources in one call against
     W_dec viewed [L·F, d_out]). The values are concatenated, so their gradients flow back to each
     block's codes (summed where codes appear in several blocks)."""
-    starts = [0]
-    for c, _ in blocks[:-1]:
-        starts.append(starts[-1] + c.nnz)
-    row_ptr = torch.cat([blocks[0][0].row_ptr] + [c.row_ptr[1:] + s for (c, _), s in zip(blocks[1:], starts[1:])])
+    row_ptr = SparseCodes.join_row_ptrs([c.row_ptr for c, _ in blocks], [c.nnz for c, _ in blocks])
     index = torch.cat([c.index if off == 0 else c.index + off for c, off in blocks])
     return SparseCodes(row_ptr, index, torch.cat([c.value for c, _ in blocks]), n_features)
 

@@ -162,10 +162,7 @@ def _folds(x: torch.Tensor, b_enc: Optional[torch.Tensor]) -> bool:
 def _join(pats: list, B: int, F: int) -> tuple:
     """The L layers' entries (row_ptr, row, col, h per layer) as one CSR over the L·B rows
     (layer-major) → (row_ptr, rows, col + l·F, h, [(row_ptr, col) of each layer])."""
-    starts = [0]
-    for _, _, c, _ in pats[:-1]:
-        starts.append(starts[-1] + c.shape[0])
-    row_ptr = torch.cat([pats[0][0]] + [rp[1:] + s for (rp, _, _, _), s in zip(pats[1:], starts[1:])])
+    row_ptr = SparseCodes.join_row_ptrs([rp for rp, _, _, _ in pats], [c.shape[0] for _, _, c, _ in pats])
     rows = torch.cat([row + l * B for l, (_, row, _, _) in enumerate(pats)])
     col = torch.cat([c + l * F for l, (_, _, c, _) in enumerate(pats)])
     h = torch.cat([h_l for _, _, _, h_l in pats])
