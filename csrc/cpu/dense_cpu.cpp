@@ -39,23 +39,11 @@ constexpr int64_t kMaxRowChunks = 64;  // row chunks of the backward's band sums
 constexpr int64_t kMinRowChunk = 64;   // rows per chunk, at least
 constexpr int64_t kGrain = 16384;      // elements per parallel task, about
 
-FASTCLT_ALWAYS_INLINE uint32_t f32_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-}
-
-FASTCLT_ALWAYS_INLINE float bits_f32(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-}
-
 // x rounded to the nearest bfloat16 (ties to even), widened back to fp32: c10::BFloat16's rounding
 // for every non-NaN x, branch-free so that it vectorises (the callers mask NaN themselves).
 FASTCLT_ALWAYS_INLINE float round_bf16(float x) {
-  const uint32_t u = f32_bits(x);
-  return bits_f32((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+  const uint32_t u = simd::f32_bits(x);
+  return simd::bits_f32((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
 }
 
 // One row of the forward. The stores of value are products with 1 or 0: exact, so a bfloat16 result
@@ -87,7 +75,7 @@ FASTCLT_SIMD_CLONES static void forward_row_bf16(const uint16_t* __restrict__ h,
                                                  float half, int64_t F, uint16_t* __restrict__ value,
                                                  uint8_t* __restrict__ stored, uint8_t* __restrict__ code) {
   forward_row_impl(h, th, half, F, value, stored, code, true, simd::bf16_bits_to_f32,
-                   [](float v) { return uint16_t(f32_bits(v) >> 16); });
+                   [](float v) { return uint16_t(simd::f32_bits(v) >> 16); });
 }
 
 // One backward tile: `rows` rows of n columns (row stride F) from g and code; dh = g·bit0 (when dh),
@@ -129,7 +117,7 @@ FASTCLT_SIMD_CLONES static void backward_tile_bf16(const uint16_t* __restrict__ 
                                                    int64_t F, int64_t rows, int64_t n, uint16_t* __restrict__ dh,
                                                    float* __restrict__ acc) {
   backward_tile_impl(g, code, F, rows, n, dh, acc, simd::bf16_bits_to_f32,
-                     [](float v) { return uint16_t(f32_bits(v) >> 16); });
+                     [](float v) { return uint16_t(simd::f32_bits(v) >> 16); });
 }
 
 void check_cpu_matrix(const at::Tensor& t, const char* op, const char* name) {

@@ -30,25 +30,13 @@ constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;  // Philox4x32 mult
 constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;  // key increments per round
 constexpr int kLanes = 16;  // Philox blocks per sweep (64 values)
 
-FASTCLT_ALWAYS_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-FASTCLT_ALWAYS_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
 // ln(x) for x in (0, 1) normal floats (the uniforms here): x = m 2^e with m in [sqrt(1/2), sqrt(2)),
 // ln(1 + f) of f = m - 1 by a degree-9 polynomial (the classic single-precision minimax), e ln 2
 // in two parts.
 FASTCLT_ALWAYS_INLINE float log_unit(float x) {
-  const uint32_t i = float_to_bits(x);
+  const uint32_t i = simd::f32_bits(x);
   int32_t e = int32_t((i >> 23) & 0xFFu) - 126;
-  float m = bits_to_float((i & 0x007FFFFFu) | 0x3F000000u);  // [0.5, 1)
+  float m = simd::bits_f32((i & 0x007FFFFFu) | 0x3F000000u);  // [0.5, 1)
   const bool low = m < 0.70710678118654752f;
   e = low ? e - 1 : e;
   const float f = low ? m + m - 1.0f : m - 1.0f;

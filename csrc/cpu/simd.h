@@ -32,6 +32,19 @@
 namespace fastclt {
 namespace simd {
 
+// The bits of a float and back (memcpy: no aliasing rules broken; compiles to a register move).
+FASTCLT_ALWAYS_INLINE uint32_t f32_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+FASTCLT_ALWAYS_INLINE float bits_f32(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
 FASTCLT_ALWAYS_INLINE float bf16_bits_to_f32(uint16_t b) {
   uint32_t u = uint32_t(b) << 16;
   float f;
