@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <functional>
@@ -98,7 +99,7 @@ void topk_row(const T* x, const float* bias, int64_t F, int64_t k, RowScratch& s
     std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(), std::greater<uint32_t>());
     s.cand.clear();
     row_collect_at_least(x, bias, F, block, s.keymax.data(), s.order[k - 1], 0, s.cand);
-    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), simd::ranks_before);
+    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), simd::RanksBefore{});
     for (int64_t i = 0; i < k; ++i) chosen[i] = int32_t(s.cand[i].index);
   } else {
     uint32_t nan = 0;  // not bool: GCC vectorises an |= over uint32 but not over bool
@@ -349,55 +350,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_compact_cpu(const at::
   return {row_ptr, index, value};
 }
 
-// The k-th largest of keys (1 <= k <= keys.size()), keys left as they are: the bin of the top 16
-// bits that holds it (one histogram), then nth_element among the keys of that bin.
+// The k-th largest of keys (1 <= k <= keys.size()), keys left as they are: the bin of the top 12
+// bits that holds it (one histogram of 4096 counts: cleared and scanned in cache), then nth_element
+// among the keys of that bin.
 uint32_t kth_largest_key(const std::vector<uint32_t>& keys, int64_t k) {
-  std::vector<int64_t> hist(int64_t(1) << 16, 0);
-  for (uint32_t key : keys) ++hist[key >> 16];
-  int64_t above = 0, bin = (int64_t(1) << 16) - 1;
+  constexpr int kShift = 20;
+  std::vector<int64_t> hist(int64_t(1) << (32 - kShift), 0);
+  for (uint32_t key : keys) ++hist[key >> kShift];
+  int64_t above = 0, bin = int64_t(hist.size()) - 1;
   for (; bin > 0 && above + hist[bin] < k; --bin) above += hist[bin];
   std::vector<uint32_t> in_bin;
   in_bin.reserve(hist[bin]);
   for (uint32_t key : keys)
-    if (int64_t(key >> 16) == bin) in_bin.push_back(key);
+    if (int64_t(key >> kShift) == bin) in_bin.push_back(key);
   const int64_t r = k - above;  // rank of the k-th largest within its bin, 1-based
   std::nth_element(in_bin.begin(), in_bin.begin() + (r - 1), in_bin.end(), std::greater<uint32_t>());
   return in_bin[r - 1];
 }
 
-// Exact BatchTopK on one device in about one read of h (csrc/README.md):
-//   1. the key maxima of the numel/64 blocks of 64 entries (one vectorised pass): they belong to
-//      distinct entries, so their k_total-th largest, t, is a lower bound on the k_total-th largest
-//      key of h;
-//   2. the entries with key >= t, read from only the blocks whose maximum is >= t (about k_total
-//      blocks: ~1/8 of h at k = 32 of 16384), in flat order: about 1.1 k_total candidates on random
-//      data, never fewer than k_total; fixed parts, so the order does not depend on the threads;
-// then the exact k_total-th candidate P (key, then lowest flat index: the tie rule of
-// batch_topk_compact) by nth_element, and the candidates ranked up to P are written as CSR.
-// Blocks are smaller when k_total > numel / 256 (about 4 k_total blocks), down to one entry.
-// With a bias (fp32 only: batch_topk_bias) the keys are those of h + bias[column], and the block is
-// the largest divisor of F not above that size, so that no block straddles two rows: each row's
-// span of a part is then one aligned call of the biased block scans.
+// A lower bound for BatchTopK's one-pass path, from a sample of h's rows: rows = ceil(kSampleAbove
+// R / k_total) evenly spaced rows of the R (each + bias where there is one) hold on average
+// s = k_total rows / R >= kSampleAbove of the k_total largest keys; the bound is the sample's
+// ceil(1.25 s)-th largest key, so about 1.25 k_total entries of h are at or above it — and, when the rows are
+// exchangeable, fewer than k_total only with a chance of ~3e-5 (4 standard deviations). False when
+// the sample would be more than an eighth of h or holds a NaN: the caller then takes the two passes.
+constexpr int64_t kSampleAbove = 256;
+
+template <typename T>
+bool sampled_bound(const T* h, const float* bias, int64_t R, int64_t F, int64_t k_total, uint32_t& bound) {
+  const int64_t rows = (kSampleAbove * R + k_total - 1) / k_total;
+  if (rows * 8 > R) return false;
+  const int64_t stride = R / rows;
+  std::vector<uint32_t> keys(rows * F);
+  uint32_t nan = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* x = h + (i * stride + stride / 2) * F;
+    uint32_t* key = keys.data() + i * F;
+    for (int64_t f = 0; f < F; ++f) {
+      const float v = entry(x, bias, f);
+      nan |= uint32_t(v != v);
+      key[f] = float_key(v);
+    }
+  }
+  if (nan) return false;
+  const double above = double(k_total) * double(rows) / double(R);  // expected in the sample
+  bound = kth_largest_key(keys, std::clamp<int64_t>(int64_t(std::ceil(1.25 * above)), 1, rows * F));
+  return true;
+}
+
+// Exact BatchTopK on one device in about one read of h (csrc/README.md). The candidates are the
+// entries whose key is at or above a lower bound t of the k_total-th largest key, in flat order
+// (fixed parts of h, so the order does not depend on the threads). t and the candidates come from
+//   a. (fp32 h of more than 2^18 entries, on a CPU with AVX-512F) a bound sampled from h's rows
+//      (sampled_bound) and one pass over h collecting the entries >= t (collect_all_at_least_avx512).
+//      When they are at least k_total (nearly always) they hold the top k_total — exact whatever
+//      the sample; otherwise, or past 4 k_total of them (t far too low), b. runs;
+//   b. two passes: 1. the key maxima of the numel/64 blocks of 64 entries (one vectorised pass):
+//      they belong to distinct entries, so their k_total-th largest is such a bound t; 2. the
+//      entries >= t, read from only the blocks whose maximum is >= t (about k_total blocks: ~1/8 of
+//      h at k = 32 of 16384): about 1.1 k_total candidates on random data, never fewer than k_total;
+// then the k_total-th largest candidate key K (kth_largest_key), and the candidates above K and
+// the first ones equal to K in flat order (ties to the lowest flat index: the rule of
+// batch_topk_compact) are written as CSR, k_total in all. The path changes the time, never the result. In b., blocks are smaller when k_total > numel / 256
+// (about 4 k_total blocks), down to one entry.
+// With a bias (fp32 only: batch_topk_bias) the keys are those of h + bias[column]; in b. the block
+// is the largest divisor of F not above that size, so that no block straddles two rows: each
+// row's span of a part is then one aligned call of the biased block scans.
 template <typename T>
 void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_t k_total, int64_t* row_ptr,
                      int32_t* out_index, T* out_value) {
   const int64_t R = n / F;
-  // n_blocks >= k_total (the bound needs k_total block maxima), and about 4 k_total where blocks of
-  // 64 would give fewer: with only k_total maxima the bound is their minimum, which lets a third of
-  // h through as candidates at k_total = numel / 32; with 4 k_total it lets about 1.1 k_total through.
-  int64_t block = std::clamp<int64_t>(n / (4 * k_total), 1, 64);
-  if (bias != nullptr)
-    while (F % block != 0) --block;
-  const int64_t n_blocks = (n + block - 1) / block;
-  std::vector<uint32_t> keymax(n_blocks);
-  constexpr int64_t kParts = 64;  // of the blocks, for both passes
+  constexpr int64_t kParts = 64;  // of h, for every pass
   const int64_t grain = n > kParallelEntries ? 1 : kParts;
-  const int64_t part_blocks = (n_blocks + kParts - 1) / kParts;
-  std::vector<uint32_t> part_nan(kParts, 0);
-  auto part_span = [&](int64_t p) {  // first block, and [start, start + len) entries of part p
-    const int64_t b0 = std::min(n_blocks, p * part_blocks), start = b0 * block;
-    return std::make_tuple(b0, start, std::min(n, (b0 + part_blocks) * block) - start);
-  };
   // fn(first entry, entries) over [start, start + len): one span without a bias, else one per row
   auto for_spans = [&](int64_t start, int64_t len, auto&& fn) {
     if (bias == nullptr) return fn(start, len);
@@ -409,43 +433,96 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
   };
   // the bias of the span starting at entry pos (within one row), or none
   auto row_bias = [&](int64_t pos) -> const float* { return bias == nullptr ? nullptr : bias + pos % F; };
-  at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      auto [b0, start, len] = part_span(p);
-      for_spans(start, len, [&](int64_t pos, int64_t m) {
-        part_nan[p] |= row_block_key_max(h + pos, row_bias(pos), m, block, keymax.data() + pos / block);
-      });
-    }
-  });
-  int64_t nan_parts = 0;
-  for (uint32_t f : part_nan) nan_parts += f != 0;
-  TORCH_CHECK_VALUE(nan_parts == 0, bias != nullptr ? "batch_topk: h + bias contains NaN"
-                                                    : "batch_topk: h contains NaN");
-  const uint32_t bound = kth_largest_key(keymax, k_total);
-
+  const char* nan_msg = bias != nullptr ? "batch_topk: h + bias contains NaN" : "batch_topk: h contains NaN";
+  auto no_nan = [](const std::vector<uint32_t>& flags) {
+    return std::all_of(flags.begin(), flags.end(), [](uint32_t f) { return f == 0; });
+  };
   std::vector<std::vector<simd::Candidate>> parts(kParts);
-  at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      auto [b0, start, len] = part_span(p);
-      for_spans(start, len, [&](int64_t pos, int64_t m) {
-        row_collect_at_least(h + pos, row_bias(pos), m, block, keymax.data() + pos / block, bound, pos, parts[p]);
+
+  bool have = false;  // parts hold the candidates of a bound
+#ifdef FASTCLT_AVX512_SCAN
+  uint32_t sampled = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (n > kParallelEntries && simd::has_avx512_scan() && sampled_bound(h, bias, R, F, k_total, sampled)) {
+      std::atomic<int64_t> total{0};
+      std::vector<uint32_t> part_ok(kParts, 1), part_nan(kParts, 0);
+      const int64_t part_len = (n + kParts - 1) / kParts;
+      at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t start = std::min(n, p * part_len), len = std::min(n, start + part_len) - start;
+          for_spans(start, len, [&](int64_t pos, int64_t m) {
+            if (!part_ok[p]) return;
+            const float* b = row_bias(pos);
+            part_ok[p] = b != nullptr ? simd::collect_all_at_least_avx512<true>(h + pos, b, m, sampled, pos, total,
+                                                                                4 * k_total, parts[p], part_nan[p])
+                                      : simd::collect_all_at_least_avx512<false>(h + pos, nullptr, m, sampled, pos,
+                                                                                 total, 4 * k_total, parts[p],
+                                                                                 part_nan[p]);
+          });
+        }
       });
+      const bool complete = std::all_of(part_ok.begin(), part_ok.end(), [](uint32_t ok) { return ok != 0; });
+      if (complete) TORCH_CHECK_VALUE(no_nan(part_nan), nan_msg);
+      have = complete && total.load() >= k_total;
+      if (!have)
+        for (auto& part : parts) part = std::vector<simd::Candidate>();
     }
-  });
-  keymax = std::vector<uint32_t>();
-  std::vector<simd::Candidate> all;
-  for (auto& part : parts) all.insert(all.end(), part.begin(), part.end());
-  TORCH_CHECK(int64_t(all.size()) >= k_total, "fastclt::batch_topk: internal error: ", all.size(),
+  }
+#endif
+
+  if (!have) {  // b. two passes
+    // n_blocks >= k_total (the bound needs k_total block maxima), and about 4 k_total where blocks
+    // of 64 would give fewer: with only k_total maxima the bound is their minimum, which lets a
+    // third of h through as candidates at k_total = numel / 32; with 4 k_total it lets about
+    // 1.1 k_total through.
+    int64_t block = std::clamp<int64_t>(n / (4 * k_total), 1, 64);
+    if (bias != nullptr)
+      while (F % block != 0) --block;
+    const int64_t n_blocks = (n + block - 1) / block;
+    std::vector<uint32_t> keymax(n_blocks);
+    const int64_t part_blocks = (n_blocks + kParts - 1) / kParts;
+    std::vector<uint32_t> part_nan(kParts, 0);
+    auto part_span = [&](int64_t p) {  // [start, start + len) entries of part p
+      const int64_t b0 = std::min(n_blocks, p * part_blocks), start = b0 * block;
+      return std::make_pair(start, std::min(n, (b0 + part_blocks) * block) - start);
+    };
+    at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        auto [start, len] = part_span(p);
+        for_spans(start, len, [&](int64_t pos, int64_t m) {
+          part_nan[p] |= row_block_key_max(h + pos, row_bias(pos), m, block, keymax.data() + pos / block);
+        });
+      }
+    });
+    TORCH_CHECK_VALUE(no_nan(part_nan), nan_msg);
+    const uint32_t bound = kth_largest_key(keymax, k_total);
+    at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        auto [start, len] = part_span(p);
+        for_spans(start, len, [&](int64_t pos, int64_t m) {
+          row_collect_at_least(h + pos, row_bias(pos), m, block, keymax.data() + pos / block, bound, pos, parts[p]);
+        });
+      }
+    });
+  }
+
+  // the k_total-th largest candidate key K; the kept: every candidate above K, and the first
+  // (k_total - those) candidates equal to K in flat order (the lowest indices)
+  std::vector<uint32_t> keys;
+  for (auto& part : parts)
+    for (const simd::Candidate& c : part) keys.push_back(c.key);
+  TORCH_CHECK(int64_t(keys.size()) >= k_total, "fastclt::batch_topk: internal error: ", keys.size(),
               " candidates for k_total=", k_total);
-  std::nth_element(all.begin(), all.begin() + (k_total - 1), all.end(), simd::ranks_before);
-  const simd::Candidate pivot = all[k_total - 1];
-  all = std::vector<simd::Candidate>();
+  const uint32_t kth = kth_largest_key(keys, k_total);
+  int64_t equal_left = k_total;
+  for (uint32_t key : keys) equal_left -= key > kth;
+  keys = std::vector<uint32_t>();
 
   std::fill(row_ptr, row_ptr + R + 1, int64_t(0));
   int64_t out = 0;
   for (auto& part : parts) {
     for (const simd::Candidate& c : part) {
-      if (simd::ranks_before(pivot, c)) continue;  // ranked after the k_total-th
+      if (c.key < kth || (c.key == kth && equal_left-- <= 0)) continue;  // ranked after the k_total-th
       out_index[out] = int32_t(c.index % F);
       out_value[out] = T(relu(key_float(c.key)));  // h[c.index] (+ its bias), from its key
       ++row_ptr[c.index / F + 1];

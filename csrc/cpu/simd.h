@@ -243,6 +243,11 @@ inline bool ranks_before(const Candidate& a, const Candidate& b) {
   return a.key > b.key || (a.key == b.key && a.index < b.index);
 }
 
+// ranks_before as a function object, for std::nth_element (a function pointer is not inlined there).
+struct RanksBefore {
+  bool operator()(const Candidate& a, const Candidate& b) const { return ranks_before(a, b); }
+};
+
 // Appends {key, base + i} for every i < n with float_key(src(i)) >= thr, in index order, scanning
 // only the blocks of `block` entries whose maximum key (keymax, from block_key_max) is >= thr; x is
 // the storage src reads (for prefetching only). Three things keep this pass, which reads about a
@@ -381,6 +386,84 @@ inline void collect_above(const at::BFloat16* x, const at::BFloat16* t, int64_t 
                           std::vector<int32_t>& out) {
   collect_above_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(t), n, bound, out);
 }
+
+// ---------------------------------------------------------------- AVX-512 candidate scan
+
+// Appends {key, base + i} for every i < n with float_key(x[i] (+ bias[i])) >= thr, in index order,
+// reading all n fp32 entries: BatchTopK's one pass under a sampled bound. Sixteen entries per step:
+// one compare into a mask and, where it is not empty, two compress-stores (keys, indices) — the
+// compiler's vectorisation of the scalar scans stops at the per-entry test and store, which made a
+// full scan by them ~2x slower than a pass of block maxima. `total` counts the candidates of all
+// the scans sharing it; once it exceeds cap the scan stops and returns false (the bound was far
+// too low: the caller falls back). nan |= 1 when some entry is NaN. Only where the CPU has
+// AVX-512F (has_avx512_scan); GCC on x86-64 Linux, like the clones.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTCLT_AVX512_SCAN 1
+}  // namespace simd
+}  // namespace fastclt
+#include <immintrin.h>
+namespace fastclt {
+namespace simd {
+
+inline bool has_avx512_scan() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+template <bool kBias>
+__attribute__((target("avx512f"))) bool collect_all_at_least_avx512(
+    const float* __restrict__ x, const float* __restrict__ bias, int64_t n, uint32_t thr, int64_t base,
+    std::atomic<int64_t>& total, int64_t cap, std::vector<Candidate>& out, uint32_t& nan) {
+  constexpr int64_t kBuf = 512;
+  alignas(64) uint32_t keys[kBuf + 16];
+  alignas(64) int32_t offs[kBuf + 16];
+  int64_t held = 0, from = 0;  // offsets in the buffer are relative to `from`
+  auto flush = [&] {
+    for (int64_t j = 0; j < held; ++j) out.push_back({keys[j], base + from + offs[j]});
+    const bool ok = total.fetch_add(held, std::memory_order_relaxed) + held <= cap;
+    held = 0;
+    return ok;
+  };
+  const __m512i vthr = _mm512_set1_epi32(int32_t(thr)), sign = _mm512_set1_epi32(int32_t(0x80000000u));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    if constexpr (kBias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + i));
+    v = _mm512_add_ps(v, _mm512_setzero_ps());  // -0 + +0 = +0, as float_key
+    bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+    const __mmask16 m = _mm512_cmpge_epu32_mask(key, vthr);
+    if (m == 0) continue;
+    if (held + 16 > kBuf || i - from > INT32_MAX - 16) {
+      if (!flush()) return false;
+      from = i;
+    }
+    _mm512_mask_compressstoreu_epi32(keys + held, m, key);
+    _mm512_mask_compressstoreu_epi32(offs + held, m, _mm512_add_epi32(lanes, _mm512_set1_epi32(int32_t(i - from))));
+    held += __builtin_popcount(uint32_t(m));
+  }
+  uint32_t tail_bad = 0;
+  for (; i < n; ++i) {
+    const float v = kBias ? x[i] + bias[i] : x[i];
+    tail_bad |= uint32_t(v != v);
+    const uint32_t key = float_key(v);
+    if (key < thr) continue;
+    if (held == kBuf) {
+      if (!flush()) return false;
+      from = i;
+    }
+    keys[held] = key;
+    offs[held++] = int32_t(i - from);
+  }
+  nan |= uint32_t(bad != 0) | tail_bad;
+  return flush();
+}
+#else
+inline bool has_avx512_scan() { return false; }
+#endif
 
 }  // namespace simd
 }  // namespace fastclt

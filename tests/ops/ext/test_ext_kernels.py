@@ -472,6 +472,77 @@ def test_batch_topk_bias_layers_is_each_layers_batch_topk_bias(L, B, F, k, kind,
         assert torch.equal(index[entries], want[1]) and torch.equal(value[entries], want[2]), f"layer {l}"
 
 
+def _sampled_rows(B: int, k_total: int) -> list:
+    """The rows of h that select_cpu.cpp's sampled_bound reads: (256 · B / k_total, rounded up)
+    evenly spaced rows, the middle one of each stride (white box: only for picking inputs that
+    steer BatchTopK's one-pass path into its fallback; results must not depend on it)."""
+    rows = -(-256 * B // k_total)
+    stride = B // rows
+    return [i * stride + stride // 2 for i in range(rows)]
+
+
+def _brute_batch_topk(h: torch.Tensor, k_total: int):
+    """(row_ptr, index, value) of BatchTopK by a stable float64 sort: ties to the lowest flat index."""
+    B, F = h.shape
+    keep = torch.sort(h.double().flatten(), descending=True, stable=True).indices[:k_total].sort().values
+    rows = keep // F
+    row_ptr = torch.zeros(B + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.bincount(rows, minlength=B).cumsum(0)
+    return row_ptr, (keep % F).to(torch.int32), h.flatten()[keep].clamp_min(0)
+
+
+# h above 2^18 entries: the one-pass path under a sampled bound (fp32, CPUs with AVX-512F), its
+# fallbacks (too many candidates: the bound lands in a large tie group; too few: the sampled rows
+# hold the batch's largest entries), and the two passes (bf16, and CPUs without AVX-512F)
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,F,k,kind", [(320, 1031, 16, "randn"), (320, 1031, 16, "ties"), (300, 1024, 9, "hotrow"),
+                                        (257, 1100, 20, "inf"), (320, 1031, 16, "negties"),
+                                        (300, 1024, 4, "descending"), (280, 1031, 16, "ascending"),
+                                        (320, 1031, 16, "sampled_hot")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_batch_topk_above_the_parallel_size_is_exact(B, F, k, kind, dtype, with_bias, poisoned):
+    """batch_topk and batch_topk_bias on h of more than 2^18 entries equal a stable float64 sort of h
+    (+ bias), bit for bit, whichever path selected them."""
+    if with_bias and dtype != torch.float32:
+        pytest.skip("batch_topk_bias takes fp32 h")
+    if kind == "sampled_hot":
+        h = make_h(B, F, torch.float32, "cpu", "randn", seed=21)
+        h[_sampled_rows(B, k * B)] += 6.0  # the sample sees only these: its bound is far too high
+    else:
+        h = make_h(B, F, torch.float32, "cpu", kind, seed=21)
+    h = h.to(dtype)
+    bias = torch.randn(F, generator=torch.Generator().manual_seed(22))
+    if kind in ("ties", "negties"):
+        bias = (bias * 2).round() / 2  # sums with ties
+    if with_bias:
+        got = torch.ops.fastclt.batch_topk_bias(h, bias, k * B)
+        want = _brute_batch_topk(h + bias, k * B)
+    else:
+        got = torch.ops.fastclt.batch_topk(h, k * B)
+        want = _brute_batch_topk(h.float(), k * B)
+    assert torch.equal(got[0], want[0]), "row_ptr"
+    assert torch.equal(got[1], want[1]), "index"
+    assert torch.equal(got[2].float(), want[2].float().to(dtype).float()), "value"
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("where", ["sampled", "unsampled", "last"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_batch_topk_above_the_parallel_size_refuses_nan(where, with_bias):
+    """A NaN anywhere in a large h (+ bias) is refused: in a row the bound is sampled from (the two
+    passes then find it), in one it is not (the one pass finds it), in the last entry (the scan's
+    tail)."""
+    B, F, k = 320, 1031, 16
+    h = make_h(B, F, torch.float32, "cpu", "randn", seed=23)
+    row = {"sampled": _sampled_rows(B, k * B)[3], "unsampled": 0, "last": B - 1}[where]
+    h[row, F - 1 if where == "last" else 17] = float("nan")
+    op = (lambda t: torch.ops.fastclt.batch_topk_bias(t, torch.zeros(F), k * B)) if with_bias else \
+        (lambda t: torch.ops.fastclt.batch_topk(t, k * B))
+    with pytest.raises(ValueError, match="contains NaN"):
+        op(h)
+
+
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 def test_batch_topk_bias_layers_bad_input_and_opcheck():
     """Shapes, dtypes and k are named; a NaN in one layer's h + bias is refused, whichever thread
