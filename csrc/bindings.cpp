@@ -59,6 +59,8 @@ TORCH_LIBRARY(fastclt, m) {
   // Its backward for the upstream gradient dsq [G, M]: (dy, dbase, dblocks); one not asked for is empty. CPU.
   m.def("prefix_errors_backward(Tensor y, Tensor base, Tensor blocks, Tensor dsq, bool need_y, bool need_base,"
         " bool need_blocks) -> (Tensor dy, Tensor dbase, Tensor dblocks)");
+  // Total variance (cpu/losses_cpu.cpp), fp32: y [B, M, d] -> tv [M] = sum_b ||y[b, m] - mean_b y[:, m]||^2. CPU.
+  m.def("total_variance(Tensor y) -> Tensor tv");
   // Dense JumpReLU (cpu/dense_cpu.cpp), one pass: h [B, F] (fp32|bf16), threshold fp32 [F] ->
   // value = h * 1[h > θ], stored bool = active | band, code uint8 (bit0 active, bit1 band), with
   // θ and half_band rounded to h's dtype and band = |h − θ| < half_band (difference rounded to it). CPU.

@@ -179,6 +179,10 @@ def _register_fakes() -> None:
             return torch.empty_like(t) if want else y.new_empty(0)
         return pick(need_y, y), pick(need_base, base), pick(need_blocks, blocks)
 
+    @torch.library.register_fake("fastclt::total_variance")
+    def _(y):
+        return y.new_empty(y.shape[1])
+
     @torch.library.register_fake("fastclt::jumprelu_dense")
     def _(h, threshold, half_band):
         return torch.empty_like(h), torch.empty_like(h, dtype=torch.bool), torch.empty_like(h, dtype=torch.uint8)

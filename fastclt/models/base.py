@@ -413,7 +413,7 @@ class SparseDictionary(nn.Module):
         """``loss``'s terms from the codes: (parts, total loss, ŷ, MSE per layer, FVU per layer)."""
         cfg = self.cfg
         weights = cfg.matryoshka_loss_weights
-        # (an implementation without its own prefix_errors uses the device's default one)
+        # (an implementation without its own prefix_errors and total_variance uses the device's default ones)
         impl = self.impl if self.impl in ops.implementations("prefix_errors") else "auto"
         if weights is None:
             with phase("decode"):
@@ -426,7 +426,7 @@ class SparseDictionary(nn.Module):
                 blocks, base = self._decode_blocks(codes, xn)
             sq_prefix, y_hat = ops.prefix_errors(yn, base, blocks, impl=impl)
             sq = sq_prefix[-1]
-        tv = ops.total_variance(yn).clamp_min(1e-12)
+        tv = ops.total_variance(yn, impl=impl).clamp_min(1e-12)
         B = max(xn.shape[0], 1)
         mse_l, fvu_l = sq / B, sq / tv
         recon = (fvu_l if cfg.reconstruction_loss == "fvu" else mse_l).sum()

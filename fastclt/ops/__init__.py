@@ -35,16 +35,16 @@ from fastclt.ops.reference.clt_decode import feature_affine
 from fastclt.ops.reference.encode import preacts, preacts_layers
 from fastclt.ops.prefix_decode import (matryoshka_blocks, matryoshka_clt_blocks, matryoshka_clt_decode,
                                        matryoshka_decode, prefix_bounds, prefix_sums, split_codes)
-from fastclt.ops.reference.losses import auxk_loss, fvu, mse, preact_loss, sparsity_loss, squared_error, total_variance
+from fastclt.ops.reference.losses import auxk_loss, fvu, mse, preact_loss, sparsity_loss, squared_error
 from fastclt.ops.reference.molt import molt_norms, rank_ptr
 from fastclt.ops.sharded import as_shards
 
 __all__ = [
     "SparseCodes", "DenseCodes", "ACTIVATIONS", "TYINGS",
     "encode", "encode_layers", "relu", "jumprelu", "topk", "batch_topk", "batch_topk_layers",
-    "sparse_decode", "clt_decode", "auxk_select", "molt_decode", "prefix_errors",
+    "sparse_decode", "clt_decode", "auxk_select", "molt_decode", "prefix_errors", "total_variance",
     "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts", "preacts_layers",
-    "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss", "squared_error", "total_variance",
+    "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss", "squared_error",
     "split_codes", "prefix_bounds", "prefix_sums", "matryoshka_blocks", "matryoshka_decode", "matryoshka_clt_blocks",
     "matryoshka_clt_decode", "molt_norms", "rank_ptr",
     "implementations", "resolve",
@@ -189,6 +189,14 @@ def molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.T
     accumulation; differentiable in codes.value, x, U, V and b_dec (fastclt/ops/reference/molt.py)."""
     groups = _checks.check_molt_decode(codes, x, U, V, rank_groups, b_dec)
     return _call("molt_decode", impl, U, None, codes, x, U, V, groups, b_dec)
+
+
+def total_variance(y: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """y: [B, ..., d] → Σ_b ‖y − ȳ‖² per middle index: [...] (a scalar for [B, d]), ȳ the batch mean;
+    B · the population variance, in fp32 (fp64 for fp64 y): the normaliser of the FVU and of AuxK.
+    Differentiable in y (a kernel hands a y that needs a gradient to the reference)."""
+    _checks.check_total_variance(y)
+    return _call("total_variance", impl, y, None, y)
 
 
 def prefix_errors(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor, *, impl: str = "auto"):

@@ -292,6 +292,15 @@ def check_prefix_errors(y, base, blocks) -> None:
             raise ValueError(f"{name}: on {t.device}, but y is on {y.device}")
 
 
+def check_total_variance(y) -> None:
+    """y [B, ..., d], floating-point."""
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+        raise TypeError(f"y: expected a floating-point tensor, got "
+                        f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if y.dim() < 2:
+        raise ValueError(f"y: expected [B, ..., d], got {tuple(y.shape)}")
+
+
 def check_bounds(bounds, n_features: int) -> list:
     """``bounds`` as a list of ints 0 = m_0 < m_1 < … < m_G = n_features, or a ValueError naming it."""
     b = list(bounds)

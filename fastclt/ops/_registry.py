@@ -140,6 +140,8 @@ TABLE = (
     _e("molt_decode",       C,    "ext.molt:molt_decode",                            EXT_DTYPES),
     _e("prefix_errors",     R,    "reference.matryoshka:prefix_errors",              FLOATS),
     _e("prefix_errors",     C,    "ext.matryoshka:prefix_errors",                    (torch.float32,)),
+    _e("total_variance",    R,    "reference.losses:total_variance",                 FLOATS),
+    _e("total_variance",    C,    "ext.losses:total_variance",                       (torch.float32,)),
 )
 
 _BY_OP: dict[str, dict[str, Entry]] = {}

@@ -1,9 +1,12 @@
 """The losses (fastclt/ops/reference/losses.py; reference only): MSE and FVU, the sparsity penalty
-with the concatenated decoder norm, the pre-activation loss, the AuxK loss — against dense float64."""
+with the concatenated decoder norm, the pre-activation loss, the AuxK loss — against dense float64;
+and the dispatched total variance that normalises them (``ops.total_variance``: the reference and
+the C++ kernel of csrc/cpu/losses_cpu.cpp) on every implementation, with NaN-poisoned outputs."""
 import pytest
 import torch
 
 import fastclt
+from _impls import impl_params, takes
 from _util import assert_close
 from fastclt import ops
 from fastclt.codes import SparseCodes
@@ -75,3 +78,66 @@ def test_auxk_loss_takes_the_callers_total_variance():
         loss.backward()
         outs.append((loss.detach(), e.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# ------------------------------------------------------------------------- total_variance
+def _tv64(y: torch.Tensor) -> torch.Tensor:
+    y = y.double()
+    return ((y - y.mean(0)) ** 2).sum(-1).sum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1024, 4, 256), (2048, 768), (5, 3, 7), (1, 2, 3), (0, 3, 5), (131, 2, 3, 33),
+                                   (70, 1, 1)])
+@pytest.mark.parametrize("impl,device", impl_params("total_variance", reference=True))
+def test_total_variance_every_impl_against_float64(impl, device, shape, dtype, poisoned):
+    """Σ_b ‖y − ȳ‖² per middle index against float64, on fresh data far from zero mean (the case a
+    one-pass Σy² − Bȳ² would lose: mean 40× the spread), odd sizes (d below and above a vector, a chunk
+    of 64 rows plus 3), one token (zero), no tokens (zero), [B, d] (a scalar), several middle dims."""
+    takes("total_variance", impl, dtype)
+    g = torch.Generator().manual_seed(31)
+    y = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.5 + 20.0).to(dtype).to(device)
+    tv = ops.total_variance(y, impl=impl)
+    want = _tv64(y.cpu()) if shape[0] else torch.zeros(shape[1:-1], dtype=torch.float64)
+    assert tv.shape == shape[1:-1] and tv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(tv.cpu().double(), want, rtol=tol, atol=tol), (tv, want)
+
+
+@pytest.mark.parametrize("impl,device", impl_params("total_variance", reference=True))
+def test_total_variance_gradient_and_layouts(impl, device, poisoned):
+    """A y that needs a gradient gets the reference's gradient 2 (y − ȳ) · g whatever the impl; a
+    non-contiguous y (a transposed view) gives the contiguous result; NaN in y gives NaN for its
+    layer only; the same input gives the same bits on every call."""
+    g = torch.Generator().manual_seed(32)
+    y = torch.randn(67, 3, 45, generator=g).to(device)
+    w = torch.rand(3).to(device)
+    yg = y.clone().requires_grad_()
+    (ops.total_variance(yg, impl=impl) * w).sum().backward()
+    want = 2 * (y - y.mean(0)) * w[None, :, None]
+    assert torch.allclose(yg.grad, want, rtol=1e-5, atol=1e-6)
+    yt = y.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not yt.is_contiguous() and torch.equal(ops.total_variance(yt, impl=impl), ops.total_variance(y, impl=impl))
+    assert torch.equal(ops.total_variance(y, impl=impl), ops.total_variance(y, impl=impl))
+    bad = y.clone()
+    bad[5, 1, 7] = float("nan")
+    tv = ops.total_variance(bad, impl=impl)
+    assert bool(tv[1].isnan()) and not bool(tv[[0, 2]].isnan().any())
+
+
+def test_total_variance_bad_input_and_kernel_opcheck():
+    """A non-float or 1-D y is refused naming y; the kernel's own checks and its fake agree with it."""
+    with pytest.raises(TypeError, match="y: expected a floating-point tensor"):
+        ops.total_variance(torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"y: expected \[B, \.\.\., d\]"):
+        ops.total_variance(torch.ones(4))
+    if "cpu" not in ops.implementations("total_variance") or not fastclt._ext.has_cpu_ext():
+        pytest.skip("no C++ extension here")
+    op = torch.ops.fastclt.total_variance
+    with pytest.raises(RuntimeError, match="y must be float32"):
+        op(torch.ones(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"y must be \[B, M, d\]"):
+        op(torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match="y must be contiguous"):
+        op(torch.ones(3, 2, 4).transpose(0, 2))
+    torch.library.opcheck(op, (torch.randn(9, 2, 5),))
