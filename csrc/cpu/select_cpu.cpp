@@ -398,6 +398,106 @@ bool sampled_bound(const T* h, const float* bias, int64_t R, int64_t F, int64_t 
   return true;
 }
 
+// The candidates of batch_topk_impl: per part of h (kParts fixed parts, so that their order does
+// not depend on the threads), its entries at or above a bound, in flat order.
+constexpr int64_t kParts = 64;
+using Parts = std::vector<std::vector<simd::Candidate>>;
+
+// The entries of a [R, F] h over a flat range [start, start + len), as spans fn(first entry,
+// entries): one span without a bias, else one per row, each with its row's bias (bias_at).
+struct RowSpans {
+  const float* bias;
+  int64_t F;
+  template <typename Fn>
+  void each(int64_t start, int64_t len, Fn&& fn) const {
+    if (bias == nullptr) return fn(start, len);
+    for (int64_t pos = start, end = start + len; pos < end;) {
+      const int64_t stop = std::min(end, (pos / F + 1) * F);
+      fn(pos, stop - pos);
+      pos = stop;
+    }
+  }
+  const float* bias_at(int64_t pos) const { return bias == nullptr ? nullptr : bias + pos % F; }
+};
+
+bool all_zero(const std::vector<uint32_t>& flags) {
+  return std::all_of(flags.begin(), flags.end(), [](uint32_t f) { return f == 0; });
+}
+
+// Path a. of batch_topk_impl: true when `parts` then hold the candidates of a sampled bound (fp32,
+// AVX-512F, h above the parallel size; else false and `parts` left empty).
+template <typename T>
+bool sampled_candidates(const T* h, const RowSpans& spans, int64_t n, int64_t k_total, int64_t grain,
+                        const char* nan_msg, Parts& parts) {
+#ifdef FASTCLT_AVX512_SCAN
+  if constexpr (std::is_same_v<T, float>) {
+    uint32_t bound = 0;
+    if (n <= kParallelEntries || !simd::has_avx512_scan() || !sampled_bound(h, spans.bias, n / spans.F, spans.F,
+                                                                            k_total, bound))
+      return false;
+    std::atomic<int64_t> total{0};
+    std::vector<uint32_t> part_ok(kParts, 1), part_nan(kParts, 0);
+    const int64_t part_len = (n + kParts - 1) / kParts;
+    at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t start = std::min(n, p * part_len), len = std::min(n, start + part_len) - start;
+        spans.each(start, len, [&](int64_t pos, int64_t m) {
+          if (!part_ok[p]) return;
+          const float* b = spans.bias_at(pos);
+          part_ok[p] = b != nullptr ? simd::collect_all_at_least_avx512<true>(h + pos, b, m, bound, pos, total,
+                                                                              4 * k_total, parts[p], part_nan[p])
+                                    : simd::collect_all_at_least_avx512<false>(h + pos, nullptr, m, bound, pos, total,
+                                                                               4 * k_total, parts[p], part_nan[p]);
+        });
+      }
+    });
+    const bool complete = !std::count(part_ok.begin(), part_ok.end(), uint32_t(0));
+    if (complete) TORCH_CHECK_VALUE(all_zero(part_nan), nan_msg);
+    if (complete && total.load() >= k_total) return true;
+    for (auto& part : parts) part = std::vector<simd::Candidate>();
+  }
+#endif
+  return false;
+}
+
+// Path b. of batch_topk_impl: the two passes (block key maxima, then the blocks that reach the
+// k_total-th largest of them).
+template <typename T>
+void two_pass_candidates(const T* h, const RowSpans& spans, int64_t n, int64_t k_total, int64_t grain,
+                         const char* nan_msg, Parts& parts) {
+  // n_blocks >= k_total (the bound needs k_total block maxima), and about 4 k_total where blocks of
+  // 64 would give fewer: with only k_total maxima the bound is their minimum, which lets a third of
+  // h through as candidates at k_total = numel / 32; with 4 k_total it lets about 1.1 k_total through.
+  int64_t block = std::clamp<int64_t>(n / (4 * k_total), 1, 64);
+  if (spans.bias != nullptr)
+    while (spans.F % block != 0) --block;
+  const int64_t n_blocks = (n + block - 1) / block, part_blocks = (n_blocks + kParts - 1) / kParts;
+  std::vector<uint32_t> keymax(n_blocks), part_nan(kParts, 0);
+  auto part_span = [&](int64_t p) {  // [start, start + len) entries of part p
+    const int64_t b0 = std::min(n_blocks, p * part_blocks), start = b0 * block;
+    return std::make_pair(start, std::min(n, (b0 + part_blocks) * block) - start);
+  };
+  at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      auto [start, len] = part_span(p);
+      spans.each(start, len, [&](int64_t pos, int64_t m) {
+        part_nan[p] |= row_block_key_max(h + pos, spans.bias_at(pos), m, block, keymax.data() + pos / block);
+      });
+    }
+  });
+  TORCH_CHECK_VALUE(all_zero(part_nan), nan_msg);
+  const uint32_t bound = kth_largest_key(keymax, k_total);
+  at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      auto [start, len] = part_span(p);
+      spans.each(start, len, [&](int64_t pos, int64_t m) {
+        row_collect_at_least(h + pos, spans.bias_at(pos), m, block, keymax.data() + pos / block, bound, pos,
+                             parts[p]);
+      });
+    }
+  });
+}
+
 // Exact BatchTopK on one device in about one read of h (csrc/README.md). The candidates are the
 // entries whose key is at or above a lower bound t of the k_total-th largest key, in flat order
 // (fixed parts of h, so the order does not depend on the threads). t and the candidates come from
@@ -411,100 +511,21 @@ bool sampled_bound(const T* h, const float* bias, int64_t R, int64_t F, int64_t 
 //      h at k = 32 of 16384): about 1.1 k_total candidates on random data, never fewer than k_total;
 // then the k_total-th largest candidate key K (kth_largest_key), and the candidates above K and
 // the first ones equal to K in flat order (ties to the lowest flat index: the rule of
-// batch_topk_compact) are written as CSR, k_total in all. The path changes the time, never the result. In b., blocks are smaller when k_total > numel / 256
-// (about 4 k_total blocks), down to one entry.
+// batch_topk_compact) are written as CSR, k_total in all. The path changes the time, never the
+// result. In b., blocks are smaller when k_total > numel / 256 (about 4 k_total blocks), down to
+// one entry.
 // With a bias (fp32 only: batch_topk_bias) the keys are those of h + bias[column]; in b. the block
 // is the largest divisor of F not above that size, so that no block straddles two rows: each
 // row's span of a part is then one aligned call of the biased block scans.
 template <typename T>
 void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_t k_total, int64_t* row_ptr,
                      int32_t* out_index, T* out_value) {
-  const int64_t R = n / F;
-  constexpr int64_t kParts = 64;  // of h, for every pass
-  const int64_t grain = n > kParallelEntries ? 1 : kParts;
-  // fn(first entry, entries) over [start, start + len): one span without a bias, else one per row
-  auto for_spans = [&](int64_t start, int64_t len, auto&& fn) {
-    if (bias == nullptr) return fn(start, len);
-    for (int64_t pos = start, end = start + len; pos < end;) {
-      const int64_t stop = std::min(end, (pos / F + 1) * F);
-      fn(pos, stop - pos);
-      pos = stop;
-    }
-  };
-  // the bias of the span starting at entry pos (within one row), or none
-  auto row_bias = [&](int64_t pos) -> const float* { return bias == nullptr ? nullptr : bias + pos % F; };
+  const int64_t R = n / F, grain = n > kParallelEntries ? 1 : kParts;
   const char* nan_msg = bias != nullptr ? "batch_topk: h + bias contains NaN" : "batch_topk: h contains NaN";
-  auto no_nan = [](const std::vector<uint32_t>& flags) {
-    return std::all_of(flags.begin(), flags.end(), [](uint32_t f) { return f == 0; });
-  };
-  std::vector<std::vector<simd::Candidate>> parts(kParts);
-
-  bool have = false;  // parts hold the candidates of a bound
-#ifdef FASTCLT_AVX512_SCAN
-  uint32_t sampled = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    if (n > kParallelEntries && simd::has_avx512_scan() && sampled_bound(h, bias, R, F, k_total, sampled)) {
-      std::atomic<int64_t> total{0};
-      std::vector<uint32_t> part_ok(kParts, 1), part_nan(kParts, 0);
-      const int64_t part_len = (n + kParts - 1) / kParts;
-      at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t start = std::min(n, p * part_len), len = std::min(n, start + part_len) - start;
-          for_spans(start, len, [&](int64_t pos, int64_t m) {
-            if (!part_ok[p]) return;
-            const float* b = row_bias(pos);
-            part_ok[p] = b != nullptr ? simd::collect_all_at_least_avx512<true>(h + pos, b, m, sampled, pos, total,
-                                                                                4 * k_total, parts[p], part_nan[p])
-                                      : simd::collect_all_at_least_avx512<false>(h + pos, nullptr, m, sampled, pos,
-                                                                                 total, 4 * k_total, parts[p],
-                                                                                 part_nan[p]);
-          });
-        }
-      });
-      const bool complete = std::all_of(part_ok.begin(), part_ok.end(), [](uint32_t ok) { return ok != 0; });
-      if (complete) TORCH_CHECK_VALUE(no_nan(part_nan), nan_msg);
-      have = complete && total.load() >= k_total;
-      if (!have)
-        for (auto& part : parts) part = std::vector<simd::Candidate>();
-    }
-  }
-#endif
-
-  if (!have) {  // b. two passes
-    // n_blocks >= k_total (the bound needs k_total block maxima), and about 4 k_total where blocks
-    // of 64 would give fewer: with only k_total maxima the bound is their minimum, which lets a
-    // third of h through as candidates at k_total = numel / 32; with 4 k_total it lets about
-    // 1.1 k_total through.
-    int64_t block = std::clamp<int64_t>(n / (4 * k_total), 1, 64);
-    if (bias != nullptr)
-      while (F % block != 0) --block;
-    const int64_t n_blocks = (n + block - 1) / block;
-    std::vector<uint32_t> keymax(n_blocks);
-    const int64_t part_blocks = (n_blocks + kParts - 1) / kParts;
-    std::vector<uint32_t> part_nan(kParts, 0);
-    auto part_span = [&](int64_t p) {  // [start, start + len) entries of part p
-      const int64_t b0 = std::min(n_blocks, p * part_blocks), start = b0 * block;
-      return std::make_pair(start, std::min(n, (b0 + part_blocks) * block) - start);
-    };
-    at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        auto [start, len] = part_span(p);
-        for_spans(start, len, [&](int64_t pos, int64_t m) {
-          part_nan[p] |= row_block_key_max(h + pos, row_bias(pos), m, block, keymax.data() + pos / block);
-        });
-      }
-    });
-    TORCH_CHECK_VALUE(no_nan(part_nan), nan_msg);
-    const uint32_t bound = kth_largest_key(keymax, k_total);
-    at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        auto [start, len] = part_span(p);
-        for_spans(start, len, [&](int64_t pos, int64_t m) {
-          row_collect_at_least(h + pos, row_bias(pos), m, block, keymax.data() + pos / block, bound, pos, parts[p]);
-        });
-      }
-    });
-  }
+  const RowSpans spans{bias, F};
+  Parts parts(kParts);
+  if (!sampled_candidates(h, spans, n, k_total, grain, nan_msg, parts))
+    two_pass_candidates(h, spans, n, k_total, grain, nan_msg, parts);
 
   // the k_total-th largest candidate key K; the kept: every candidate above K, and the first
   // (k_total - those) candidates equal to K in flat order (the lowest indices)
