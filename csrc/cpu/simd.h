@@ -16,7 +16,12 @@
 
 #include "checks.h"
 
+// GCC on x86-64 Linux: the clones below and the AVX-512 candidate scan.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTCLT_GCC_X86_LINUX 1
+#endif
+
+#ifdef FASTCLT_GCC_X86_LINUX
 #define FASTCLT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
 #else
 #define FASTCLT_SIMD_CLONES
@@ -238,14 +243,12 @@ struct Candidate {
   int64_t index;
 };
 
-// Selection order: larger key first; among equal keys, lower index first.
-inline bool ranks_before(const Candidate& a, const Candidate& b) {
-  return a.key > b.key || (a.key == b.key && a.index < b.index);
-}
-
-// ranks_before as a function object, for std::nth_element (a function pointer is not inlined there).
+// Selection order: larger key first; among equal keys, lower index first. A function object, so
+// that std::nth_element inlines it (a function pointer is not inlined there).
 struct RanksBefore {
-  bool operator()(const Candidate& a, const Candidate& b) const { return ranks_before(a, b); }
+  bool operator()(const Candidate& a, const Candidate& b) const {
+    return a.key > b.key || (a.key == b.key && a.index < b.index);
+  }
 };
 
 // Appends {key, base + i} for every i < n with float_key(src(i)) >= thr, in index order, scanning
@@ -397,7 +400,7 @@ inline void collect_above(const at::BFloat16* x, const at::BFloat16* t, int64_t 
 // the scans sharing it; once it exceeds cap the scan stops and returns false (the bound was far
 // too low: the caller falls back). nan |= 1 when some entry is NaN. Only where the CPU has
 // AVX-512F (has_avx512_scan); GCC on x86-64 Linux, like the clones.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#ifdef FASTCLT_GCC_X86_LINUX
 #define FASTCLT_AVX512_SCAN 1
 }  // namespace simd
 }  // namespace fastclt
@@ -461,8 +464,6 @@ __attribute__((target("avx512f"))) bool collect_all_at_least_avx512(
   nan |= uint32_t(bad != 0) | tail_bad;
   return flush();
 }
-#else
-inline bool has_avx512_scan() { return false; }
 #endif
 
 }  // namespace simd

@@ -195,7 +195,7 @@ def total_variance(y: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """y: [B, ..., d] → Σ_b ‖y − ȳ‖² per middle index: [...] (a scalar for [B, d]), ȳ the batch mean;
     B · the population variance, in fp32 (fp64 for fp64 y): the normaliser of the FVU and of AuxK.
     Differentiable in y (a kernel hands a y that needs a gradient to the reference)."""
-    _checks.check_total_variance(y)
+    _checks.check_targets(y)
     return _call("total_variance", impl, y, None, y)
 
 

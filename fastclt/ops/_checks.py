@@ -269,14 +269,22 @@ def check_molt_decode(codes, x, U, V, rank_groups, b_dec) -> tuple:
     return groups
 
 
+def check_targets(y) -> None:
+    """y [B, ..., d], floating-point: the targets of ``total_variance`` and ``prefix_errors``."""
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+        raise TypeError(f"y: expected a floating-point tensor, got "
+                        f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if y.dim() < 2:
+        raise ValueError(f"y: expected [B, ..., d], got {tuple(y.shape)}")
+
+
 def check_prefix_errors(y, base, blocks) -> None:
     """y [B, ..., d], base broadcastable to y, blocks [G, *y.shape], all floating-point on y's device."""
-    for name, t in (("y", y), ("base", base), ("blocks", blocks)):
+    check_targets(y)
+    for name, t in (("base", base), ("blocks", blocks)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got "
                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if y.dim() < 2:
-        raise ValueError(f"y: expected [B, ..., d], got {tuple(y.shape)}")
     if blocks.dim() != y.dim() + 1 or blocks.shape[1:] != y.shape or blocks.shape[0] < 1:
         raise ValueError(f"blocks: expected [G, *y.shape] = [G, {', '.join(map(str, y.shape))}], got "
                          f"{tuple(blocks.shape)}")
@@ -290,15 +298,6 @@ def check_prefix_errors(y, base, blocks) -> None:
     for name, t in (("base", base), ("blocks", blocks)):
         if t.device != y.device:
             raise ValueError(f"{name}: on {t.device}, but y is on {y.device}")
-
-
-def check_total_variance(y) -> None:
-    """y [B, ..., d], floating-point."""
-    if not isinstance(y, torch.Tensor) or not y.is_floating_point():
-        raise TypeError(f"y: expected a floating-point tensor, got "
-                        f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
-    if y.dim() < 2:
-        raise ValueError(f"y: expected [B, ..., d], got {tuple(y.shape)}")
 
 
 def check_bounds(bounds, n_features: int) -> list:
