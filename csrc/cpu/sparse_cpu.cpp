@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 #if defined(__SSE__)
@@ -182,40 +183,44 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
                   int64_t nnz, int64_t F, int64_t D, T* out, float* coef_sum, const T* W = nullptr,
                   T* dot = nullptr) {
   // Group entries by feature with a stable counting sort (entries of a feature stay in flat order,
-  // so every sum below has a fixed order: deterministic).
-  std::vector<int64_t> feat_ptr(F + 1, 0), order(nnz), row_of(nnz);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = rp[b]; j < rp[b + 1]; ++j) row_of[j] = b;
+  // so every sum below has a fixed order: deterministic): one pass counts, one writes each entry's
+  // row and fp32 coefficient (and, for the dots, its position) at its sorted slot, so that the
+  // feature loop reads them in order. (Sorting positions only and gathering rows and coefficients
+  // through them in the loop cost ~0.3 ms more per call at 65536 entries, 2-core Xeon.)
+  std::vector<int64_t> feat_ptr(F + 1, 0);
   for (int64_t j = 0; j < nnz; ++j) ++feat_ptr[idx[j] + 1];
   for (int64_t f = 0; f < F; ++f) feat_ptr[f + 1] += feat_ptr[f];
+  std::unique_ptr<int64_t[]> s_row(new int64_t[nnz]), s_pos(dot != nullptr ? new int64_t[nnz] : nullptr);
+  std::unique_ptr<float[]> s_coef(new float[nnz]);
   {
     std::vector<int64_t> fill(feat_ptr.begin(), feat_ptr.end() - 1);
-    for (int64_t j = 0; j < nnz; ++j) order[fill[idx[j]]++] = j;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = rp[b]; j < rp[b + 1]; ++j) {
+        const int64_t p = fill[idx[j]]++;
+        s_row[p] = b;
+        s_coef[p] = static_cast<float>(coef[j]);
+        if (dot != nullptr) s_pos[p] = j;
+      }
+    }
   }
   // One task per feature; dynamic scheduling because hot features own many more entries.
 #pragma omp parallel if (nnz * D > kParallelWork)
   {
-    std::vector<float> acc(D), c, dots;
-    std::vector<int64_t> rows;
+    std::vector<float> acc(D), dots;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t f = 0; f < F; ++f) {
       const int64_t start = feat_ptr[f], n = feat_ptr[f + 1] - feat_ptr[f];
-      rows.resize(n);
-      c.resize(n);
+      const int64_t* rows = s_row.get() + start;
+      const float* c = s_coef.get() + start;
       float s = 0.f;
-      for (int64_t p = 0; p < n; ++p) {
-        const int64_t j = order[start + p];
-        rows[p] = row_of[j];
-        c[p] = static_cast<float>(coef[j]);
-        s += c[p];
-      }
+      for (int64_t p = 0; p < n; ++p) s += c[p];
       std::fill(acc.begin(), acc.end(), 0.f);
       if (W == nullptr) {
-        simd::gather_axpy(acc.data(), X, rows.data(), c.data(), n, D, ldx);
+        simd::gather_axpy(acc.data(), X, rows, c, n, D, ldx);
       } else {
         dots.resize(n);
-        simd::gather_axpy_dot(acc.data(), X, rows.data(), c.data(), W + f * D, dots.data(), n, D, ldx);
-        for (int64_t p = 0; p < n; ++p) dot[order[start + p]] = T(dots[p]);
+        simd::gather_axpy_dot(acc.data(), X, rows, c, W + f * D, dots.data(), n, D, ldx);
+        for (int64_t p = 0; p < n; ++p) dot[s_pos[start + p]] = T(dots[p]);
       }
       store_row(out + f * D, acc.data(), D);
       coef_sum[f] = s;
