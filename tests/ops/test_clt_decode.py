@@ -213,6 +213,8 @@ def test_composed_decodes_sum_bf16_partials_in_fp32(impl, device, tying, affine)
     per target (exactly), the feature affine computed in fp32."""
     codes, W, b, off, sc, up = make(tying, affine, torch.bfloat16, device, seed=11)
     y = ops.clt_decode(codes, W, tying, None, off, sc, impl=impl)
+    if impl != "reference" and tying == "per_target" and not affine:
+        return  # the extension's plain per_target is one decode per target (test_per_target_one_decode)
     for t in range(L):
         acc = None
         for s in range(t + 1):
@@ -220,6 +222,36 @@ def test_composed_decodes_sum_bf16_partials_in_fp32(impl, device, tying, affine)
             part = ops.sparse_decode(c, W[s] if tying == "per_source" else W[t], impl=impl).float()
             acc = part if acc is None else acc + part
         assert torch.equal(y[:, t], acc.to(torch.bfloat16)), (impl, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl,device", [p for p in KERNELS if p.values[0] in ("cpu", "cuda")])
+def test_per_target_one_decode(impl, device, dtype):
+    """The extension's plain per_target decode is, per target t, one sparse decode of W_dec[t] whose row b
+    holds row b's entries of sources 0..t, source after source: every source's contribution summed in one
+    fp32 accumulation and rounded to the decoder's dtype once — bit for bit the sparse decode of those
+    rows, built here entry by entry; and its value gradients are each entry's gradients summed over the
+    targets it reaches."""
+    codes, W, b, off, sc, up = make("per_target", None, dtype, device, seed=13)
+    codes = [c.with_value(c.value.detach().requires_grad_(True)) for c in codes]
+    y = ops.clt_decode(codes, W, "per_target", impl=impl)
+    g = torch.randn(y.shape, dtype=torch.float64, device=device).to(dtype)
+    y.backward(g)
+    B = codes[0].batch_size
+    for t in range(L):
+        rows = [[(s, j) for s in range(t + 1) for j in range(int(codes[s].row_ptr[r]), int(codes[s].row_ptr[r + 1]))]
+                for r in range(B)]
+        row_ptr = torch.tensor([0] + [len(r) for r in rows], device=device).cumsum(0)
+        index = torch.tensor([int(codes[s].index[j]) for r in rows for s, j in r], dtype=torch.int32, device=device)
+        value = torch.stack([codes[s].value[j].detach() for r in rows for s, j in r])
+        want = ops.sparse_decode(SparseCodes(row_ptr, index, value, F), W[t].detach(), impl=impl)
+        assert torch.equal(y[:, t].detach(), want), t
+    for s in range(L):  # d value_s[j] = Σ_{t ≥ s} <g[b, t], W_dec[t][f_j]>, summed in target order
+        rows = SparseCodes.rows_of(codes[s].row_ptr, codes[s].nnz)
+        idx = codes[s].index.long()
+        parts = [(g[rows, t].float() * W[t].detach()[idx].float()).sum(1) for t in range(s, L)]
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        assert_close(codes[s].value.grad, torch.stack(parts).sum(0), tol, f"dvalue {s}")
 
 
 @pytest.mark.parametrize("tying", ["none", "per_source", "per_target"])

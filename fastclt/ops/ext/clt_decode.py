@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastclt.codes import SparseCodes
 from fastclt.ops.ext.decode import sparse_decode
@@ -51,13 +52,58 @@ def _per_source_joined(codes, W_dec: torch.Tensor) -> torch.Tensor:
 
 
 def _per_target_joined(codes, W_dec: torch.Tensor) -> torch.Tensor:
-    """Plain per_target tying, no bias: target t receives Σ_{s≤t} W_dec[t]ᵀ a_s. The L(L+1)/2 pair
-    decodes as one (rows: target, then source, then token; features t·F + f of W_dec viewed
-    [L·F, d_out]), then each target's sum over its sources in fp32. dW_dec comes out in W_dec's own
-    layout, as for per_source."""
+    """Plain per_target tying, no bias: target t receives W_dec[t]ᵀ Σ_{s≤t} a_s. One decode over L·B
+    rows, row (t, b) holding token b's entries of sources 0..t (source after source) with features
+    t·F + f of W_dec viewed [L·F, d_out] (``_by_target``): each target's sum over its sources is the
+    decode's own fp32 accumulation, rounded once, and ŷ is its output viewed [B, L, d_out] (rows
+    target-major: a target's rows gather from one W_dec[t], which stays in cache; token-major rows,
+    touching all L, ran slower). No per-pair outputs to sum and stack forward, none to concatenate
+    backward; dW_dec comes out in W_dec's own layout, as for per_source."""
     L, F, d = W_dec.shape
     B = codes[0].batch_size
-    pairs = sparse_decode(_joined([(codes[s], t * F) for t in range(L) for s in range(t + 1)], L * F),
-                          W_dec.reshape(L * F, d)).view(-1, B, d)
-    acc = acc_dtype(pairs.dtype)
-    return torch.stack([p.sum(0, dtype=acc) for p in pairs.split(list(range(1, L + 1)))], 1).to(pairs.dtype)
+    return sparse_decode(_by_target(codes, F), W_dec.reshape(L * F, d)).view(L, B, d).transpose(0, 1)
+
+
+def _by_target(codes, F: int) -> SparseCodes:
+    """L sources' codes (B rows each) → one CSR over the L·B rows (t, b): row (t, b) holds the entries
+    of row b of every source s ≤ t, source after source, each in its order, with feature t·F + f. An
+    entry of source s lands at one position per target t ≥ s: the start of row (t, b), plus row b's
+    entries in the sources before s, plus its place in its own row. Built with device ops whose
+    sizes are known on the host (no sync); the values through ``_Spread`` (its backward sums each
+    entry's L − s gradients in target order: deterministic)."""
+    L, B = len(codes), codes[0].batch_size
+    dev = codes[0].row_ptr.device
+    nnzs = [c.nnz for c in codes]
+    rps = torch.stack([c.row_ptr for c in codes])  # [L, B + 1]
+    lens = rps.diff(dim=1)  # [L, B]
+    before = torch.cat([lens.new_zeros(1, B), lens.cumsum(0)])  # [L + 1, B]: row b's entries in sources < s
+    row_ptr = torch.cat([lens.new_zeros(1), before[1:].reshape(-1).cumsum(0)])
+    total = sum(n * (L - s) for s, n in enumerate(nnzs))
+    # entry j of source s, row b, goes to row_ptr[(t, b)] + before[s, b] + (j - row_ptr_s[b]), t ≥ s
+    starts, shift = row_ptr[:-1].view(L, B).t().contiguous(), before[:L] - rps[:, :-1]  # [B, L], [L, B]
+    pos, index = [], []
+    for s, (c, n) in enumerate(zip(codes, nnzs)):
+        p = torch.repeat_interleave(starts[:, s:] + shift[s, :, None], lens[s], dim=0, output_size=n)
+        pos.append(p.add_(torch.arange(n, device=dev)[:, None]))
+        index.append(c.index[:, None] + torch.arange(s * F, L * F, F, device=dev, dtype=torch.int32))
+    flat = torch.cat([p.view(-1) for p in pos])
+    index = torch.cat([i.view(-1) for i in index])
+    index = torch.empty(total, device=dev, dtype=torch.int32).scatter_(0, flat, index)
+    return SparseCodes(row_ptr, index, _Spread.apply(flat, pos, *(c.value for c in codes)), L * F)
+
+
+class _Spread(torch.autograd.Function):
+    """The L sources' values → [total] with value_s[j] at pos[s][j, i] (pos[s]: [nnz_s, L − s]; ``flat``
+    all of them, flattened, source after source); the backward gathers each entry's L − s gradients
+    and sums them."""
+
+    @staticmethod
+    def forward(ctx, flat, pos, *values):
+        ctx.pos = pos
+        spread = torch.cat([v[:, None].expand(p.shape).reshape(-1) for p, v in zip(pos, values)])
+        return torch.empty_like(spread).scatter_(0, flat, spread)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return (None, None, *(grad[p].sum(1) for p in ctx.pos))
