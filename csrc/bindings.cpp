@@ -42,6 +42,8 @@ TORCH_LIBRARY(fastclt, m) {
   // (a decode backward's dW and dvalue in one sweep over the entries grouped by feature). CPU.
   m.def("feature_scatter_dot(Tensor row_ptr, Tensor index, Tensor coef, Tensor x, Tensor weight)"
         " -> (Tensor out, Tensor coef_sum, Tensor dot)");
+  // a per_target CLT's sources as one CSR over rows (target, token) (csrc/cpu/sparse_cpu.cpp; CPU only)
+  m.def("clt_by_target(Tensor row_ptrs, Tensor index, int n_features) -> (Tensor row_ptr, Tensor index, Tensor src)");
   // MOLT (cpu/molt_cpu.cpp): gates (row_ptr, index = transform, gate) over T transforms whose rank
   // rows are rank_ptr[i]:rank_ptr[i+1] of U [R, d_out] and V [R, d_in] -> y [B, d_out] =
   // sum_j gate[j] * U_i^T V_i x_b (+ bias), and h fp32 [sum_j r_{index[j]}]: V_i x_b of every

@@ -157,6 +157,12 @@ def _register_fakes() -> None:
                 x.new_empty(index.shape[0]))
 
 
+    @torch.library.register_fake("fastclt::clt_by_target")
+    def _(row_ptrs, index, n_features):
+        L, B = row_ptrs.shape[0], row_ptrs.shape[1] - 1
+        total = torch.library.get_ctx().new_dynamic_size()  # Σ_s nnz_s · (L − s): from row_ptrs' values
+        return (row_ptrs.new_empty(L * B + 1), index.new_empty(total), row_ptrs.new_empty(total))
+
     @torch.library.register_fake("fastclt::molt_forward")
     def _(row_ptr, index, gate, x, U, V, rank_ptr, bias):
         n = torch.library.get_ctx().new_dynamic_size()  # h holds r_i floats per active pair

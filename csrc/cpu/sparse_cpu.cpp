@@ -3,6 +3,7 @@
 //   sparse_dot       out[j] = <G[row(j)], W[index[j]]>                     dot at sparse indices
 //   feature_scatter  out[f] = sum_{j: index[j]=f} coef[j] * X[row(j)]      scatter by feature
 //   feature_scatter_dot  the scatter, plus dot[j] = <X[row(j)], W[index[j]]> in the same sweep
+//   clt_by_target    a per_target CLT's sources as one CSR over rows (target, token), for one decode
 // All accumulate in fp32; feature_scatter groups entries by feature (counting sort) so that one
 // task owns one output row: deterministic, no atomics.
 #include <ATen/ATen.h>
@@ -288,6 +289,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_scatter_dot_cpu(const at:
   return run_scatter("feature_scatter_dot", row_ptr, index, coef, x, 0, &weight);
 }
 
+// A per_target CLT's L sources as one CSR over the L·B rows (t, b) (fastclt/ops/ext/clt_decode.py):
+// row (t, b) holds row b's entries of every source s <= t, source after source, each feature shifted
+// to t·F + f; src[q] is the entry's position in the sources' concatenation (where its value is).
+// row_ptrs [L, B + 1] int64 (each source's CSR from 0), index [E] int32 (the sources' indices, one
+// after another). One pass per output row (rows in parallel): O(L·B + total).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clt_by_target_cpu(const at::Tensor& row_ptrs, const at::Tensor& index,
+                                                                 int64_t n_features) {
+  TORCH_CHECK(row_ptrs.dim() == 2 && row_ptrs.size(0) >= 1 && row_ptrs.size(1) >= 1 &&
+              row_ptrs.scalar_type() == at::kLong && row_ptrs.is_contiguous(), "fastclt::clt_by_target: row_ptrs "
+              "must be a contiguous [L >= 1, B + 1] int64 tensor, got ", row_ptrs.scalar_type(), " ", row_ptrs.sizes());
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kInt && index.is_contiguous(),
+              "fastclt::clt_by_target: index must be a contiguous 1-D int32 tensor, got ", index.scalar_type(), " ",
+              index.sizes());
+  TORCH_CHECK(row_ptrs.device().is_cpu() && index.device().is_cpu(), "fastclt::clt_by_target: CPU tensors "
+              "expected, got ", row_ptrs.device(), " and ", index.device());
+  const int64_t L = row_ptrs.size(0), B = row_ptrs.size(1) - 1, E = index.size(0);
+  TORCH_CHECK(n_features >= 0 && L * n_features <= INT32_MAX, "fastclt::clt_by_target: n_features must be in "
+              "[0, 2^31 / L) (L=", L, "), got ", n_features);
+  const int64_t* rps = row_ptrs.data_ptr<int64_t>();
+  std::vector<int64_t> off(L + 1, 0);  // where each source's entries start in index
+  for (int64_t s = 0; s < L; ++s) {
+    const int64_t* rp = rps + s * (B + 1);
+    TORCH_CHECK(rp[0] == 0, "fastclt::clt_by_target: row_ptrs[", s, "] must start at 0, got ", rp[0]);
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(rp[b] <= rp[b + 1], "fastclt::clt_by_target: row_ptrs[", s, "] must be non-decreasing (row ", b, ")");
+    off[s + 1] = off[s] + rp[B];
+  }
+  TORCH_CHECK(off[L] == E, "fastclt::clt_by_target: index must hold the sources' ", off[L], " entries (the sum of "
+              "row_ptrs[:, -1]), got ", E);
+  const int32_t* idx = index.data_ptr<int32_t>();
+  bool bad = false;
+  for (int64_t j = 0; j < E; ++j) bad = bad || idx[j] < 0 || idx[j] >= n_features;
+  TORCH_CHECK(!bad, "fastclt::clt_by_target: index must lie in [0, n_features=", n_features, ")");
+  auto row_ptr = new_output({L * B + 1}, row_ptrs.options());
+  int64_t* out_rp = row_ptr.data_ptr<int64_t>();
+  out_rp[0] = 0;
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t n = 0;
+      for (int64_t s = 0; s <= t; ++s) n += rps[s * (B + 1) + b + 1] - rps[s * (B + 1) + b];
+      out_rp[t * B + b + 1] = out_rp[t * B + b] + n;
+    }
+  }
+  const int64_t total = out_rp[L * B];
+  auto out_index = new_output({total}, index.options());
+  auto src = new_output({total}, row_ptrs.options());
+  int32_t* oi = out_index.data_ptr<int32_t>();
+  int64_t* os = src.data_ptr<int64_t>();
+#pragma omp parallel for schedule(static) if (total > kParallelWork)
+  for (int64_t r = 0; r < L * B; ++r) {
+    const int64_t t = r / B, b = r % B;
+    const int32_t shift = static_cast<int32_t>(t * n_features);
+    int64_t q = out_rp[r];
+    for (int64_t s = 0; s <= t; ++s) {
+      const int64_t* rp = rps + s * (B + 1);
+      for (int64_t j = off[s] + rp[b]; j < off[s] + rp[b + 1]; ++j, ++q) {
+        oi[q] = idx[j] + shift;
+        os[q] = j;
+      }
+    }
+  }
+  return {row_ptr, out_index, src};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> feature_scatter_replay(const at::Tensor& row_ptr,
@@ -362,6 +427,7 @@ TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("sparse_dot", &sparse_dot_cpu);
   m.impl("feature_scatter", &feature_scatter_cpu);
   m.impl("feature_scatter_dot", &feature_scatter_dot_cpu);
+  m.impl("clt_by_target", &clt_by_target_cpu);
 }
 
 }  // namespace fastclt

@@ -10,6 +10,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastclt.codes import SparseCodes
+from fastclt.ops.ext._common import ops
 from fastclt.ops.ext.decode import sparse_decode
 from fastclt.ops.reference.clt_decode import clt_decode_with
 from fastclt.ops.reference.decode import acc_dtype
@@ -64,14 +65,22 @@ def _per_target_joined(codes, W_dec: torch.Tensor) -> torch.Tensor:
     return sparse_decode(_by_target(codes, F), W_dec.reshape(L * F, d)).view(L, B, d).transpose(0, 1)
 
 
-def _by_target(codes, F: int) -> SparseCodes:
+def _by_target(codes, F: int, *, device_ops: bool = False) -> SparseCodes:
     """L sources' codes (B rows each) → one CSR over the L·B rows (t, b): row (t, b) holds the entries
-    of row b of every source s ≤ t, source after source, each in its order, with feature t·F + f. An
-    entry of source s lands at one position per target t ≥ s: the start of row (t, b), plus row b's
-    entries in the sources before s, plus its place in its own row. Built with device ops whose
-    sizes are known on the host (no sync); the values through ``_Spread`` (its backward sums each
-    entry's L − s gradients in target order: deterministic)."""
+    of row b of every source s ≤ t, source after source, each in its order, with feature t·F + f.
+
+    On the CPU one pass of ``fastclt::clt_by_target`` (csrc/cpu/sparse_cpu.cpp), which also gives each
+    output entry's position among the sources' concatenated values: the values are gathered from
+    there (their backward, ``index_add_`` on the CPU, sums each entry's L − s gradients in order:
+    deterministic). Elsewhere (or ``device_ops``), device ops whose sizes are known on the host (no
+    sync): an entry of source s lands at one position per target t ≥ s — the start of row (t, b),
+    plus row b's entries in the sources before s, plus its place in its own row — and the values
+    go through ``_Spread`` (its backward gathers each entry's L − s gradients and sums them, no atomics)."""
     L, B = len(codes), codes[0].batch_size
+    if codes[0].row_ptr.device.type == "cpu" and not device_ops:
+        rps = torch.stack([c.row_ptr for c in codes])
+        row_ptr, index, src = ops().clt_by_target(rps, torch.cat([c.index for c in codes]), F)
+        return SparseCodes(row_ptr, index, torch.cat([c.value for c in codes]).index_select(0, src), L * F)
     dev = codes[0].row_ptr.device
     nnzs = [c.nnz for c in codes]
     rps = torch.stack([c.row_ptr for c in codes])  # [L, B + 1]

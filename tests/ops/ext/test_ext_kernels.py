@@ -3,7 +3,7 @@ fastclt/ops/ext/), on every device it runs on here (the ``ext_device`` fixture o
 the CPU kernels, and CUDA when built and a GPU is present): op schemas and fake impls (opcheck), a
 kernel for every shared op on every device, the CUDA BatchTopK's radix driver against the CPU
 kernel, the ops' own argument checks, fp32 sums of bf16 decodes, and the CPU-only ops
-(threshold_compact, feature_scatter_dot, topk_bias, the CUDA scatter plan replayed). What every
+(threshold_compact, feature_scatter_dot, topk_bias, clt_by_target, the CUDA scatter plan replayed). What every
 implementation of an op must do: tests/ops/test_<op>.py. CUDA-only cases: tests/ops/ext/test_ext_cuda.py.
 Outputs are NaN-poisoned (fastclt._C.set_poison_outputs) so that an element a kernel forgot to
 write fails the test.
@@ -409,6 +409,91 @@ def test_feature_scatter_dot_bad_input_and_opcheck():
     with pytest.raises(RuntimeError, match="weight must be 2-D"):
         ops.feature_scatter_dot(rp, idx, coef, X, W.view(-1))
     torch.library.opcheck(ops.feature_scatter_dot, (rp, idx, coef, X, W))
+
+
+# ---------------------------------------------------------------------- clt_by_target (CPU only)
+def _by_target_sources(B, F, lens, gen):
+    """L sources' CSR codes over B rows: source s's row b holds lens[s][b] distinct features."""
+    codes = []
+    for row_lens in lens:
+        idx = [torch.randperm(F, generator=gen)[:n].sort().values for n in row_lens]
+        rp = torch.tensor([0] + list(row_lens), dtype=torch.int64).cumsum(0)
+        index = torch.cat(idx).to(torch.int32) if idx else torch.zeros(0, dtype=torch.int32)
+        codes.append(SparseCodes(rp, index, torch.randn(index.shape[0], generator=gen), F))
+    return codes
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("case", ["random", "empty_source", "empty_rows", "no_rows", "one_source"])
+def test_clt_by_target_matches_its_definition_and_the_device_ops(case, gen):
+    """fastclt::clt_by_target: row (t, b) holds row b's entries of sources 0..t, source after source,
+    features shifted by t·F, src pointing at each entry's value; the same CSR and values as the
+    device-op builder of fastclt/ops/ext/clt_decode.py (CUDA's), and value gradients that sum each
+    entry's L − s gradients. Outputs NaN/-1-poisoned."""
+    from fastclt.ops.ext import clt_decode as ext_clt
+
+    B, F = {"no_rows": 0}.get(case, 7), 29
+    L = 1 if case == "one_source" else 4
+    lens = [[int(n) for n in torch.randint(0, 6, (B,), generator=gen)] for _ in range(L)]
+    if case == "empty_source":
+        lens[2] = [0] * B
+    if case == "empty_rows":
+        for s in range(L):
+            lens[s][3] = 0
+    codes = _by_target_sources(B, F, lens, gen)
+    rps = torch.stack([c.row_ptr for c in codes])
+    row_ptr, index, src = torch.ops.fastclt.clt_by_target(rps, torch.cat([c.index for c in codes]), F)
+    offs = [0]
+    for c in codes:
+        offs.append(offs[-1] + c.nnz)
+    want_rp, want_idx, want_src = [0], [], []
+    for t in range(L):
+        for b in range(B):
+            for s in range(t + 1):
+                for j in range(int(codes[s].row_ptr[b]), int(codes[s].row_ptr[b + 1])):
+                    want_idx.append(int(codes[s].index[j]) + t * F)
+                    want_src.append(offs[s] + j)
+            want_rp.append(len(want_idx))
+    assert row_ptr.tolist() == want_rp
+    assert index.dtype == torch.int32 and index.tolist() == want_idx
+    assert src.tolist() == want_src
+    grads = []
+    for device_ops in (False, True):
+        vals = [c.value.clone().requires_grad_(True) for c in codes]
+        merged = ext_clt._by_target([c.with_value(v) for c, v in zip(codes, vals)], F, device_ops=device_ops)
+        assert torch.equal(merged.row_ptr, row_ptr) and torch.equal(merged.index, index), device_ops
+        assert torch.equal(merged.value.detach(), torch.cat([c.value for c in codes])[src]), device_ops
+        g = torch.randn(merged.nnz, generator=gen)
+        merged.value.backward(g)
+        grads.append(torch.cat([v.grad for v in vals]))
+        want = torch.zeros(offs[-1], dtype=torch.float64).index_add_(0, src, g.double())
+        assert torch.allclose(grads[-1].double(), want, rtol=1e-6, atol=1e-6), device_ops
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_clt_by_target_bad_input_and_opcheck(gen):
+    op = torch.ops.fastclt.clt_by_target
+    codes = _by_target_sources(5, 11, [[1, 2, 0, 3, 1], [2, 2, 2, 0, 1]], gen)
+    rps, index = torch.stack([c.row_ptr for c in codes]), torch.cat([c.index for c in codes])
+    with pytest.raises(RuntimeError, match="row_ptrs must be a contiguous"):
+        op(rps.int(), index, 11)
+    with pytest.raises(RuntimeError, match="index must be a contiguous 1-D int32"):
+        op(rps, index.long(), 11)
+    with pytest.raises(RuntimeError, match="index must lie in"):
+        op(rps, index, 5)
+    with pytest.raises(RuntimeError, match="index must hold the sources' 14 entries"):
+        op(rps, index[:-1].contiguous(), 11)
+    bad = rps.clone()
+    bad[1, 2] = 1
+    with pytest.raises(RuntimeError, match=r"row_ptrs\[1\] must be non-decreasing"):
+        op(bad, index, 11)
+    bad = rps.clone()
+    bad[0, 0] = 1
+    with pytest.raises(RuntimeError, match=r"row_ptrs\[0\] must start at 0"):
+        op(bad, index, 11)
+    with pytest.raises(RuntimeError, match="n_features must be in"):
+        op(rps, index, 2 ** 31)
+    torch.library.opcheck(op, (rps, index, 11))
 
 
 # ---------------------------------------------------------------------- topk_bias (CPU only)
