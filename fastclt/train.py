@@ -460,12 +460,20 @@ class _Run:
         lam = sparsity_at(p.step, t, self.mcfg.sparsity_coef)
         dead_arg = self.since_fired >= t.dead_tokens if self.mcfg.activation in ("topk", "batchtopk") else None
         fired = None
+        input_checks = []  # the micro-batches' NaN/Inf checks, read with the loss and gradient norm below
         for _ in range(t.grad_accum):
             batch = self.pref.get()
             p.micro += 1
-            out = self._loss(batch, dead_arg, lam)
-            (out.loss / t.grad_accum if t.grad_accum > 1 else out.loss).backward()
+            try:
+                out = self._loss(batch, dead_arg, lam)
+                (out.loss / t.grad_accum if t.grad_accum > 1 else out.loss).backward()
+            except Exception:
+                if self.objective is None and self.mcfg.nonfinite == "error":
+                    self.model.check_batch(*batch)  # NaN/Inf in the batch: the loss's error, not a kernel's
+                raise
             fired = out.fired if fired is None else fired | out.fired
+            if out.input_check is not None:
+                input_checks.append(out.input_check)
         if lay.dp > 1:  # the same dead mask on every replica
             f8 = fired.to(torch.uint8)
             dist.all_reduce(f8, op=dist.ReduceOp.MAX, group=lay.dp_group)
@@ -476,9 +484,16 @@ class _Run:
         allreduce_grads(self.params, lay)
         model.project_decoder_grads()
         gnorm = clip_grad_norm(self.sharded, self.replicated, t.clip_grad, lay)
-        # one transfer for both checks (each float() of a device scalar waits for the device)
-        bad = not bool(torch.isfinite(torch.stack([out.loss.detach().float(), gnorm.float()])).all())
+        # one transfer for every check (each float() of a device scalar waits for the device): the
+        # loss, the gradient norm and the inputs' sums (a NaN or Inf in x or y makes its sum non-finite)
+        head = torch.stack([out.loss.detach().float(), gnorm.float()])
+        bad = not bool(torch.isfinite(torch.cat([head] + [c.sums for c in input_checks])).all())
         stop, bad = self._agree(sig.flag, bad)
+        if bad:  # (rare: the exact checks may read from the device again)
+            for c in input_checks:  # the model's own ValueError for NaN/Inf in x or y
+                c.raise_if_nonfinite()
+            # finite inputs whose sum overflowed are no error: then only the loss and norm decide
+            bad = self._agree(not bool(torch.isfinite(head).all()))[0]
         if bad:
             loss_val = float(out.loss.detach())
             raise FloatingPointError(
@@ -496,7 +511,7 @@ class _Run:
         if self.objective is None:
             x, y = batch
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                return self.model.batch_loss(x, y, dead_mask=dead_mask, sparsity_coef=lam)
+                return self.model.batch_loss(x, y, dead_mask=dead_mask, sparsity_coef=lam, defer_input_check=True)
         with self.source.ex.lock:
             return self.objective.loss(batch[0], dead_mask, sparsity_coef=lam)
 

@@ -22,12 +22,38 @@ from fastclt.codes import SparseCodes
 from fastclt.config import SAEConfig
 from fastclt.profiling import phase
 
-__all__ = ["LossOutput", "SparseDictionary", "JumpReLUCalibration", "geometric_median"]
+__all__ = ["LossOutput", "InputCheck", "SparseDictionary", "JumpReLUCalibration", "geometric_median"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class InputCheck:
+    """A finiteness check of a loss's inputs, computed on the device and not yet read (reading it
+    synchronises): ``sums`` fp32 [n], one per tensor (a NaN or Inf anywhere makes its sum non-finite),
+    of ``tensors`` named ``names``. ``raise_if_nonfinite`` reads it and raises the ValueError that
+    ``loss`` raises under nonfinite="error" (a sum that overflowed on finite values is checked
+    exactly: no error)."""
+
+    sums: torch.Tensor
+    names: tuple
+    tensors: tuple
+
+    def raise_if_nonfinite(self) -> None:
+        for t, name, s in zip(self.tensors, self.names, self.sums.tolist()):
+            if not math.isfinite(s):
+                _raise_on_nonfinite_rows(t, name)
+
+
+def _raise_on_nonfinite_rows(t: torch.Tensor, name: str) -> None:
+    row_ok = torch.isfinite(t).flatten(1).all(1)
+    if not bool(row_ok.all()):
+        bad = int((~row_ok).sum())
+        raise ValueError(f"{name}: {bad} token(s) contain NaN or Inf (set nonfinite='skip' to drop "
+                         f"them during training, or clean the activations)")
 
 
 @dataclass
@@ -37,7 +63,8 @@ class LossOutput:
     loss: scalar tensor to backpropagate. codes: per-layer SparseCodes. y_hat: [B, L, d_out]
     reconstruction in normalised space. fired: [L, F] bool, features active in this batch.
     n_tokens: tokens used (after skipping non-finite ones). ``metrics``: dict of floats (computed
-    once, on first access: reading them synchronises with the device).
+    once, on first access: reading them synchronises with the device). ``input_check``: with
+    ``loss(..., defer_input_check=True)``, the finiteness check of x and y left to the caller.
     """
 
     loss: torch.Tensor
@@ -48,6 +75,7 @@ class LossOutput:
     skipped_tokens: int
     parts: dict = field(default_factory=dict)
     per_layer: dict = field(default_factory=dict)
+    input_check: Optional["InputCheck"] = None
     _metrics: Optional[dict] = None
 
     @property
@@ -204,31 +232,33 @@ class SparseDictionary(nn.Module):
         if policy == "ignore":
             return None
         good = None
-        seen, seen_names = [], []
-        for t, name in zip(tensors, names):
-            if not any(t is u for u in seen):  # (an SAE's y is its x)
-                seen.append(t)
-                seen_names.append(name)
         # one reduction per tensor and one device sync for all decide the common case: a NaN or Inf
         # anywhere makes a sum non-finite (finite values whose sum overflows only send it to the exact
         # row check below)
-        sums = torch.stack([t.sum().float() for t in seen])
-        if bool(torch.isfinite(sums).all()):
+        check = self._input_sums(tensors, names)
+        if bool(torch.isfinite(check.sums).all()):
             return None
-        for t, name, s in zip(seen, seen_names, sums.tolist()):
+        for t, name, s in zip(check.tensors, check.names, check.sums.tolist()):
             if math.isfinite(s):
                 continue
-            row_ok = torch.isfinite(t).flatten(1).all(1)
             if policy == "error" or not allow_skip:
-                if not bool(row_ok.all()):
-                    bad = int((~row_ok).sum())
-                    raise ValueError(f"{name}: {bad} token(s) contain NaN or Inf (set nonfinite='skip' to drop "
-                                     f"them during training, or clean the activations)")
+                _raise_on_nonfinite_rows(t, name)
             else:
+                row_ok = torch.isfinite(t).flatten(1).all(1)
                 good = row_ok if good is None else good & row_ok
         if good is None or bool(good.all()):
             return None
         return good
+
+    @staticmethod
+    def _input_sums(tensors, names) -> InputCheck:
+        """The sums of the distinct tensors (an SAE's y is its x), not read: no device sync."""
+        seen, seen_names = [], []
+        for t, name in zip(tensors, names):
+            if not any(t is u for u in seen):
+                seen.append(t)
+                seen_names.append(name)
+        return InputCheck(torch.stack([t.sum().float() for t in seen]), tuple(seen_names), tuple(seen))
 
     # ----------------------------------------------------------- normalisation
     def _normalize(self, t: torch.Tensor, which: str) -> torch.Tensor:
@@ -373,10 +403,15 @@ class SparseDictionary(nn.Module):
         return y if x.dim() == 3 else y[:, :, 0]
 
     def loss(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, dead_mask: Optional[torch.Tensor] = None, *,
-             sparsity_coef: Optional[float] = None, preact_coef: Optional[float] = None) -> LossOutput:
+             sparsity_coef: Optional[float] = None, preact_coef: Optional[float] = None,
+             defer_input_check: bool = False) -> LossOutput:
         """The training loss of docs/DESIGN.md §4 on a batch (in normalised space).
 
         sparsity_coef / preact_coef override the config's λ / λ_p (the trainer ramps λ).
+        defer_input_check: under nonfinite="error", do not wait for the device to check x and y for
+        NaN / Inf: the check comes back as ``input_check``, and the caller runs its
+        ``raise_if_nonfinite`` when it next reads from the device (the trainer: with the loss and
+        gradient norm, one transfer per step).
         dead_mask: [L, F] bool (SAE: [F]) — adds AuxK for TopK/BatchTopK dictionaries.
         A Matryoshka config (``matryoshka_prefixes``) makes the reconstruction loss Σ_g w_g · loss of
         prefix g (docs/DESIGN.md §15); ``y_hat`` (then detached) and the per-layer metrics are the
@@ -390,7 +425,11 @@ class SparseDictionary(nn.Module):
         if yl.shape[0] != xl.shape[0]:
             raise ValueError(f"y: expected {xl.shape[0]} tokens like x, got {yl.shape[0]}")
         B0 = xl.shape[0]
-        good = self._finite_rows(xl, yl, names=("x", "y"), allow_skip=True)
+        input_check = None
+        if defer_input_check and cfg.nonfinite == "error":
+            input_check, good = self._input_sums((xl, yl), ("x", "y")), None
+        else:
+            good = self._finite_rows(xl, yl, names=("x", "y"), allow_skip=True)
         if good is not None:
             xl, yl = xl[good], yl[good]
         skipped = B0 - xl.shape[0]
@@ -407,7 +446,7 @@ class SparseDictionary(nn.Module):
         fired, l0 = self.code_stats(codes)
         return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
                           skipped_tokens=skipped, parts=parts,
-                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0})
+                          per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0}, input_check=input_check)
 
     def _loss_terms(self, xn, yn, codes, hs, dead_mask, lam, lam_p) -> tuple:
         """``loss``'s terms from the codes: (parts, total loss, ŷ, MSE per layer, FVU per layer)."""
@@ -505,6 +544,15 @@ class SparseDictionary(nn.Module):
                    **kw) -> LossOutput:
         """``loss`` of a batch as activation sources yield it (see ``batch_inputs``); dead_mask [L, F]."""
         return self.loss(*self.batch_inputs(x, y), dead_mask=dead_mask, **kw)
+
+    def check_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The ValueError ``loss`` raises under nonfinite="error" when a batch (as ``batch_loss`` takes
+        it) holds NaN or Inf, else nothing (reads from the device). For a caller that deferred the
+        check (``defer_input_check``) and met an error before reading it: a kernel refusing NaN."""
+        xi, yi = self.batch_inputs(x, y)
+        xl = self._layered(xi, "x")
+        yl = xl if yi is None else self._layered(yi, "y")
+        self._finite_rows(xl, yl, names=("x", "y"), allow_skip=False)
 
     def project_decoder_grads(self) -> None:
         """Call after the backward pass, before the optimizer step: a constraint on the decoder's

@@ -141,9 +141,11 @@ def codes_at(h: torch.Tensor, row_ptr: torch.Tensor, col: torch.Tensor) -> Spars
     return SparseCodes(row_ptr, col.to(torch.int32), torch.relu(h[rows, col]), h.shape[1])
 
 
-def split_layers(row_ptr: torch.Tensor, L: int, B: int, *entries: torch.Tensor) -> list:
+def split_layers(row_ptr: torch.Tensor, L: int, B: int, *entries: torch.Tensor, bounds: Optional[list] = None) -> list:
     """One CSR over L·B rows (layer-major) with per-entry tensors ``entries`` → per layer
-    (row_ptr [B + 1], *entries of that layer) (views)."""
-    bounds = row_ptr[::B].tolist() if B else [0] * (L + 1)  # CSR offsets where each layer starts
+    (row_ptr [B + 1], *entries of that layer) (views). ``bounds``: the L + 1 offsets where each layer
+    starts, when the caller knows them (else read from row_ptr: a device sync)."""
+    if bounds is None:
+        bounds = row_ptr[::B].tolist() if B else [0] * (L + 1)
     return [(row_ptr[l * B:(l + 1) * B + 1] - bounds[l], *(e[bounds[l]:bounds[l + 1]] for e in entries))
             for l in range(L)]

@@ -119,7 +119,7 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
                 rows = SparseCodes.rows_of(row_ptr, index.shape[0])
                 offsets = torch.arange(0, L * F, F, device=x.device, dtype=torch.int32)
                 col = (index.view(L, k * B) + offsets[:, None]).view(-1)
-                layers = sharded.split_layers(row_ptr, L, B, index)
+                layers = sharded.split_layers(row_ptr, L, B, index, bounds=[l * k * B for l in range(L + 1)])
             return _encode_joined(x, W_enc, b_enc, row_ptr, rows, col, value, layers)
         pats = [_entries(x_l, W_l, b_l, "batchtopk", k, None, 0.01, None, None)[:4]
                 for x_l, W_l, b_l in zip(xs, Ws, bs)]

@@ -1,0 +1,108 @@
+"""Host synchronisation in the trainer's step (fastclt/train.py ``_Run._step``): on a GPU every read of a
+device value on the host (``.item()``, ``bool()`` / ``int()`` / ``float()`` of a tensor, ``.tolist()``,
+``.cpu()``, a ``nonzero`` or boolean mask) stalls the launch queue, so the step keeps them to a known few.
+Recorded here on the CPU, where the same Python code runs: the ATen ops that read a value on the host
+(``_local_scalar_dense``, ``nonzero``, ``masked_select``, ``unique``) through a dispatch mode, and the
+tensor methods that copy to the host through patches, each attributed to the innermost fastclt frame.
+The data source (synthetic batches, made in this thread on a CPU) and logging steps are outside the
+count: the step runs with ``log.every`` past the steps timed."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastclt import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+
+_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+          "aten::unique_dim", "aten::unique_consecutive"}
+_DATA = ("training/synthetic.py", "training/data.py")
+
+
+def _site() -> str:
+    for fr in reversed(traceback.extract_stack()[:-2]):
+        path = fr.filename.replace("\\", "/")
+        if "/fastclt/" in path and "/site-packages/" not in path and "/tests/" not in path:
+            return f"{path.split('/fastclt/')[-1]}:{fr.name}"
+    return "outside fastclt"
+
+
+class _Reads(TorchDispatchMode):
+    def __init__(self, hits):
+        super().__init__()
+        self.hits = hits
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in _READS:
+            self.hits[_site()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _recording(hits):
+    originals = {n: getattr(torch.Tensor, n) for n in ("tolist", "cpu", "numpy")}  # (.item() dispatches)
+
+    def patched(name):
+        def read(self, *a, **k):
+            hits[_site()] += 1
+            return originals[name](self, *a, **k)
+        return read
+    try:
+        for n in originals:
+            setattr(torch.Tensor, n, patched(n))
+        with _Reads(hits):
+            yield
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+
+
+def _trainer(tmp_path, *extra):
+    from fastclt.train import _Run, _Signals
+    from fastclt.training.config import load_config
+    from fastclt.training.parallel import init_distributed
+    stack = contextlib.ExitStack()
+    cfg = load_config(["--out_dir", str(tmp_path / "run"), "--train.steps", "1000", "--train.device", "cpu",
+                       "--model.n_layers", "3", "--model.d_in", "16", "--model.n_features", "64",
+                       "--model.k", "4", "--train.batch_size", "64", "--log.progress", "false",
+                       "--log.every", "1000", "--checkpoint.every", "0", *extra])
+    run = _Run(cfg, init_distributed(1, "cpu"), torch.device("cpu"), stack)
+    run._open_out_dir()
+    run._open_source()
+    run._build()
+    run._start()
+    run.model.train()
+    return run, _Signals(), stack
+
+
+def _step_reads(tmp_path, *extra, steps=4) -> dict:
+    run, sig, stack = _trainer(tmp_path, *extra)
+    with stack:
+        for _ in range(2):
+            run._advance(sig)
+        hits = collections.Counter()
+        with _recording(hits):
+            for _ in range(steps):
+                run._advance(sig)
+    return {site: n / steps for site, n in hits.items() if not site.startswith(_DATA)}
+
+
+def test_batchtopk_step_reads_the_device_twice(tmp_path):
+    """The default BatchTopK CLT's step: one read for all its checks (the loss, the gradient norm and
+    the inputs' NaN/Inf sums, ``defer_input_check``) and one for AuxK's dead features per layer —
+    none in the encode, the selection, the decode or the losses."""
+    reads = _step_reads(tmp_path)
+    assert reads == {"train.py:_step": 1.0, "models/base.py:_auxk": 1.0}, reads
+
+
+def test_skipping_nonfinite_tokens_reads_the_inputs_first(tmp_path):
+    """nonfinite="skip" drops tokens before the encode (a batch whose size is only known on the
+    host): one more read, the model's own check of x and y."""
+    reads = _step_reads(tmp_path, "--model.nonfinite", "skip")
+    assert reads == {"train.py:_step": 1.0, "models/base.py:_auxk": 1.0, "models/base.py:_finite_rows": 1.0}, reads
