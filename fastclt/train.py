@@ -294,6 +294,9 @@ class _Run:
                 self.opt = torch.optim.Adam(self.params, **kw)
         self.since_fired = torch.zeros(self.model.n_layers, self.model.cfg.n_features, dtype=torch.int64,
                                        device=self.device)
+        # an upper bound of since_fired known on the host: while it is below dead_tokens no feature is
+        # dead and AuxK needs no count of them (a device read); None: unknown
+        self.silent_bound: Optional[int] = 0
         if self.e2e:
             from fastclt.training.e2e import SplicedObjective
             try:
@@ -380,6 +383,7 @@ class _Run:
             return err or "corrupt on another rank"
         extra = ckpt.restore(tensors, self.model, self.opt, self.param_names, self.device)
         self.since_fired = extra["tokens_since_fired"].to(self.device)
+        self.silent_bound = int(self.since_fired.max()) if self.since_fired.numel() else 0
         if getattr(self.source, "stateful", False):
             self.source.load_state_dict({k[5:]: v for k, v in extra.items() if k.startswith("data.")})
         self.p = _Progress(step=state["step"], micro=state["micro"], tokens=state["tokens"])
@@ -459,13 +463,16 @@ class _Run:
             g["lr"] = lr
         lam = sparsity_at(p.step, t, self.mcfg.sparsity_coef)
         dead_arg = self.since_fired >= t.dead_tokens if self.mcfg.activation in ("topk", "batchtopk") else None
+        none_dead = (dead_arg is not None and self.objective is None and lay.tp == 1
+                     and self.silent_bound is not None and self.silent_bound < t.dead_tokens)
+        dead_counts = [0] * self.model.n_layers if none_dead else None  # AuxK then reads nothing
         fired = None
         input_checks = []  # the micro-batches' NaN/Inf checks, read with the loss and gradient norm below
         for _ in range(t.grad_accum):
             batch = self.pref.get()
             p.micro += 1
             try:
-                out = self._loss(batch, dead_arg, lam)
+                out = self._loss(batch, dead_arg, lam, dead_counts)
                 (out.loss / t.grad_accum if t.grad_accum > 1 else out.loss).backward()
             except Exception:
                 if self.objective is None and self.mcfg.nonfinite == "error":
@@ -480,6 +487,8 @@ class _Run:
             fired = f8.bool()
         self.since_fired += self.tokens_per_step
         self.since_fired.masked_fill_(fired, 0)  # (no boolean indexing: nothing waits for the device)
+        if self.silent_bound is not None:
+            self.silent_bound += self.tokens_per_step
         p.tokens += self.tokens_per_step
         allreduce_grads(self.params, lay)
         model.project_decoder_grads()
@@ -505,13 +514,14 @@ class _Run:
         model.post_step()
         return out, gnorm, lr, lam, stop
 
-    def _loss(self, batch: tuple, dead_mask, lam):
+    def _loss(self, batch: tuple, dead_mask, lam, dead_counts=None):
         """The LossOutput of one micro-batch: the reconstruction loss of (x, y), or the objective through
         the LM on ``(ids,)`` (under the LM's lock: the evaluation uses the same LM)."""
         if self.objective is None:
             x, y = batch
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                return self.model.batch_loss(x, y, dead_mask=dead_mask, sparsity_coef=lam, defer_input_check=True)
+                return self.model.batch_loss(x, y, dead_mask=dead_mask, sparsity_coef=lam, defer_input_check=True,
+                                             dead_counts=dead_counts)
         with self.source.ex.lock:
             return self.objective.loss(batch[0], dead_mask, sparsity_coef=lam)
 
@@ -533,7 +543,11 @@ class _Run:
         dead = (self.since_fired >= self.cfg.train.dead_tokens).sum().float()
         if self.layout.tp > 1:
             dist.all_reduce(dead, group=self.layout.tp_group)
-        dead, gnorm = torch.stack([dead, gnorm.detach().float()]).tolist()  # one transfer for both
+        # one transfer for all three; the largest since_fired (exact in fp64) renews the host's bound
+        dead, gnorm, longest = torch.stack([dead.double(), gnorm.detach().double(),
+                                            self.since_fired.max().double()]).tolist()
+        if self.layout.tp == 1:
+            self.silent_bound = int(longest)
         names = sorted(k for k, v in m.items() if isinstance(v, float))
         if self.layout.dp > 1:  # average the replicas' metrics
             v = torch.tensor([m[k] for k in names], dtype=torch.float64, device=self.device)

@@ -404,7 +404,7 @@ class SparseDictionary(nn.Module):
 
     def loss(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, dead_mask: Optional[torch.Tensor] = None, *,
              sparsity_coef: Optional[float] = None, preact_coef: Optional[float] = None,
-             defer_input_check: bool = False) -> LossOutput:
+             defer_input_check: bool = False, dead_counts: Optional[list] = None) -> LossOutput:
         """The training loss of docs/DESIGN.md §4 on a batch (in normalised space).
 
         sparsity_coef / preact_coef override the config's λ / λ_p (the trainer ramps λ).
@@ -412,6 +412,9 @@ class SparseDictionary(nn.Module):
         NaN / Inf: the check comes back as ``input_check``, and the caller runs its
         ``raise_if_nonfinite`` when it next reads from the device (the trainer: with the loss and
         gradient norm, one transfer per step).
+        dead_counts: dead_mask's number of dead features per layer when the caller knows it without
+        reading the device (the trainer, while no feature can have been silent for long enough: all
+        zeros); AuxK then skips its own count (a device read).
         dead_mask: [L, F] bool (SAE: [F]) — adds AuxK for TopK/BatchTopK dictionaries.
         A Matryoshka config (``matryoshka_prefixes``) makes the reconstruction loss Σ_g w_g · loss of
         prefix g (docs/DESIGN.md §15); ``y_hat`` (then detached) and the per-layer metrics are the
@@ -442,13 +445,14 @@ class SparseDictionary(nn.Module):
             codes, hs = self._encode_n(xn, need_preacts=need_pre, form=self._codes_form())
             self._record_density(codes)
         with phase("losses"):
-            parts, total, y_hat, mse_l, fvu_l = self._loss_terms(xn, yn, codes, hs, dead_mask, lam, lam_p)
+            parts, total, y_hat, mse_l, fvu_l = self._loss_terms(xn, yn, codes, hs, dead_mask, lam, lam_p,
+                                                                 dead_counts)
         fired, l0 = self.code_stats(codes)
         return LossOutput(loss=total, codes=codes, y_hat=y_hat, fired=fired, n_tokens=xn.shape[0],
                           skipped_tokens=skipped, parts=parts,
                           per_layer={"mse": mse_l.detach(), "fvu": fvu_l.detach(), "l0": l0}, input_check=input_check)
 
-    def _loss_terms(self, xn, yn, codes, hs, dead_mask, lam, lam_p) -> tuple:
+    def _loss_terms(self, xn, yn, codes, hs, dead_mask, lam, lam_p, dead_counts=None) -> tuple:
         """``loss``'s terms from the codes: (parts, total loss, ŷ, MSE per layer, FVU per layer)."""
         cfg = self.cfg
         weights = cfg.matryoshka_loss_weights
@@ -479,19 +483,20 @@ class SparseDictionary(nn.Module):
                 parts[f"fvu_prefix{g}"] = (sq_g / tv).mean()
         parts["reconstruction"] = recon
         total = recon
-        for term in self.penalties(codes, hs, xn, yn, y_hat, dead_mask, lam, lam_p, parts, total_var=tv):
+        for term in self.penalties(codes, hs, xn, yn, y_hat, dead_mask, lam, lam_p, parts, total_var=tv,
+                                   dead_counts=dead_counts):
             total = total + term
         return parts, total, y_hat, mse_l, fvu_l
 
     def penalties(self, codes: list, hs: Optional[list], xn: torch.Tensor, yn: torch.Tensor, y_hat: torch.Tensor,
                   dead_mask: Optional[torch.Tensor], lam: float, lam_p: float, parts: dict,
-                  total_var: Optional[torch.Tensor] = None) -> list:
+                  total_var: Optional[torch.Tensor] = None, dead_counts: Optional[list] = None) -> list:
         """The terms ``loss`` adds to the reconstruction loss (docs/DESIGN.md §4), also used by the
         objectives that train through the LM: λ · sparsity (ReLU/JumpReLU), λ_p · the pre-activation
         loss (JumpReLU, ``hs``: the L dense pre-activations), AuxK weight · AuxK (TopK/BatchTopK with a
         ``dead_mask``). codes: L SparseCodes of xn [B, L, d_in]; yn, y_hat: the normalised target and
-        prediction [B, L, d_out]; total_var: ``ops.total_variance(yn)`` when the caller has it. Fills
-        ``parts``; returns the weighted terms (scalar tensors) to add."""
+        prediction [B, L, d_out]; total_var: ``ops.total_variance(yn)`` when the caller has it;
+        dead_counts: as ``loss`` takes it. Fills ``parts``; returns the weighted terms (scalar tensors) to add."""
         cfg = self.cfg
         terms = []
         norms = None
@@ -513,7 +518,7 @@ class SparseDictionary(nn.Module):
             terms.append(lam_p * pre)
         if dead_mask is not None and cfg.activation in ("topk", "batchtopk"):
             dead = self._layered_mask(dead_mask)
-            aux = self._auxk(xn, yn, y_hat, dead, total_var)
+            aux = self._auxk(xn, yn, y_hat, dead, total_var, dead_counts)
             parts["auxk"] = aux
             if tp is not None:
                 parts["dead_fraction"] = tp.sum_detached(dead.float().sum()) / (dead.numel() * tp.size)
@@ -558,11 +563,16 @@ class SparseDictionary(nn.Module):
         """Call after the backward pass, before the optimizer step: a constraint on the decoder's
         gradient (an SAE with unit-norm decoder rows); nothing for other dictionaries."""
 
-    def _auxk(self, xn, yn, y_hat, dead: torch.Tensor, total_var: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """AuxK (docs/DESIGN.md §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip."""
+    def _auxk(self, xn, yn, y_hat, dead: torch.Tensor, total_var: Optional[torch.Tensor] = None,
+              dead_counts: Optional[list] = None) -> torch.Tensor:
+        """AuxK (docs/DESIGN.md §4): top-k_aux dead pre-activations, decoded WITHOUT b_dec or skip.
+        dead_counts: the per-layer counts of ``dead`` when the caller knows them (unsharded models)."""
         tp = self.tp
+        if dead_counts is not None and (tp is not None or len(dead_counts) != self.n_layers):
+            raise ValueError(f"dead_counts: expected {self.n_layers} per-layer counts of an unsharded model, got "
+                             f"{len(dead_counts)}" + (" under tensor parallelism" if tp is not None else ""))
         # per layer in one transfer (unsharded: a layer without dead features needs no selection)
-        per_layer = dead.sum(1).tolist() if tp is None else None
+        per_layer = dead_counts if dead_counts is not None else dead.sum(1).tolist() if tp is None else None
         n_dead = sum(per_layer) if tp is None else int(tp.sum_detached(dead.sum()))
         if n_dead == 0:
             return y_hat.new_zeros((), dtype=torch.float32)

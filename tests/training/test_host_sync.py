@@ -93,16 +93,50 @@ def _step_reads(tmp_path, *extra, steps=4) -> dict:
     return {site: n / steps for site, n in hits.items() if not site.startswith(_DATA)}
 
 
-def test_batchtopk_step_reads_the_device_twice(tmp_path):
-    """The default BatchTopK CLT's step: one read for all its checks (the loss, the gradient norm and
-    the inputs' NaN/Inf sums, ``defer_input_check``) and one for AuxK's dead features per layer —
-    none in the encode, the selection, the decode or the losses."""
+def test_batchtopk_step_reads_the_device_once(tmp_path):
+    """The default BatchTopK CLT's step while no feature can be dead yet: one read for all its checks
+    (the loss, the gradient norm and the inputs' NaN/Inf sums, ``defer_input_check``) — none in the
+    encode, the selection, the decode, the losses or AuxK (the trainer's host-side bound on
+    tokens since a feature fired says no feature is dead: ``dead_counts``)."""
     reads = _step_reads(tmp_path)
-    assert reads == {"train.py:_step": 1.0, "models/base.py:_auxk": 1.0}, reads
+    assert reads == {"train.py:_step": 1.0}, reads
+
+
+def test_auxk_reads_dead_features_once_they_may_exist(tmp_path):
+    """Once a feature may have been silent for dead_tokens, AuxK reads its per-layer dead counts (a
+    layer without dead features needs no selection) and each layer's selection the list of its dead
+    features (W_enc's rows it multiplies): at most 1 + L more reads per step."""
+    reads = _step_reads(tmp_path, "--train.dead_tokens", "64")
+    assert set(reads) <= {"train.py:_step", "models/base.py:_auxk", "ops/ext/auxk.py:auxk_select"}, reads
+    assert reads["train.py:_step"] == 1.0 and reads["models/base.py:_auxk"] == 1.0, reads
+    assert reads.get("ops/ext/auxk.py:auxk_select", 0) <= 3, reads
 
 
 def test_skipping_nonfinite_tokens_reads_the_inputs_first(tmp_path):
     """nonfinite="skip" drops tokens before the encode (a batch whose size is only known on the
     host): one more read, the model's own check of x and y."""
     reads = _step_reads(tmp_path, "--model.nonfinite", "skip")
-    assert reads == {"train.py:_step": 1.0, "models/base.py:_auxk": 1.0, "models/base.py:_finite_rows": 1.0}, reads
+    assert reads == {"train.py:_step": 1.0, "models/base.py:_finite_rows": 1.0}, reads
+
+
+def test_the_bound_changes_no_number(tmp_path):
+    """The same run with the host-side bound and with AuxK counting dead features every step (bound
+    unknown): the same losses and parameters, bit for bit, through the steps where features die
+    (dead_tokens of two batches; the bound is renewed at every logging step)."""
+    results = []
+    for bound in (True, False):
+        run, sig, stack = _trainer(tmp_path / str(bound), "--train.dead_tokens", "128", "--log.every", "3")
+        with stack:
+            if not bound:
+                run.silent_bound = None
+            losses, deads = [], []
+            for _ in range(12):
+                out, *_ = run._step(sig)
+                run._log(out, *_[:3])
+                losses.append(out.loss.detach().clone())
+                deads.append(int((run.since_fired >= 128).sum()))
+            results.append((torch.stack(losses), deads, [p.detach().clone() for p in run.model.parameters()]))
+    (la, da, pa), (lb, db, pb) = results
+    assert max(da) > 0, "no feature died: the test does not reach AuxK"
+    assert da == db and torch.equal(la, lb)
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
