@@ -586,7 +586,7 @@ class SparseDictionary(nn.Module):
         # layer views by unbind: W_enc[l] would backpropagate a zero-filled [L, F, d_in] per layer
         aux_codes = [empty_codes(x_l.to(cdt), W_l.shape[0]) if per_layer is not None and per_layer[l] == 0 else
                      ops.auxk_select(x_l.to(cdt), W_l.to(cdt), b_l.to(cdt), dead_l, k_aux, pre_bias, group=group,
-                                     impl=self.impl)
+                                     n_dead=None if per_layer is None else int(per_layer[l]), impl=self.impl)
                      for l, (x_l, W_l, b_l, dead_l) in enumerate(zip(xn.unbind(1), W_enc.unbind(0), b_enc.unbind(0),
                                                                      dead.unbind(0)))]
         e_hat = self._decode_n(aux_codes, xn, bias=False)  # xn: a MOLT's transforms read it

@@ -172,12 +172,15 @@ def clt_decode(codes: Sequence[SparseCodes], W_dec: Union[torch.Tensor, Sequence
 
 
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
-                k_aux: int, pre_bias: Optional[torch.Tensor] = None, *, group=None, impl: str = "auto") -> SparseCodes:
+                k_aux: int, pre_bias: Optional[torch.Tensor] = None, *, group=None, n_dead: Optional[int] = None,
+                impl: str = "auto") -> SparseCodes:
     """Top min(k_aux, n_dead) of the dead features' pre-activations per row → SparseCodes with global
-    feature indices (docs/DESIGN.md §4). ``group``: W_enc, b_enc, dead_mask hold this rank's features."""
+    feature indices (docs/DESIGN.md §4). ``group``: W_enc, b_enc, dead_mask hold this rank's features.
+    ``n_dead``: dead_mask's number of True entries when the caller knows it (then the dead features are
+    listed without reading the device); it must be exact."""
     shards = as_shards(group)
-    _checks.check_auxk(x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
-    return _call("auxk_select", impl, x, shards, x, W_enc, b_enc, dead_mask, k_aux, pre_bias)
+    _checks.check_auxk(x, W_enc, b_enc, dead_mask, k_aux, pre_bias, n_dead)
+    return _call("auxk_select", impl, x, shards, x, W_enc, b_enc, dead_mask, k_aux, pre_bias, n_dead)
 
 
 def molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence,

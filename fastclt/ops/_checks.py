@@ -128,8 +128,9 @@ def check_encode_layers(x, W_enc, b_enc, k, pre_bias, n_shards: int = 1) -> None
     _check_weights(x, W_enc, b_enc, None, pre_bias, (L, W_enc.shape[1]), f"[L={L}, F, d_in={d}]")
 
 
-def check_auxk(x, W_enc, b_enc, dead_mask, k_aux, pre_bias) -> None:
-    """``auxk_select``'s arguments: as ``encode``'s, a bool dead_mask [F] and an int k_aux >= 1."""
+def check_auxk(x, W_enc, b_enc, dead_mask, k_aux, pre_bias, n_dead=None) -> None:
+    """``auxk_select``'s arguments: as ``encode``'s, a bool dead_mask [F], an int k_aux >= 1 and n_dead
+    None or an int in [0, F] (its agreement with dead_mask is the caller's: checking it would read the device)."""
     _check_x(x, 2, "[B, d_in]")
     if not isinstance(W_enc, torch.Tensor) or W_enc.dim() != 2 or W_enc.shape[1] != x.shape[1]:
         raise ValueError(f"W_enc: expected [F, d_in={x.shape[1]}], got shape {_shape(W_enc)}")
@@ -144,6 +145,8 @@ def check_auxk(x, W_enc, b_enc, dead_mask, k_aux, pre_bias) -> None:
         raise TypeError(f"k_aux: expected an int, got {type(k_aux).__name__}")
     if k_aux < 1:
         raise ValueError(f"k_aux: expected >= 1, got {k_aux}")
+    if n_dead is not None and (isinstance(n_dead, bool) or not isinstance(n_dead, int) or not 0 <= n_dead <= F):
+        raise ValueError(f"n_dead: expected None or an int in [0, F={F}], got {n_dead!r}")
     _check_weights(x, W_enc, b_enc, None, pre_bias, (F,), f"[F, d_in={x.shape[1]}]")
 
 

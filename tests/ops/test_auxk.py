@@ -146,6 +146,29 @@ def test_auxk_select_matches_reference(impl, device, dtype, poisoned):
         assert_close(tg[n], rg[n], tol, f"d{n}")
 
 
+@pytest.mark.parametrize("n_dead", [0, 3, 25, 37])
+@pytest.mark.parametrize("impl,device", impl_params("auxk_select", reference=True))
+def test_known_dead_count_gives_the_same_codes_and_gradients(impl, device, n_dead, poisoned):
+    """n_dead given (the caller's count: the dead features listed without a device read) gives the codes
+    and gradients of the call that counts them itself, bit for bit; none, some and all dead."""
+    B, d, F, k_aux = 13, 19, 37, 5
+    inputs = make_inputs(B, d, F, torch.float32, seed=31, pre_bias=True, device=device)
+    dead = make_dead(F, n_dead, 3, device)
+    up = torch.randn(B, F, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(device)
+    out = []
+    for count in (None, n_dead):
+        t = leaves(inputs)
+        codes = ops.auxk_select(t["x"], t["W_enc"], t["b_enc"], dead, k_aux, t["pre_bias"], n_dead=count, impl=impl)
+        if codes.nnz:
+            (codes.to_dense(F).double() * up).sum().backward()
+        out.append((codes, {n: t[n].grad for n in ("x", "W_enc", "b_enc", "pre_bias")}))
+    (a, ga), (b, gb) = out
+    assert a.k == b.k and torch.equal(a.row_ptr, b.row_ptr) and torch.equal(a.index, b.index)
+    assert torch.equal(a.value.detach(), b.value.detach())
+    for n in ga:
+        assert (ga[n] is None) == (gb[n] is None) and (ga[n] is None or torch.equal(ga[n], gb[n])), n
+
+
 @pytest.mark.parametrize("impl,device", KERNELS)
 def test_fewer_dead_than_k_aux(impl, device):
     inputs = make_inputs(13, 19, 37, torch.float32, seed=1, pre_bias=True, device=device)
@@ -224,3 +247,6 @@ def test_bad_input(impl, device):
         sel(x, W, b, dead, 4, torch.zeros(3, device=device))
     with pytest.raises(ValueError, match="dead_mask:"):
         sel(x, W, b, torch.ones(36, dtype=torch.bool, device=device), 2)
+    for bad in (-1, 38, 2.0, True):
+        with pytest.raises(ValueError, match="n_dead:"):
+            sel(x, W, b, dead, 4, n_dead=bad)

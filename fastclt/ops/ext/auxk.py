@@ -14,17 +14,17 @@ from fastclt.ops import sharded
 from fastclt.ops.encoder_backward import encode_codes
 from fastclt.ops.ext import select as ext_select
 from fastclt.ops.ext._common import EXT_KERNELS, h_out
-from fastclt.ops.reference.auxk import empty_codes
+from fastclt.ops.reference.auxk import dead_features, empty_codes
 from fastclt.ops.reference.encode import preacts
 
 __all__ = ["auxk_select"]
 
 
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
-                k_aux: int, pre_bias: Optional[torch.Tensor] = None,
+                k_aux: int, pre_bias: Optional[torch.Tensor] = None, n_dead: Optional[int] = None,
                 shards: Optional[sharded.Shards] = None) -> SparseCodes:
     """See the module docstring; with ``shards``, k = min(k_aux, n_dead over all shards)."""
-    dead = dead_mask.nonzero().squeeze(1)
+    dead = dead_features(dead_mask, n_dead)
     n_dead = dead.numel() if shards is None else int(shards.sum(dead_mask.sum()))
     if n_dead == 0 or x.shape[0] == 0:
         return empty_codes(x, W_enc.shape[0])

@@ -19,7 +19,7 @@ from fastclt.codes import SparseCodes
 from fastclt.ops.reference.encode import preacts
 from fastclt.ops.reference.select import topk
 
-__all__ = ["auxk_select", "empty_codes"]
+__all__ = ["auxk_select", "empty_codes", "dead_features"]
 
 
 def empty_codes(x: torch.Tensor, F: int) -> SparseCodes:
@@ -29,11 +29,20 @@ def empty_codes(x: torch.Tensor, F: int) -> SparseCodes:
                        torch.zeros(0, dtype=torch.int32, device=x.device), x.new_zeros(0), F)
 
 
+def dead_features(dead_mask: torch.Tensor, n_dead: Optional[int] = None) -> torch.Tensor:
+    """The indices of dead_mask's True entries (int64 [n]); ``n_dead``: their number when the caller
+    knows it, so that nothing reads the device (``torch.nonzero_static``)."""
+    if n_dead is None:
+        return dead_mask.nonzero().squeeze(1)
+    return torch.nonzero_static(dead_mask, size=n_dead).squeeze(1)
+
+
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
-                k_aux: int, pre_bias: Optional[torch.Tensor] = None, shards=None) -> SparseCodes:
+                k_aux: int, pre_bias: Optional[torch.Tensor] = None, n_dead: Optional[int] = None,
+                shards=None) -> SparseCodes:
     """See the module docstring. Rows with no dead feature give empty codes."""
     F = W_enc.shape[0]
-    dead = dead_mask.nonzero().squeeze(1)
+    dead = dead_features(dead_mask, n_dead)
     n_dead = dead.numel() if shards is None else int(shards.sum(dead_mask.sum()))
     if n_dead == 0 or x.shape[0] == 0:
         return empty_codes(x, F)

@@ -22,16 +22,16 @@ import torch
 
 from fastclt.codes import SparseCodes
 from fastclt.ops.encoder_backward import folded_bias
-from fastclt.ops.reference.auxk import empty_codes
+from fastclt.ops.reference.auxk import dead_features, empty_codes
 from fastclt.ops.triton.encode import _codes, _inner_contiguous, _Pattern, _topk_pattern
 
 __all__ = ["auxk_select"]
 
 
 def auxk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], dead_mask: torch.Tensor,
-                k_aux: int, pre_bias: Optional[torch.Tensor] = None) -> SparseCodes:
+                k_aux: int, pre_bias: Optional[torch.Tensor] = None, n_dead: Optional[int] = None) -> SparseCodes:
     """See the module docstring. Rows with no dead feature (or B = 0) give empty codes."""
-    dead = dead_mask.nonzero().squeeze(1)
+    dead = dead_features(dead_mask, n_dead)
     n_dead = dead.numel()
     if n_dead == 0 or x.shape[0] == 0:
         return empty_codes(x, W_enc.shape[0])
