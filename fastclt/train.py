@@ -146,6 +146,7 @@ class _Run:
         self.autocast = t.autocast == "bf16" or (t.autocast == "auto" and device.type == "cuda")
         self.e2e = t.objective != "reconstruction"  # trained through the LM (fastclt.training.e2e)
         self.objective = None
+        self._read: Optional[dict] = None  # values _step read for this step's log line (_record)
 
     def run(self) -> dict:
         self._open_out_dir()
@@ -494,9 +495,21 @@ class _Run:
         model.project_decoder_grads()
         gnorm = clip_grad_norm(self.sharded, self.replicated, t.clip_grad, lay)
         # one transfer for every check (each float() of a device scalar waits for the device): the
-        # loss, the gradient norm and the inputs' sums (a NaN or Inf in x or y makes its sum non-finite)
+        # loss, the gradient norm and the inputs' sums (a NaN or Inf in x or y makes its sum non-finite);
+        # at a logging step of a single process, the metrics with them (_record then reads nothing)
         head = torch.stack([out.loss.detach().float(), gnorm.float()])
-        bad = not bool(torch.isfinite(torch.cat([head] + [c.sums for c in input_checks])).all())
+        checks = torch.cat([head] + [c.sums for c in input_checks])
+        if self._logs_at(p.step) and not lay.distributed:
+            packed = out.packed_metrics()
+            dead = (self.since_fired >= t.dead_tokens).sum()
+            vals = torch.cat([checks.double(), packed.double(),
+                              torch.stack([dead.double(), self.since_fired.max().double()])]).tolist()
+            n, m = checks.numel(), packed.numel()
+            bad = not all(math.isfinite(v) for v in vals[:n])
+            out.unpack_metrics(vals[n:n + m])
+            self._read = {"dead": vals[n + m], "longest": vals[n + m + 1], "gnorm": vals[1]}
+        else:
+            bad = not bool(torch.isfinite(checks).all())
         stop, bad = self._agree(sig.flag, bad)
         if bad:  # (rare: the exact checks may read from the device again)
             for c in input_checks:  # the model's own ValueError for NaN/Inf in x or y
@@ -525,11 +538,15 @@ class _Run:
         with self.source.ex.lock:
             return self.objective.loss(batch[0], dead_mask, sparsity_coef=lam)
 
+    def _logs_at(self, step: int) -> bool:
+        """Whether step ``step`` logs: every log.every steps and the last one."""
+        return step % self.cfg.log.every == 0 or step == self.stop_at
+
     def _log(self, out, gnorm, lr, lam) -> None:
         """Every log.every steps and at the last one: a metrics line and the progress bar."""
         self.steps_since_log += 1
         step = self.p.step
-        if step % self.cfg.log.every and step != self.stop_at:
+        if not self._logs_at(step):
             return
         now = time.perf_counter()
         tps = self.tokens_per_step * self.steps_since_log / max(now - self.t_log, 1e-9)
@@ -540,12 +557,16 @@ class _Run:
 
     def _record(self, out, step, lr, lam, gnorm, tps) -> dict:
         m = dict(out.metrics)
-        dead = (self.since_fired >= self.cfg.train.dead_tokens).sum().float()
-        if self.layout.tp > 1:
-            dist.all_reduce(dead, group=self.layout.tp_group)
-        # one transfer for all three; the largest since_fired (exact in fp64) renews the host's bound
-        dead, gnorm, longest = torch.stack([dead.double(), gnorm.detach().double(),
-                                            self.since_fired.max().double()]).tolist()
+        read, self._read = self._read, None
+        if read is not None:  # read by _step with its checks
+            dead, gnorm, longest = read["dead"], read["gnorm"], read["longest"]
+        else:
+            dead = (self.since_fired >= self.cfg.train.dead_tokens).sum().float()
+            if self.layout.tp > 1:
+                dist.all_reduce(dead, group=self.layout.tp_group)
+            # one transfer for all three; the largest since_fired (exact in fp64) renews the host's bound
+            dead, gnorm, longest = torch.stack([dead.double(), gnorm.detach().double(),
+                                                self.since_fired.max().double()]).tolist()
         if self.layout.tp == 1:
             self.silent_bound = int(longest)
         names = sorted(k for k, v in m.items() if isinstance(v, float))

@@ -83,26 +83,35 @@ class LossOutput:
         """{name: float} of the parts, the per-layer means and every layer's value, and the loss: one
         transfer from the device for all of them."""
         if self._metrics is None:
-            names = list(self.parts) + list(self.per_layer)
-            per_layer_names = [f"layer{l}/{key}" for key, t in self.per_layer.items() for l in range(t.shape[0])]
-            dt = torch.float64 if self.loss.dtype == torch.float64 else torch.float32  # (the loss exactly)
-            scalars = [t.detach().to(dt).reshape(()) for t in self.parts.values()]
-            scalars.append(self.loss.detach().to(dt).reshape(()))
-            rows = [t.detach().to(dt).reshape(-1) for t in self.per_layer.values()]
-            parts = [torch.stack(scalars)]
-            if rows and len({r.shape[0] for r in rows}) == 1:  # one [K, L] block: its means in one op
-                block = torch.stack(rows)
-                parts += [block.mean(1), block.reshape(-1)]
-            elif rows:
-                parts += [torch.stack([r.mean() for r in rows])] + rows
-            floats = torch.cat(parts).cpu().tolist()
-            n = len(self.parts)
-            metrics = dict(zip(names[:n], floats[:n]))
-            metrics.update(zip(names[n:] + per_layer_names, floats[n + 1:]))
-            metrics["loss"] = floats[n]
-            metrics["skipped_tokens"] = float(self.skipped_tokens)
-            self._metrics = metrics
+            self.unpack_metrics(self.packed_metrics().cpu().tolist())
         return self._metrics
+
+    def packed_metrics(self) -> torch.Tensor:
+        """The values ``metrics`` reads, packed in one tensor on the device and not read (fp32, or fp64
+        for an fp64 loss): a caller that reads other values anyway reads these with them and hands the
+        floats to ``unpack_metrics``."""
+        dt = torch.float64 if self.loss.dtype == torch.float64 else torch.float32  # (the loss exactly)
+        scalars = [t.detach().to(dt).reshape(()) for t in self.parts.values()]
+        scalars.append(self.loss.detach().to(dt).reshape(()))
+        rows = [t.detach().to(dt).reshape(-1) for t in self.per_layer.values()]
+        parts = [torch.stack(scalars)]
+        if rows and len({r.shape[0] for r in rows}) == 1:  # one [K, L] block: its means in one op
+            block = torch.stack(rows)
+            parts += [block.mean(1), block.reshape(-1)]
+        elif rows:
+            parts += [torch.stack([r.mean() for r in rows])] + rows
+        return torch.cat(parts)
+
+    def unpack_metrics(self, floats: list) -> None:
+        """Sets ``metrics`` from the floats of ``packed_metrics``."""
+        names = list(self.parts) + list(self.per_layer)
+        per_layer_names = [f"layer{l}/{key}" for key, t in self.per_layer.items() for l in range(t.shape[0])]
+        n = len(self.parts)
+        metrics = dict(zip(names[:n], floats[:n]))
+        metrics.update(zip(names[n:] + per_layer_names, floats[n + 1:]))
+        metrics["loss"] = floats[n]
+        metrics["skipped_tokens"] = float(self.skipped_tokens)
+        self._metrics = metrics
 
 
 def geometric_median(points: torch.Tensor, iters: int = 64, eps: float = 1e-6) -> torch.Tensor:

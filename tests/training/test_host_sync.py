@@ -4,8 +4,7 @@ device value on the host (``.item()``, ``bool()`` / ``int()`` / ``float()`` of a
 Recorded here on the CPU, where the same Python code runs: the ATen ops that read a value on the host
 (``_local_scalar_dense``, ``nonzero``, ``masked_select``, ``unique``) through a dispatch mode, and the
 tensor methods that copy to the host through patches, each attributed to the innermost fastclt frame.
-The data source (synthetic batches, made in this thread on a CPU) and logging steps are outside the
-count: the step runs with ``log.every`` past the steps timed."""
+The data source (synthetic batches, made in this thread on a CPU) is outside the count."""
 from __future__ import annotations
 
 import collections
@@ -100,6 +99,24 @@ def test_batchtopk_step_reads_the_device_once(tmp_path):
     tokens since a feature fired says no feature is dead: ``dead_counts``)."""
     reads = _step_reads(tmp_path)
     assert reads == {"train.py:_step": 1.0}, reads
+
+
+def test_logging_every_step_reads_nothing_more(tmp_path):
+    """log.every = 1 (the default): the metrics line's values (the loss's parts and per-layer metrics,
+    the dead count, the gradient norm) come with the step's one read; the log line is the same."""
+    reads = _step_reads(tmp_path / "reads", "--log.every", "1")
+    assert reads == {"train.py:_step": 1.0}, reads
+    run, sig, stack = _trainer(tmp_path / "values", "--log.every", "1", "--train.dead_tokens", "128")
+    with stack:
+        for _ in range(4):
+            out, gnorm, *_ = run._step(sig)
+            read = dict(run._read)
+            fused = dict(out.metrics)
+            out._metrics = None  # the same values read on their own
+            assert out.metrics == fused
+            assert read["gnorm"] == float(gnorm) and read["longest"] == float(run.since_fired.max())
+            assert read["dead"] == float((run.since_fired >= 128).sum())
+            run._read = None
 
 
 def test_auxk_reads_dead_features_once_they_may_exist(tmp_path):
