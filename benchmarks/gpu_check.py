@@ -60,7 +60,7 @@ class Stage:
 OP_TESTS = ["ops/test_*.py"]  # every op on every implementation: the CUDA extension's and Triton's at real sizes
 EXT_TESTS = ["ops/ext/test_*.py"]
 TRITON_TESTS = ["ops/triton/test_*.py"]
-MODEL_TESTS = ["test_model_kernels.py", "test_clt_decoder_norms.py"]
+MODEL_TESTS = ["test_model_kernels.py", "test_clt_decoder_norms.py", "training/test_graphed.py"]
 TINY = ["--shapes", "tiny", "--device", "cpu"]
 
 # The plan, in order of value: what has never run on a GPU first, then the goal benchmarks, then the rest.
@@ -72,7 +72,7 @@ STAGES = [
           "tests", 40, 15, files=EXT_TESTS),
     Stage("tests-triton", "the Triton kernels' own checks at real sizes (autotune limited to 2 configs)", "tests",
           60, 20, files=TRITON_TESTS),
-    Stage("tests-models-cuda", "the models' default path and decoder norms on CUDA", "tests", 50, 20,
+    Stage("tests-models-cuda", "the models' default path, decoder norms and the captured step on CUDA", "tests", 60, 20,
           files=MODEL_TESTS),
     Stage("bench-goals", "benchmarks of the goal cases (--quick)", "bench", 120, 40,
           bench=["--suite", "ops,train", "--select", "goals"],

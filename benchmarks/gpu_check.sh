@@ -11,7 +11,7 @@
 #                         reference: the extension's CUDA kernels (never run before), Triton ≤ 160 s
 #   3. tests-ext-cuda     the extension's own CUDA checks: vs the CPU kernels, hot features  ≤  40 s
 #   4. tests-triton       the Triton kernels' own checks (FASTCLT_AUTOTUNE_CONFIGS=2)        ≤  60 s
-#   5. tests-models-cuda  the models' default path (kernels vs reference) on CUDA           ≤  50 s
+#   5. tests-models-cuda  the models' default path on CUDA, and the captured step (graph)   ≤  60 s
 #   6. bench-goals        benchmarks of the goal cases (--quick)                           ≤ 120 s
 #   7. bench-density      the density sweep (sparse / dense / adaptive) and the crossover   ≤ 100 s
 #   8. bench-profile      the training step's phases beside their floors (sae-2304, gpt2-clt) ≤  90 s

@@ -41,6 +41,8 @@ from fastclt.checkpoint import CheckpointError
 from fastclt.training import checkpointing as ckpt
 from fastclt.training.config import ConfigError, RunConfig, build_parser, load_config
 from fastclt.training.data import Prefetcher, make_source, share_batch
+from fastclt.training import graphed
+from fastclt.training.graphed import StepGraph
 from fastclt.training.metrics import MetricsLogger, last_logged, step_flops, write_summary
 from fastclt.training.parallel import (Layout, TensorParallel, allreduce_grads, clip_grad_norm, gather_full_state,
                                        init_distributed, shard_state, shutdown_distributed)
@@ -147,6 +149,10 @@ class _Run:
         self.e2e = t.objective != "reconstruction"  # trained through the LM (fastclt.training.e2e)
         self.objective = None
         self._read: Optional[dict] = None  # values _step read for this step's log line (_record)
+        self.graph = None  # train.cuda_graph: the captured forward and backward (StepGraph), made at first use
+        if t.cuda_graph and device.type not in graphed.GRAPH_DEVICES:
+            raise ConfigError(f"train.cuda_graph: captures the step on a CUDA device; this run is on {device.type} "
+                              f"(set train.device cuda, or train.cuda_graph false)")
 
     def run(self) -> dict:
         self._open_out_dir()
@@ -473,8 +479,10 @@ class _Run:
             batch = self.pref.get()
             p.micro += 1
             try:
-                out = self._loss(batch, dead_arg, lam, dead_counts)
-                (out.loss / t.grad_accum if t.grad_accum > 1 else out.loss).backward()
+                out = self._graphed(batch, dead_arg, lam) if none_dead and t.cuda_graph else None
+                if out is None:
+                    out = self._loss(batch, dead_arg, lam, dead_counts)
+                    (out.loss / t.grad_accum if t.grad_accum > 1 else out.loss).backward()
             except Exception:
                 if self.objective is None and self.mcfg.nonfinite == "error":
                     self.model.check_batch(*batch)  # NaN/Inf in the batch: the loss's error, not a kernel's
@@ -537,6 +545,28 @@ class _Run:
                                              dead_counts=dead_counts)
         with self.source.ex.lock:
             return self.objective.loss(batch[0], dead_mask, sparsity_coef=lam)
+
+    def _graphed(self, batch: tuple, dead_mask: torch.Tensor, lam: float):
+        """train.cuda_graph: the micro-batch's LossOutput from the captured forward and backward, or None
+        for a batch of another shape than the captured one (the caller then steps eagerly). Called only
+        while no feature can be dead (AuxK has nothing to select). λ weighs the ReLU/JumpReLU
+        penalties only, which a graphed model does not have: its ramp changes nothing here."""
+        x, y = batch
+        if self.graph is None:
+            model, dev, autocast = self.model, self.device.type, self.autocast
+            zeros = [0] * model.n_layers
+
+            def forward_backward(x, y, dead_mask):
+                # (autocast's weight cache off: a captured step recomputes its casts at each replay)
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+                    out = model.batch_loss(x, y, dead_mask=dead_mask, sparsity_coef=lam, defer_input_check=True,
+                                           dead_counts=zeros)
+                out.loss.backward()
+                return out
+            self.graph = StepGraph(forward_backward, self.params, model, capture=self.device.type == "cuda")
+        if not self.graph.matches(x, y, dead_mask):
+            return None
+        return self.graph.run(x, y, dead_mask)
 
     def _logs_at(self, step: int) -> bool:
         """Whether step ``step`` logs: every log.every steps and the last one."""

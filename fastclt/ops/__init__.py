@@ -29,7 +29,7 @@ from fastclt.codes import DenseCodes, SparseCodes
 from fastclt.names import ACTIVATIONS, SELECTIONS, TYINGS
 from fastclt.ops import _checks
 from fastclt.ops import density as _density
-from fastclt.ops._registry import implementations, resolve
+from fastclt.ops._registry import capturable, implementations, resolve
 from fastclt.ops.reference.activation import band_mask, jumprelu_dense, jumprelu_step
 from fastclt.ops.reference.clt_decode import feature_affine
 from fastclt.ops.reference.encode import preacts, preacts_layers
@@ -47,7 +47,7 @@ __all__ = [
     "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss", "squared_error",
     "split_codes", "prefix_bounds", "prefix_sums", "matryoshka_blocks", "matryoshka_decode", "matryoshka_clt_blocks",
     "matryoshka_clt_decode", "molt_norms", "rank_ptr",
-    "implementations", "resolve",
+    "implementations", "resolve", "capturable",
 ]
 
 

@@ -19,15 +19,20 @@ takes a process group). ``resolve`` picks an entry:
   reference instead — the routing is done here, never inside a kernel's wrapper;
 - a named backend that is not available on the device is an error that says how to get it;
 - a call with a process group (features sharded over tensor-parallel ranks) considers only the
-  entries that take one.
+  entries that take one;
+- inside ``capturable()`` the ops whose kernels' wrappers read a value back from the device (a NaN
+  count, a radix histogram, a row count: ``CAPTURE_REFERENCE``) resolve to their reference, which
+  reads nothing for TopK and per-layer BatchTopK, so that a step can be captured in a CUDA graph.
 
 Modules are imported on first use: ``import fastclt.ops`` imports neither Triton nor fastclt._C.
 docs/DESIGN.md §11 prints this table with the tests and benchmarks of each op.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional
@@ -35,7 +40,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["IMPLS", "AUTO_ORDER", "TABLE", "Entry", "implementations", "entries", "resolve", "available",
-           "FLOATS", "EXT_DTYPES", "TRITON_DTYPES"]
+           "FLOATS", "EXT_DTYPES", "TRITON_DTYPES", "CAPTURE_REFERENCE", "capturable", "capturing"]
 
 IMPLS = ("auto", "cuda", "triton", "cpu", "dense", "reference")
 
@@ -151,6 +156,32 @@ for _entry in TABLE:
     _BY_OP[_entry.op][_entry.impl] = _entry
 
 
+# The ops whose kernel wrappers wait for the device: the CUDA TopK reads its NaN count, the CUDA
+# BatchTopK each radix histogram and its row count, the Triton encodes their candidate counts. Their
+# references read nothing for TopK and for one layer's (or per-layer) BatchTopK: ``capturable`` routes
+# these ops to them (a selection across layers still reads its layers' bounds, and AuxK its dead count).
+CAPTURE_REFERENCE = frozenset({"topk", "batch_topk", "batch_topk_layers", "encode", "encode_layers", "auxk_select"})
+_CAPTURE = threading.local()
+
+
+@contextlib.contextmanager
+def capturable():
+    """Within this block (in this thread) the ops of ``CAPTURE_REFERENCE`` resolve to "reference"
+    whatever impl a call names: a step made of them and of the decodes and losses (whose kernels
+    read nothing back) can be captured in a CUDA graph (fastclt/training/graphed.py)."""
+    before = getattr(_CAPTURE, "on", False)
+    _CAPTURE.on = True
+    try:
+        yield
+    finally:
+        _CAPTURE.on = before
+
+
+def capturing() -> bool:
+    """Whether this thread is inside ``capturable()``."""
+    return getattr(_CAPTURE, "on", False)
+
+
 # ------------------------------------------------------------------------------ availability
 @lru_cache(maxsize=None)
 def _triton_imports() -> bool:
@@ -201,6 +232,8 @@ def resolve(op: str, impl: str, device: torch.device, dtype: Optional[torch.dtyp
     if not registered:
         raise KeyError(f"op {op!r} has no registered implementation")
     impls = {n: e for n, e in registered.items() if e.sharded or not sharded}
+    if op in CAPTURE_REFERENCE and capturing():
+        return "reference", impls["reference"].load()
     if impl == "auto":
         env = os.environ.get("FASTCLT_IMPL", "auto")
         if env not in IMPLS:

@@ -35,6 +35,7 @@ import torch
 
 from fastclt.codes import SparseCodes
 from fastclt.ops._checks import check_bounds, check_clt_decode, check_sparse_decode
+from fastclt.ops.constants import on_device
 from fastclt.ops.density import of_codes
 from fastclt.ops.reference.decode import acc_dtype
 
@@ -54,7 +55,7 @@ def split_codes(codes: SparseCodes, bounds: Sequence[int]) -> SparseCodes:
     G, B, nnz, device = len(b) - 1, codes.batch_size, codes.nnz, codes.device
     if G == 1:
         return SparseCodes(codes.row_ptr, codes.index, codes.value, F)
-    edges = torch.tensor(b[1:-1], dtype=codes.index.dtype, device=device)
+    edges = on_device(tuple(b[1:-1]), codes.index.dtype, device)
     block = torch.bucketize(codes.index, edges, right=True)  # int64 [nnz]: m_g <= i < m_{g+1}
     onehot = torch.zeros(nnz, G, dtype=torch.int64, device=device)
     onehot.scatter_(1, block[:, None], 1)

@@ -209,6 +209,12 @@ class TrainSection:
     """objective kl+fvu: the weight of the FVU summed over layers"""
     lm_checkpoint: bool = True
     """objectives kl/kl+fvu/ce: recompute the LM blocks' modules in the backward (activation checkpointing)"""
+    cuda_graph: bool = False
+    """capture the step's forward and backward in a CUDA graph once and replay it (one launch instead of
+    hundreds: for small shapes, where launching dominates). Needs CUDA, train.tp 1, grad_accum 1, the
+    reconstruction objective, TopK or per-layer BatchTopK and model.nonfinite error; the selections run
+    their sync-free references; steps while λ ramps or a feature may be dead (AuxK) run eagerly
+    (fastclt/training/graphed.py)"""
     init_from: Optional[str] = None
     """a trained model folder (save_pretrained, e.g. runs/x/model): start from its weights instead of
     initialising from data (e.g. reconstruction pre-training, then objective kl)"""
@@ -617,6 +623,8 @@ def validate(cfg: RunConfig) -> None:
         if getattr(t, key) not in options:
             raise ConfigError(f"train.{key}: expected one of {options}, got {getattr(t, key)!r}")
     _validate_objective(cfg, mc)
+    if t.cuda_graph:
+        _validate_cuda_graph(cfg, mc)
     if mc.n_features % t.tp:
         raise ConfigError(f"model.n_features: {mc.n_features} is not divisible by train.tp={t.tp}")
     f_local = mc.n_features // t.tp
@@ -691,6 +699,31 @@ def validate(cfg: RunConfig) -> None:
 
 
 OBJECTIVES = ("reconstruction", "kl", "kl+fvu", "ce")
+
+
+def _validate_cuda_graph(cfg: RunConfig, mc) -> None:
+    """train.cuda_graph: a step whose shapes are static and that reads nothing back from the device."""
+    t = cfg.train
+    why = "train.cuda_graph: a captured step"
+    from fastclt.training.graphed import GRAPH_DEVICES
+    if t.device != "auto" and t.device not in GRAPH_DEVICES:
+        raise ConfigError(f"{why} runs on a CUDA device, not train.device {t.device}")
+    if t.tp != 1:
+        raise ConfigError(f"{why} keeps the selection on one device: train.tp must be 1, got {t.tp}")
+    if t.grad_accum != 1:
+        raise ConfigError(f"{why} writes each micro-batch's gradients anew: train.grad_accum must be 1, got "
+                          f"{t.grad_accum}")
+    if t.objective != "reconstruction":
+        raise ConfigError(f"{why} trains the reconstruction objective, not {t.objective!r}")
+    if mc.activation not in ("topk", "batchtopk"):
+        raise ConfigError(f"{why} needs codes of a fixed size (TopK or BatchTopK); {mc.activation!r} codes vary "
+                          f"from batch to batch")
+    if getattr(mc, "batchtopk_across_layers", False):
+        raise ConfigError(f"{why} needs each layer's share of the codes fixed: model.batchtopk_across_layers must be "
+                          f"false (a selection across layers reads its layers' bounds back)")
+    if mc.nonfinite != "error":
+        raise ConfigError(f"{why} checks the batch with the loss after the step: model.nonfinite must be error, got "
+                          f"{mc.nonfinite!r} (skipping tokens changes the batch's shape)")
 
 
 def _validate_objective(cfg: RunConfig, mc) -> None:

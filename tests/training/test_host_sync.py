@@ -62,16 +62,16 @@ def _recording(hits):
             setattr(torch.Tensor, n, f)
 
 
-def _trainer(tmp_path, *extra):
+def _trainer(tmp_path, *extra, device="cpu"):
     from fastclt.train import _Run, _Signals
     from fastclt.training.config import load_config
     from fastclt.training.parallel import init_distributed
     stack = contextlib.ExitStack()
-    cfg = load_config(["--out_dir", str(tmp_path / "run"), "--train.steps", "1000", "--train.device", "cpu",
+    cfg = load_config(["--out_dir", str(tmp_path / "run"), "--train.steps", "1000", "--train.device", device,
                        "--model.n_layers", "3", "--model.d_in", "16", "--model.n_features", "64",
                        "--model.k", "4", "--train.batch_size", "64", "--log.progress", "false",
                        "--log.every", "1000", "--checkpoint.every", "0", *extra])
-    run = _Run(cfg, init_distributed(1, "cpu"), torch.device("cpu"), stack)
+    run = _Run(cfg, init_distributed(1, device), torch.device(device), stack)
     run._open_out_dir()
     run._open_source()
     run._build()

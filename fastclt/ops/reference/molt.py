@@ -26,13 +26,14 @@ differentiable, in fp32 (fp64 for fp64 factors). Not dispatched: batched matmuls
 """
 from __future__ import annotations
 
-from functools import lru_cache
+import itertools
 from typing import Optional, Sequence
 
 import torch
 
 from fastclt.codes import SparseCodes
 from fastclt.ops._checks import check_rank_groups
+from fastclt.ops.constants import on_device
 from fastclt.ops.reference.decode import acc_dtype
 
 __all__ = ["molt_decode", "molt_norms", "rank_ptr", "transform_of_rank_row", "molt_sizes"]
@@ -43,28 +44,12 @@ def molt_sizes(groups: tuple) -> tuple[int, int, int]:
     return sum(n for n, _ in groups), sum(n * r for n, r in groups), max(r for n, r in groups if n)
 
 
-@lru_cache(maxsize=64)
-def _rank_ptr_cpu(groups: tuple) -> torch.Tensor:
-    ranks = torch.tensor([r for n, r in groups for _ in range(n)], dtype=torch.int64)
-    out = torch.zeros(ranks.numel() + 1, dtype=torch.int64)
-    torch.cumsum(ranks, 0, out=out[1:])
-    return out
-
-
-_DEVICE_CACHE: dict = {}
-
-
 def rank_ptr(rank_groups: Sequence, device: torch.device) -> torch.Tensor:
     """int64 [T + 1] on ``device``: transform i owns the packed rows rank_ptr[i] : rank_ptr[i+1]
-    (cached per layout and device: no host-to-device copy per call)."""
+    (made once per layout and device, ``fastclt.ops.constants``: no host-to-device copy per call)."""
     groups = check_rank_groups(rank_groups)
-    key = (groups, str(device))
-    t = _DEVICE_CACHE.get(key)
-    if t is None:
-        if len(_DEVICE_CACHE) > 64:
-            _DEVICE_CACHE.clear()
-        t = _DEVICE_CACHE[key] = _rank_ptr_cpu(groups).to(device)
-    return t
+    ends = tuple(itertools.accumulate((r for n, r in groups for _ in range(n)), initial=0))
+    return on_device(ends, torch.int64, device)
 
 
 def transform_of_rank_row(rank_groups: Sequence, device: torch.device) -> torch.Tensor:

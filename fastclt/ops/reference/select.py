@@ -45,22 +45,15 @@ def _flat_topk_to_codes(flat: torch.Tensor, keep: int, B: int, F: int, n_layers:
     _, idx = torch.topk(flat.detach(), keep, sorted=False)
     idx, _ = torch.sort(idx)  # layer-major, then row-major: CSR order
     value = torch.relu(flat[idx])
-    per_layer = B * F
-    layer = torch.div(idx, per_layer, rounding_mode="floor")
-    within = idx - layer * per_layer
-    row = torch.div(within, F, rounding_mode="floor")
-    col = (within - row * F).to(torch.int32)
-    counts = torch.bincount(layer * B + row, minlength=n_layers * B).view(n_layers, B)
-    layer_sizes = counts.sum(1).tolist()
-    out = []
-    start = 0
-    for l in range(n_layers):
-        n = layer_sizes[l]
-        row_ptr = torch.zeros(B + 1, dtype=torch.int64, device=flat.device)
-        row_ptr[1:] = torch.cumsum(counts[l], 0)
-        out.append(SparseCodes(row_ptr, col[start:start + n], value[start:start + n], F))
-        start += n
-    return out
+    col = (idx % F).to(torch.int32)
+    # each row's first entry by binary search in the sorted flat indices: nothing is read back from the
+    # device (a single layer's selection can be captured in a CUDA graph, fastclt.ops.capturable)
+    bounds = torch.searchsorted(idx, torch.arange(n_layers * B + 1, device=flat.device, dtype=torch.int64) * F)
+    if n_layers == 1:
+        return [SparseCodes(bounds, col, value, F)]
+    layer_ends = bounds[::B].tolist()  # across layers, a layer's share varies: its bounds are read
+    return [SparseCodes(bounds[l * B:(l + 1) * B + 1] - layer_ends[l], col[layer_ends[l]:layer_ends[l + 1]],
+                        value[layer_ends[l]:layer_ends[l + 1]], F) for l in range(n_layers)]
 
 
 def batch_topk(h: torch.Tensor, k: int, shards: Optional[sharded.Shards] = None) -> SparseCodes:

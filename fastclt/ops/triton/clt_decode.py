@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from fastclt.codes import SparseCodes
+from fastclt.ops.constants import on_device
 from fastclt.ops.triton._common import (block_d, check_float, decode_grads, feature_scatter, feature_scatter_dot,
                                         feature_segments, gather_decode, new_output)
 
@@ -162,7 +163,7 @@ class _Plan:
 def _stack_codes(row_ptrs, values, indices):
     """L CSRs → (ptr int64 [L, B+1] into the concatenation, index_all int32, value_all, sizes)."""
     sizes = [int(i.shape[0]) for i in indices]
-    base = torch.tensor([0] + sizes[:-1], dtype=torch.int64).cumsum(0).to(row_ptrs[0].device)
+    base = on_device(tuple(itertools.accumulate(sizes[:-1], initial=0)), torch.int64, row_ptrs[0].device)
     ptr = (torch.stack(row_ptrs, 0) + base[:, None]).contiguous()
     return ptr, torch.cat(indices).contiguous(), torch.cat(values).contiguous(), sizes
 
