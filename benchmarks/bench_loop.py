@@ -10,6 +10,9 @@
                 the same trainer, first run until some feature is dead (about 800 steps at the
                 demo's defaults), so that every timed step also computes AuxK — the state of most
                 of a long run's steps
+    trainer-graph
+                (CUDA only) the trainer with ``train.cuda_graph``: its forward and backward
+                captured once in a CUDA graph and replayed (fastclt/training/graphed.py)
     bare-eager  the same model written as a plain PyTorch loop on data already in memory: encoder
                 GEMM, ``torch.topk`` of the flattened pre-activations per layer (BatchTopK), ReLU,
                 dense decode through every (source, target ≥ source) matrix, summed MSE,
@@ -39,11 +42,13 @@ from benchmarks.shapes import Shape
 __all__ = ["loop_cases", "LoopCase", "LOOP_IMPLS"]
 
 LOOP_IMPLS = ("fastclt-trainer", "fastclt-trainer-auxk", "bare-eager")
+GRAPH_IMPL = "fastclt-trainer-graph"  # a fourth row on CUDA
 MAX_STEPS_TO_DEAD = 6000  # trainer-auxk: the steps it may run to reach a dead feature
 STEPS_PER_RUN = 20  # steps per timed run (one step is a few ms: single steps time the machine's noise)
 
 
-def _trainer_step(s: Shape, device: torch.device, auxk: bool = False) -> Callable[[int], Callable[[], None]]:
+def _trainer_step(s: Shape, device: torch.device, auxk: bool = False,
+                  graph: bool = False) -> Callable[[int], Callable[[], None]]:
     def make(seed: int):
         from fastclt.train import _Run, _Signals
         from fastclt.training.config import load_config
@@ -56,7 +61,7 @@ def _trainer_step(s: Shape, device: torch.device, auxk: bool = False) -> Callabl
                                "--train.seed", str(seed), "--model.n_layers", str(s.L), "--model.d_in", str(s.d),
                                "--model.n_features", str(s.F), "--model.k", str(s.k),
                                "--train.batch_size", str(s.B), "--log.progress", "false",
-                               "--checkpoint.every", "0"])
+                               "--checkpoint.every", "0", "--train.cuda_graph", str(graph).lower()])
             run = _Run(cfg, init_distributed(1, device.type), device, stack)
             run._open_out_dir()
             run._open_source()
@@ -166,7 +171,8 @@ class LoopCase(Case):
 
 
 def loop_cases(shape: Shape, device: torch.device, *, priority_of: Callable[..., int] = lambda *a: 1) -> list[Case]:
-    """The loop case of a shape whose models include "loop" (the demo's shape): its three rows."""
+    """The loop case of a shape whose models include "loop" (the demo's shape): its three rows, and on
+    CUDA a fourth, the trainer with its step captured in a CUDA graph."""
     if "loop" not in shape.models:
         return []
     makes = {"fastclt-trainer": _trainer_step(shape, device), "bare-eager": _bare_step(shape, device),
@@ -174,7 +180,12 @@ def loop_cases(shape: Shape, device: torch.device, *, priority_of: Callable[...,
     notes = {"fastclt-trainer": "the trainer's loop turn (_Run._advance), demo defaults, no progress bar",
              "fastclt-trainer-auxk": "the same, timed once a feature is dead: every step computes AuxK",
              "bare-eager": "plain PyTorch loop on in-memory data, dense decode, fused Adam"}
+    impls = LOOP_IMPLS
+    if device.type == "cuda":
+        impls = LOOP_IMPLS + (GRAPH_IMPL,)
+        makes[GRAPH_IMPL] = _trainer_step(shape, device, graph=True)
+        notes[GRAPH_IMPL] = "the trainer's loop turn with train.cuda_graph (forward and backward replayed)"
     return [LoopCase(suite="profile", op="trainer_loop", variant="demo-clt-none-batchtopk", mode="step",
                      shape=shape.name, impl="fastclt-trainer", make=None, dtype="fp32", rotate=False,
-                     makes=makes, notes=notes,
+                     makes=makes, notes=notes, impls=impls,
                      priority=priority_of("trainer_loop", "demo-clt-none-batchtopk", "", shape.name))]

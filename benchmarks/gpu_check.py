@@ -81,8 +81,8 @@ STAGES = [
           100, 30, bench=["--suite", "density", "--shapes", "density-gpu", "--append"],
           dry_bench=TINY + ["--suite", "density", "--append"]),
     Stage("bench-profile", "the training step's phases beside their floors (SAE at sae-2304, the CLT's three "
-          "tyings at gpt2-clt)", "bench", 90, 30,
-          bench=["--suite", "profile", "--shapes", "sae-2304,gpt2-clt", "--append"],
+          "tyings at gpt2-clt), and the demo's loop eager and captured in a CUDA graph", "bench", 100, 30,
+          bench=["--suite", "profile", "--shapes", "sae-2304,gpt2-clt,demo-gpu", "--append"],
           dry_bench=TINY + ["--suite", "profile", "--append"]),
     Stage("tests-rest", "the rest of the test suite (its CPU cases already ran in CI)", "tests", 120, 30,
           files=None),

@@ -14,7 +14,7 @@
 #   5. tests-models-cuda  the models' default path on CUDA, and the captured step (graph)   ≤  60 s
 #   6. bench-goals        benchmarks of the goal cases (--quick)                           ≤ 120 s
 #   7. bench-density      the density sweep (sparse / dense / adaptive) and the crossover   ≤ 100 s
-#   8. bench-profile      the training step's phases beside their floors (sae-2304, gpt2-clt) ≤  90 s
+#   8. bench-profile      the step's phases beside their floors (sae-2304, gpt2-clt); demo loop ≤ 100 s
 #   9. tests-rest         the rest of the test suite                                        ≤ 120 s
 #  10. bench-rest         the other benchmark cases, while time remains
 # Exit status 1 when the build fails or any test fails. Outputs in OUT_DIR (at most 8 files):

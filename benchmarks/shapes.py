@@ -56,6 +56,8 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
           note="the CPU CLT step goals: 4 layers of a small model, every tying"),
     Shape("demo", B=512, d=32, F=128, k=4, L=4, models=("loop",), device="cpu",
           note="the default demo's CLT (python -m fastclt.train): the trainer's loop vs a bare eager loop"),
+    Shape("demo-gpu", B=512, d=32, F=128, k=4, L=4, models=("loop",),
+          note="the demo's loop on a GPU, where launches dominate: also the step captured in a CUDA graph"),
     Shape("molt-768", B=4096, d=768, F=992, k=20, models=("molt",),
           note="MOLT goals: d = 768, N = 32 (992 transforms of rank 512 ... 32), 20 open per token (2%)"),
     Shape("molt-cpu", B=1024, d=768, F=992, k=20, models=("molt",), device="cpu",

@@ -53,10 +53,10 @@ def rank_ptr(rank_groups: Sequence, device: torch.device) -> torch.Tensor:
 
 
 def transform_of_rank_row(rank_groups: Sequence, device: torch.device) -> torch.Tensor:
-    """int64 [R]: the transform that owns each packed row."""
+    """int64 [R]: the transform that owns each packed row (made once per layout and device)."""
     groups = check_rank_groups(rank_groups)
-    ranks = torch.tensor([r for n, r in groups for _ in range(n)], dtype=torch.int64)
-    return torch.repeat_interleave(torch.arange(ranks.numel()), ranks).to(device)
+    ranks = [r for n, r in groups for _ in range(n)]
+    return on_device(tuple(t for t, r in enumerate(ranks) for _ in range(r)), torch.int64, device)
 
 
 def molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence,
