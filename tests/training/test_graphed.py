@@ -145,8 +145,16 @@ def test_captured_step_on_cuda(tmp_path, extra):
     assert run.graph.capture and run.graph.graph is not None and run.graph.calls == 6
     assert len(set(graph[0])) == 6  # each replay saw its own batch
     torch.testing.assert_close(torch.tensor(graph[0]), torch.tensor(eager[0]), rtol=1e-4, atol=1e-6)
+    lr, steps = 1e-3, 6
     for name, p in eager[1].items():
-        torch.testing.assert_close(graph[1][name], p, rtol=1e-3, atol=1e-5, msg=name)
+        diff = (graph[1][name] - p).abs()
+        # Adam's first steps move an entry by about ±lr whatever its gradient's size: an entry whose
+        # gradient is rounding noise may move the other way. Nearly all entries must agree closely (a
+        # graph that did not train would differ by about lr·steps in most), none by more than two
+        # runs' whole travel
+        close = diff <= 1e-5 + 1e-3 * p.abs()
+        assert close.float().mean() >= 0.999, (name, float(close.float().mean()))
+        assert float(diff.max()) <= 2 * lr * steps, name
 
 
 def test_graphed_step_copies_each_batch(tmp_path, cpu_graphs):
