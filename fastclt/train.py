@@ -42,7 +42,6 @@ from fastclt.training import checkpointing as ckpt
 from fastclt.training.config import ConfigError, RunConfig, build_parser, load_config
 from fastclt.training.data import Prefetcher, make_source, share_batch
 from fastclt.training import graphed
-from fastclt.training.graphed import StepGraph
 from fastclt.training.metrics import MetricsLogger, last_logged, step_flops, write_summary
 from fastclt.training.parallel import (Layout, TensorParallel, allreduce_grads, clip_grad_norm, gather_full_state,
                                        init_distributed, shard_state, shutdown_distributed)
@@ -563,7 +562,7 @@ class _Run:
                                            dead_counts=zeros)
                 out.loss.backward()
                 return out
-            self.graph = StepGraph(forward_backward, self.params, model, capture=self.device.type == "cuda")
+            self.graph = graphed.StepGraph(forward_backward, self.params, model, capture=self.device.type == "cuda")
         if not self.graph.matches(x, y, dead_mask):
             return None
         return self.graph.run(x, y, dead_mask)

@@ -169,7 +169,7 @@ def capturable():
     """Within this block (in this thread) the ops of ``CAPTURE_REFERENCE`` resolve to "reference"
     whatever impl a call names: a step made of them and of the decodes and losses (whose kernels
     read nothing back) can be captured in a CUDA graph (fastclt/training/graphed.py)."""
-    before = getattr(_CAPTURE, "on", False)
+    before = capturing()
     _CAPTURE.on = True
     try:
         yield

@@ -213,7 +213,7 @@ class TrainSection:
     """capture the step's forward and backward in a CUDA graph once and replay it (one launch instead of
     hundreds: for small shapes, where launching dominates). Needs CUDA, train.tp 1, grad_accum 1, the
     reconstruction objective, TopK or per-layer BatchTopK and model.nonfinite error; the selections run
-    their sync-free references; steps while λ ramps or a feature may be dead (AuxK) run eagerly
+    their sync-free references; steps while a feature may be dead (AuxK) run eagerly
     (fastclt/training/graphed.py)"""
     init_from: Optional[str] = None
     """a trained model folder (save_pretrained, e.g. runs/x/model): start from its weights instead of

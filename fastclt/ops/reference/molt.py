@@ -27,6 +27,7 @@ differentiable, in fp32 (fp64 for fp64 factors). Not dispatched: batched matmuls
 from __future__ import annotations
 
 import itertools
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -47,16 +48,20 @@ def molt_sizes(groups: tuple) -> tuple[int, int, int]:
 def rank_ptr(rank_groups: Sequence, device: torch.device) -> torch.Tensor:
     """int64 [T + 1] on ``device``: transform i owns the packed rows rank_ptr[i] : rank_ptr[i+1]
     (made once per layout and device, ``fastclt.ops.constants``: no host-to-device copy per call)."""
-    groups = check_rank_groups(rank_groups)
-    ends = tuple(itertools.accumulate((r for n, r in groups for _ in range(n)), initial=0))
-    return on_device(ends, torch.int64, device)
+    return on_device(_rank_ends(check_rank_groups(rank_groups)), torch.int64, device)
+
+
+@lru_cache(maxsize=64)
+def _rank_ends(groups: tuple) -> tuple:
+    """(0, r_0, r_0 + r_1, …): the packed rows' transform boundaries of checked rank groups."""
+    return tuple(itertools.accumulate((r for n, r in groups for _ in range(n)), initial=0))
 
 
 def transform_of_rank_row(rank_groups: Sequence, device: torch.device) -> torch.Tensor:
-    """int64 [R]: the transform that owns each packed row (made once per layout and device)."""
+    """int64 [R]: the transform that owns each packed row (from ``rank_ptr``: no host-to-device copy)."""
     groups = check_rank_groups(rank_groups)
-    ranks = [r for n, r in groups for _ in range(n)]
-    return on_device(tuple(t for t, r in enumerate(ranks) for _ in range(r)), torch.int64, device)
+    T, R, _ = molt_sizes(groups)
+    return torch.repeat_interleave(torch.arange(T, device=device), rank_ptr(groups, device).diff(), output_size=R)
 
 
 def molt_decode(codes: SparseCodes, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank_groups: Sequence,
