@@ -529,8 +529,11 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
 
   // the k_total-th largest candidate key K; the kept: every candidate above K, and the first
   // (k_total - those) candidates equal to K in flat order (the lowest indices)
+  size_t n_cand = 0;
+  for (const auto& part : parts) n_cand += part.size();
   std::vector<uint32_t> keys;
-  for (auto& part : parts)
+  keys.reserve(n_cand);
+  for (const auto& part : parts)
     for (const simd::Candidate& c : part) keys.push_back(c.key);
   TORCH_CHECK(int64_t(keys.size()) >= k_total, "fastclt::batch_topk: internal error: ", keys.size(),
               " candidates for k_total=", k_total);
@@ -539,19 +542,24 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
   for (uint32_t key : keys) equal_left -= key > kth;
   keys = std::vector<uint32_t>();
 
-  std::fill(row_ptr, row_ptr + R + 1, int64_t(0));
-  int64_t out = 0;
-  for (auto& part : parts) {
+  // candidates come in flat order: the row advances with them (no division per kept entry), and
+  // row_ptr[r + 1] is written once row r is passed
+  int64_t out = 0, row = 0, row_start = 0;
+  row_ptr[0] = 0;
+  for (const auto& part : parts) {
     for (const simd::Candidate& c : part) {
       if (c.key < kth || (c.key == kth && equal_left-- <= 0)) continue;  // ranked after the k_total-th
-      out_index[out] = int32_t(c.index % F);
+      while (c.index >= row_start + F) {
+        row_ptr[++row] = out;
+        row_start += F;
+      }
+      out_index[out] = int32_t(c.index - row_start);
       out_value[out] = T(relu(key_float(c.key)));  // h[c.index] (+ its bias), from its key
-      ++row_ptr[c.index / F + 1];
       ++out;
     }
   }
   TORCH_CHECK(out == k_total, "fastclt::batch_topk: internal error: kept ", out, " of k_total=", k_total);
-  for (int64_t r = 0; r < R; ++r) row_ptr[r + 1] += row_ptr[r];
+  while (row < R) row_ptr[++row] = out;
 }
 
 // batch_topk and batch_topk_bias after their own checks: the outputs, then batch_topk_impl (bias:

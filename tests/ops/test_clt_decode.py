@@ -88,6 +88,42 @@ def test_reference_equals_dense_expansion(gen, tying, affine):
         assert_close(c.value.grad, dense_in[s].grad[c.row_ids(), c.index.long()], 1e-10, f"dvalue[{s}]")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prefix_sum(gen, dtype, with_bias):
+    """prefix_sum (the per_source tying's sum over sources): parts [L, B, d] → [B, L, d], forward = the
+    parts added one after another in the accumulation dtype, the bias added last, rounded once;
+    backward = the gradient's suffix sums the same way (from a non-contiguous gradient), and the
+    bias's gradient its sum over the tokens; fp64 gradcheck."""
+    from fastclt.ops.reference.clt_decode import prefix_sum
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    L, B, d = 5, 7, 3
+    parts = randn(gen, L, B, d).to(dtype).requires_grad_()
+    bias = randn(gen, L, d).to(dtype).requires_grad_() if with_bias else None
+    y = prefix_sum(parts * 1, bias)  # a non-leaf, as a decode's output
+    assert y.dtype == dtype and y.shape == (B, L, d) and y.is_contiguous()
+    want, run = [], None
+    for v in parts.detach().to(acc).unbind(0):
+        run = v.clone() if run is None else run + v
+        want.append(run)
+    want = torch.stack(want, 1)
+    if with_bias:
+        want = want + bias.detach().to(acc)
+    assert torch.equal(y, want.to(dtype))
+    g = randn(gen, d, L, B).to(dtype).permute(2, 1, 0)  # [B, L, d], non-contiguous
+    y.backward(g)
+    want, run = [], None
+    for v in reversed(g.to(acc).unbind(1)):
+        run = v.clone() if run is None else run + v
+        want.append(run)
+    assert torch.equal(parts.grad, torch.stack(want[::-1]).to(dtype))
+    if with_bias:
+        assert torch.equal(bias.grad, g.to(acc).sum(0).to(dtype))
+    if dtype == torch.float64:
+        args = (randn(gen, L, B, d).requires_grad_(),) + ((randn(gen, L, d).requires_grad_(),) if with_bias else ())
+        assert torch.autograd.gradcheck(lambda p, *b: prefix_sum(p * 1, *b), args)
+
+
 # ----------------------------------------------------------------- kernels vs the reference
 @pytest.mark.parametrize("tying,affine,dtype", PARAMS)
 @pytest.mark.parametrize("impl,device", KERNELS)

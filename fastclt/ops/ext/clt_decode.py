@@ -12,8 +12,7 @@ from torch.autograd.function import once_differentiable
 from fastclt.codes import SparseCodes
 from fastclt.ops.ext._common import ops
 from fastclt.ops.ext.decode import sparse_decode
-from fastclt.ops.reference.clt_decode import clt_decode_with
-from fastclt.ops.reference.decode import acc_dtype
+from fastclt.ops.reference.clt_decode import clt_decode_with, prefix_sum
 
 __all__ = ["clt_decode"]
 
@@ -23,7 +22,9 @@ def clt_decode(codes, W_dec, tying: str, b_dec: Optional[torch.Tensor] = None,
                feature_scale: Optional[torch.Tensor] = None, skip_empty: bool = False) -> torch.Tensor:
     """Same arguments and result as ``fastclt.ops.clt_decode``."""
     if tying != "none" and feature_offset is None and feature_scale is None and not any(c.is_dense for c in codes):
-        y = (_per_source_joined if tying == "per_source" else _per_target_joined)(codes, W_dec)
+        if tying == "per_source":
+            return _per_source_joined(codes, W_dec, b_dec)
+        y = _per_target_joined(codes, W_dec)
         return y if b_dec is None else y + b_dec.to(y.dtype)
     return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale, skip_empty)
 
@@ -38,18 +39,19 @@ def _joined(blocks: list, n_features: int) -> SparseCodes:
     return SparseCodes(row_ptr, index, torch.cat([c.value for c, _ in blocks]), n_features)
 
 
-def _per_source_joined(codes, W_dec: torch.Tensor) -> torch.Tensor:
-    """Plain per_source tying, no bias: every target t ≥ s receives W_dec[s]ᵀ a_s. The L source decodes
-    as one: the sources' CSRs one after another over L·B rows, with features s·F + f of W_dec viewed
-    [L·F, d_out], then a prefix sum over the sources (in fp32, as the reference's). Each row holds the
-    entries of its source in their order, so the decodes and the sum are the reference's, bit for
-    bit; dW_dec comes out in W_dec's own [L, F, d_out] layout (L per-source gradients stacked by
-    autograd cost a copy of the whole decoder per step: 16 MB at the cpu-clt shape)."""
+def _per_source_joined(codes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor]) -> torch.Tensor:
+    """Plain per_source tying (no feature affine): every target t ≥ s receives W_dec[s]ᵀ a_s. The L
+    source decodes as one: the sources' CSRs one after another over L·B rows, with features s·F + f of
+    W_dec viewed [L·F, d_out], then the prefix sum over the sources plus b_dec, written token-major
+    (``prefix_sum``, as the reference's). Each row holds the entries of its source in their order, so
+    the decodes and the sum are the reference's, bit for bit; dW_dec comes out in W_dec's own
+    [L, F, d_out] layout (L per-source gradients stacked by autograd cost a copy of the whole decoder
+    per step: 16 MB at the cpu-clt shape)."""
     L, F, d = W_dec.shape
     B = codes[0].batch_size
     per_source = sparse_decode(_joined([(c, s * F) for s, c in enumerate(codes)], L * F),
                                W_dec.reshape(L * F, d)).view(L, B, d)
-    return per_source.cumsum(0, dtype=acc_dtype(per_source.dtype)).to(per_source.dtype).transpose(0, 1)
+    return prefix_sum(per_source, b_dec)
 
 
 def _per_target_joined(codes, W_dec: torch.Tensor) -> torch.Tensor:

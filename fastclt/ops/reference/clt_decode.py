@@ -18,7 +18,7 @@ import torch
 from fastclt.codes import SparseCodes
 from fastclt.ops.reference.decode import acc_dtype, sparse_decode
 
-__all__ = ["clt_decode", "clt_decode_with", "feature_affine"]
+__all__ = ["clt_decode", "clt_decode_with", "feature_affine", "prefix_sum"]
 
 
 def feature_affine(codes: SparseCodes, offset: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> SparseCodes:
@@ -83,8 +83,8 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
         sc = (lambda t: None) if feature_scale is None else (lambda t: feature_scale[t])
         if tying == "per_source" and not affine:
             # every target t ≥ s receives the same W_dec[s]ᵀ a_s: a prefix sum over sources
-            per_source = torch.stack([decode(codes[s], Wl[s]) for s in range(L)], -2)
-            y = per_source.cumsum(-2, dtype=acc_dtype(per_source.dtype)).to(per_source.dtype)
+            y = prefix_sum(torch.stack([decode(codes[s], Wl[s]) for s in range(L)]), b_dec)
+            b_dec = None
         else:
             acc_type = acc_dtype(W_dec.dtype)
             outs = []
@@ -99,6 +99,48 @@ def clt_decode_with(decode, codes: Sequence[SparseCodes], W_dec: Union[torch.Ten
     if b_dec is not None:
         y = y + b_dec.to(y.dtype)
     return y
+
+
+def prefix_sum(parts: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """parts [L, ..., d] (part i of layer i) → [..., L, d] whose layer i is Σ_{j≤i} part j (+ bias[i]),
+    accumulated one part after another in fp32 (fp64 for fp64 parts), the bias [L, d] added last, and
+    rounded once to the parts' dtype: the per_source tying's sum over sources, written straight into
+    ŷ's token-major layout. The backward gives each part the suffix sum of the gradient, accumulated
+    the same way, and the bias the gradient's sum over the tokens.
+
+    ``torch.cumsum`` on a CPU accumulates fp32 in fp64 and its backward is two flips around a second
+    cumsum; stacking the parts along -2 first is one more copy. Here: L − 1 adds each way."""
+    return _PrefixSum.apply(parts, bias).to(parts.dtype)
+
+
+class _PrefixSum(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, parts, bias):
+        ctx.dtype, ctx.b_dtype = parts.dtype, None if bias is None else bias.dtype
+        L, d = parts.shape[0], parts.shape[-1]
+        y = torch.empty((*parts.shape[1:-1], L, d), dtype=acc_dtype(parts.dtype), device=parts.device)
+        ys, ps = y.unbind(-2), parts.unbind(0)
+        ys[0].copy_(ps[0])
+        for i in range(1, L):
+            torch.add(ys[i - 1], ps[i], out=ys[i])
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        L = grad.shape[-2]
+        out = torch.empty((L, *grad.shape[:-2], grad.shape[-1]), dtype=acc_dtype(ctx.dtype), device=grad.device)
+        g, o = grad.unbind(-2), out.unbind(0)
+        o[-1].copy_(g[-1])
+        for i in range(L - 2, -1, -1):
+            torch.add(o[i + 1], g[i], out=o[i])
+        db = None
+        if ctx.needs_input_grad[1]:
+            db = grad.sum(tuple(range(grad.dim() - 2)), dtype=acc_dtype(ctx.b_dtype)).to(ctx.b_dtype)
+        return out.to(ctx.dtype), db
 
 
 def _empty(c) -> bool:
