@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from fastclt._ext import host_empty
 from fastclt.codes import SparseCodes
 from fastclt.ops.reference.decode import acc_dtype, sparse_decode
 
@@ -109,7 +110,9 @@ def prefix_sum(parts: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torc
     the same way, and the bias the gradient's sum over the tokens.
 
     ``torch.cumsum`` on a CPU accumulates fp32 in fp64 and its backward is two flips around a second
-    cumsum; stacking the parts along -2 first is one more copy. Here: L − 1 adds each way."""
+    cumsum; stacking the parts along -2 first is one more copy. Here: L − 1 adds each way, into
+    blocks of the host pool on a CPU (a fresh [B, L, d] output's first-touch page faults cost about
+    as much as the adds, 2-core Xeon; csrc/host_pool.h)."""
     return _PrefixSum.apply(parts, bias).to(parts.dtype)
 
 
@@ -119,7 +122,7 @@ class _PrefixSum(torch.autograd.Function):
     def forward(ctx, parts, bias):
         ctx.dtype, ctx.b_dtype = parts.dtype, None if bias is None else bias.dtype
         L, d = parts.shape[0], parts.shape[-1]
-        y = torch.empty((*parts.shape[1:-1], L, d), dtype=acc_dtype(parts.dtype), device=parts.device)
+        y = host_empty((*parts.shape[1:-1], L, d), acc_dtype(parts.dtype), parts.device)
         ys, ps = y.unbind(-2), parts.unbind(0)
         ys[0].copy_(ps[0])
         for i in range(1, L):
@@ -132,7 +135,7 @@ class _PrefixSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         L = grad.shape[-2]
-        out = torch.empty((L, *grad.shape[:-2], grad.shape[-1]), dtype=acc_dtype(ctx.dtype), device=grad.device)
+        out = host_empty((L, *grad.shape[:-2], grad.shape[-1]), acc_dtype(ctx.dtype), grad.device)
         g, o = grad.unbind(-2), out.unbind(0)
         o[-1].copy_(g[-1])
         for i in range(L - 2, -1, -1):
