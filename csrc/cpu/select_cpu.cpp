@@ -350,19 +350,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_topk_compact_cpu(const at::
   return {row_ptr, index, value};
 }
 
-// The k-th largest of keys (1 <= k <= keys.size()), keys left as they are: the bin of the top 12
-// bits that holds it (one histogram of 4096 counts: cleared and scanned in cache), then nth_element
+// The k-th largest of keys (1 <= k <= keys.size()), keys left as they are: the bin that holds it in
+// a histogram of 4096 equal bins over [min key, max key] (cleared and scanned in cache; bins as fine
+// as the keys' spread allows, so that a selection's candidates, all within a narrow band above
+// their bound, do not crowd into one bin as they would under the top 12 bits), then nth_element
 // among the keys of that bin.
 uint32_t kth_largest_key(const std::vector<uint32_t>& keys, int64_t k) {
-  constexpr int kShift = 20;
-  std::vector<int64_t> hist(int64_t(1) << (32 - kShift), 0);
-  for (uint32_t key : keys) ++hist[key >> kShift];
+  constexpr int kBits = 12;
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (uint32_t key : keys) {
+    lo = std::min(lo, key);
+    hi = std::max(hi, key);
+  }
+  int shift = 0;
+  while (((hi - lo) >> shift) >> kBits) ++shift;
+  std::vector<int64_t> hist(int64_t(1) << kBits, 0);
+  for (uint32_t key : keys) ++hist[(key - lo) >> shift];
   int64_t above = 0, bin = int64_t(hist.size()) - 1;
   for (; bin > 0 && above + hist[bin] < k; --bin) above += hist[bin];
   std::vector<uint32_t> in_bin;
   in_bin.reserve(hist[bin]);
   for (uint32_t key : keys)
-    if (int64_t(key >> kShift) == bin) in_bin.push_back(key);
+    if (int64_t((key - lo) >> shift) == bin) in_bin.push_back(key);
   const int64_t r = k - above;  // rank of the k-th largest within its bin, 1-based
   std::nth_element(in_bin.begin(), in_bin.begin() + (r - 1), in_bin.end(), std::greater<uint32_t>());
   return in_bin[r - 1];
@@ -371,9 +380,14 @@ uint32_t kth_largest_key(const std::vector<uint32_t>& keys, int64_t k) {
 // A lower bound for BatchTopK's one-pass path, from a sample of h's rows: rows = ceil(kSampleAbove
 // R / k_total) evenly spaced rows of the R (each + bias where there is one) hold on average
 // s = k_total rows / R >= kSampleAbove of the k_total largest keys; the bound is the sample's
-// ceil(1.25 s)-th largest key, so about 1.25 k_total entries of h are at or above it — and, when the rows are
-// exchangeable, fewer than k_total only with a chance of ~3e-5 (4 standard deviations). False when
-// the sample would be more than an eighth of h or holds a NaN: the caller then takes the two passes.
+// r = ceil(1.25 s)-th largest key, so about 1.25 k_total entries of h are at or above it — and,
+// when the rows are exchangeable, fewer than k_total only with a chance of ~3e-5 (4 standard
+// deviations). The sample's r-th largest is found as batch_topk's two passes find theirs: the key
+// maxima of about 4 r blocks of the sampled rows, their r-th largest t (a lower bound: the maxima
+// belong to distinct entries), then the entries >= t of the blocks that reach it (about 1.1 r) and
+// the r-th largest of those — a few vectorised reads of the sample, not a histogram of all of its
+// keys. False when the sample would be more than an eighth of h or holds a NaN: the caller then
+// takes the two passes.
 constexpr int64_t kSampleAbove = 256;
 
 template <typename T>
@@ -381,20 +395,20 @@ bool sampled_bound(const T* h, const float* bias, int64_t R, int64_t F, int64_t 
   const int64_t rows = (kSampleAbove * R + k_total - 1) / k_total;
   if (rows * 8 > R) return false;
   const int64_t stride = R / rows;
-  std::vector<uint32_t> keys(rows * F);
-  uint32_t nan = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* x = h + (i * stride + stride / 2) * F;
-    uint32_t* key = keys.data() + i * F;
-    for (int64_t f = 0; f < F; ++f) {
-      const float v = entry(x, bias, f);
-      nan |= uint32_t(v != v);
-      key[f] = float_key(v);
-    }
-  }
-  if (nan) return false;
   const double above = double(k_total) * double(rows) / double(R);  // expected in the sample
-  bound = kth_largest_key(keys, std::clamp<int64_t>(int64_t(std::ceil(1.25 * above)), 1, rows * F));
+  const int64_t r = std::clamp<int64_t>(int64_t(std::ceil(1.25 * above)), 1, rows * F);
+  const int64_t block = std::clamp<int64_t>(rows * F / (4 * r), 1, 64), row_blocks = (F + block - 1) / block;
+  auto row = [&](int64_t i) { return h + (i * stride + stride / 2) * F; };
+  std::vector<uint32_t> keymax(rows * row_blocks);
+  for (int64_t i = 0; i < rows; ++i)
+    if (row_block_key_max(row(i), bias, F, block, keymax.data() + i * row_blocks)) return false;
+  std::vector<uint32_t> order(keymax);
+  std::nth_element(order.begin(), order.begin() + (r - 1), order.end(), std::greater<uint32_t>());
+  std::vector<simd::Candidate> cand;
+  for (int64_t i = 0; i < rows; ++i)
+    row_collect_at_least(row(i), bias, F, block, keymax.data() + i * row_blocks, order[r - 1], 0, cand);
+  std::nth_element(cand.begin(), cand.begin() + (r - 1), cand.end(), simd::RanksBefore{});
+  bound = cand[r - 1].key;
   return true;
 }
 
@@ -441,14 +455,17 @@ bool sampled_candidates(const T* h, const RowSpans& spans, int64_t n, int64_t k_
     at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t start = std::min(n, p * part_len), len = std::min(n, start + part_len) - start;
+        parts[p].reserve(size_t(2.0 * double(k_total) * double(len) / double(n)) + 64);  // ~1.25x that expected
+        simd::ScanBuffer buf(parts[p], total, 4 * k_total);
         spans.each(start, len, [&](int64_t pos, int64_t m) {
           if (!part_ok[p]) return;
           const float* b = spans.bias_at(pos);
-          part_ok[p] = b != nullptr ? simd::collect_all_at_least_avx512<true>(h + pos, b, m, bound, pos, total,
-                                                                              4 * k_total, parts[p], part_nan[p])
-                                    : simd::collect_all_at_least_avx512<false>(h + pos, nullptr, m, bound, pos, total,
-                                                                               4 * k_total, parts[p], part_nan[p]);
+          part_ok[p] = b != nullptr ? simd::collect_all_at_least_avx512<true>(h + pos, b, m, bound, pos, buf,
+                                                                              part_nan[p])
+                                    : simd::collect_all_at_least_avx512<false>(h + pos, nullptr, m, bound, pos, buf,
+                                                                               part_nan[p]);
         });
+        if (part_ok[p]) part_ok[p] = buf.flush();
       }
     });
     const bool complete = !std::count(part_ok.begin(), part_ok.end(), uint32_t(0));

@@ -526,6 +526,8 @@ def test_batch_topk_bias_is_batch_topk_of_the_sum(B, F, k, kind, poisoned):
     bias = torch.randn(F, generator=torch.Generator().manual_seed(14))
     if kind in ("ties", "negties"):
         bias = (bias * 2).round() / 2  # sums with ties
+    if kind == "signed_zeros":
+        bias = torch.where(torch.rand(F, generator=torch.Generator().manual_seed(25)) < 0.5, 0.0, -0.0)
     got = torch.ops.fastclt.batch_topk_bias(h, bias, k * B)
     want = torch.ops.fastclt.batch_topk((h + bias).contiguous(), k * B)
     for a, b in zip(got, want):
@@ -584,7 +586,7 @@ def _brute_batch_topk(h: torch.Tensor, k_total: int):
 @pytest.mark.parametrize("B,F,k,kind", [(320, 1031, 16, "randn"), (320, 1031, 16, "ties"), (300, 1024, 9, "hotrow"),
                                         (257, 1100, 20, "inf"), (320, 1031, 16, "negties"),
                                         (300, 1024, 4, "descending"), (280, 1031, 16, "ascending"),
-                                        (320, 1031, 16, "sampled_hot")])
+                                        (320, 1031, 16, "sampled_hot"), (320, 1031, 16, "signed_zeros")])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_batch_topk_above_the_parallel_size_is_exact(B, F, k, kind, dtype, with_bias, poisoned):
     """batch_topk and batch_topk_bias on h of more than 2^18 entries equal a stable float64 sort of h
@@ -594,12 +596,22 @@ def test_batch_topk_above_the_parallel_size_is_exact(B, F, k, kind, dtype, with_
     if kind == "sampled_hot":
         h = make_h(B, F, torch.float32, "cpu", "randn", seed=21)
         h[_sampled_rows(B, k * B)] += 6.0  # the sample sees only these: its bound is far too high
+    elif kind == "signed_zeros":
+        # 0.5% positive, 1.5% +0 or -0, the rest negative: the k_total-th largest (1.55% of h) and the
+        # sampled bound are zeros, +0 and -0 rank alike (ties to the lowest flat index)
+        g = torch.Generator().manual_seed(24)
+        h = -make_h(B, F, torch.float32, "cpu", "randn", seed=21).abs() - 1e-3
+        u = torch.rand(B, F, generator=g)
+        h = torch.where(u < 0.005, -h, h)
+        h = torch.where((u >= 0.005) & (u < 0.02), torch.where(torch.rand(B, F, generator=g) < 0.5, 0.0, -0.0), h)
     else:
         h = make_h(B, F, torch.float32, "cpu", kind, seed=21)
     h = h.to(dtype)
     bias = torch.randn(F, generator=torch.Generator().manual_seed(22))
     if kind in ("ties", "negties"):
         bias = (bias * 2).round() / 2  # sums with ties
+    if kind == "signed_zeros":
+        bias = torch.where(torch.rand(F, generator=torch.Generator().manual_seed(25)) < 0.5, 0.0, -0.0)
     if with_bias:
         got = torch.ops.fastclt.batch_topk_bias(h, bias, k * B)
         want = _brute_batch_topk(h + bias, k * B)
