@@ -44,6 +44,9 @@ TORCH_LIBRARY(fastclt, m) {
         " -> (Tensor out, Tensor coef_sum, Tensor dot)");
   // a per_target CLT's sources as one CSR over rows (target, token) (csrc/cpu/sparse_cpu.cpp; CPU only)
   m.def("clt_by_target(Tensor row_ptrs, Tensor index, int n_features) -> (Tensor row_ptr, Tensor index, Tensor src)");
+  // L layers' codes (index int32 [nnz_l], value [nnz_l] per layer) -> fmin fp32 [L, n_features]: each
+  // feature's smallest value > 0 (+inf where none), and active int64 [L]: the entries > 0 per layer. CPU.
+  m.def("code_stats(Tensor[] index, Tensor[] value, int n_features) -> (Tensor fmin, Tensor active)");
   // MOLT (cpu/molt_cpu.cpp): gates (row_ptr, index = transform, gate) over T transforms whose rank
   // rows are rank_ptr[i]:rank_ptr[i+1] of U [R, d_out] and V [R, d_in] -> y [B, d_out] =
   // sum_j gate[j] * U_i^T V_i x_b (+ bias), and h fp32 [sum_j r_{index[j]}]: V_i x_b of every

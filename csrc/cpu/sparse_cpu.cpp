@@ -7,8 +7,10 @@
 // All accumulate in fp32; feature_scatter groups entries by feature (counting sort) so that one
 // task owns one output row: deterministic, no atomics.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -369,6 +371,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clt_by_target_cpu(const at::Tenso
   return {row_ptr, out_index, src};
 }
 
+// The training statistics of L layers' codes: fmin [L, F] fp32, each feature's smallest active
+// (> 0) value (+inf where it has none), and active [L] int64, the active entries per layer. One
+// pass over each layer's entries (layers in parallel when there are many entries); a NaN value is
+// not active (every comparison with it is false), as in the reference.
+std::tuple<at::Tensor, at::Tensor> code_stats_cpu(at::TensorList index, at::TensorList value, int64_t n_features) {
+  const int64_t L = int64_t(index.size());
+  TORCH_CHECK(int64_t(value.size()) == L, "fastclt::code_stats: index and value must hold one tensor per layer "
+              "each, got ", L, " and ", value.size());
+  TORCH_CHECK(n_features >= 0, "fastclt::code_stats: n_features must be >= 0, got ", n_features);
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& i = index[l];
+    const at::Tensor& v = value[l];
+    TORCH_CHECK(i.dim() == 1 && i.scalar_type() == at::kInt && i.is_contiguous() && i.device().is_cpu(),
+                "fastclt::code_stats: index[", l, "] must be a contiguous 1-D int32 CPU tensor, got ", i.scalar_type(),
+                " ", i.sizes(), " on ", i.device());
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == i.size(0) && v.device().is_cpu(), "fastclt::code_stats: value[", l,
+                "] must be a 1-D CPU tensor of index[", l, "]'s length ", i.size(0), ", got ", v.sizes(), " on ",
+                v.device());
+    check_float_tensor(v, "code_stats", "value");
+    const int32_t* idx = i.data_ptr<int32_t>();
+    bool bad = false;
+    for (int64_t j = 0; j < i.size(0); ++j) bad = bad || idx[j] < 0 || idx[j] >= n_features;
+    TORCH_CHECK(!bad, "fastclt::code_stats: index[", l, "] must lie in [0, n_features=", n_features, ")");
+    total += i.size(0);
+  }
+  auto opts = at::TensorOptions().device(at::kCPU);
+  auto fmin = new_output({L, n_features}, opts.dtype(at::kFloat));
+  auto active = new_output({L}, opts.dtype(at::kLong));
+  float* fm = fmin.data_ptr<float>();
+  int64_t* act = active.data_ptr<int64_t>();
+  at::parallel_for(0, L, total > kParallelWork ? 1 : L, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      float* m = fm + l * n_features;
+      std::fill(m, m + n_features, std::numeric_limits<float>::infinity());
+      const int32_t* idx = index[l].data_ptr<int32_t>();
+      const int64_t n = index[l].size(0);
+      int64_t count = 0;
+      dispatch_float(value[l].scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        const T* v = value[l].data_ptr<T>();
+        for (int64_t j = 0; j < n; ++j) {
+          const float x = static_cast<float>(v[j]);
+          if (x > 0.f) {
+            ++count;
+            m[idx[j]] = std::min(m[idx[j]], x);
+          }
+        }
+      });
+      act[l] = count;
+    }
+  });
+  return {fmin, active};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> feature_scatter_replay(const at::Tensor& row_ptr,
@@ -447,6 +504,7 @@ TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("feature_scatter", &feature_scatter_cpu);
   m.impl("feature_scatter_dot", &feature_scatter_dot_cpu);
   m.impl("clt_by_target", &clt_by_target_cpu);
+  m.impl("code_stats", &code_stats_cpu);
 }
 
 }  // namespace fastclt

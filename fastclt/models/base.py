@@ -618,9 +618,8 @@ class SparseDictionary(nn.Module):
         """(fired [L, F] bool: features with an active (> 0) entry, l0 [L] fp32: active entries per
         token, fmin [L, F] fp32: each feature's smallest active value, +inf where none; None for codes
         held dense) of the L layers' codes, with a fixed number of ops whatever L and no synchronisation
-        with the device: the layers' entries are concatenated with layer offsets and reduced by feature
-        in one scatter (codes held dense: per-layer reductions of their [B, F] tensors)."""
-        F, L = self.cfg.n_features, len(codes)
+        with the device: the op ``code_stats`` (codes held dense: per-layer reductions of their [B, F]
+        tensors)."""
         B = codes[0].batch_size
         if all(c.is_dense for c in codes):
             # from the [B, F] codes (ReLU / JumpReLU only: no fmin, which only TopK/BatchTopK read)
@@ -628,15 +627,10 @@ class SparseDictionary(nn.Module):
             fired = torch.stack([a.any(0) for a in active])
             l0 = torch.stack([a.count_nonzero() for a in active]).float() / max(B, 1)
             return fired, l0, None
-        v = torch.cat([c.value.detach() for c in codes]).float()
-        idx = torch.cat([c.index.long() + l * F if l else c.index.long() for l, c in enumerate(codes)])
-        active = v > 0
-        fmin = torch.full((L * F,), float("inf"), device=v.device)
-        fmin.scatter_reduce_(0, idx, torch.where(active, v, float("inf")), reduce="amin")
-        fmin = fmin.view(L, F)
+        impl = self.impl if self.impl in ops.implementations("code_stats") else "auto"
+        fmin, active = ops.code_stats(codes, self.cfg.n_features, impl=impl)
         fired = torch.isfinite(fmin)
-        l0 = torch.stack([a.sum() for a in active.split([c.nnz for c in codes])]).float() / B if B else \
-            torch.zeros(L, device=v.device)
+        l0 = active.float() / B if B else torch.zeros(len(codes), device=fmin.device)
         return fired, l0, fmin
 
     # ------------------------------------------------- BatchTopK → JumpReLU

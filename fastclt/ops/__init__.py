@@ -42,7 +42,7 @@ from fastclt.ops.sharded import as_shards
 __all__ = [
     "SparseCodes", "DenseCodes", "ACTIVATIONS", "TYINGS",
     "encode", "encode_layers", "relu", "jumprelu", "topk", "batch_topk", "batch_topk_layers",
-    "sparse_decode", "clt_decode", "auxk_select", "molt_decode", "prefix_errors", "total_variance",
+    "sparse_decode", "clt_decode", "auxk_select", "molt_decode", "prefix_errors", "total_variance", "code_stats",
     "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts", "preacts_layers",
     "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss", "squared_error",
     "split_codes", "prefix_bounds", "prefix_sums", "matryoshka_blocks", "matryoshka_decode", "matryoshka_clt_blocks",
@@ -200,6 +200,15 @@ def total_variance(y: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     Differentiable in y (a kernel hands a y that needs a gradient to the reference)."""
     _checks.check_targets(y)
     return _call("total_variance", impl, y, None, y)
+
+
+def code_stats(codes: Sequence[SparseCodes], n_features: int, *, impl: str = "auto") -> tuple:
+    """The training statistics of L layers' codes (one SparseCodes per layer, on one device):
+    (fmin fp32 [L, F]: each feature's smallest active (> 0) value, +inf where it has none; active
+    int64 [L]: the active entries per layer). Not differentiable; reads nothing back from the
+    device (fastclt/ops/reference/stats.py)."""
+    _checks.check_code_stats(codes, n_features)
+    return _call("code_stats", impl, codes[0].value, None, list(codes), n_features)
 
 
 def prefix_errors(y: torch.Tensor, base: torch.Tensor, blocks: torch.Tensor, *, impl: str = "auto"):

@@ -170,6 +170,23 @@ def check_sparse_decode(codes, W_dec, b_dec) -> None:
             raise ValueError(f"b_dec: on {b_dec.device}, but codes are on {codes.device}")
 
 
+def check_code_stats(codes: Sequence, n_features) -> None:
+    """``code_stats``'s arguments: a non-empty sequence of SparseCodes on one device, F >= 0 features,
+    every index below it."""
+    if isinstance(codes, SparseCodes) or not isinstance(codes, (list, tuple)) or len(codes) == 0:
+        raise ValueError("codes: expected a non-empty sequence of SparseCodes, one per layer, got "
+                         + (type(codes).__name__ if not isinstance(codes, (list, tuple)) else "none"))
+    if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 0:
+        raise ValueError(f"n_features: expected an int >= 0, got {n_features!r}")
+    for l, c in enumerate(codes):
+        if not isinstance(c, SparseCodes):
+            raise TypeError(f"codes[{l}]: expected SparseCodes, got {type(c).__name__}")
+        if c.device != codes[0].device:
+            raise ValueError(f"codes[{l}]: on {c.device}, but codes[0] is on {codes[0].device}")
+        if c.n_features is not None and c.n_features != n_features:
+            raise ValueError(f"codes[{l}]: has n_features={c.n_features}, expected {n_features}")
+
+
 def check_clt_decode(codes: Sequence, W_dec, tying, b_dec, offset, scale) -> None:
     """A CLT decode's arguments (see ``fastclt.ops.clt_decode``)."""
     if tying not in TYINGS:

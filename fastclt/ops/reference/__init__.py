@@ -12,4 +12,5 @@ kernels' folders (``fastclt/ops/triton/``, ``fastclt/ops/ext/``); the op table i
     molt.py         molt_decode (+ molt_norms, rank_ptr)
     matryoshka.py   prefix_errors
     losses.py       mse, fvu, sparsity_loss, preact_loss, auxk_loss (reference only: no kernels)
+    stats.py        code_stats (a batch's training statistics: fired features, L0, cut values)
 """
