@@ -100,6 +100,24 @@ def test_nonfinite_inputs_error_or_skip():
     assert torch.isfinite(skipping.W_enc.grad).all()
 
 
+def test_nonfinite_check_overflow_and_cancelling_infinities():
+    """Finite inputs whose sums overflow fp32 are neither refused nor skipped (the exact row check clears
+    them; the loss itself may overflow); +Inf in x and -Inf in y (sums that would cancel into NaN) are
+    each found, in the tensor that holds it."""
+    model = clt()
+    x, y = torch.full((4, 3, 10), 3e38), torch.full((4, 3, 7), 3e38)
+    model.loss(x, y)  # no ValueError
+    assert clt(nonfinite="skip").loss(x, y).metrics["skipped_tokens"] == 0
+    x, y = torch.randn(6, 3, 10), torch.randn(6, 3, 7)
+    x[1, 0, 0], y[3, 2, 1] = float("inf"), float("-inf")
+    with pytest.raises(ValueError, match=r"x: 1 token\(s\) contain NaN or Inf"):
+        model.loss(x, y)
+    with pytest.raises(ValueError, match=r"y: 1 token\(s\) contain NaN or Inf"):
+        model.loss(torch.randn(6, 3, 10), y)
+    out = clt(nonfinite="skip").loss(x, y)
+    assert out.metrics["skipped_tokens"] == 2 and out.n_tokens == 4
+
+
 def test_bad_dead_mask():
     model = clt()
     x, y = torch.randn(4, 3, 10), torch.randn(4, 3, 7)

@@ -241,12 +241,16 @@ class SparseDictionary(nn.Module):
         if policy == "ignore":
             return None
         good = None
-        # one reduction per tensor and one device sync for all decide the common case: a NaN or Inf
-        # anywhere makes a sum non-finite (finite values whose sum overflows only send it to the exact
-        # row check below)
-        check = self._input_sums(tensors, names)
-        if bool(torch.isfinite(check.sums).all()):
+        # one fp32 reduction per tensor, their sum and one device sync decide the common case: a NaN
+        # or Inf anywhere makes it non-finite (finite values whose sum overflows only send it to the
+        # per-tensor sums and the exact row check below)
+        distinct = [t for i, t in enumerate(tensors) if not any(t is u for u in tensors[:i])]
+        total = distinct[0].sum(dtype=torch.float32)
+        for t in distinct[1:]:
+            total = total + t.sum(dtype=torch.float32)
+        if math.isfinite(float(total)):
             return None
+        check = self._input_sums(tensors, names)
         for t, name, s in zip(check.tensors, check.names, check.sums.tolist()):
             if math.isfinite(s):
                 continue
