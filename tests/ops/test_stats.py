@@ -106,3 +106,12 @@ def test_model_statistics_from_code_stats(impl):
     assert torch.equal(out.per_layer["l0"], active.float() / 50)
     assert torch.equal(model.feature_cut_count, torch.isfinite(fmin).long())
     assert torch.equal(model.feature_cut_sum, torch.where(torch.isfinite(fmin), fmin, 0.0).float())
+
+
+def test_code_stats_kernel_opcheck():
+    """The registered fake of fastclt::code_stats agrees with the C++ kernel (shapes, dtypes, schema)."""
+    if not fastclt._ext.has_cpu_ext():
+        pytest.skip(fastclt._ext.missing_message("cpu"))
+    gen = torch.Generator().manual_seed(9)
+    codes = [_codes(gen, 13, 29, 4, torch.float32, special=True), _codes(gen, 13, 29, 4, torch.float32)]
+    torch.library.opcheck(torch.ops.fastclt.code_stats, ([c.index for c in codes], [c.value for c in codes], 29))
