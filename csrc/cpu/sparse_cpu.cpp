@@ -437,9 +437,6 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> feature_scatter_replay(cons
   check_matrix(x, row_ptr, op, "x");
   check_same_dtype(coef, x, op, "coef", "x");
   TORCH_CHECK(x.size(0) == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x.size(0));
-  // (the sort packs rows and positions in int32)
-  TORCH_CHECK(B <= INT32_MAX && index.size(0) <= INT32_MAX, "fastclt::", op, ": at most 2^31 - 1 rows and entries, "
-              "got ", B, " rows and ", index.size(0), " entries");
   TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::", op, ": CPU tensors expected, got ", row_ptr.device());
   TORCH_CHECK(n_features >= 0 && n_features <= INT32_MAX, "fastclt::", op, ": n_features must be in [0, 2^31)");
   TORCH_CHECK(chunk >= 1, "fastclt::", op, ": chunk must be >= 1, got ", chunk);

@@ -244,7 +244,7 @@ class SparseDictionary(nn.Module):
         # one fp32 reduction per tensor, their sum and one device sync decide the common case: a NaN
         # or Inf anywhere makes it non-finite (finite values whose sum overflows only send it to the
         # per-tensor sums and the exact row check below)
-        distinct = [t for i, t in enumerate(tensors) if not any(t is u for u in tensors[:i])]
+        distinct, _ = self._distinct(tensors, names)
         total = distinct[0].sum(dtype=torch.float32)
         for t in distinct[1:]:
             total = total + t.sum(dtype=torch.float32)
@@ -264,13 +264,19 @@ class SparseDictionary(nn.Module):
         return good
 
     @staticmethod
-    def _input_sums(tensors, names) -> InputCheck:
-        """The sums of the distinct tensors (an SAE's y is its x), not read: no device sync."""
+    def _distinct(tensors, names) -> tuple[list, list]:
+        """The tensors (and their names) each once, in order: an SAE's y is its x."""
         seen, seen_names = [], []
         for t, name in zip(tensors, names):
             if not any(t is u for u in seen):
                 seen.append(t)
                 seen_names.append(name)
+        return seen, seen_names
+
+    @staticmethod
+    def _input_sums(tensors, names) -> InputCheck:
+        """The sums of the distinct tensors, not read: no device sync."""
+        seen, seen_names = SparseDictionary._distinct(tensors, names)
         return InputCheck(torch.stack([t.sum().float() for t in seen]), tuple(seen_names), tuple(seen))
 
     # ----------------------------------------------------------- normalisation
