@@ -369,6 +369,35 @@ def test_feature_scatter_dot_matches_float64(B, F, D, k, dtype):
 
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("op", ["feature_scatter", "feature_scatter_dot"])
+def test_feature_scatters_large_output_streamed(op):
+    """An fp32 [F, D] output above 32 MiB is written with streaming stores (csrc/cpu/sparse_cpu.cpp):
+    every row written (outputs poisoned with NaN first), the same numbers as float64, unused rows zero."""
+    g = torch.Generator().manual_seed(5)
+    B, F, D, k = 17, 33001, 257, 5
+    assert F * D * 4 > 32 << 20
+    codes = ext_select.topk(torch.randn(B, F, generator=g), k)
+    coef = torch.rand(codes.nnz, generator=g) + 0.1
+    X = torch.randn(B, D, generator=g)
+    W = torch.randn(F, D, generator=g)
+    extra = (W,) if op == "feature_scatter_dot" else (F,)
+    _ext._C.set_poison_outputs(True)
+    try:
+        got = getattr(torch.ops.fastclt, op)(codes.row_ptr, codes.index, coef, X, *extra)
+    finally:
+        _ext._C.set_poison_outputs(False)
+    rows, cols = codes.row_ids(), codes.index.long()
+    want = torch.zeros(F, D, dtype=torch.float64)
+    want.index_add_(0, cols, coef.double()[:, None] * X.double()[rows])
+    assert_close_rel(got[0], want, 1e-6, "out")
+    unused = torch.ones(F, dtype=torch.bool)
+    unused[cols] = False
+    assert not got[0][unused].any(), "an unused feature's row must be zero"
+    if op == "feature_scatter_dot":
+        assert_close_rel(got[2], (X.double()[rows] * W.double()[cols]).sum(1), 1e-6, "dot")
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["feature_scatter", "feature_scatter_dot"])
 def test_feature_scatters_read_row_strided_x_in_place(op, dtype, poisoned):
