@@ -43,9 +43,10 @@ class SparseKernels(Protocol):
     def feature_sums(self, col: torch.Tensor, coef: torch.Tensor, n_features: int, segments) -> torch.Tensor:
         """coef: fp32 [nnz, m] → fp32 [F, m], out[f] = Σ_{j: col=f} coef[j]."""
 
-    def feature_scatter(self, col: torch.Tensor, row: torch.Tensor, row_ptr: torch.Tensor, coef: torch.Tensor,
+    def feature_scatter(self, col: torch.Tensor, row: Optional[torch.Tensor], row_ptr: torch.Tensor, coef: torch.Tensor,
                         G: torch.Tensor, n_features: int, segments) -> torch.Tensor:
-        """coef: fp32 [nnz], G: [B, D] → [F, D], out[f] = Σ_{j: col=f} coef[j] · G[row j]."""
+        """coef: fp32 [nnz], G: [B, D] → [F, D], out[f] = Σ_{j: col=f} coef[j] · G[row j] (``row``: the
+        entries' rows, or None: a backend that needs them takes them from ``row_ptr``)."""
 
     def gather(self, row_ptr: torch.Tensor, col: torch.Tensor, coef: torch.Tensor, W: torch.Tensor,
                out_dtype: torch.dtype) -> torch.Tensor:
@@ -124,6 +125,8 @@ class _SparseEncodeValue(torch.autograd.Function):
         if dense:
             # the entries scattered into dense fp32 [B, F]; per-feature sums are column sums (O(B·F),
             # deterministic, no grouping of the entries)
+            if row is None:
+                row = SparseCodes.rows_of(row_ptr, col.shape[0])
             flat = row * F + col  # int64 (row) + int32: int64
             dH = zeros(B * F, torch.float32, x.device).index_put_((flat,), dh).view(B, F)
             cols = [dH.sum(0) if c is dh
@@ -163,12 +166,14 @@ class _SparseEncodeValue(torch.autograd.Function):
 
 
 def encode_codes(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], threshold: Optional[torch.Tensor],
-                 pre_bias: Optional[torch.Tensor], row_ptr: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                 h: torch.Tensor, act: str, bandwidth: float, kernels: SparseKernels,
+                 pre_bias: Optional[torch.Tensor], row_ptr: torch.Tensor, row: Optional[torch.Tensor],
+                 col: torch.Tensor, h: torch.Tensor, act: str, bandwidth: float, kernels: SparseKernels,
                  k: Optional[int] = None, centered: Optional[torch.Tensor] = None) -> SparseCodes:
-    """The pattern (row_ptr [B+1] int64, row int64 [nnz], col int32 [nnz], h fp32 [nnz]; sorted by
-    (row, col)) of ``act(W (x − pre_bias) + b)`` → SparseCodes over W's F features, values in x's
+    """The pattern (row_ptr [B+1] int64, row int64 [nnz] or None, col int32 [nnz], h fp32 [nnz]; sorted
+    by (row, col)) of ``act(W (x − pre_bias) + b)`` → SparseCodes over W's F features, values in x's
     dtype and differentiable through ``kernels`` (see the module docstring). k: fixed row length.
+    ``row`` None: the backward takes the rows from row_ptr where it needs them (the dense form, a
+    backend whose scatter reads them); the extension's kernels read row_ptr alone.
     ``centered``: x − pre_bias as the encode computed it (fp32 x only: then the same numbers as the
     backward's own), kept for dW_enc instead of a second subtraction."""
     if centered is not None and (pre_bias is None or x.dtype != torch.float32 or centered.dtype != torch.float32

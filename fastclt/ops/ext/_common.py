@@ -46,7 +46,8 @@ class _ExtKernels:
 
     @staticmethod
     def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
-        # G in fp32: the kernel takes coef in G's dtype, and dh must not be rounded to bf16 here
+        # the kernel groups by row_ptr: ``row`` unused (may be None). G in fp32: the kernel takes coef
+        # in G's dtype, and dh must not be rounded to bf16 here
         return ops().feature_scatter(row_ptr.contiguous(), col.contiguous(), coef.float().contiguous(),
                                      G.float().contiguous(), n_features)[0]
 

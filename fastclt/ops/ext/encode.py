@@ -87,7 +87,8 @@ def _entries(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias, sha
             c = SparseCodes.from_topk(*ops().topk_bias(h, bias, k), h.shape[1])
         else:
             c = SparseCodes(*ops().batch_topk_bias(h, bias, k * h.shape[0]), h.shape[1])
-        return c.row_ptr, c.row_ids(), c.index, c.value, centered  # relu'd: the same codes and mask
+        # relu'd: the same codes and mask; no row of each entry (the backward reads row_ptr)
+        return c.row_ptr, None, c.index, c.value, centered
     threshold = None if threshold is None else threshold.detach()
     return (*_pattern(h, activation, k, threshold, bandwidth, shards), centered)
 
@@ -116,11 +117,10 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
                     h = preacts_layers(x.detach(), W_enc.detach(), None, out=h_out(x, L, B, F))
                 row_ptr, index, value = ops().batch_topk_bias_layers(h, b_enc.detach().contiguous(), k * B)
                 del h
-                rows = SparseCodes.rows_of(row_ptr, index.shape[0])
                 offsets = torch.arange(0, L * F, F, device=x.device, dtype=torch.int32)
                 col = (index.view(L, k * B) + offsets[:, None]).view(-1)
                 layers = sharded.split_layers(row_ptr, L, B, index, bounds=[l * k * B for l in range(L + 1)])
-            return _encode_joined(x, W_enc, b_enc, row_ptr, rows, col, value, layers)
+            return _encode_joined(x, W_enc, b_enc, row_ptr, None, col, value, layers)
         pats = [_entries(x_l, W_l, b_l, "batchtopk", k, None, 0.01, None, None)[:4]
                 for x_l, W_l, b_l in zip(xs, Ws, bs)]
         return _encode_joined(x, W_enc, b_enc, *_join(pats, B, F))
@@ -160,10 +160,11 @@ def _folds(x: torch.Tensor, b_enc: Optional[torch.Tensor]) -> bool:
 
 @torch.no_grad()
 def _join(pats: list, B: int, F: int) -> tuple:
-    """The L layers' entries (row_ptr, row, col, h per layer) as one CSR over the L·B rows
-    (layer-major) → (row_ptr, rows, col + l·F, h, [(row_ptr, col) of each layer])."""
+    """The L layers' entries (row_ptr, row or None, col, h per layer) as one CSR over the L·B rows
+    (layer-major) → (row_ptr, rows (None where a layer's are), col + l·F, h, [(row_ptr, col) of each layer])."""
     row_ptr = SparseCodes.join_row_ptrs([rp for rp, _, _, _ in pats], [c.shape[0] for _, _, c, _ in pats])
-    rows = torch.cat([row + l * B for l, (_, row, _, _) in enumerate(pats)])
+    rows = None if any(row is None for _, row, _, _ in pats) else \
+        torch.cat([row + l * B for l, (_, row, _, _) in enumerate(pats)])
     col = torch.cat([c + l * F for l, (_, _, c, _) in enumerate(pats)])
     h = torch.cat([h_l for _, _, _, h_l in pats])
     return row_ptr, rows, col, h, [(rp, c) for rp, _, c, _ in pats]

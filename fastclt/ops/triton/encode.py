@@ -450,6 +450,8 @@ class _TritonKernels:
 
     @staticmethod
     def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
+        if row is None:
+            row = SparseCodes.rows_of(row_ptr, col.shape[0])
         return feature_scatter(col, row, coef, G, n_features, segments=segments)
 
     @staticmethod
