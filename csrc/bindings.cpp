@@ -36,6 +36,7 @@ TORCH_LIBRARY(fastclt, m) {
   // out [nnz]: out[j] = <grad[row(j)], weight[index[j]]>.
   m.def("sparse_dot(Tensor row_ptr, Tensor index, Tensor grad, Tensor weight) -> Tensor");
   // out [n_features, D]: out[f] = sum_{j: index[j]=f} coef[j] * x[row(j)]; coef_sum fp32 [n_features].
+  // x [B, D], rows contiguous (a row stride allowed); on the CPU also [G, B', D], rows (g, b') in order.
   m.def("feature_scatter(Tensor row_ptr, Tensor index, Tensor coef, Tensor x, int n_features)"
         " -> (Tensor out, Tensor coef_sum)");
   // feature_scatter with n_features = weight.size(0), plus dot [nnz]: dot[j] = <x[row(j)], weight[index[j]]>

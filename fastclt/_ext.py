@@ -149,11 +149,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastclt::feature_scatter")
     def _(row_ptr, index, coef, x, n_features):
-        return x.new_empty(n_features, x.shape[1]), x.new_empty(n_features, dtype=torch.float32)
+        return x.new_empty(n_features, x.shape[-1]), x.new_empty(n_features, dtype=torch.float32)
 
     @torch.library.register_fake("fastclt::feature_scatter_dot")
     def _(row_ptr, index, coef, x, weight):
-        return (x.new_empty(weight.shape[0], x.shape[1]), x.new_empty(weight.shape[0], dtype=torch.float32),
+        return (x.new_empty(weight.shape[0], x.shape[-1]), x.new_empty(weight.shape[0], dtype=torch.float32),
                 x.new_empty(index.shape[0]))
 
 

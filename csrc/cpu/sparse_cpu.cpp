@@ -194,9 +194,10 @@ inline void stores_done() {
 // dot[j] = <X[row(j)], W[f]> in the same sweep (csrc/cpu/simd.h gather_axpy_dot). (Sweeping the
 // features once per column tile of X, so that X[:, tile] stays in L2, was slower at the cpu-small
 // shape: 16.4 ms for 2 tiles and 22 ms for 6, against 15 ms untiled, for the decode fwd+bwd.)
+// X's row r starts at X + row_start[r] (element offsets: any row strides).
 template <typename T>
-void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T* X, int64_t ldx, int64_t B,
-                  int64_t nnz, int64_t F, int64_t D, T* out, float* coef_sum, const T* W = nullptr,
+void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T* X, const int64_t* row_start,
+                  int64_t B, int64_t nnz, int64_t F, int64_t D, T* out, float* coef_sum, const T* W = nullptr,
                   T* dot = nullptr) {
   // Group entries by feature with a stable counting sort (entries of a feature stay in flat order,
   // so every sum below has a fixed order: deterministic): one pass counts, one writes each entry's
@@ -240,16 +241,16 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
       c.resize(n);
       float s = 0.f;
       for (int64_t p = 0; p < n; ++p) {
-        rows[p] = sorted[start + p].row;
+        rows[p] = row_start[sorted[start + p].row];
         c[p] = sorted[start + p].coef;
         s += c[p];
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       if (W == nullptr) {
-        simd::gather_axpy(acc.data(), X, rows.data(), c.data(), n, D, ldx);
+        simd::gather_axpy(acc.data(), X, rows.data(), c.data(), n, D, 1);
       } else {
         dots.resize(n);
-        simd::gather_axpy_dot(acc.data(), X, rows.data(), c.data(), W + f * D, dots.data(), n, D, ldx);
+        simd::gather_axpy_dot(acc.data(), X, rows.data(), c.data(), W + f * D, dots.data(), n, D, 1);
         for (int64_t p = 0; p < n; ++p) dot[s_pos[start + p]] = T(dots[p]);
       }
       store_row(out + f * D, acc.data(), D, stream);
@@ -266,25 +267,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_scatter(const char* op, const
                                                            const at::Tensor& x, int64_t n_features,
                                                            const at::Tensor* weight) {
   const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
-  // x may be a view with a row stride (a slice of columns of a wider matrix: a CLT decode's gradient
-  // for the targets of one source), its rows contiguous
-  TORCH_CHECK(x.dim() == 2, "fastclt::", op, ": x must be 2-D, got shape ", x.sizes());
+  // x may be a view with row strides, its rows contiguous: a slice of columns of a wider matrix (a CLT
+  // decode's gradient for the targets of one source), or 3-D [G, B', D] whose rows (g, b') are the
+  // B = G * B' rows in that order (the layers of [B', L, D] activations seen layer-major, no copy)
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "fastclt::", op, ": x must be 2-D [B, D] or 3-D [G, B', D], got shape ",
+              x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "fastclt::", op,
               ": x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fastclt::", op, ": x's rows must be contiguous (stride 1), got "
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, "fastclt::", op, ": x's rows must be contiguous (stride 1), got "
               "strides ", x.strides());
-  TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= x.size(1), "fastclt::", op, ": x's rows must not overlap, got "
-              "strides ", x.strides());
+  TORCH_CHECK(x.dim() == 3 || x.size(0) <= 1 || x.stride(0) >= x.size(1), "fastclt::", op,
+              ": x's rows must not overlap, got strides ", x.strides());
   check_device(x, row_ptr, op, "x", "row_ptr");
   if (weight != nullptr) check_matrix(*weight, row_ptr, op, "weight");
   check_same_dtype(coef, x, op, "coef", "x");
   if (weight != nullptr) check_same_dtype(*weight, x, op, "weight", "x");
-  TORCH_CHECK(x.size(0) == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x.size(0));
+  const int64_t x_rows = x.dim() == 3 ? x.size(0) * x.size(1) : x.size(0);
+  TORCH_CHECK(x_rows == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x_rows, " (shape ", x.sizes(), ")");
   // (the sort packs rows and positions in int32)
   TORCH_CHECK(B <= INT32_MAX && index.size(0) <= INT32_MAX, "fastclt::", op, ": at most 2^31 - 1 rows and entries, "
               "got ", B, " rows and ", index.size(0), " entries");
   if (weight != nullptr) {
-    TORCH_CHECK(weight->size(1) == x.size(1), "fastclt::", op, ": weight must have D=", x.size(1),
+    TORCH_CHECK(weight->size(1) == x.size(-1), "fastclt::", op, ": weight must have D=", x.size(-1),
                 " columns (x's), got ", weight->size(1));
     n_features = weight->size(0);
   }
@@ -292,14 +296,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_scatter(const char* op, const
               weight != nullptr ? "weight.size(0)" : "n_features", " must be in [0, 2^31), got ", n_features);
   TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::", op, ": CPU kernel called on ", row_ptr.device());
   check_codes_content(row_ptr, index, n_features, op, weight != nullptr ? "weight.size(0)" : "n_features");
-  const int64_t D = x.size(1);
+  const int64_t D = x.size(-1);
+  std::vector<int64_t> row_start(B);  // each row's element offset in x
+  const int64_t inner = x.dim() == 3 ? x.size(1) : std::max<int64_t>(B, 1);
+  const int64_t s_outer = x.dim() == 3 ? x.stride(0) : 0, s_inner = x.dim() == 3 ? x.stride(1) : x.stride(0);
+  for (int64_t r = 0, g = 0, b = 0; r < B; ++r) {
+    row_start[r] = g * s_outer + b * s_inner;
+    if (++b == inner) b = 0, ++g;
+  }
   auto out = new_output({n_features, D}, x.options());
   auto coef_sum = new_output({n_features}, x.options().dtype(at::kFloat));
   at::Tensor dot = weight != nullptr ? new_output({index.size(0)}, x.options()) : at::Tensor();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     scatter_impl<T>(row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(), coef.data_ptr<T>(), x.data_ptr<T>(),
-                    x.size(0) <= 1 ? D : x.stride(0), B, index.size(0), n_features, D, out.data_ptr<T>(), coef_sum.data_ptr<float>(),
+                    row_start.data(), B, index.size(0), n_features, D, out.data_ptr<T>(), coef_sum.data_ptr<float>(),
                     weight != nullptr ? weight->data_ptr<T>() : nullptr,
                     weight != nullptr ? dot.data_ptr<T>() : nullptr);
   });
@@ -450,7 +461,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> feature_scatter_replay(cons
   const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
   check_matrix(x, row_ptr, op, "x");
   check_same_dtype(coef, x, op, "coef", "x");
-  TORCH_CHECK(x.size(0) == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x.size(0));
+  const int64_t x_rows = x.dim() == 3 ? x.size(0) * x.size(1) : x.size(0);
+  TORCH_CHECK(x_rows == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x_rows, " (shape ", x.sizes(), ")");
   TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::", op, ": CPU tensors expected, got ", row_ptr.device());
   TORCH_CHECK(n_features >= 0 && n_features <= INT32_MAX, "fastclt::", op, ": n_features must be in [0, 2^31)");
   TORCH_CHECK(chunk >= 1, "fastclt::", op, ": chunk must be >= 1, got ", chunk);

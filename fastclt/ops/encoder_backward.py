@@ -46,7 +46,8 @@ class SparseKernels(Protocol):
     def feature_scatter(self, col: torch.Tensor, row: Optional[torch.Tensor], row_ptr: torch.Tensor, coef: torch.Tensor,
                         G: torch.Tensor, n_features: int, segments) -> torch.Tensor:
         """coef: fp32 [nnz], G: [B, D] → [F, D], out[f] = Σ_{j: col=f} coef[j] · G[row j] (``row``: the
-        entries' rows, or None: a backend that needs them takes them from ``row_ptr``)."""
+        entries' rows, or None: a backend that needs them takes them from ``row_ptr``). G may also be
+        [G', B', D], whose rows (g, b') are the B = G'·B' rows in that order."""
 
     def gather(self, row_ptr: torch.Tensor, col: torch.Tensor, coef: torch.Tensor, W: torch.Tensor,
                out_dtype: torch.dtype) -> torch.Tensor:
@@ -103,7 +104,7 @@ class _SparseEncodeValue(torch.autograd.Function):
         x, W, threshold, pre_bias, row_ptr, row, col, h, centered = ctx.saved_tensors
         need_x, need_W, need_b, need_t, need_p = ctx.needs_input_grad[:5]
         kern: SparseKernels = ctx.kernels
-        F, B = W.shape[0], x.shape[0]
+        F, B = W.shape[0], row_ptr.shape[0] - 1
         dv = dvalue.float()
         dx = dW = db = dt = dp = None
         dense = (need_x or need_W) and density.use_dense("encode_backward", density.of(col.shape[0], B, F),
@@ -150,14 +151,14 @@ class _SparseEncodeValue(torch.autograd.Function):
             gemm = torch.float32 if x.dtype == torch.float32 else x.dtype
             dH = dH.to(gemm)
             if need_x:
-                dx = (dH @ W.detach().to(gemm)).to(x.dtype)
+                dx = (dH @ W.detach().to(gemm)).to(x.dtype).view(x.shape)
             if need_W:
                 G = x.detach() if pre_bias is None else \
                     centered if centered is not None else x.detach() - pre_bias.detach().to(x.dtype)
-                dW = (dH.t() @ G.to(gemm)).to(W.dtype)
+                dW = (dH.t() @ G.reshape(B, -1).to(gemm)).to(W.dtype)
             return dx, dW, db, dt, dp, None, None, None, None, None, None, None, None
         if need_x:
-            dx = kern.gather(row_ptr, col, dh, W, x.dtype)
+            dx = kern.gather(row_ptr, col, dh, W, x.dtype).view(x.shape)
         if need_W:
             G = x if pre_bias is None else centered if centered is not None else x.float() - pre_bias.float()
             G = G if G.stride(-1) == 1 else G.contiguous()
@@ -174,6 +175,8 @@ def encode_codes(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], th
     dtype and differentiable through ``kernels`` (see the module docstring). k: fixed row length.
     ``row`` None: the backward takes the rows from row_ptr where it needs them (the dense form, a
     backend whose scatter reads them); the extension's kernels read row_ptr alone.
+    x: [B, d_in], or a [G, B', d_in] view whose rows (g, b') are the codes' B = G·B' rows in that
+    order (a joined encode's layers, layer-major, without a copy; no pre_bias).
     ``centered``: x − pre_bias as the encode computed it (fp32 x only: then the same numbers as the
     backward's own), kept for dW_enc instead of a second subtraction."""
     if centered is not None and (pre_bias is None or x.dtype != torch.float32 or centered.dtype != torch.float32

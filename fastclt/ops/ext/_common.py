@@ -47,9 +47,13 @@ class _ExtKernels:
     @staticmethod
     def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
         # the kernel groups by row_ptr: ``row`` unused (may be None). G in fp32: the kernel takes coef
-        # in G's dtype, and dh must not be rounded to bf16 here
-        return ops().feature_scatter(row_ptr.contiguous(), col.contiguous(), coef.float().contiguous(),
-                                     G.float().contiguous(), n_features)[0]
+        # in G's dtype, and dh must not be rounded to bf16 here. The CPU kernel reads rows in place (a
+        # row stride, or [L, B, d] layer-major views); the CUDA one takes contiguous [B, D].
+        G = G.float()
+        if G.device.type != "cpu" or G.stride(-1) != 1:
+            G = G.reshape(-1, G.shape[-1]).contiguous()
+        return ops().feature_scatter(row_ptr.contiguous(), col.contiguous(), coef.float().contiguous(), G,
+                                     n_features)[0]
 
     @staticmethod
     def gather(row_ptr, col, coef, W, out_dtype):

@@ -172,8 +172,9 @@ def _join(pats: list, B: int, F: int) -> tuple:
 
 def _encode_joined(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor], row_ptr: torch.Tensor,
                    rows: torch.Tensor, col: torch.Tensor, h: torch.Tensor, layers: list) -> list[SparseCodes]:
-    """The L layers' entries as the codes of one encode: a CSR over the rows l·B + b of x laid out
-    layer-major [L·B, d_in] (one copy of x; ``row_ptr``, ``rows`` of its entries), their features
+    """The L layers' entries as the codes of one encode: a CSR over the rows l·B + b of x seen
+    layer-major ([L, B, d_in], a view: the CPU scatter reads its rows in place; ``row_ptr``, ``rows``
+    of its entries), their features
     l·F + f (``col``) of W_enc viewed [L·F, d_in] (and of b_enc viewed [L·F]), ``h`` their fp32
     pre-activations, ``layers`` each layer's own (row_ptr, col). One sparse encoder backward then
     writes dW_enc and db_enc in their own [L, F, d_in] and [L, F] layouts — no stack of per-layer
@@ -181,7 +182,7 @@ def _encode_joined(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.T
     autograd node, not L. Each layer's values are a slice of the joined values."""
     B, L, d = x.shape
     F = W_enc.shape[1]
-    codes = encode_codes(x.transpose(0, 1).reshape(L * B, d), W_enc.reshape(L * F, d),
+    codes = encode_codes(x.transpose(0, 1), W_enc.reshape(L * F, d),
                          None if b_enc is None else b_enc.reshape(L * F), None, None, row_ptr, rows, col, h,
                          "batchtopk", 0.01, EXT_KERNELS)
     lens = [c.shape[0] for _, c in layers]

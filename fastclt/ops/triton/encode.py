@@ -452,7 +452,7 @@ class _TritonKernels:
     def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
         if row is None:
             row = SparseCodes.rows_of(row_ptr, col.shape[0])
-        return feature_scatter(col, row, coef, G, n_features, segments=segments)
+        return feature_scatter(col, row, coef, G.reshape(-1, G.shape[-1]), n_features, segments=segments)
 
     @staticmethod
     def gather(row_ptr, col, coef, W, out_dtype):

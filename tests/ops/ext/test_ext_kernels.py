@@ -422,6 +422,34 @@ def test_feature_scatters_read_row_strided_x_in_place(op, dtype, poisoned):
 
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["feature_scatter", "feature_scatter_dot"])
+def test_feature_scatters_read_layer_major_views_in_place(op, dtype, poisoned):
+    """x given as [G, B', D] (here [L, B, d] activations seen layer-major: a transposed view, no copy)
+    gives the results of its contiguous [G·B', D] copy, bit for bit; other shapes are refused by name."""
+    g = torch.Generator().manual_seed(78)
+    B, L, F, D, k = 13, 3, 41, 23, 5
+    codes = ext_select.topk(torch.randn(L * B, F, generator=g).to(dtype), k)
+    coef = (torch.rand(codes.nnz, generator=g) + 0.1).to(dtype)
+    acts = torch.randn(B, L, D, generator=g).to(dtype)
+    X = acts.transpose(0, 1)  # [L, B, D], row (l, b) = acts[b, l]
+    assert not X.is_contiguous()
+    fn = getattr(torch.ops.fastclt, op)
+    extra = (torch.randn(F, D, generator=g).to(dtype),) if op == "feature_scatter_dot" else (F,)
+    got = fn(codes.row_ptr, codes.index, coef, X, *extra)
+    want = fn(codes.row_ptr, codes.index, coef, X.reshape(L * B, D), *extra)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"x must be 2-D \[B, D\] or 3-D"):
+        fn(codes.row_ptr, codes.index, coef, X[None], *extra)
+    with pytest.raises(RuntimeError, match="x must have B=39 rows, got 36"):
+        fn(codes.row_ptr, codes.index, coef, X[:, :12], *extra)
+    with pytest.raises(RuntimeError, match="x's rows must be contiguous"):
+        fn(codes.row_ptr, codes.index, coef, torch.randn(L, B, 2 * D, generator=g).to(dtype)[:, :, ::2], *extra)
+    torch.library.opcheck(fn, (codes.row_ptr, codes.index, coef, X, *extra))
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 def test_feature_scatter_dot_bad_input_and_opcheck():
     ops = torch.ops.fastclt
     codes = ext_select.topk(torch.randn(4, 37), 3)
