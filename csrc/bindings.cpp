@@ -67,6 +67,9 @@ TORCH_LIBRARY(fastclt, m) {
         " bool need_blocks) -> (Tensor dy, Tensor dbase, Tensor dblocks)");
   // Total variance (cpu/losses_cpu.cpp), fp32: y [B, M, d] -> tv [M] = sum_b ||y[b, m] - mean_b y[:, m]||^2. CPU.
   m.def("total_variance(Tensor y) -> Tensor tv");
+  // fvu_terms, fp32: y, y_hat [B, M, d] -> (sq [M] = sum_b ||y[b, m] - y_hat[b, m]||^2, tv [M] as total_variance),
+  // one read of each. CPU.
+  m.def("fvu_terms(Tensor y, Tensor y_hat) -> (Tensor sq, Tensor tv)");
   // Dense JumpReLU (cpu/dense_cpu.cpp), one pass: h [B, F] (fp32|bf16), threshold fp32 [F] ->
   // value = h * 1[h > θ], stored bool = active | band, code uint8 (bit0 active, bit1 band), with
   // θ and half_band rounded to h's dtype and band = |h − θ| < half_band (difference rounded to it). CPU.

@@ -15,7 +15,7 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
 OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "batch_topk_bias",
        "batch_topk_bias_layers",
        "threshold_compact", "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot", "jumprelu_dense",
-       "jumprelu_dense_backward", "normal_philox_", "code_stats")
+       "jumprelu_dense_backward", "normal_philox_", "code_stats", "fvu_terms")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -156,6 +156,10 @@ def _register_fakes() -> None:
         return (x.new_empty(weight.shape[0], x.shape[-1]), x.new_empty(weight.shape[0], dtype=torch.float32),
                 x.new_empty(index.shape[0]))
 
+
+    @torch.library.register_fake("fastclt::fvu_terms")
+    def _(y, y_hat):
+        return y.new_empty(y.shape[1]), y.new_empty(y.shape[1])
 
     @torch.library.register_fake("fastclt::code_stats")
     def _(index, value, n_features):

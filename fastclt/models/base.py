@@ -480,15 +480,17 @@ class SparseDictionary(nn.Module):
         if weights is None:
             with phase("decode"):
                 y_hat = self._decode_n(codes, xn, bias=True)
-            # Σ_b ‖y − ŷ‖² per layer as the one prefix of a Matryoshka model: one pass each way on the
-            # kernels (where a difference, its square and their sums would be separate passes)
-            sq = ops.prefix_errors(yn, y_hat.new_zeros(()), y_hat.unsqueeze(0), impl=impl)[0][0]
+            # Σ_b ‖y − ŷ‖² and Σ_b ‖y − ȳ‖² per layer: on the kernels one read of y and ŷ for both
+            # (where a difference, its square, their sums and the variance's passes would each read them)
+            sq, tv = ops.fvu_terms(yn, y_hat, impl=self.impl if self.impl in ops.implementations("fvu_terms")
+                                   else "auto")
         else:  # the squared errors of every prefix [G, L], for the cost of one decode
             with phase("decode"):
                 blocks, base = self._decode_blocks(codes, xn)
             sq_prefix, y_hat = ops.prefix_errors(yn, base, blocks, impl=impl)
             sq = sq_prefix[-1]
-        tv = ops.total_variance(yn, impl=impl).clamp_min(1e-12)
+            tv = ops.total_variance(yn, impl=impl)
+        tv = tv.clamp_min(1e-12)
         B = max(xn.shape[0], 1)
         mse_l, fvu_l = sq / B, sq / tv
         recon = (fvu_l if cfg.reconstruction_loss == "fvu" else mse_l).sum()

@@ -42,7 +42,8 @@ from fastclt.ops.sharded import as_shards
 __all__ = [
     "SparseCodes", "DenseCodes", "ACTIVATIONS", "TYINGS",
     "encode", "encode_layers", "relu", "jumprelu", "topk", "batch_topk", "batch_topk_layers",
-    "sparse_decode", "clt_decode", "auxk_select", "molt_decode", "prefix_errors", "total_variance", "code_stats",
+    "sparse_decode", "clt_decode", "auxk_select", "molt_decode", "prefix_errors", "total_variance", "fvu_terms",
+    "code_stats",
     "jumprelu_dense", "jumprelu_step", "band_mask", "feature_affine", "preacts", "preacts_layers",
     "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss", "squared_error",
     "split_codes", "prefix_bounds", "prefix_sums", "matryoshka_blocks", "matryoshka_decode", "matryoshka_clt_blocks",
@@ -200,6 +201,14 @@ def total_variance(y: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     Differentiable in y (a kernel hands a y that needs a gradient to the reference)."""
     _checks.check_targets(y)
     return _call("total_variance", impl, y, None, y)
+
+
+def fvu_terms(y: torch.Tensor, y_hat: torch.Tensor, *, impl: str = "auto") -> tuple:
+    """y, y_hat: [B, ..., d] → (sq, tv), each [...]: sq = Σ_b ‖y − ŷ‖² (differentiable in ŷ and y) and
+    tv = ``total_variance(y)`` (differentiable in y), the numerator and denominator of the FVU, in fp32
+    (fp64 for fp64 y); a kernel reads y and ŷ once for both."""
+    _checks.check_fvu_terms(y, y_hat)
+    return _call("fvu_terms", impl, y, None, y, y_hat)
 
 
 def code_stats(codes: Sequence[SparseCodes], n_features: int, *, impl: str = "auto") -> tuple:

@@ -13,7 +13,7 @@ from fastclt.names import ACTIVATIONS, SELECTIONS, TYINGS
 
 __all__ = ["check_h", "check_k", "check_bandwidth", "check_jumprelu", "check_encode", "check_encode_layers",
            "check_auxk", "check_sparse_decode", "check_clt_decode", "check_rank_groups", "check_molt_decode",
-           "check_prefix_errors", "check_bounds"]
+           "check_prefix_errors", "check_fvu_terms", "check_bounds"]
 
 
 def _shape(t) -> str:
@@ -296,6 +296,18 @@ def check_targets(y) -> None:
                         f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
     if y.dim() < 2:
         raise ValueError(f"y: expected [B, ..., d], got {tuple(y.shape)}")
+
+
+def check_fvu_terms(y, y_hat) -> None:
+    """y [B, ..., d] floating-point; y_hat floating-point, of y's shape and device."""
+    check_targets(y)
+    if not isinstance(y_hat, torch.Tensor) or not y_hat.is_floating_point():
+        raise TypeError(f"y_hat: expected a floating-point tensor, got "
+                        f"{y_hat.dtype if isinstance(y_hat, torch.Tensor) else type(y_hat).__name__}")
+    if y_hat.shape != y.shape:
+        raise ValueError(f"y_hat: expected y's shape {tuple(y.shape)}, got {tuple(y_hat.shape)}")
+    if y_hat.device != y.device:
+        raise ValueError(f"y_hat: on {y_hat.device}, but y is on {y.device}")
 
 
 def check_prefix_errors(y, base, blocks) -> None:

@@ -147,6 +147,8 @@ TABLE = (
     _e("prefix_errors",     C,    "ext.matryoshka:prefix_errors",                    (torch.float32,)),
     _e("total_variance",    R,    "reference.losses:total_variance",                 FLOATS),
     _e("total_variance",    C,    "ext.losses:total_variance",                       (torch.float32,)),
+    _e("fvu_terms",         R,    "reference.losses:fvu_terms",                      FLOATS),
+    _e("fvu_terms",         C,    "ext.losses:fvu_terms",                            (torch.float32,)),
     _e("code_stats",        R,    "reference.stats:code_stats",                      FLOATS),
     _e("code_stats",        C,    "ext.stats:code_stats",                            EXT_DTYPES),
 )

@@ -1,7 +1,8 @@
 """The losses (fastclt/ops/reference/losses.py; reference only): MSE and FVU, the sparsity penalty
 with the concatenated decoder norm, the pre-activation loss, the AuxK loss — against dense float64;
-and the dispatched total variance that normalises them (``ops.total_variance``: the reference and
-the C++ kernel of csrc/cpu/losses_cpu.cpp) on every implementation, with NaN-poisoned outputs."""
+and the dispatched total variance that normalises them (``ops.total_variance``, and with the squared
+error in one pass ``ops.fvu_terms``: the reference and the C++ kernels of csrc/cpu/losses_cpu.cpp)
+on every implementation, with NaN-poisoned outputs."""
 import pytest
 import torch
 
@@ -141,3 +142,86 @@ def test_total_variance_bad_input_and_kernel_opcheck():
     with pytest.raises(RuntimeError, match="y must be contiguous"):
         op(torch.ones(3, 2, 4).transpose(0, 2))
     torch.library.opcheck(op, (torch.randn(9, 2, 5),))
+
+
+# ------------------------------------------------------------------------------ fvu_terms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1024, 4, 256), (2048, 768), (5, 3, 7), (1, 2, 3), (0, 3, 5), (131, 2, 3, 33),
+                                   (70, 1, 1), (200, 2, 17)])
+@pytest.mark.parametrize("impl,device", impl_params("fvu_terms", reference=True))
+def test_fvu_terms_every_impl_against_float64(impl, device, shape, dtype, poisoned):
+    """(Σ_b ‖y − ŷ‖², Σ_b ‖y − ȳ‖²) per middle index against float64 on fresh data far from zero
+    mean (mean 40× the spread, and chunks of rows whose means differ: the kernel's per-chunk variances
+    must combine), odd sizes, one token, no tokens, [B, d] (scalars), several middle dims; ŷ in
+    bf16 with fp32 y too (read as fp32)."""
+    takes("fvu_terms", impl, dtype)
+    g = torch.Generator().manual_seed(33)
+    y = torch.randn(shape, generator=g, dtype=torch.float64) * 0.5 + 20.0
+    if shape[0] > 64:
+        y[64:] += 3.0  # the second chunk of rows elsewhere
+    y_hat = y + torch.randn(shape, generator=g, dtype=torch.float64) * 0.3
+    y, y_hat = y.to(dtype).to(device), y_hat.to(dtype).to(device)
+    for yh in (y_hat, y_hat.bfloat16()) if dtype == torch.float32 else (y_hat,):
+        sq, tv = ops.fvu_terms(y, yh, impl=impl)
+        out = torch.float64 if dtype == torch.float64 else torch.float32
+        assert sq.shape == tv.shape == shape[1:-1] and sq.dtype == tv.dtype == out
+        y64, h64 = y.cpu().double(), yh.cpu().double()
+        want_sq = ((y64 - h64) ** 2).sum(-1).sum(0)
+        want_tv = _tv64(y64) if shape[0] else torch.zeros(shape[1:-1], dtype=torch.float64)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert torch.allclose(sq.cpu().double(), want_sq, rtol=tol, atol=tol), (sq, want_sq)
+        assert torch.allclose(tv.cpu().double(), want_tv, rtol=tol, atol=tol), (tv, want_tv)
+
+
+@pytest.mark.parametrize("impl,device", impl_params("fvu_terms", reference=True))
+def test_fvu_terms_gradients_and_layouts(impl, device, poisoned):
+    """The squared error's gradient to ŷ is 2 (ŷ − y) · g; a y that needs a gradient gets the
+    reference's gradients of both terms whatever the impl; non-contiguous inputs give the contiguous
+    results; NaN in y or ŷ gives NaN for its layer only; the same input gives the same bits."""
+    g = torch.Generator().manual_seed(34)
+    y = torch.randn(67, 3, 45, generator=g).to(device)
+    y_hat = (y + torch.randn(67, 3, 45, generator=g) * 0.2).to(device)
+    w_sq, w_tv = torch.rand(3).to(device), torch.rand(3).to(device)
+    hg = y_hat.clone().requires_grad_()
+    sq, tv = ops.fvu_terms(y, hg, impl=impl)
+    (sq * w_sq).sum().backward()
+    assert torch.allclose(hg.grad, 2 * (y_hat - y) * w_sq[:, None], rtol=1e-5, atol=1e-6)
+    yg, hg = y.clone().requires_grad_(), y_hat.clone().requires_grad_()
+    sq, tv = ops.fvu_terms(yg, hg, impl=impl)
+    ((sq * w_sq).sum() + (tv * w_tv).sum()).backward()
+    want_dy = 2 * (y - y_hat) * w_sq[:, None] + 2 * (y - y.mean(0)) * w_tv[:, None]
+    assert torch.allclose(yg.grad, want_dy, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(hg.grad, 2 * (y_hat - y) * w_sq[:, None], rtol=1e-5, atol=1e-6)
+    yt = y.transpose(0, 1).contiguous().transpose(0, 1)
+    ht = y_hat.transpose(0, 1).contiguous().transpose(0, 1)
+    got, want = ops.fvu_terms(yt, ht, impl=impl), ops.fvu_terms(y, y_hat, impl=impl)
+    assert not yt.is_contiguous() and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(want, ops.fvu_terms(y, y_hat, impl=impl)))
+    for bad_y in (True, False):
+        y2, h2 = y.clone(), y_hat.clone()
+        (y2 if bad_y else h2)[5, 1, 7] = float("nan")
+        sq, tv = ops.fvu_terms(y2, h2, impl=impl)
+        assert bool(sq[1].isnan()) and not bool(sq[[0, 2]].isnan().any())
+        assert bool(tv[1].isnan()) == bad_y and not bool(tv[[0, 2]].isnan().any())
+
+
+def test_fvu_terms_bad_input_and_kernel_opcheck():
+    """Bad arguments are refused naming them; the kernel's own checks and its fake agree."""
+    with pytest.raises(TypeError, match="y: expected a floating-point tensor"):
+        ops.fvu_terms(torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3))
+    with pytest.raises(TypeError, match="y_hat: expected a floating-point tensor"):
+        ops.fvu_terms(torch.ones(4, 3), torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"y_hat: expected y's shape \(4, 3\)"):
+        ops.fvu_terms(torch.ones(4, 3), torch.ones(4, 2))
+    if "cpu" not in ops.implementations("fvu_terms") or not fastclt._ext.has_cpu_ext():
+        pytest.skip("no C++ extension here")
+    op = torch.ops.fastclt.fvu_terms
+    with pytest.raises(RuntimeError, match="y_hat must be float32"):
+        op(torch.ones(2, 3, 4), torch.ones(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"y must be \[B, M, d\]"):
+        op(torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match="y_hat must have y's shape"):
+        op(torch.ones(2, 3, 4), torch.ones(2, 3, 5))
+    with pytest.raises(RuntimeError, match="y must be contiguous"):
+        op(torch.ones(3, 2, 4).transpose(0, 2), torch.ones(4, 2, 3))
+    torch.library.opcheck(op, (torch.randn(9, 2, 5), torch.randn(9, 2, 5)))

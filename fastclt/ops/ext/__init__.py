@@ -13,7 +13,7 @@ fine when it is not built. Which C++/CUDA source computes what:
     clt_decode.py   clt_decode                            decode.py's sparse_decode per (source, target) block
     molt.py         molt_decode                           csrc/cpu/molt_cpu.cpp
     matryoshka.py   prefix_errors                         csrc/cpu/matryoshka_cpu.cpp
-    losses.py       total_variance                        csrc/cpu/losses_cpu.cpp
+    losses.py       total_variance, fvu_terms             csrc/cpu/losses_cpu.cpp
     stats.py        code_stats                            csrc/cpu/sparse_cpu.cpp
     dense.py        jumprelu_masked (the dense encode's    csrc/cpu/dense_cpu.cpp
                     JumpReLU, fastclt/ops/dense/encode.py)

@@ -20,7 +20,7 @@ import torch
 from fastclt.codes import SparseCodes
 from fastclt.names import SPARSITY_KINDS
 
-__all__ = ["squared_error", "total_variance", "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss",
+__all__ = ["squared_error", "total_variance", "fvu_terms", "mse", "fvu", "sparsity_loss", "preact_loss", "auxk_loss",
            "SPARSITY_KINDS"]
 
 
@@ -47,6 +47,12 @@ def total_variance(y: torch.Tensor) -> torch.Tensor:
     c = yf - yf.mean(0)
     sq = c * c if c.requires_grad else c.mul_(c)  # (in place unless autograd needs c)
     return sq.sum(0).sum(-1)
+
+
+def fvu_terms(y: torch.Tensor, y_hat: torch.Tensor) -> tuple:
+    """y, y_hat: [B, ..., d] → (``squared_error(y, y_hat)``, ``total_variance(y)``): the FVU's
+    numerator and denominator per middle index."""
+    return squared_error(y, y_hat), total_variance(y)
 
 
 def mse(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
