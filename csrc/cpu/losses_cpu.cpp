@@ -23,7 +23,7 @@ FASTCLT_SIMD_CLONES static void add_f64(double* __restrict__ acc, const float* _
   for (int64_t i = 0; i < n; ++i) acc[i] += double(y[i]);
 }
 
-// sum_c (y[c] - mean[c])^2 over d entries, in fp32 lanes (an OpenMP simd reduction: the lanes are
+// sum_c (y[c] - mean[c])^2 over d entries (mean: the column means, or for fvu_terms y_hat), in fp32 lanes (an OpenMP simd reduction: the lanes are
 // added in the clone's vector width, the same on every run on a machine).
 FASTCLT_SIMD_CLONES static float squared_deviation(const float* __restrict__ y, const float* __restrict__ mean,
                                                    int64_t d) {
@@ -75,18 +75,6 @@ at::Tensor total_variance_cpu(const at::Tensor& y) {
   return tv;
 }
 
-// sum_c (y[c] - y_hat[c])^2 over d entries, in fp32 lanes (as squared_deviation).
-FASTCLT_SIMD_CLONES static float squared_difference(const float* __restrict__ y, const float* __restrict__ y_hat,
-                                                    int64_t d) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < d; ++c) {
-    const float v = y[c] - y_hat[c];
-    s += v * v;
-  }
-  return s;
-}
-
 // fvu_terms: sq[m] = sum_b ||y[b, m] - y_hat[b, m]||^2 and tv[m] (as total_variance) in one read of y
 // and y_hat. Each chunk of kRows token rows (in cache after its first read) gives its column means
 // mu_c (fp64 sums) and the squared deviations from them, M2_c[m]; the chunks combine as
@@ -128,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> fvu_terms_cpu(const at::Tensor& y, const at::
       double* pc = part.data() + ch * M * 2;
       for (int64_t b = b0; b < b1; ++b) {
         add_f64(mc, yp + b * N, N);
-        for (int64_t m = 0; m < M; ++m) pc[2 * m] += squared_difference(yp + b * N + m * d, hp + b * N + m * d, d);
+        for (int64_t m = 0; m < M; ++m) pc[2 * m] += squared_deviation(yp + b * N + m * d, hp + b * N + m * d, d);
       }
       const double inv = 1.0 / double(b1 - b0);
       for (int64_t i = 0; i < N; ++i) {

@@ -158,10 +158,9 @@ at::Tensor sparse_dot_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
 // of the scatter's memory traffic). A smaller one is stored plainly and stays in the cache for the
 // optimizer: at the cpu-clt shape (16 MB gradients) streaming them made the per_source step 1.1-3 ms
 // slower (50.0-50.7 against 47.7-49.6 ms; none and per_target ~1 ms), and the cpu-small SAE step
-// ~1 ms faster (of ~200 ms), timed
-// alternating both in one process on the 2-core Xeon, whose cache holds about 100 MB (a sum over 96 MB
-// runs at 49 GB/s, over 256 MB at 28). stores_done() orders the streamed stores before the parallel
-// region ends.
+// ~1 ms faster (of ~200 ms), timed alternating both in one process on the 2-core Xeon, whose cache
+// holds about 100 MB (a sum over 96 MB runs at 49 GB/s, over 256 MB at 28). stores_done() orders the
+// streamed stores before the parallel region ends.
 constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
 inline void store_row(float* o, const float* acc, int64_t D, bool stream) {
@@ -461,8 +460,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> feature_scatter_replay(cons
   const int64_t B = check_codes(row_ptr, index, coef, op, "coef");
   check_matrix(x, row_ptr, op, "x");
   check_same_dtype(coef, x, op, "coef", "x");
-  const int64_t x_rows = x.dim() == 3 ? x.size(0) * x.size(1) : x.size(0);
-  TORCH_CHECK(x_rows == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x_rows, " (shape ", x.sizes(), ")");
+  TORCH_CHECK(x.size(0) == B, "fastclt::", op, ": x must have B=", B, " rows, got ", x.size(0));
   TORCH_CHECK(row_ptr.device().is_cpu(), "fastclt::", op, ": CPU tensors expected, got ", row_ptr.device());
   TORCH_CHECK(n_features >= 0 && n_features <= INT32_MAX, "fastclt::", op, ": n_features must be in [0, 2^31)");
   TORCH_CHECK(chunk >= 1, "fastclt::", op, ": chunk must be >= 1, got ", chunk);
