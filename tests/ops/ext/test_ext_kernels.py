@@ -748,3 +748,38 @@ def test_bias_selections_bad_input_and_opcheck(name, k_over, k_error, nan_error,
     with pytest.raises(nan_error, match="h \\+ bias contains NaN"):
         op(h, nan_sum, 3)
     torch.library.opcheck(op, (torch.randn(4, 37), torch.randn(37), k_ok))
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_sparse_decode_blocked_by_feature_slices(gen, wdtype):
+    """Long rows over a decoder larger than L2 take the CPU decode's blocked path (rows by blocks, each
+    in passes over ~1 MB slices of W): the result is the exact sum to fp32 accumulation, with the bias;
+    a block whose rows are too short for the passes keeps the plain decode's order, bit for bit; and
+    the gradients are unchanged."""
+    F, D, long_rows, short_rows = 12000, 64, 2048, 300  # W: 3 slices of 4096 features; blocks of 2048 rows
+    lens = torch.cat([torch.randint(44, 53, (long_rows,), generator=gen), torch.randint(12, 21, (short_rows,),
+                                                                                          generator=gen)])
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    nnz = int(row_ptr[-1])
+    index = torch.randint(0, F, (nnz,), generator=gen, dtype=torch.int32)
+    value = torch.randn(nnz, generator=gen).to(wdtype)
+    W = torch.randn(F, D, generator=gen).to(wdtype)
+    bias = torch.randn(D, generator=gen).to(wdtype)
+    y = torch.ops.fastclt.sparse_decode(row_ptr, index, value, W, bias)
+    exact = _exact_decode(row_ptr, index, value, W) + bias.double()
+    assert y.dtype == wdtype and not y.isnan().any()
+    assert_close_rel(y, exact, 1e-6 if wdtype == torch.float32 else 1e-2, "blocked decode")
+    # the short block alone (a plain decode: too few entries per row) equals its rows in the blocked call
+    s0 = int(row_ptr[long_rows])
+    short = torch.ops.fastclt.sparse_decode(row_ptr[long_rows:] - s0, index[s0:], value[s0:], W, bias)
+    assert torch.equal(y[long_rows:], short)
+    v, Wt = value.clone().requires_grad_(), W.clone().requires_grad_()
+    out = ops.sparse_decode(SparseCodes(row_ptr, index, v, F), Wt, impl="cpu")
+    assert torch.equal(out.detach(), torch.ops.fastclt.sparse_decode(row_ptr, index, value, W, None))
+    G = torch.randn(out.shape, generator=gen).to(wdtype)
+    (out.float() * G.float()).sum().backward()
+    rows = torch.repeat_interleave(torch.arange(long_rows + short_rows), lens)
+    tol = 1e-5 if wdtype == torch.float32 else 1e-2
+    assert_close_rel(v.grad, (G.double()[rows] * W.double()[index.long()]).sum(1), tol, "dvalue")
+    dW = torch.zeros(F, D, dtype=torch.float64).index_add_(0, index.long(), value.double()[:, None] * G.double()[rows])
+    assert_close_rel(Wt.grad, dW, tol, "dW")
