@@ -12,8 +12,8 @@
 #include <torch/library.h>
 
 #include <limits>
-#include <type_traits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE__)
@@ -96,6 +96,7 @@ bool decode_blocked(const int64_t* rp, const int32_t* idx, const V* val, const T
       const int64_t b0 = k * block, b1 = std::min(B, b0 + block), nb = b1 - b0;
       const int64_t P = n_pass[k], m = rp[b1] - rp[b0];
       const int shift_k = P == 1 ? 31 : shift;  // one pass: every entry in slice 0
+      auto slice = [&](int64_t j) { return (int64_t(idx[j]) - fmin[k]) >> shift_k; };
       float* acc = std::is_same<T, float>::value ? reinterpret_cast<float*>(y + b0 * D) : scratch.data();
       for (int64_t b = 0; b < nb; ++b)
         for (int64_t d = 0; d < D; ++d) acc[b * D + d] = bias ? static_cast<float>(bias[d]) : 0.f;
@@ -104,13 +105,13 @@ bool decode_blocked(const int64_t* rp, const int32_t* idx, const V* val, const T
       coef.resize(m);
       seg.assign(nb * P + 1, 0);
       for (int64_t b = 0; b < nb; ++b)
-        for (int64_t j = rp[b0 + b]; j < rp[b0 + b + 1]; ++j) ++seg[b * P + ((int64_t(idx[j]) - fmin[k]) >> shift_k) + 1];
+        for (int64_t j = rp[b0 + b]; j < rp[b0 + b + 1]; ++j) ++seg[b * P + slice(j) + 1];
       for (int64_t q = 0; q < nb * P; ++q) seg[q + 1] += seg[q];
       {
         std::vector<int64_t> fill(seg.begin(), seg.end() - 1);
         for (int64_t b = 0; b < nb; ++b)
           for (int64_t j = rp[b0 + b]; j < rp[b0 + b + 1]; ++j) {
-            const int64_t q = fill[b * P + ((int64_t(idx[j]) - fmin[k]) >> shift_k)]++;
+            const int64_t q = fill[b * P + slice(j)]++;
             rows[q] = idx[j];
             coef[q] = static_cast<float>(val[j]);
           }
