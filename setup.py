@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 CPU_SOURCES = [f"{CSRC}/cpu/select_cpu.cpp", f"{CSRC}/cpu/sparse_cpu.cpp", f"{CSRC}/cpu/molt_cpu.cpp",
                f"{CSRC}/cpu/matryoshka_cpu.cpp", f"{CSRC}/cpu/dense_cpu.cpp", f"{CSRC}/cpu/random_cpu.cpp",
-               f"{CSRC}/cpu/losses_cpu.cpp"]
+               f"{CSRC}/cpu/losses_cpu.cpp", f"{CSRC}/cpu/prefix_cpu.cpp"]
 CUDA_SOURCES = [f"{CSRC}/cuda/ops_cuda.cpp", f"{CSRC}/cuda/select_kernels.cu", f"{CSRC}/cuda/sparse_kernels.cu"]
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
 

@@ -15,7 +15,8 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
 OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "batch_topk_bias",
        "batch_topk_bias_layers",
        "threshold_compact", "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot", "jumprelu_dense",
-       "jumprelu_dense_backward", "normal_philox_", "code_stats", "fvu_terms")
+       "jumprelu_dense_backward", "normal_philox_", "code_stats", "fvu_terms", "prefix_sum",
+       "prefix_sum_backward")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -160,6 +161,15 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastclt::fvu_terms")
     def _(y, y_hat):
         return y.new_empty(y.shape[1]), y.new_empty(y.shape[1])
+
+    @torch.library.register_fake("fastclt::prefix_sum")
+    def _(parts, bias):
+        return parts.new_empty(parts.shape[1], parts.shape[0], parts.shape[2])
+
+    @torch.library.register_fake("fastclt::prefix_sum_backward")
+    def _(grad, need_bias):
+        return (grad.new_empty(grad.shape[1], grad.shape[0], grad.shape[2]),
+                grad.new_empty((grad.shape[1], grad.shape[2]) if need_bias else (0,), dtype=torch.float32))
 
     @torch.library.register_fake("fastclt::code_stats")
     def _(index, value, n_features):

@@ -10,7 +10,8 @@ fine when it is not built. Which C++/CUDA source computes what:
                                                           encoder backward on sparse_cpu.cpp / sparse_kernels.cu
     auxk.py         auxk_select                           as encode.py, over the dead features
     decode.py       sparse_decode                         csrc/cpu/sparse_cpu.cpp, csrc/cuda/sparse_kernels.cu
-    clt_decode.py   clt_decode                            decode.py's sparse_decode per (source, target) block
+    clt_decode.py   clt_decode                            decode.py's sparse_decode per (source, target) block;
+                                                          per_source's sum over sources: csrc/cpu/prefix_cpu.cpp
     molt.py         molt_decode                           csrc/cpu/molt_cpu.cpp
     matryoshka.py   prefix_errors                         csrc/cpu/matryoshka_cpu.cpp
     losses.py       total_variance, fvu_terms             csrc/cpu/losses_cpu.cpp

@@ -43,15 +43,36 @@ def _per_source_joined(codes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor]
     """Plain per_source tying (no feature affine): every target t ≥ s receives W_dec[s]ᵀ a_s. The L
     source decodes as one: the sources' CSRs one after another over L·B rows, with features s·F + f of
     W_dec viewed [L·F, d_out], then the prefix sum over the sources plus b_dec, written token-major
-    (``prefix_sum``, as the reference's). Each row holds the entries of its source in their order, so
-    the decodes and the sum are the reference's, bit for bit; dW_dec comes out in W_dec's own
-    [L, F, d_out] layout (L per-source gradients stacked by autograd cost a copy of the whole decoder
-    per step: 16 MB at the cpu-clt shape)."""
+    (``prefix_sum``, as the reference's; on the CPU its C++ kernels, ``_PrefixSum``). Each row holds
+    the entries of its source in their order, so the decodes and the sum are the reference's, bit for
+    bit; dW_dec comes out in W_dec's own [L, F, d_out] layout (L per-source gradients stacked by
+    autograd cost a copy of the whole decoder per step: 16 MB at the cpu-clt shape)."""
     L, F, d = W_dec.shape
     B = codes[0].batch_size
     per_source = sparse_decode(_joined([(c, s * F) for s, c in enumerate(codes)], L * F),
                                W_dec.reshape(L * F, d)).view(L, B, d)
+    if per_source.device.type == "cpu" and per_source.dtype in (torch.float32, torch.bfloat16):
+        return _PrefixSum.apply(per_source, b_dec)
     return prefix_sum(per_source, b_dec)
+
+
+class _PrefixSum(torch.autograd.Function):
+    """``prefix_sum`` (fastclt/ops/reference/clt_decode.py) on the C++ kernels ``fastclt::prefix_sum``
+    and ``fastclt::prefix_sum_backward`` (csrc/cpu/prefix_cpu.cpp; CPU, fp32 or bf16 parts [L, B, d]):
+    the same numbers (the bias's gradient summed in another fixed order), one pass each way."""
+
+    @staticmethod
+    def forward(ctx, parts, bias):
+        ctx.b_dtype = None if bias is None else bias.dtype
+        b = None if bias is None else bias.detach().float().contiguous()
+        return ops().prefix_sum(parts.contiguous(), b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        need_bias = ctx.needs_input_grad[1]
+        dparts, dbias = ops().prefix_sum_backward(grad.contiguous(), need_bias)
+        return dparts, dbias.to(ctx.b_dtype) if need_bias else None
 
 
 def _per_target_joined(codes, W_dec: torch.Tensor) -> torch.Tensor:

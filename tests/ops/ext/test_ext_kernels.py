@@ -3,10 +3,10 @@ fastclt/ops/ext/), on every device it runs on here (the ``ext_device`` fixture o
 the CPU kernels, and CUDA when built and a GPU is present): op schemas and fake impls (opcheck), a
 kernel for every shared op on every device, the CUDA BatchTopK's radix driver against the CPU
 kernel, the ops' own argument checks, fp32 sums of bf16 decodes, and the CPU-only ops
-(threshold_compact, feature_scatter_dot, topk_bias, clt_by_target, the CUDA scatter plan replayed). What every
-implementation of an op must do: tests/ops/test_<op>.py. CUDA-only cases: tests/ops/ext/test_ext_cuda.py.
-Outputs are NaN-poisoned (fastclt._C.set_poison_outputs) so that an element a kernel forgot to
-write fails the test.
+(threshold_compact, feature_scatter_dot, topk_bias, clt_by_target, prefix_sum, the CUDA scatter plan
+replayed). What every implementation of an op must do: tests/ops/test_<op>.py. CUDA-only cases:
+tests/ops/ext/test_ext_cuda.py. Outputs are NaN-poisoned (fastclt._C.set_poison_outputs) so that an
+element a kernel forgot to write fails the test.
 """
 from __future__ import annotations
 
@@ -750,6 +750,7 @@ def test_bias_selections_bad_input_and_opcheck(name, k_over, k_error, nan_error,
     torch.library.opcheck(op, (torch.randn(4, 37), torch.randn(37), k_ok))
 
 
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_sparse_decode_blocked_by_feature_slices(gen, wdtype):
     """Long rows over a decoder larger than L2 take the CPU decode's blocked path (rows by blocks, each
@@ -783,3 +784,66 @@ def test_sparse_decode_blocked_by_feature_slices(gen, wdtype):
     assert_close_rel(v.grad, (G.double()[rows] * W.double()[index.long()]).sum(1), tol, "dvalue")
     dW = torch.zeros(F, D, dtype=torch.float64).index_add_(0, index.long(), value.double()[:, None] * G.double()[rows])
     assert_close_rel(Wt.grad, dW, tol, "dW")
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L,B,d", [(4, 1024, 256), (3, 131, 33), (1, 5, 7), (5, 0, 3)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prefix_sum_kernels_match_the_reference(L, B, d, dtype, with_bias, gen):
+    """fastclt::prefix_sum and fastclt::prefix_sum_backward (the per_source tying's sum over sources,
+    through the CPU clt_decode's autograd wrapper): the output and the parts' gradient are the
+    reference's prefix_sum bit for bit (the same fp32 sums in the same order, rounded once), from a
+    non-contiguous gradient; the bias's gradient is the float64 sum over tokens to fp32 rounding and
+    has the same bits on one thread as on two; every output element is written (outputs poisoned)."""
+    from fastclt.ops.ext.clt_decode import _PrefixSum
+    from fastclt.ops.reference.clt_decode import prefix_sum
+    parts = torch.randn(L, B, d, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(L, d, generator=gen).requires_grad_() if with_bias else None
+    g = torch.randn(d, L, B, generator=gen).to(dtype).permute(2, 1, 0)  # [B, L, d], non-contiguous
+    grads = {}
+    for name, fn in (("reference", prefix_sum), ("kernel", _PrefixSum.apply)):
+        y = fn(parts * 1, bias)  # a non-leaf, as a decode's output
+        y.backward(g)
+        grads[name] = (y.detach(), parts.grad, None if bias is None else bias.grad)
+        parts.grad = None
+        if bias is not None:
+            bias.grad = None
+    (y_ref, dp_ref, _), (y, dp, db) = grads["reference"], grads["kernel"]
+    assert y.dtype == dtype and y.shape == (B, L, d) and y.is_contiguous()
+    assert torch.equal(y, y_ref) and torch.equal(dp, dp_ref)
+    if with_bias:
+        want = g.double().sum(0)
+        assert db.dtype == torch.float32 and torch.allclose(db.double(), want, rtol=1e-6, atol=1e-6 * max(B, 1) ** 0.5)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one = torch.ops.fastclt.prefix_sum_backward(g.contiguous(), True)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one[1], db) and torch.equal(one[0], dp)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+def test_prefix_sum_kernels_bad_input_and_opcheck():
+    """The kernels refuse what they do not take, naming the argument; schemas and fakes agree (opcheck)."""
+    op, bwd = torch.ops.fastclt.prefix_sum, torch.ops.fastclt.prefix_sum_backward
+    parts, bias = torch.randn(3, 5, 4), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"parts must be 3-D \[L, R, d\]"):
+        op(parts[0], None)
+    with pytest.raises(RuntimeError, match="parts must be float32 or bfloat16"):
+        op(parts.double(), None)
+    with pytest.raises(RuntimeError, match="parts must be contiguous"):
+        op(parts.transpose(1, 2), None)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[L=3, d=4\]"):
+        op(parts, bias[:2])
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        op(parts, bias.bfloat16())
+    with pytest.raises(RuntimeError, match=r"grad must be 3-D \[R, L, d\]"):
+        bwd(parts[0], True)
+    with pytest.raises(RuntimeError, match="grad must be float32 or bfloat16"):
+        bwd(parts.double(), False)
+    torch.library.opcheck(op, (parts, bias))
+    torch.library.opcheck(op, (parts.bfloat16(), None))
+    torch.library.opcheck(bwd, (torch.randn(5, 3, 4), True))
+    torch.library.opcheck(bwd, (torch.randn(5, 3, 4).bfloat16(), False))
