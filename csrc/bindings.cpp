@@ -71,11 +71,12 @@ TORCH_LIBRARY(fastclt, m) {
   // one read of each. CPU.
   m.def("fvu_terms(Tensor y, Tensor y_hat) -> (Tensor sq, Tensor tv)");
   // The per_source tying's sum over sources (cpu/prefix_cpu.cpp), fp32|bf16, each sum in fp32 in order,
-  // rounded once: parts [L, R, d], bias fp32 [L, d] or none -> y [R, L, d] = Σ_{j≤l} parts[j, r] + bias[l]. CPU.
-  m.def("prefix_sum(Tensor parts, Tensor? bias) -> Tensor y");
-  // Its backward: grad [R, L, d] -> (dparts [L, R, d] = Σ_{j≥l} grad[r, j], dbias fp32 [L, d] = Σ_r grad[r, l]
-  // when need_bias, else empty). CPU.
-  m.def("prefix_sum_backward(Tensor grad, bool need_bias) -> (Tensor dparts, Tensor dbias)");
+  // rounded once: parts [L, R, d], bias fp32 [L, d] or none -> y [R, L, d] = Σ_{j≤l} parts[j, r] + bias[l]
+  // (not cumulative: parts[l, r] + bias[l], the per_target tying's bias). CPU.
+  m.def("prefix_sum(Tensor parts, Tensor? bias, bool cumulative=True) -> Tensor y");
+  // Its backward: grad [R, L, d] -> (dparts [L, R, d] = Σ_{j≥l} grad[r, j] (not cumulative: grad[r, l]),
+  // dbias fp32 [L, d] = Σ_r grad[r, l] when need_bias, else empty). CPU.
+  m.def("prefix_sum_backward(Tensor grad, bool need_bias, bool cumulative=True) -> (Tensor dparts, Tensor dbias)");
   // Dense JumpReLU (cpu/dense_cpu.cpp), one pass: h [B, F] (fp32|bf16), threshold fp32 [F] ->
   // value = h * 1[h > θ], stored bool = active | band, code uint8 (bit0 active, bit1 band), with
   // θ and half_band rounded to h's dtype and band = |h − θ| < half_band (difference rounded to it). CPU.

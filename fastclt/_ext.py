@@ -163,11 +163,11 @@ def _register_fakes() -> None:
         return y.new_empty(y.shape[1]), y.new_empty(y.shape[1])
 
     @torch.library.register_fake("fastclt::prefix_sum")
-    def _(parts, bias):
+    def _(parts, bias, cumulative=True):
         return parts.new_empty(parts.shape[1], parts.shape[0], parts.shape[2])
 
     @torch.library.register_fake("fastclt::prefix_sum_backward")
-    def _(grad, need_bias):
+    def _(grad, need_bias, cumulative=True):
         return (grad.new_empty(grad.shape[1], grad.shape[0], grad.shape[2]),
                 grad.new_empty((grad.shape[1], grad.shape[2]) if need_bias else (0,), dtype=torch.float32))
 

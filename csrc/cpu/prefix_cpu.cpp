@@ -4,6 +4,8 @@
 //                        y[r, l] = (parts[0, r] + ... + parts[l, r]) + bias[l]
 //   prefix_sum_backward  grad [R, L, d] -> dparts [L, R, d], dparts[l, r] = grad[r, L-1] + ... + grad[r, l],
 //                        and (need_bias) dbias fp32 [L, d] = sum_r grad[r, l]
+// With cumulative = false each y[r, l] is parts[l, r] + bias[l] alone (parts[l, r] itself, copied,
+// without a bias) and dparts[l, r] = grad[r, l]: the per_target tying's bias and token-major layout.
 // parts and grad fp32 or bf16 (contiguous); the outputs in the input's dtype. Each sum runs in fp32,
 // one term after another in the order written (the bias added last), and is rounded once: the
 // reference's numbers, bit for bit. dbias: each chunk of kRows rows sums its rows in fp32, in row
@@ -26,21 +28,29 @@ namespace {
 
 constexpr int64_t kRows = 64;  // rows per chunk (the unit of the threads' work and of dbias' partials)
 
+// acc[c] += x[c] in fp32 (acc[c] = x[c] when first: the first term is taken as it is, as the
+// reference copies it, so that a -0.0 stays -0.0).
 template <typename T, typename Load>
-FASTCLT_ALWAYS_INLINE void add_row_impl(float* __restrict__ acc, const T* __restrict__ x, int64_t d, Load load) {
-  for (int64_t c = 0; c < d; ++c) acc[c] += load(x[c]);
+FASTCLT_ALWAYS_INLINE void add_row_impl(float* __restrict__ acc, const T* __restrict__ x, int64_t d, bool first,
+                                        Load load) {
+  if (first) {
+    for (int64_t c = 0; c < d; ++c) acc[c] = load(x[c]);
+  } else {
+    for (int64_t c = 0; c < d; ++c) acc[c] += load(x[c]);
+  }
 }
 
-FASTCLT_SIMD_CLONES static void add_row(float* __restrict__ acc, const float* __restrict__ x, int64_t d) {
-  add_row_impl(acc, x, d, [](float v) { return v; });
+FASTCLT_SIMD_CLONES static void add_row(float* __restrict__ acc, const float* __restrict__ x, int64_t d, bool first) {
+  add_row_impl(acc, x, d, first, [](float v) { return v; });
 }
 
-FASTCLT_SIMD_CLONES static void add_row_bf16(float* __restrict__ acc, const uint16_t* __restrict__ x, int64_t d) {
-  add_row_impl(acc, x, d, simd::bf16_bits_to_f32);
+FASTCLT_SIMD_CLONES static void add_row_bf16(float* __restrict__ acc, const uint16_t* __restrict__ x, int64_t d,
+                                             bool first) {
+  add_row_impl(acc, x, d, first, simd::bf16_bits_to_f32);
 }
 
-inline void add_row(float* acc, const at::BFloat16* x, int64_t d) {
-  add_row_bf16(acc, reinterpret_cast<const uint16_t*>(x), d);
+inline void add_row(float* acc, const at::BFloat16* x, int64_t d, bool first) {
+  add_row_bf16(acc, reinterpret_cast<const uint16_t*>(x), d, first);
 }
 
 // out[c] = T(acc[c] + bias[c]) (bias may be null).
@@ -54,7 +64,7 @@ inline void store_row(T* __restrict__ out, const float* __restrict__ acc, const 
 }
 
 template <typename T>
-void forward_impl(const T* parts, const float* bias, T* y, int64_t L, int64_t R, int64_t d) {
+void forward_impl(const T* parts, const float* bias, T* y, int64_t L, int64_t R, int64_t d, bool cumulative) {
   const int64_t n_chunks = (R + kRows - 1) / kRows;
 #pragma omp parallel if (R * L * d > (int64_t(1) << 16))
   {
@@ -62,10 +72,18 @@ void forward_impl(const T* parts, const float* bias, T* y, int64_t L, int64_t R,
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
       for (int64_t r = ch * kRows; r < std::min(R, (ch + 1) * kRows); ++r) {
-        std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t l = 0; l < L; ++l) {
-          add_row(acc.data(), parts + (l * R + r) * d, d);
-          store_row(y + (r * L + l) * d, acc.data(), bias == nullptr ? nullptr : bias + l * d, d);
+          const T* p = parts + (l * R + r) * d;
+          T* out = y + (r * L + l) * d;
+          const float* b = bias == nullptr ? nullptr : bias + l * d;
+          if (cumulative) {
+            add_row(acc.data(), p, d, l == 0);
+            store_row(out, acc.data(), b, d);
+          } else if (b == nullptr) {
+            std::copy(p, p + d, out);
+          } else {
+            for (int64_t c = 0; c < d; ++c) out[c] = T(float(p[c]) + b[c]);
+          }
         }
       }
     }
@@ -73,7 +91,7 @@ void forward_impl(const T* parts, const float* bias, T* y, int64_t L, int64_t R,
 }
 
 template <typename T>
-void backward_impl(const T* grad, T* dparts, double* dbias, int64_t L, int64_t R, int64_t d) {
+void backward_impl(const T* grad, T* dparts, double* dbias, int64_t L, int64_t R, int64_t d, bool cumulative) {
   const int64_t n_chunks = (R + kRows - 1) / kRows, N = L * d;
   std::vector<float> part(dbias != nullptr ? n_chunks * N : 0, 0.f);  // [chunk, L * d]: the chunk's sums
 #pragma omp parallel if (R * N > (int64_t(1) << 16))
@@ -83,12 +101,16 @@ void backward_impl(const T* grad, T* dparts, double* dbias, int64_t L, int64_t R
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
       for (int64_t r = ch * kRows; r < std::min(R, (ch + 1) * kRows); ++r) {
         const T* g = grad + r * N;
-        std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t l = L - 1; l >= 0; --l) {
-          add_row(acc.data(), g + l * d, d);
-          store_row(dparts + (l * R + r) * d, acc.data(), nullptr, d);
+          T* out = dparts + (l * R + r) * d;
+          if (!cumulative) {
+            std::copy(g + l * d, g + (l + 1) * d, out);
+            continue;
+          }
+          add_row(acc.data(), g + l * d, d, l == L - 1);
+          store_row(out, acc.data(), nullptr, d);
         }
-        if (dbias != nullptr) add_row(part.data() + ch * N, g, N);
+        if (dbias != nullptr) add_row(part.data() + ch * N, g, N, false);
       }
     }
   }
@@ -106,7 +128,7 @@ void check_input(const at::Tensor& t, const char* op, const char* name, const ch
   check_float_tensor(t, op, name);
 }
 
-at::Tensor prefix_sum_cpu(const at::Tensor& parts, const std::optional<at::Tensor>& bias) {
+at::Tensor prefix_sum_cpu(const at::Tensor& parts, const std::optional<at::Tensor>& bias, bool cumulative) {
   const char* op = "prefix_sum";
   check_input(parts, op, "parts", "[L, R, d]");
   const int64_t L = parts.size(0), R = parts.size(1), d = parts.size(2);
@@ -123,12 +145,12 @@ at::Tensor prefix_sum_cpu(const at::Tensor& parts, const std::optional<at::Tenso
   dispatch_float(parts.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     forward_impl<T>(parts.data_ptr<T>(), bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<T>(), L, R,
-                    d);
+                    d, cumulative);
   });
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> prefix_sum_backward_cpu(const at::Tensor& grad, bool need_bias) {
+std::tuple<at::Tensor, at::Tensor> prefix_sum_backward_cpu(const at::Tensor& grad, bool need_bias, bool cumulative) {
   const char* op = "prefix_sum_backward";
   check_input(grad, op, "grad", "[R, L, d]");
   const int64_t R = grad.size(0), L = grad.size(1), d = grad.size(2);
@@ -140,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_sum_backward_cpu(const at::Tensor& gra
   std::vector<double> db(need_bias ? L * d : 0);
   dispatch_float(grad.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    backward_impl<T>(grad.data_ptr<T>(), dparts.data_ptr<T>(), need_bias ? db.data() : nullptr, L, R, d);
+    backward_impl<T>(grad.data_ptr<T>(), dparts.data_ptr<T>(), need_bias ? db.data() : nullptr, L, R, d,
+                     cumulative);
   });
   if (need_bias) {
     float* out = dbias.data_ptr<float>();

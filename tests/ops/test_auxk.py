@@ -53,7 +53,7 @@ def test_auxk_never_trains_b_dec_and_reaches_the_encoder(gen):
         out = model.loss(x, y, dead_mask=dead)
         model.zero_grad()
         out.parts["auxk"].backward()
-        assert float(out.parts["auxk"]) > 0
+        assert float(out.parts["auxk"].detach()) > 0
         assert model.b_dec.grad is None or model.b_dec.grad.abs().max() == 0
         g_enc = model.W_enc.grad.reshape(-1, model.W_enc.shape[-1]).abs().sum(-1).reshape(dead.shape)
         assert (g_enc[dead] > 0).any(), "AuxK must reach the dead encoder rows"

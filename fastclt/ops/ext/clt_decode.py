@@ -24,8 +24,7 @@ def clt_decode(codes, W_dec, tying: str, b_dec: Optional[torch.Tensor] = None,
     if tying != "none" and feature_offset is None and feature_scale is None and not any(c.is_dense for c in codes):
         if tying == "per_source":
             return _per_source_joined(codes, W_dec, b_dec)
-        y = _per_target_joined(codes, W_dec)
-        return y if b_dec is None else y + b_dec.to(y.dtype)
+        return _per_target_joined(codes, W_dec, b_dec)
     return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale, skip_empty)
 
 
@@ -52,40 +51,50 @@ def _per_source_joined(codes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor]
     per_source = sparse_decode(_joined([(c, s * F) for s, c in enumerate(codes)], L * F),
                                W_dec.reshape(L * F, d)).view(L, B, d)
     if per_source.device.type == "cpu" and per_source.dtype in (torch.float32, torch.bfloat16):
-        return _PrefixSum.apply(per_source, b_dec)
+        return _PrefixSum.apply(per_source, b_dec, True)
     return prefix_sum(per_source, b_dec)
 
 
 class _PrefixSum(torch.autograd.Function):
-    """``prefix_sum`` (fastclt/ops/reference/clt_decode.py) on the C++ kernels ``fastclt::prefix_sum``
-    and ``fastclt::prefix_sum_backward`` (csrc/cpu/prefix_cpu.cpp; CPU, fp32 or bf16 parts [L, B, d]):
-    the same numbers (the bias's gradient summed in another fixed order), one pass each way."""
+    """parts [L, B, d] (fp32 or bf16, CPU), bias [L, d] or None → [B, L, d] on the C++ kernels
+    ``fastclt::prefix_sum`` and ``fastclt::prefix_sum_backward`` (csrc/cpu/prefix_cpu.cpp), one pass
+    each way. cumulative: ``prefix_sum`` (fastclt/ops/reference/clt_decode.py), its numbers (the bias's
+    gradient summed in another fixed order); not cumulative: ``parts.transpose(0, 1) + bias`` with the
+    bias rounded to the parts' dtype first, as that expression rounds it."""
 
     @staticmethod
-    def forward(ctx, parts, bias):
-        ctx.b_dtype = None if bias is None else bias.dtype
-        b = None if bias is None else bias.detach().float().contiguous()
-        return ops().prefix_sum(parts.contiguous(), b)
+    def forward(ctx, parts, bias, cumulative):
+        ctx.b_dtype, ctx.cumulative = None if bias is None else bias.dtype, cumulative
+        b = None if bias is None else (bias.detach() if cumulative else bias.detach().to(parts.dtype))
+        return ops().prefix_sum(parts.contiguous(), None if b is None else b.float().contiguous(), cumulative)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         need_bias = ctx.needs_input_grad[1]
-        dparts, dbias = ops().prefix_sum_backward(grad.contiguous(), need_bias)
-        return dparts, dbias.to(ctx.b_dtype) if need_bias else None
+        dparts, dbias = ops().prefix_sum_backward(grad.contiguous(), need_bias, ctx.cumulative)
+        return dparts, dbias.to(ctx.b_dtype) if need_bias else None, None
 
 
-def _per_target_joined(codes, W_dec: torch.Tensor) -> torch.Tensor:
-    """Plain per_target tying, no bias: target t receives W_dec[t]ᵀ Σ_{s≤t} a_s. One decode over L·B
+def _per_target_joined(codes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor]) -> torch.Tensor:
+    """Plain per_target tying: target t receives W_dec[t]ᵀ Σ_{s≤t} a_s (+ b_dec[t]). One decode over L·B
     rows, row (t, b) holding token b's entries of sources 0..t (source after source) with features
     t·F + f of W_dec viewed [L·F, d_out] (``_by_target``): each target's sum over its sources is the
     decode's own fp32 accumulation, rounded once, and ŷ is its output viewed [B, L, d_out] (rows
     target-major: a target's rows gather from one W_dec[t], which stays in cache; token-major rows,
     touching all L, ran slower). No per-pair outputs to sum and stack forward, none to concatenate
-    backward; dW_dec comes out in W_dec's own layout, as for per_source."""
+    backward; dW_dec comes out in W_dec's own layout, as for per_source. With b_dec on the CPU (fp32 or
+    bf16) ``_PrefixSum`` not cumulative writes ŷ + b_dec token-major in one pass (the reference's
+    numbers: b_dec rounded to ŷ's dtype first), and its backward hands the decode a contiguous gradient
+    and b_dec its sum over tokens in the same pass."""
     L, F, d = W_dec.shape
     B = codes[0].batch_size
-    return sparse_decode(_by_target(codes, F), W_dec.reshape(L * F, d)).view(L, B, d).transpose(0, 1)
+    y = sparse_decode(_by_target(codes, F), W_dec.reshape(L * F, d)).view(L, B, d)
+    if b_dec is None:
+        return y.transpose(0, 1)
+    if y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16):
+        return _PrefixSum.apply(y, b_dec, False)
+    return y.transpose(0, 1) + b_dec.to(y.dtype)
 
 
 def _by_target(codes, F: int, *, device_ops: bool = False) -> SparseCodes:

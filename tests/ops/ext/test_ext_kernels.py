@@ -790,19 +790,26 @@ def test_sparse_decode_blocked_by_feature_slices(gen, wdtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("L,B,d", [(4, 1024, 256), (3, 131, 33), (1, 5, 7), (5, 0, 3)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_prefix_sum_kernels_match_the_reference(L, B, d, dtype, with_bias, gen):
-    """fastclt::prefix_sum and fastclt::prefix_sum_backward (the per_source tying's sum over sources,
-    through the CPU clt_decode's autograd wrapper): the output and the parts' gradient are the
-    reference's prefix_sum bit for bit (the same fp32 sums in the same order, rounded once), from a
-    non-contiguous gradient; the bias's gradient is the float64 sum over tokens to fp32 rounding and
-    has the same bits on one thread as on two; every output element is written (outputs poisoned)."""
+@pytest.mark.parametrize("cumulative", [True, False])
+def test_prefix_sum_kernels_match_the_reference(L, B, d, dtype, with_bias, cumulative, gen):
+    """fastclt::prefix_sum and fastclt::prefix_sum_backward through the CPU clt_decode's autograd
+    wrapper: cumulative (the per_source tying's sum over sources), the output and the parts' gradient
+    are the reference's prefix_sum bit for bit (the same fp32 sums in the same order, rounded once);
+    not cumulative (the per_target tying's bias), those of parts.transpose(0, 1) + bias (the bias
+    rounded to the parts' dtype, as that expression rounds it); both from a non-contiguous gradient.
+    The bias's gradient is the float64 sum over tokens to fp32 rounding and has the same bits on one
+    thread as on two; every output element is written (outputs poisoned)."""
     from fastclt.ops.ext.clt_decode import _PrefixSum
     from fastclt.ops.reference.clt_decode import prefix_sum
     parts = torch.randn(L, B, d, generator=gen).to(dtype).requires_grad_()
+    if B:
+        parts.data[0, 0, 0] = -0.0  # stays -0.0 without a bias (the reference's first term is a copy)
     bias = torch.randn(L, d, generator=gen).requires_grad_() if with_bias else None
     g = torch.randn(d, L, B, generator=gen).to(dtype).permute(2, 1, 0)  # [B, L, d], non-contiguous
     grads = {}
-    for name, fn in (("reference", prefix_sum), ("kernel", _PrefixSum.apply)):
+    reference = prefix_sum if cumulative else \
+        (lambda p, b: p.transpose(0, 1) if b is None else p.transpose(0, 1) + b.to(p.dtype))
+    for name, fn in (("reference", reference), ("kernel", lambda p, b: _PrefixSum.apply(p, b, cumulative))):
         y = fn(parts * 1, bias)  # a non-leaf, as a decode's output
         y.backward(g)
         grads[name] = (y.detach(), parts.grad, None if bias is None else bias.grad)
@@ -812,13 +819,14 @@ def test_prefix_sum_kernels_match_the_reference(L, B, d, dtype, with_bias, gen):
     (y_ref, dp_ref, _), (y, dp, db) = grads["reference"], grads["kernel"]
     assert y.dtype == dtype and y.shape == (B, L, d) and y.is_contiguous()
     assert torch.equal(y, y_ref) and torch.equal(dp, dp_ref)
+    assert torch.equal(y.signbit(), y_ref.signbit())
     if with_bias:
         want = g.double().sum(0)
         assert db.dtype == torch.float32 and torch.allclose(db.double(), want, rtol=1e-6, atol=1e-6 * max(B, 1) ** 0.5)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            one = torch.ops.fastclt.prefix_sum_backward(g.contiguous(), True)
+            one = torch.ops.fastclt.prefix_sum_backward(g.contiguous(), True, cumulative)
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(one[1], db) and torch.equal(one[0], dp)
