@@ -336,10 +336,13 @@ def test_scatter_plan_replay_matches_float64(B, F, D, hot, chunk, dtype, gen):
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,F,D,k", [(13, 37, 19, 5), (64, 300, 130, 9), (5, 11, 3, 11), (0, 7, 4, 1)])
+@pytest.mark.parametrize("B,F,D,k", [(13, 37, 19, 5), (64, 300, 130, 9), (5, 11, 3, 11), (0, 7, 4, 1),
+                                     (512, 1000, 96, 12)])
 def test_feature_scatter_dot_matches_float64(B, F, D, k, dtype):
     """dW = Aᵀ X and dvalue[j] = <X[row(j)], W[index[j]]> in one sweep, against float64; a hot
-    feature (entries in every row: 4-row sweeps and a tail), unused features (zero rows)."""
+    feature (entries in every row: 4-row sweeps and a tail), unused features (zero rows); above the
+    parallel size (the last case), the dots put back in entry order after the threads' sweep and the
+    same bits on one thread."""
     g = torch.Generator().manual_seed(B * 100 + F)
     h = torch.randn(B, F, generator=g)
     if B:
@@ -366,6 +369,14 @@ def test_feature_scatter_dot_matches_float64(B, F, D, k, dtype):
         assert not out[-1].any(), "an unused feature's row must be zero"
     ref_out = torch.ops.fastclt.feature_scatter(codes.row_ptr, codes.index, coef, X, F)[0]
     assert_close_rel(out, ref_out, 1e-6 if dtype == torch.float32 else 1e-2, "out vs feature_scatter")
+    if codes.nnz * D > 1 << 17:  # the kernel's parallel size
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one = torch.ops.fastclt.feature_scatter_dot(codes.row_ptr, codes.index, coef, X, W)
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(one, (out, coef_sum, dot)))
 
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
