@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -246,6 +247,10 @@ at::Tensor sparse_dot_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
 // streamed stores before the parallel region ends.
 constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
+// scatter_impl's counting sort runs on the threads from this many entries (below, a parallel
+// region costs more than it saves), in at most this many parts of rows.
+constexpr int64_t kParallelSortEntries = int64_t(1) << 15, kMaxSortParts = 16;
+
 inline void store_row(float* o, const float* acc, int64_t D, bool stream) {
 #if defined(__SSE__)
   if (!stream) {
@@ -290,7 +295,12 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
   // packed with int32 positions, 0.22 ms packed alone; one thread, 2-core Xeon). Sorting positions
   // only and gathering rows and coefficients through them in the loop cost ~0.3 ms more per call.
   // (Two threads, each writing the entries of half of the rows, were 2.3x slower than one: the
-  // halves' entries of a feature share cache lines.) The dots are written in sorted order, each
+  // halves' entries of a feature share cache lines.) Above kParallelSortEntries the count runs on
+  // the threads, each over its own range of rows into its own counts, and the fill too where rows
+  // split into ranges whose features do not overlap (a CSR that joins layers, row block l holding
+  // layer l's features: the joined per_source / per_target decodes and the joined encoder), each
+  // range writing only its own features' slots; elsewhere the fill stays on one thread. The slots
+  // are those of the one-thread sort, so the result is the same bit for bit. The dots are written in sorted order, each
   // feature's to its own slots, and put back in entry order after the sweep through each entry's
   // slot (recorded in order by the fill pass): written in place from the sweep, two threads' random
   // 4-byte writes shared cache lines (the per_target joined decode backward, 163840 entries at
@@ -299,21 +309,75 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
     int32_t row;
     float coef;
   };
+  const int64_t parts = nnz >= kParallelSortEntries && F > 0
+                            ? std::clamp<int64_t>(at::get_num_threads(), 1, std::min<int64_t>(kMaxSortParts, B))
+                            : 1;
+  // the count: part t takes rows [part_row[t], part_row[t + 1]), about nnz / parts entries each
+  std::vector<int64_t> part_row(parts + 1, B);
+  for (int64_t t = 0; t < parts; ++t)
+    part_row[t] = std::max(t == 0 ? 0 : part_row[t - 1], std::lower_bound(rp, rp + B + 1, nnz * t / parts) - rp);
+  std::unique_ptr<int32_t[]> counts(new int32_t[parts * F]);  // [part, feature]
+  std::vector<int32_t> row_lo(parts > 1 ? B : 0), row_hi(parts > 1 ? B : 0);  // each row's features' span
+#pragma omp parallel for schedule(static, 1) if (parts > 1)
+  for (int64_t t = 0; t < parts; ++t) {
+    int32_t* cnt = counts.get() + t * F;
+    std::fill(cnt, cnt + F, 0);
+    for (int64_t b = part_row[t]; b < part_row[t + 1]; ++b) {
+      int32_t mn = std::numeric_limits<int32_t>::max(), mx = -1;
+      for (int64_t j = rp[b]; j < rp[b + 1]; ++j) {
+        const int32_t f = idx[j];
+        ++cnt[f];
+        mn = std::min(mn, f);
+        mx = std::max(mx, f);
+      }
+      if (parts > 1) {
+        row_lo[b] = mn;
+        row_hi[b] = mx;
+      }
+    }
+  }
   std::vector<int64_t> feat_ptr(F + 1, 0);
-  for (int64_t j = 0; j < nnz; ++j) ++feat_ptr[idx[j] + 1];
-  for (int64_t f = 0; f < F; ++f) feat_ptr[f + 1] += feat_ptr[f];
+  for (int64_t f = 0; f < F; ++f) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < parts; ++t) n += counts[t * F + f];
+    feat_ptr[f + 1] = feat_ptr[f] + n;
+  }
+  // the fill: split at row boundaries b where every feature of the rows before is below every
+  // feature of the rows after (so the ranges write disjoint slots), those nearest nnz·t / parts
+  std::vector<int64_t> fill_row{0};
+  if (parts > 1) {
+    std::vector<int32_t> suffix_lo(B + 1, std::numeric_limits<int32_t>::max());
+    for (int64_t b = B - 1; b >= 0; --b) suffix_lo[b] = std::min(suffix_lo[b + 1], row_lo[b]);
+    std::vector<int64_t> cuts;  // the valid boundaries, increasing
+    for (int64_t b = 0, prefix_hi = -1; b < B; ++b) {
+      if (b > 0 && prefix_hi < suffix_lo[b] && rp[b] > 0 && rp[b] < nnz) cuts.push_back(b);
+      prefix_hi = std::max<int64_t>(prefix_hi, row_hi[b]);
+    }
+    for (int64_t t = 1; t < parts && !cuts.empty(); ++t) {
+      const int64_t want = nnz * t / parts;
+      auto it = std::lower_bound(cuts.begin(), cuts.end(), want, [&](int64_t b, int64_t w) { return rp[b] < w; });
+      if (it == cuts.end() || (it != cuts.begin() && want - rp[*(it - 1)] < rp[*it] - want)) --it;
+      if (*it > fill_row.back()) fill_row.push_back(*it);
+    }
+  }
+  fill_row.push_back(B);
   std::unique_ptr<Entry[]> sorted(new Entry[nnz]);
   std::unique_ptr<int32_t[]> slot(dot != nullptr ? new int32_t[nnz] : nullptr);     // entry j's sorted slot
   std::unique_ptr<float[]> sorted_dot(dot != nullptr ? new float[nnz] : nullptr);  // the dots by slot
   {
-    std::vector<int64_t> fill(feat_ptr.begin(), feat_ptr.end() - 1);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t j = rp[b]; j < rp[b + 1]; ++j) {
-        const int64_t p = fill[idx[j]]++;
-        sorted[p] = {int32_t(b), static_cast<float>(coef[j])};
-        if (dot != nullptr) slot[j] = int32_t(p);
+    std::vector<int64_t> fill(feat_ptr.begin(), feat_ptr.end() - 1);  // each feature's next slot
+    auto fill_rows = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t j = rp[b]; j < rp[b + 1]; ++j) {
+          const int64_t p = fill[idx[j]]++;
+          sorted[p] = {int32_t(b), static_cast<float>(coef[j])};
+          if (dot != nullptr) slot[j] = int32_t(p);
+        }
       }
-    }
+    };
+    const int64_t fill_parts = int64_t(fill_row.size()) - 1;
+#pragma omp parallel for schedule(static, 1) if (fill_parts > 1)
+    for (int64_t t = 0; t < fill_parts; ++t) fill_rows(fill_row[t], fill_row[t + 1]);
   }
   const bool stream = F * D * int64_t(sizeof(T)) > kStreamBytes;
   // One task per feature; dynamic scheduling because hot features own many more entries.

@@ -380,6 +380,46 @@ def test_feature_scatter_dot_matches_float64(B, F, D, k, dtype):
 
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("layout", ["joined", "random"])
+@pytest.mark.parametrize("op", ["feature_scatter", "feature_scatter_dot"])
+def test_feature_scatters_sort_on_threads_as_on_one(op, layout, gen):
+    """Above its parallel size the CPU scatters' counting sort counts on the threads, and fills on
+    them where rows split into ranges of disjoint features ("joined": three layers' CSRs one after
+    another, layer l's rows holding features l·F + f, rows of unequal lengths and empty ones) or on
+    one thread where they do not ("random"): the outputs are those of one thread bit for bit, and the
+    float64 sums."""
+    L, B, F, D = 3, 1500, 700, 24
+    lens = torch.randint(0, 21, (L * B,), generator=gen)
+    lens[::7] = 0
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    nnz = int(row_ptr[-1])
+    assert nnz >= 1 << 15  # the kernels' parallel sort size
+    index = torch.randint(0, F, (nnz,), generator=gen, dtype=torch.int32)
+    if layout == "joined":
+        rows = torch.repeat_interleave(torch.arange(L * B), lens)
+        index = index + (rows // B * F).to(torch.int32)
+    coef = torch.randn(nnz, generator=gen)
+    X = torch.randn(L * B, D, generator=gen)
+    W = torch.randn(L * F, D, generator=gen)
+    extra = (W,) if op == "feature_scatter_dot" else (L * F,)
+    fn = getattr(torch.ops.fastclt, op)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn(row_ptr, index, coef, X, *extra)
+        torch.set_num_threads(4)
+        many = fn(row_ptr, index, coef, X, *extra)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    rows, cols = torch.repeat_interleave(torch.arange(L * B), lens), index.long()
+    want = torch.zeros(L * F, D, dtype=torch.float64).index_add_(0, cols, coef.double()[:, None] * X.double()[rows])
+    assert_close_rel(many[0], want, 1e-6, "out")
+    if op == "feature_scatter_dot":
+        assert_close_rel(many[2], (X.double()[rows] * W.double()[cols]).sum(1), 1e-6, "dot")
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 @pytest.mark.parametrize("op", ["feature_scatter", "feature_scatter_dot"])
 def test_feature_scatters_large_output_streamed(op):
     """An fp32 [F, D] output above 32 MiB is written with streaming stores (csrc/cpu/sparse_cpu.cpp):
