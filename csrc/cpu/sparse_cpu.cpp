@@ -288,30 +288,32 @@ void scatter_impl(const int64_t* rp, const int32_t* idx, const T* coef, const T*
                   T* dot = nullptr) {
   // Group entries by feature with a stable counting sort (entries of a feature stay in flat order,
   // so every sum below has a fixed order: deterministic): one pass counts, one writes each entry's
-  // row and fp32 coefficient, packed in 8 bytes (and, for the dots, its position), at its sorted
-  // slot, so that the feature loop reads them in order. The writes land on random cache lines:
+  // row and fp32 coefficient, packed in 8 bytes, at its sorted slot (and, for the dots, records
+  // that slot), so that the feature loop reads them in order. The writes land on random cache lines:
   // packing row and coefficient halves the lines written (the sort of 65536 entries over 16384
   // features took 0.45 ms with int64 rows, coefficients and positions in three arrays, 0.31 ms
   // packed with int32 positions, 0.22 ms packed alone; one thread, 2-core Xeon). Sorting positions
   // only and gathering rows and coefficients through them in the loop cost ~0.3 ms more per call.
   // (Two threads, each writing the entries of half of the rows, were 2.3x slower than one: the
-  // halves' entries of a feature share cache lines.) Above kParallelSortEntries the count runs on
-  // the threads, each over its own range of rows into its own counts, and the fill too where rows
-  // split into ranges whose features do not overlap (a CSR that joins layers, row block l holding
-  // layer l's features: the joined per_source / per_target decodes and the joined encoder), each
-  // range writing only its own features' slots; elsewhere the fill stays on one thread. The slots
-  // are those of the one-thread sort, so the result is the same bit for bit. The dots are written in sorted order, each
-  // feature's to its own slots, and put back in entry order after the sweep through each entry's
-  // slot (recorded in order by the fill pass): written in place from the sweep, two threads' random
-  // 4-byte writes shared cache lines (the per_target joined decode backward, 163840 entries at
-  // D = 256: 5.4 ms, 7.0 on one thread).
+  // halves' entries of a feature share cache lines.) Above kParallelSortEntries, and with at most
+  // as many counters as entries, the count runs on the threads, each over its own range of rows
+  // into its own counts, and the fill too where rows split into ranges whose features do not
+  // overlap (a CSR that joins layers, row block l holding layer l's features: the joined per_source
+  // / per_target decodes and the joined encoder), each range writing only its own features' slots;
+  // elsewhere the fill stays on one thread. The slots are those of the one-thread sort, so the
+  // result is the same bit for bit.
+  // The dots are written in sorted order, each feature's to its own slots, and put back in entry
+  // order after the sweep through each entry's slot (recorded in order by the fill pass): written
+  // in place from the sweep, two threads' random 4-byte writes shared cache lines (the per_target
+  // joined decode backward, 163840 entries at D = 256: 5.4 ms, 7.0 on one thread).
   struct Entry {
     int32_t row;
     float coef;
   };
-  const int64_t parts = nnz >= kParallelSortEntries && F > 0
-                            ? std::clamp<int64_t>(at::get_num_threads(), 1, std::min<int64_t>(kMaxSortParts, B))
-                            : 1;
+  const int64_t parts =
+      nnz >= kParallelSortEntries && F > 0
+          ? std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), kMaxSortParts, B, nnz / F}))
+          : 1;
   // the count: part t takes rows [part_row[t], part_row[t + 1]), about nnz / parts entries each
   std::vector<int64_t> part_row(parts + 1, B);
   for (int64_t t = 0; t < parts; ++t)
