@@ -76,13 +76,11 @@ void forward_impl(const T* parts, const float* bias, T* y, int64_t L, int64_t R,
           const T* p = parts + (l * R + r) * d;
           T* out = y + (r * L + l) * d;
           const float* b = bias == nullptr ? nullptr : bias + l * d;
-          if (cumulative) {
-            add_row(acc.data(), p, d, l == 0);
+          if (!cumulative && b == nullptr) {
+            std::copy(p, p + d, out);  // bit for bit, NaN payloads included
+          } else {  // not cumulative: every term is a first one
+            add_row(acc.data(), p, d, !cumulative || l == 0);
             store_row(out, acc.data(), b, d);
-          } else if (b == nullptr) {
-            std::copy(p, p + d, out);
-          } else {
-            for (int64_t c = 0; c < d; ++c) out[c] = T(float(p[c]) + b[c]);
           }
         }
       }
