@@ -47,11 +47,14 @@ class _ExtKernels:
     @staticmethod
     def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
         # the kernel groups by row_ptr: ``row`` unused (may be None). G in fp32: the kernel takes coef
-        # in G's dtype, and dh must not be rounded to bf16 here. The CPU kernel reads rows in place (a
-        # row stride, or [L, B, d] layer-major views); the CUDA one takes contiguous [B, D].
+        # in G's dtype, and dh must not be rounded to bf16 here. The CPU kernel reads rows with a
+        # stride (or [L, B, d] layer-major views) in place where few entries gather them
+        # (``packed_rows``); the CUDA one takes contiguous [B, D].
         G = G.float()
         if G.device.type != "cpu" or G.stride(-1) != 1:
             G = G.reshape(-1, G.shape[-1]).contiguous()
+        else:
+            G = packed_rows(G, col.shape[0])
         return ops().feature_scatter(row_ptr.contiguous(), col.contiguous(), coef.float().contiguous(), G,
                                      n_features)[0]
 
@@ -75,3 +78,20 @@ def h_out(x: torch.Tensor, *shape: int) -> Optional[torch.Tensor]:
     from fastclt import _ext
 
     return _ext.host_empty(shape, x.dtype, x.device)
+
+
+def packed_rows(G: torch.Tensor, n_entries: int) -> torch.Tensor:
+    """G: [B, D] or [G', B', D] with contiguous rows, for ``fastclt::feature_scatter``, which gathers a
+    row per entry → G itself, or its rows packed into a contiguous [B, D] copy (a host-pool block)
+    where they lie apart (a joined encoder's x seen layer-major) and the entries read each row at
+    least twice on average. At the cpu-clt shape (x [1024, 4, 256]: 1 KB rows at a 4 KB stride, 16
+    entries a row) the joined encoder's dW_enc scatter took 2.58 ms on the strided rows and 2.00 ms
+    packed, the copy 0.35 ms (in the encode's fwd+bwd, profiled; 2-core Xeon). An untied CLT
+    decoder's backward reads its gradient's slices in place: packed, its step ran ~1 ms slower."""
+    D = G.shape[-1]
+    rows = G.numel() // max(D, 1)
+    if G.is_contiguous() or G.device.type != "cpu" or n_entries < 2 * rows:
+        return G
+    from fastclt import _ext
+
+    return _ext.host_empty(G.shape, G.dtype, G.device).copy_(G).view(rows, D)

@@ -76,6 +76,30 @@ def test_encoder_gather_keeps_dh_in_fp32(ext_device, gen):
     assert (dx.cpu() == exact).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("per_row", [1, 3])
+def test_encoder_scatter_packs_strided_rows(gen, per_row):
+    """The CPU dW_enc scatter of a joined encode reads x [B, L, d] layer-major: packed into a contiguous
+    copy where entries gather each row at least twice on average (``packed_rows``), in place below. Either
+    way dW equals the float64 scatter, and x is left as it was."""
+    B, L, d, F = 37, 3, 21, 50
+    x = torch.randn(B, L, d, generator=gen)
+    view = x.transpose(0, 1)  # rows (l, b): 21 floats at a stride of 63
+    row_ptr, index, dh = _round_trip_codes(B * L, F, per_row, gen)
+    packed = ext_common.packed_rows(view, index.shape[0])
+    if per_row >= 2:
+        assert packed.is_contiguous() and packed.shape == (B * L, d) and torch.equal(packed, view.reshape(B * L, d))
+    else:
+        assert packed is view
+    assert ext_common.packed_rows(x.reshape(B * L, d), 10 ** 6).data_ptr() == x.data_ptr()  # contiguous: itself
+    before = x.clone()
+    dW = ext_common.EXT_KERNELS.feature_scatter(index, None, row_ptr, dh, view, F, None)
+    rows = torch.repeat_interleave(torch.arange(B * L), row_ptr.diff())
+    want = torch.zeros(F, d, dtype=torch.float64).index_add_(
+        0, index.long(), dh.double()[:, None] * view.reshape(B * L, d).double()[rows])
+    assert_close_rel(dW, want, 1e-5, "dW")
+    assert torch.equal(x, before)
+
+
 # ------------------------------------------------------------------- torch.library
 def _shared_op_cases(device):
     """(op name, args) of every op the tests above run on each device (opcheck runs each one)."""
