@@ -33,6 +33,11 @@ TORCH_LIBRARY(fastclt, m) {
   // y [B, D] = sum_j value[j] * weight[index[j]] (+ bias).
   m.def("sparse_decode(Tensor row_ptr, Tensor index, Tensor value, Tensor weight, Tensor? bias)"
         " -> Tensor");
+  // An untied CLT's decode (CPU): source i = sources[i] (increasing) with codes (row_ptr[i], index[i],
+  // value[i]) and block weight[i] [F_i, (n_layers - sources[i]) * d] -> y [B, n_layers * d], whose columns
+  // s*d: receive source s's sparse decode (+ bias [n_layers, d]), all in one fp32 sum per token.
+  m.def("clt_decode_untied(Tensor[] row_ptr, Tensor[] index, Tensor[] value, Tensor[] weight, int[] sources,"
+        " int n_layers, Tensor? bias) -> Tensor");
   // out [nnz]: out[j] = <grad[row(j)], weight[index[j]]>.
   m.def("sparse_dot(Tensor row_ptr, Tensor index, Tensor grad, Tensor weight) -> Tensor");
   // out [n_features, D]: out[f] = sum_{j: index[j]=f} coef[j] * x[row(j)]; coef_sum fp32 [n_features].

@@ -14,7 +14,8 @@ __all__ = ["has_cpu_ext", "has_cuda_ext", "build_info", "missing_message", "host
 # Op names under torch.ops.fastclt.
 OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch_topk", "batch_topk_bias",
        "batch_topk_bias_layers",
-       "threshold_compact", "sparse_decode", "sparse_dot", "feature_scatter", "feature_scatter_dot", "jumprelu_dense",
+       "threshold_compact", "sparse_decode", "clt_decode_untied", "sparse_dot", "feature_scatter",
+       "feature_scatter_dot", "jumprelu_dense",
        "jumprelu_dense_backward", "normal_philox_", "code_stats", "fvu_terms", "prefix_sum",
        "prefix_sum_backward")
 
@@ -143,6 +144,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastclt::sparse_decode")
     def _(row_ptr, index, value, weight, bias):
         return weight.new_empty(row_ptr.shape[0] - 1, weight.shape[1])
+
+    @torch.library.register_fake("fastclt::clt_decode_untied")
+    def _(row_ptr, index, value, weight, sources, n_layers, bias):
+        d = weight[0].shape[1] // (n_layers - sources[0])
+        return weight[0].new_empty(row_ptr[0].shape[0] - 1, n_layers * d)
 
     @torch.library.register_fake("fastclt::sparse_dot")
     def _(row_ptr, index, grad, weight):

@@ -1,6 +1,7 @@
 // CPU kernels of the three sparse shapes of the hot path (csrc/README.md):
 //   sparse_decode    y[b]   = sum_j value[j] * W[index[j]] (+ bias)       gather by row
 //                    (long rows over a large W: blocked, L2-sized slices of W per pass)
+//   clt_decode_untied  an untied CLT's sources gathered into y [B, L·d] at once
 //   sparse_dot       out[j] = <G[row(j)], W[index[j]]>                     dot at sparse indices
 //   feature_scatter  out[f] = sum_{j: index[j]=f} coef[j] * X[row(j)]      scatter by feature
 //   feature_scatter_dot  the scatter, plus dot[j] = <X[row(j)], W[index[j]]> in the same sweep
@@ -182,6 +183,110 @@ at::Tensor sparse_decode_cpu(const at::Tensor& row_ptr, const at::Tensor& index,
                         y.data_ptr<T>());
     };
     if (value.scalar_type() == at::kFloat) {
+      run(float{});
+    } else {
+      run(T{});
+    }
+  });
+  return y;
+}
+
+// An untied CLT's decode, every source into ŷ [B, L·d] at once: ŷ[b, s·d:] += Σ_j value_s[j] ·
+// W_s[index_s[j]] for each source s (W_s: [F_s, (L − s)·d], the source's block of every target t ≥ s),
+// token by token, the sources in order, each with gather_axpy's own order of its entries, into one fp32
+// accumulator per token that starts at the bias and is rounded once. Against L sparse decodes and a
+// sum of their shifted outputs: no [B, (L − s)·d] output per source to write and read back.
+template <typename T, typename V>
+struct UntiedSource {
+  const int64_t* rp;
+  const int32_t* idx;
+  const V* val;
+  const T* W;
+  int64_t shift;
+};
+
+template <typename T, typename V>
+void untied_impl(const std::vector<UntiedSource<T, V>>& src, const T* bias, int64_t B, int64_t L, int64_t d,
+                 int64_t work, T* y) {
+  const int64_t D = L * d;
+#pragma omp parallel if (work > kParallelWork)
+  {
+    std::vector<float> acc(D), coef;
+    std::vector<int64_t> rows;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < D; ++c) acc[c] = bias ? static_cast<float>(bias[c]) : 0.f;
+      for (const auto& s : src) {
+        const int64_t start = s.rp[b], n = s.rp[b + 1] - start, width = (L - s.shift) * d;
+        rows.resize(n);
+        coef.resize(n);
+        for (int64_t j = 0; j < n; ++j) {
+          rows[j] = s.idx[start + j];
+          coef[j] = static_cast<float>(s.val[start + j]);
+        }
+        simd::gather_axpy(acc.data() + s.shift * d, s.W, rows.data(), coef.data(), n, width, width);
+      }
+      T* out = y + b * D;
+      for (int64_t c = 0; c < D; ++c) out[c] = T(acc[c]);
+    }
+  }
+}
+
+at::Tensor clt_decode_untied_cpu(at::TensorList row_ptr, at::TensorList index, at::TensorList value,
+                                 at::TensorList weight, at::IntArrayRef sources, int64_t n_layers,
+                                 const std::optional<at::Tensor>& bias) {
+  const char* op = "clt_decode_untied";
+  const int64_t n = int64_t(weight.size()), L = n_layers;
+  TORCH_CHECK(n >= 1, "fastclt::clt_decode_untied: weight must hold at least one source's block, got none");
+  TORCH_CHECK(int64_t(row_ptr.size()) == n && int64_t(index.size()) == n && int64_t(value.size()) == n &&
+              int64_t(sources.size()) == n, "fastclt::clt_decode_untied: row_ptr, index, value, weight and sources "
+              "must hold one entry per source, got ", row_ptr.size(), ", ", index.size(), ", ", value.size(), ", ", n,
+              " and ", sources.size());
+  TORCH_CHECK(L >= 1, "fastclt::clt_decode_untied: n_layers must be >= 1, got ", L);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(sources[i] >= 0 && sources[i] < L && (i == 0 || sources[i] > sources[i - 1]),
+                "fastclt::clt_decode_untied: sources must increase within [0, n_layers=", L, "), got ", sources);
+  const at::Tensor& W0 = weight[0];
+  check_matrix(W0, row_ptr[0], op, "weight[0]");
+  TORCH_CHECK(W0.size(1) % (L - sources[0]) == 0, "fastclt::clt_decode_untied: weight[0] must be [F, (n_layers - "
+              "sources[0]) * d], got shape ", W0.sizes(), " for n_layers=", L, " and sources[0]=", sources[0]);
+  const int64_t d = W0.size(1) / (L - sources[0]);
+  const int64_t B = row_ptr[0].dim() == 1 ? row_ptr[0].size(0) - 1 : -1;
+  int64_t work = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    check_codes(row_ptr[i], index[i], value[i], op, "value");
+    check_matrix(weight[i], row_ptr[0], op, "weight");
+    check_device(row_ptr[i], row_ptr[0], op, "row_ptr", "row_ptr[0]");
+    check_same_dtype(weight[i], W0, op, "weight", "weight[0]");
+    check_same_dtype(value[i], value[0], op, "value", "value[0]");
+    check_value_dtype(value[i], W0, op);
+    TORCH_CHECK(row_ptr[i].size(0) - 1 == B, "fastclt::clt_decode_untied: every source must have B=", B,
+                " rows, row_ptr[", i, "] has ", row_ptr[i].size(0) - 1);
+    TORCH_CHECK(weight[i].size(1) == (L - sources[i]) * d, "fastclt::clt_decode_untied: weight[", i, "] must have (",
+                "n_layers - sources[", i, "]) * d = ", (L - sources[i]) * d, " columns, got shape ", weight[i].sizes());
+    work += index[i].size(0) * (L - sources[i]) * d;
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == L && bias->size(1) == d, "fastclt::clt_decode_untied: bias must "
+                "have shape [n_layers=", L, ", d=", d, "], got ", bias->sizes());
+    check_float_tensor(*bias, op, "bias");
+    check_same_dtype(*bias, W0, op, "bias", "weight");
+    check_device(*bias, row_ptr[0], op, "bias", "row_ptr");
+  }
+  TORCH_CHECK(row_ptr[0].device().is_cpu(), "fastclt::clt_decode_untied: CPU kernel called on ", row_ptr[0].device());
+  for (int64_t i = 0; i < n; ++i) check_codes_content(row_ptr[i], index[i], weight[i].size(0), op, "weight.size(0)");
+  auto y = new_output({B, L * d}, W0.options());
+  dispatch_float(W0.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto value_tag) {
+      using V = decltype(value_tag);
+      std::vector<UntiedSource<T, V>> src;
+      for (int64_t i = 0; i < n; ++i)
+        src.push_back({row_ptr[i].data_ptr<int64_t>(), index[i].data_ptr<int32_t>(), value[i].data_ptr<V>(),
+                       weight[i].data_ptr<T>(), sources[i]});
+      untied_impl<T, V>(src, bias.has_value() ? bias->data_ptr<T>() : nullptr, B, L, d, work, y.data_ptr<T>());
+    };
+    if (value[0].scalar_type() == at::kFloat) {
       run(float{});
     } else {
       run(T{});
@@ -677,6 +782,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> feature_scatter_replay(cons
 
 TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("sparse_decode", &sparse_decode_cpu);
+  m.impl("clt_decode_untied", &clt_decode_untied_cpu);
   m.impl("sparse_dot", &sparse_dot_cpu);
   m.impl("feature_scatter", &feature_scatter_cpu);
   m.impl("feature_scatter_dot", &feature_scatter_dot_cpu);

@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from fastclt.codes import SparseCodes
 from fastclt.ops.ext._common import ops
-from fastclt.ops.ext.decode import sparse_decode
+from fastclt.ops.ext.decode import decode_grads, sparse_decode
 from fastclt.ops.reference.clt_decode import clt_decode_with, prefix_sum
 
 __all__ = ["clt_decode"]
@@ -21,11 +21,79 @@ def clt_decode(codes, W_dec, tying: str, b_dec: Optional[torch.Tensor] = None,
                feature_offset: Optional[torch.Tensor] = None,
                feature_scale: Optional[torch.Tensor] = None, skip_empty: bool = False) -> torch.Tensor:
     """Same arguments and result as ``fastclt.ops.clt_decode``."""
-    if tying != "none" and feature_offset is None and feature_scale is None and not any(c.is_dense for c in codes):
+    plain = feature_offset is None and feature_scale is None and not any(c.is_dense for c in codes)
+    if plain and tying == "none" and _untied_fused(codes, W_dec, b_dec):
+        return _untied(codes, W_dec, b_dec, skip_empty)
+    if plain and tying != "none":
         if tying == "per_source":
             return _per_source_joined(codes, W_dec, b_dec)
         return _per_target_joined(codes, W_dec, b_dec)
     return clt_decode_with(sparse_decode, codes, W_dec, tying, b_dec, feature_offset, feature_scale, skip_empty)
+
+
+def _untied_fused(codes, W_dec, b_dec) -> bool:
+    """Whether an untied decode runs as one ``fastclt::clt_decode_untied`` (CPU, fp32 or bf16 decoders
+    of one dtype, the bias in it)."""
+    dt = W_dec[0].dtype
+    return (codes[0].row_ptr.device.type == "cpu" and dt in (torch.float32, torch.bfloat16)
+            and all(W.dtype == dt and W.device.type == "cpu" for W in W_dec)
+            and (b_dec is None or b_dec.dtype == dt))
+
+
+def _untied(codes, W_dec: list, b_dec: Optional[torch.Tensor], skip_empty: bool) -> torch.Tensor:
+    """Untied tying on the CPU: every source s gathered from its block W_dec[s] [F, L − s, d] straight
+    into ŷ [B, L, d] (``fastclt::clt_decode_untied``, csrc/cpu/sparse_cpu.cpp): one fp32 accumulator
+    per token, from b_dec, the sources added in order, rounded once — instead of L decodes of
+    [B, (L − s)·d] each and a sum of their shifted outputs (the composition of
+    ``fastclt.ops.reference.clt_decode``, whose numbers these match up to fp32 rounding). The backward is
+    the sparse decode's, per source, on its slice of ŷ's gradient, read in place. ``skip_empty``: the
+    sources without entries are left out (no gradient for their blocks), at least one kept."""
+    L = len(codes)
+    sources = list(range(L))
+    if skip_empty:
+        sources = [s for s in sources if codes[s].index.shape[0] > 0] or [0]
+    flat = []
+    for s in sources:
+        W = W_dec[s]
+        c = codes[s]
+        value = c.value if c.value.dtype in (W.dtype, torch.float32) else c.value.to(W.dtype)
+        flat += [c.row_ptr.contiguous(), c.index.contiguous(), value.contiguous(),
+                 W.reshape(W.shape[0], -1).contiguous()]
+    # one dtype for all values (fp32 values with bf16 decoders stay fp32 only when every source's are)
+    if len({flat[i].dtype for i in range(2, len(flat), 4)}) > 1:
+        flat[2::4] = [v.to(W_dec[0].dtype) for v in flat[2::4]]
+    d = W_dec[sources[0]].shape[-1]
+    y = _UntiedDecode.apply(tuple(sources), L, None if b_dec is None else b_dec.contiguous(), *flat)
+    return y.view(codes[0].batch_size, L, d)
+
+
+class _UntiedDecode(torch.autograd.Function):
+    """sources, L, bias [L, d] or None, then (row_ptr, index, value, W [F, (L − s)·d]) of each source →
+    ŷ [B, L·d] (``_untied``)."""
+
+    @staticmethod
+    def forward(ctx, sources, L, bias, *flat):
+        ctx.sources, ctx.L, ctx.d, ctx.has_bias = sources, L, flat[3].shape[1] // (L - sources[0]), bias is not None
+        ctx.save_for_backward(*flat)
+        return ops().clt_decode_untied(list(flat[0::4]), list(flat[1::4]), list(flat[2::4]), list(flat[3::4]),
+                                       list(sources), L, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        flat, need = ctx.saved_tensors, ctx.needs_input_grad  # need: (sources, L, bias, *flat)
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        grads = []
+        for i in range(len(ctx.sources)):
+            row_ptr, index, value, W = flat[4 * i:4 * i + 4]
+            need_v, need_W = need[5 + 4 * i], need[6 + 4 * i]
+            g = grad[:, grad.shape[1] - W.shape[1]:]  # targets s..L−1: the last (L − s)·d columns
+            dv, dW = decode_grads(row_ptr, index, value, W, g, need_v, need_W) if need_v or need_W else (None, None)
+            grads += [None, None, dv, dW]
+        db = None
+        if ctx.has_bias and need[2]:
+            db = grad.view(grad.shape[0], ctx.L, ctx.d).sum(0)
+        return (None, None, db, *grads)
 
 
 def _joined(blocks: list, n_features: int) -> SparseCodes:

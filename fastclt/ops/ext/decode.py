@@ -29,24 +29,30 @@ class _SparseDecode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         row_ptr, index, value, weight = ctx.saved_tensors
-        value = value.to(grad_y.dtype)  # fp32 values of bf16 weights: the scatters take one dtype
-        fastclt_ops = ops()
-        grad_value = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2] and ctx.needs_input_grad[3] and grad_y.device.type == "cpu":
-            # dW and dvalue in one sweep: each gathered grad_y row read once for both. Rows with a
-            # stride are read in place (a CLT source's slice of the targets' gradient: no copy).
-            if grad_y.stride(-1) != 1:
-                grad_y = grad_y.contiguous()
-            grad_weight, _, grad_value = fastclt_ops.feature_scatter_dot(row_ptr, index, value, grad_y, weight)
-        else:
-            grad_y = grad_y.contiguous()
-            if ctx.needs_input_grad[2]:
-                grad_value = fastclt_ops.sparse_dot(row_ptr, index, grad_y, weight)
-            if ctx.needs_input_grad[3]:
-                grad_weight = fastclt_ops.feature_scatter(row_ptr, index, value, grad_y, weight.shape[0])[0]
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            grad_bias = grad_y.sum(0)
+        grad_value, grad_weight = decode_grads(row_ptr, index, value, weight, grad_y, *ctx.needs_input_grad[2:4])
+        grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return None, None, grad_value, grad_weight, grad_bias
+
+
+def decode_grads(row_ptr, index, value, weight, grad_y, need_value: bool, need_weight: bool):
+    """The gradients of ``fastclt::sparse_decode`` (grad_y: [B, D], its rows contiguous; a CPU one may
+    have a row stride) → (dvalue or None, dweight or None)."""
+    value = value.to(grad_y.dtype)  # fp32 values of bf16 weights: the scatters take one dtype
+    fastclt_ops = ops()
+    grad_value = grad_weight = None
+    if need_value and need_weight and grad_y.device.type == "cpu":
+        # dW and dvalue in one sweep: each gathered grad_y row read once for both. Rows with a
+        # stride are read in place (a CLT source's slice of the targets' gradient: no copy).
+        if grad_y.stride(-1) != 1:
+            grad_y = grad_y.contiguous()
+        grad_weight, _, grad_value = fastclt_ops.feature_scatter_dot(row_ptr, index, value, grad_y, weight)
+    else:
+        grad_y = grad_y.contiguous()
+        if need_value:
+            grad_value = fastclt_ops.sparse_dot(row_ptr, index, grad_y, weight)
+        if need_weight:
+            grad_weight = fastclt_ops.feature_scatter(row_ptr, index, value, grad_y, weight.shape[0])[0]
+    return grad_value, grad_weight
 
 
 def sparse_decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor] = None) -> torch.Tensor:

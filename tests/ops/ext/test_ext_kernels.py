@@ -930,3 +930,118 @@ def test_prefix_sum_kernels_bad_input_and_opcheck():
     torch.library.opcheck(op, (parts.bfloat16(), None))
     torch.library.opcheck(bwd, (torch.randn(5, 3, 4), True))
     torch.library.opcheck(bwd, (torch.randn(5, 3, 4).bfloat16(), False))
+
+
+# ------------------------------------------------------------------- clt_decode_untied (CPU)
+def _untied_inputs(B, L, F, d, dtype, value_dtype, gen, sources=None, per_row=3):
+    """Codes of each source in ``sources`` (ragged rows, some empty) and its block [F, (L − s)·d]."""
+    sources = list(range(L)) if sources is None else sources
+    flat = []
+    for s in sources:
+        lens = torch.randint(0, per_row + 1, (B,), generator=gen)
+        row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+        index = torch.cat([torch.randperm(F, generator=gen)[:int(n)].sort().values for n in lens]).to(torch.int32) \
+            if B else torch.zeros(0, dtype=torch.int32)
+        value = (torch.rand(index.shape[0], generator=gen) + 0.1).to(value_dtype)
+        W = torch.randn(F, (L - s) * d, generator=gen).to(dtype)
+        flat.append((row_ptr, index, value, W))
+    return sources, flat
+
+
+def _untied_exact(sources, flat, L, d, bias, B):
+    y = torch.zeros(B, L * d, dtype=torch.float64)
+    if bias is not None:
+        y += bias.double().reshape(-1)
+    for s, (row_ptr, index, value, W) in zip(sources, flat):
+        y[:, s * d:] += _exact_decode(row_ptr, index, value, W)
+    return y
+
+
+@pytest.mark.parametrize("dtype,value_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("B,L,F,d,sources", [(37, 3, 29, 5, None), (1, 1, 7, 3, None), (0, 2, 5, 4, None),
+                                             (53, 4, 41, 7, [1, 3]), (600, 4, 300, 96, None)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_clt_decode_untied_kernel(gen, dtype, value_dtype, B, L, F, d, sources, with_bias):
+    """fastclt::clt_decode_untied: each source's decode added into its targets' columns, all in one fp32
+    sum per token and rounded once — the float64 sum to within fp32 accumulation (fp32) or one bf16
+    rounding; every output written (poisoned outputs), the sources in any increasing subset, odd and
+    empty sizes, and the largest case above the parallel size on the threads as on one."""
+    sources, flat = _untied_inputs(B, L, F, d, dtype, value_dtype, gen, sources)
+    bias = torch.randn(L, d, generator=gen).to(dtype) if with_bias else None
+    args = ([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat], [f[3] for f in flat], sources, L, bias)
+    y = torch.ops.fastclt.clt_decode_untied(*args)
+    assert y.dtype == dtype and y.shape == (B, L * d)
+    want = _untied_exact(sources, flat, L, d, bias, B)
+    if dtype == torch.float32:
+        assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+    else:  # one rounding of the fp32 sum: within a bf16 ulp of the exact value
+        assert ((y.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = torch.ops.fastclt.clt_decode_untied(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("skip_empty", [False, True])
+def test_untied_clt_decode_matches_the_reference(gen, dtype, skip_empty):
+    """The CPU untied CLT decode on the fused kernel (``fastclt.ops.ext.clt_decode._untied``): ŷ and every
+    gradient (values, each W_dec block, b_dec) against the reference composition in float64; with
+    skip_empty a source without entries gets no gradient, on both sides."""
+    from fastclt.ops.ext.clt_decode import clt_decode as ext_clt_decode
+    from fastclt.ops.reference.clt_decode import clt_decode as ref_clt_decode
+
+    B, L, F, d = 45, 4, 31, 9
+    _, flat = _untied_inputs(B, L, F, d, dtype, dtype, gen)
+    flat[2] = (torch.zeros(B + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=dtype),
+               flat[2][3])  # source 2 without entries
+    b = torch.randn(L, d, generator=gen).to(dtype)
+    g = torch.randn(B, L, d, generator=gen).to(dtype)
+    outs = {}
+    for name, fn, cast in (("kernel", ext_clt_decode, dtype), ("reference", ref_clt_decode, torch.float64)):
+        values = [f[2].to(cast, copy=True).requires_grad_() for f in flat]
+        Ws = [f[3].to(cast, copy=True).view(F, L - s, d).requires_grad_() for s, f in enumerate(flat)]
+        bias = b.to(cast, copy=True).requires_grad_()
+        codes = [SparseCodes(f[0], f[1], v, F) for f, v in zip(flat, values)]
+        y = fn(codes, Ws, "none", bias, skip_empty=skip_empty)
+        y.backward(g.to(cast))
+        outs[name] = [y.detach()] + [v.grad for v in values] + [W.grad for W in Ws] + [bias.grad]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (got, want) in enumerate(zip(outs["kernel"], outs["reference"])):
+        if want is None:
+            assert got is None, i
+            continue
+        assert got is not None and got.dtype == dtype, i
+        assert_close_rel(got, want, tol, f"output {i}")
+    assert (outs["kernel"][1 + L + 2] is None) == skip_empty  # W_dec[2]'s gradient
+
+
+def test_clt_decode_untied_bad_input_and_opcheck(gen):
+    """The kernel refuses what it does not take, naming the argument; schema and fake agree (opcheck)."""
+    op = torch.ops.fastclt.clt_decode_untied
+    sources, flat = _untied_inputs(6, 3, 11, 4, torch.float32, torch.float32, gen)
+    rp, idx, val, W = ([f[i] for f in flat] for i in range(4))
+    bias = torch.randn(3, 4, generator=gen)
+    with pytest.raises(RuntimeError, match="one entry per source"):
+        op(rp, idx, val[:2], W, sources, 3, None)
+    with pytest.raises(RuntimeError, match="sources must increase"):
+        op(rp, idx, val, W, [0, 2, 1], 3, None)
+    with pytest.raises(RuntimeError, match=r"weight\[1\] must have"):
+        op(rp, idx, val, [W[0], W[2], W[2]], sources, 3, None)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[n_layers=3, d=4\]"):
+        op(rp, idx, val, W, sources, 3, bias[:2])
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        op(rp, idx, val, W, sources, 3, bias.bfloat16())
+    with pytest.raises(RuntimeError, match="every source must have B=6 rows"):
+        op([rp[0], rp[1][:-1], rp[2]], idx, val, W, sources, 3, None)
+    bad = idx[1].clone()
+    bad[0] = 11
+    with pytest.raises(RuntimeError, match=r"index must lie in \[0, weight.size\(0\)=11\)"):
+        op(rp, [idx[0], bad, idx[2]], val, W, sources, 3, None)
+    torch.library.opcheck(op, (rp, idx, val, W, sources, 3, bias))
+    torch.library.opcheck(op, (rp[1:], idx[1:], [v.float() for v in val[1:]], [w.bfloat16() for w in W[1:]], [1, 2],
+                               3, None))
