@@ -53,6 +53,10 @@ class SparseKernels(Protocol):
                out_dtype: torch.dtype) -> torch.Tensor:
         """coef: fp32 [nnz], W: [F, D] → [B, D], out[b] = Σ_{j ∈ row b} coef[j] · W[col j]."""
 
+    # optional: feature_scatter_and_sums(col, row, row_ptr, coef, G, n_features) → (feature_scatter's
+    # result, fp32 [F] sums of coef per feature, the numbers feature_sums gives): where a backend has it,
+    # dW_enc and db_enc come from one grouping of the entries
+
 
 _CHUNK = 8192  # rows of W_enc converted to fp32 at a time (bounds the temporary to 8192·d_in floats)
 
@@ -133,6 +137,11 @@ class _SparseEncodeValue(torch.autograd.Function):
             cols = [dH.sum(0) if c is dh
                     else zeros(B * F, torch.float32, x.device).index_put_((flat,), c).view(B, F).sum(0) for c in sums]
             S = torch.stack(cols, 1) if cols else None
+        elif sums and need_W and not need_t and hasattr(kern, "feature_scatter_and_sums"):
+            # dW_enc and db_enc from one scatter: its per-feature sums of dh are feature_sums' numbers
+            G = _scatter_rows(x, pre_bias, centered)
+            dW, s_dh = kern.feature_scatter_and_sums(col, row, row_ptr, dh, G, F)
+            dW, S = dW.to(W.dtype), s_dh[:, None]
         elif sums:
             seg = kern.segments(col, F)  # one grouping for the sums and dW
             S = kern.feature_sums(col, torch.stack(sums, 1).contiguous(), F, seg)  # fp32 [F, 1|2]
@@ -159,11 +168,15 @@ class _SparseEncodeValue(torch.autograd.Function):
             return dx, dW, db, dt, dp, None, None, None, None, None, None, None, None
         if need_x:
             dx = kern.gather(row_ptr, col, dh, W, x.dtype).view(x.shape)
-        if need_W:
-            G = x if pre_bias is None else centered if centered is not None else x.float() - pre_bias.float()
-            G = G if G.stride(-1) == 1 else G.contiguous()
-            dW = kern.feature_scatter(col, row, row_ptr, dh, G, F, seg).to(W.dtype)
+        if need_W and dW is None:
+            dW = kern.feature_scatter(col, row, row_ptr, dh, _scatter_rows(x, pre_bias, centered), F, seg).to(W.dtype)
         return dx, dW, db, dt, dp, None, None, None, None, None, None, None, None
+
+
+def _scatter_rows(x: torch.Tensor, pre_bias: Optional[torch.Tensor], centered: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rows dW_enc gathers: x − pre_bias (the encode's own when it kept it), rows contiguous."""
+    G = x if pre_bias is None else centered if centered is not None else x.float() - pre_bias.float()
+    return G if G.stride(-1) == 1 else G.contiguous()
 
 
 def encode_codes(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], threshold: Optional[torch.Tensor],

@@ -46,17 +46,22 @@ class _ExtKernels:
 
     @staticmethod
     def feature_scatter(col, row, row_ptr, coef, G, n_features, segments):
+        return _ExtKernels.feature_scatter_and_sums(col, row, row_ptr, coef, G, n_features)[0]
+
+    @staticmethod
+    def feature_scatter_and_sums(col, row, row_ptr, coef, G, n_features):
         # the kernel groups by row_ptr: ``row`` unused (may be None). G in fp32: the kernel takes coef
         # in G's dtype, and dh must not be rounded to bf16 here. The CPU kernel reads rows with a
         # stride (or [L, B, d] layer-major views) in place where few entries gather them
-        # (``packed_rows``); the CUDA one takes contiguous [B, D].
+        # (``packed_rows``); the CUDA one takes contiguous [B, D]. The kernel's coef_sum is the
+        # per-feature sum of coef: on the CPU in entry order, as feature_sums' index_add_ adds.
         G = G.float()
         if G.device.type != "cpu" or G.stride(-1) != 1:
             G = G.reshape(-1, G.shape[-1]).contiguous()
         else:
             G = packed_rows(G, col.shape[0])
         return ops().feature_scatter(row_ptr.contiguous(), col.contiguous(), coef.float().contiguous(), G,
-                                     n_features)[0]
+                                     n_features)
 
     @staticmethod
     def gather(row_ptr, col, coef, W, out_dtype):

@@ -100,6 +100,40 @@ def test_encoder_scatter_packs_strided_rows(gen, per_row):
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("pre_bias", [False, True])
+def test_encoder_bias_grad_from_the_scatter(gen, pre_bias):
+    """The extension's encoder backward takes db_enc (and the pre-bias gradient) from the dW_enc scatter's
+    per-feature sums (``feature_scatter_and_sums``): on the CPU the same numbers, bit for bit, as the
+    separate ``feature_sums`` pass of a backend without it; dx and dW_enc unchanged."""
+    from fastclt.ops.encoder_backward import encode_codes
+
+    class WithoutSums:  # EXT_KERNELS without the combined scatter
+        segments = staticmethod(ext_common.EXT_KERNELS.segments)
+        feature_sums = staticmethod(ext_common.EXT_KERNELS.feature_sums)
+        feature_scatter = staticmethod(ext_common.EXT_KERNELS.feature_scatter)
+        gather = staticmethod(ext_common.EXT_KERNELS.gather)
+
+    B, F, d, k = 45, 300, 19, 7
+    x = torch.randn(B, d, generator=gen)
+    W, b = torch.randn(F, d, generator=gen), torch.randn(F, generator=gen)
+    p = torch.randn(d, generator=gen) if pre_bias else None
+    h = (x - (p if pre_bias else 0)) @ W.t() + b
+    codes = ext_select.topk(h, k)
+    row = SparseCodes.rows_of(codes.row_ptr, codes.nnz)
+    h_e = h[row, codes.index.long()]
+    dvalue = torch.randn(codes.nnz, generator=gen)
+    grads = []
+    for kern in (ext_common.EXT_KERNELS, WithoutSums()):
+        leaves = [t.clone().requires_grad_() for t in (x, W, b)] + ([p.clone().requires_grad_()] if pre_bias else [])
+        out = encode_codes(leaves[0], leaves[1], leaves[2], None, leaves[3] if pre_bias else None, codes.row_ptr, None,
+                           codes.index, h_e, "topk", 0.01, kern, k)
+        out.value.backward(dvalue)
+        grads.append([t.grad for t in leaves])
+    for name, a, c in zip(("dx", "dW_enc", "db_enc", "d pre_bias"), *grads):
+        assert torch.equal(a, c), name
+    assert grads[0][2].abs().sum() > 0
+
+
 # ------------------------------------------------------------------- torch.library
 def _shared_op_cases(device):
     """(op name, args) of every op the tests above run on each device (opcheck runs each one)."""
