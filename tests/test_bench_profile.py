@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks import goals
-from benchmarks.bench_profile import PHASES, STEP_MODE, STEP_RANGE, attribute
+from benchmarks.bench_profile import PHASES, STEP_MODE, STEP_RANGE, alternated, attribute
 from benchmarks.harness import read_csv
 from benchmarks.run import run_suites
 from benchmarks.shapes import get_shapes
@@ -31,6 +31,17 @@ class _Slow(torch.autograd.Function):
         for _ in range(8):
             m = m @ m / 16
         return g * 2 + 0 * m.sum()
+
+
+def test_alternated_rounds():
+    """``alternated`` runs the functions round by round, in their order, each once untimed and then
+    ``reps`` times timed per round, and returns every timed call's milliseconds."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("step", "gemm", "adam")}
+    out = alternated(fns, torch.device("cpu"), rounds=3, reps=2)
+    assert list(out) == ["step", "gemm", "adam"]
+    assert all(len(v) == 6 and all(t >= 0 for t in v) for v in out.values())
+    assert calls == (["step"] * 3 + ["gemm"] * 3 + ["adam"] * 3) * 3
 
 
 def test_marks_are_free_outside_phase_ranges():
