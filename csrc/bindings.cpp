@@ -50,6 +50,9 @@ TORCH_LIBRARY(fastclt, m) {
         " -> (Tensor out, Tensor coef_sum, Tensor dot)");
   // a per_target CLT's sources as one CSR over rows (target, token) (csrc/cpu/sparse_cpu.cpp; CPU only)
   m.def("clt_by_target(Tensor row_ptrs, Tensor index, int n_features) -> (Tensor row_ptr, Tensor index, Tensor src)");
+  // its values' backward: grad [total] of every copy in that CSR -> dvalue [n_entries], each entry's L - s copies
+  // summed in fp32, target after target (CPU)
+  m.def("clt_by_target_backward(Tensor row_ptrs, Tensor grad, int n_entries) -> Tensor");
   // L layers' codes (index int32 [nnz_l], value [nnz_l] per layer) -> fmin fp32 [L, n_features]: each
   // feature's smallest value > 0 (+inf where none), and active int64 [L]: the entries > 0 per layer. CPU.
   m.def("code_stats(Tensor[] index, Tensor[] value, int n_features) -> (Tensor fmin, Tensor active)");

@@ -16,8 +16,8 @@ OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch
        "batch_topk_bias_layers",
        "threshold_compact", "sparse_decode", "clt_decode_untied", "sparse_dot", "feature_scatter",
        "feature_scatter_dot", "jumprelu_dense",
-       "jumprelu_dense_backward", "normal_philox_", "code_stats", "fvu_terms", "prefix_sum",
-       "prefix_sum_backward")
+       "jumprelu_dense_backward", "normal_philox_", "code_stats", "clt_by_target", "clt_by_target_backward",
+       "fvu_terms", "prefix_sum", "prefix_sum_backward")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -187,6 +187,10 @@ def _register_fakes() -> None:
         L, B = row_ptrs.shape[0], row_ptrs.shape[1] - 1
         total = torch.library.get_ctx().new_dynamic_size()  # Σ_s nnz_s · (L − s): from row_ptrs' values
         return (row_ptrs.new_empty(L * B + 1), index.new_empty(total), row_ptrs.new_empty(total))
+
+    @torch.library.register_fake("fastclt::clt_by_target_backward")
+    def _(row_ptrs, grad, n_entries):
+        return grad.new_empty(n_entries)
 
     @torch.library.register_fake("fastclt::molt_forward")
     def _(row_ptr, index, gate, x, U, V, rank_ptr, bias):

@@ -637,6 +637,39 @@ def test_clt_by_target_matches_its_definition_and_the_device_ops(case, gen):
 
 
 @pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,L,F,max_len", [(9, 4, 29, 5), (1, 1, 5, 3), (0, 3, 7, 2), (700, 4, 300, 40)])
+def test_clt_by_target_backward_sums_the_copies(gen, dtype, B, L, F, max_len):
+    """fastclt::clt_by_target_backward: each source entry's L − s copies (in clt_by_target's CSR) summed in
+    fp32, target after target, rounded once — bit for bit that sum written out in Python; the largest case
+    above the parallel size, the same on one thread; every output written (poisoned outputs)."""
+    lens = [[int(n) for n in torch.randint(0, max_len + 1, (B,), generator=gen)] for _ in range(L)]
+    codes = _by_target_sources(B, F, lens, gen)
+    rps = torch.stack([c.row_ptr for c in codes])
+    _, _, src = torch.ops.fastclt.clt_by_target(rps, torch.cat([c.index for c in codes]), F)
+    n = sum(c.nnz for c in codes)
+    g = torch.randn(src.shape[0], generator=gen).to(dtype)
+    dv = torch.ops.fastclt.clt_by_target_backward(rps, g, n)
+    assert dv.dtype == dtype and dv.shape == (n,)
+    copies = [[] for _ in range(n)]  # src lists the copies target after target (rows (t, b) in t order)
+    for q, j in enumerate(src.tolist()):
+        copies[j].append(q)
+    want = torch.zeros(n, dtype=torch.float32)
+    for j, qs in enumerate(copies):
+        acc = torch.zeros((), dtype=torch.float32)
+        for q in qs:
+            acc = acc + g[q].float()
+        want[j] = acc
+    assert torch.equal(dv, want.to(dtype))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(torch.ops.fastclt.clt_by_target_backward(rps, g, n), dv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not _ext.has_cpu_ext(), reason=_ext.missing_message("cpu"))
 def test_clt_by_target_bad_input_and_opcheck(gen):
     op = torch.ops.fastclt.clt_by_target
     codes = _by_target_sources(5, 11, [[1, 2, 0, 3, 1], [2, 2, 2, 0, 1]], gen)
@@ -660,6 +693,21 @@ def test_clt_by_target_bad_input_and_opcheck(gen):
     with pytest.raises(RuntimeError, match="n_features must be in"):
         op(rps, index, 2 ** 31)
     torch.library.opcheck(op, (rps, index, 11))
+    bwd = torch.ops.fastclt.clt_by_target_backward
+    g = torch.randn(21, generator=gen)  # source 0's 7 entries twice (targets 0 and 1), source 1's once
+    assert bwd(rps, g, 14).shape == (14,)
+    with pytest.raises(RuntimeError, match="n_entries must be the sources' 14 entries"):
+        bwd(rps, g, 13)
+    with pytest.raises(RuntimeError, match="grad must hold the 21 copies"):
+        bwd(rps, g[:20], 14)
+    with pytest.raises(RuntimeError, match="grad must be float32 or bfloat16"):
+        bwd(rps, g.double(), 14)
+    bad = rps.clone()
+    bad[1, 2] = 1
+    with pytest.raises(RuntimeError, match=r"row_ptrs\[1\] must be non-decreasing"):
+        bwd(bad, g, 14)
+    torch.library.opcheck(bwd, (rps, g, 14))
+    torch.library.opcheck(bwd, (rps, g.bfloat16(), 14))
 
 
 # ---------------------------------------------------------------------- topk_bias (CPU only)
