@@ -49,7 +49,8 @@ TORCH_LIBRARY(fastclt, m) {
   m.def("feature_scatter_dot(Tensor row_ptr, Tensor index, Tensor coef, Tensor x, Tensor weight)"
         " -> (Tensor out, Tensor coef_sum, Tensor dot)");
   // a per_target CLT's sources as one CSR over rows (target, token) (csrc/cpu/sparse_cpu.cpp; CPU only)
-  m.def("clt_by_target(Tensor row_ptrs, Tensor index, int n_features) -> (Tensor row_ptr, Tensor index, Tensor src)");
+  m.def("clt_by_target(Tensor row_ptrs, Tensor index, Tensor value, int n_features) -> (Tensor row_ptr, Tensor index,"
+        " Tensor value)");
   // its values' backward: grad [total] of every copy in that CSR -> dvalue [n_entries], each entry's L - s copies
   // summed in fp32, target after target (CPU)
   m.def("clt_by_target_backward(Tensor row_ptrs, Tensor grad, int n_entries) -> Tensor");

@@ -183,10 +183,10 @@ def _register_fakes() -> None:
                 value[0].new_empty(len(index), dtype=torch.int64))
 
     @torch.library.register_fake("fastclt::clt_by_target")
-    def _(row_ptrs, index, n_features):
+    def _(row_ptrs, index, value, n_features):
         L, B = row_ptrs.shape[0], row_ptrs.shape[1] - 1
         total = torch.library.get_ctx().new_dynamic_size()  # Σ_s nnz_s · (L − s): from row_ptrs' values
-        return (row_ptrs.new_empty(L * B + 1), index.new_empty(total), row_ptrs.new_empty(total))
+        return (row_ptrs.new_empty(L * B + 1), index.new_empty(total), value.new_empty(total))
 
     @torch.library.register_fake("fastclt::clt_by_target_backward")
     def _(row_ptrs, grad, n_entries):

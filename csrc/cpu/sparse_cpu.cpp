@@ -34,6 +34,21 @@ namespace {
 // costs tens of microseconds (far more when another process holds a core), the whole op less.
 constexpr int64_t kParallelWork = int64_t(1) << 17;
 
+// Whether any of n indices lies outside [0, bound): one unsigned compare per entry (a negative one wraps
+// above any bound) OR-ed into a flag, no branch, so the loop vectorizes; written as a short-circuit
+// test per entry it did not (65536 entries: the joined decode 1.30 -> 1.27 ms, clt_by_target 0.18 ->
+// 0.15 ms, 2-core Xeon; every op of a step checks its codes). Threads only for very long index
+// arrays: below that a parallel region costs more than the pass.
+constexpr int64_t kParallelCheck = int64_t(1) << 21;
+
+bool any_outside(const int32_t* idx, int64_t n, int64_t bound) {
+  const uint32_t ub = bound > INT32_MAX ? 0x80000000u : uint32_t(std::max<int64_t>(bound, 0));
+  uint32_t bad = 0;
+#pragma omp parallel for reduction(| : bad) schedule(static) if (n > kParallelCheck)
+  for (int64_t j = 0; j < n; ++j) bad |= uint32_t(static_cast<uint32_t>(idx[j]) >= ub);
+  return bad != 0;
+}
+
 // Checks row_ptr (0 = row_ptr[0] <= ... <= row_ptr[B] = nnz) and 0 <= index < n_features: O(B + nnz),
 // small next to the O(nnz * D) work of every op that calls it.
 void check_codes_content(const at::Tensor& row_ptr, const at::Tensor& index, int64_t n_features,
@@ -44,11 +59,8 @@ void check_codes_content(const at::Tensor& row_ptr, const at::Tensor& index, int
               ": row_ptr must start at 0 and end at nnz=", nnz, ", got ", rp[0], " and ", rp[B]);
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(rp[b] <= rp[b + 1], "fastclt::", op, ": row_ptr must be non-decreasing (row ", b, ")");
-  const int32_t* idx = index.data_ptr<int32_t>();
-  bool bad = false;
-#pragma omp parallel for reduction(|| : bad) schedule(static) if (nnz > kParallelWork)
-  for (int64_t j = 0; j < nnz; ++j) bad = bad || idx[j] < 0 || idx[j] >= n_features;
-  TORCH_CHECK(!bad, "fastclt::", op, ": index must lie in [0, ", bound_name, "=", n_features, ")");
+  TORCH_CHECK(!any_outside(index.data_ptr<int32_t>(), nnz, n_features), "fastclt::", op, ": index must lie in [0, ",
+              bound_name, "=", n_features, ")");
 }
 
 // The blocked decode (decode_blocked) keeps a block of output rows and a slice of W in L2 together:
@@ -593,108 +605,107 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_scatter_dot_cpu(const at:
   return run_scatter("feature_scatter_dot", row_ptr, index, coef, x, 0, &weight);
 }
 
-// A per_target CLT's L sources as one CSR over the L·B rows (t, b) (fastclt/ops/ext/clt_decode.py):
-// row (t, b) holds row b's entries of every source s <= t, source after source, each feature shifted
-// to t·F + f; src[q] is the entry's position in the sources' concatenation (where its value is).
-// row_ptrs [L, B + 1] int64 (each source's CSR from 0), index [E] int32 (the sources' indices, one
-// after another). One pass per output row (rows in parallel): O(L·B + total).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> clt_by_target_cpu(const at::Tensor& row_ptrs, const at::Tensor& index,
-                                                                 int64_t n_features) {
-  TORCH_CHECK(row_ptrs.dim() == 2 && row_ptrs.size(0) >= 1 && row_ptrs.size(1) >= 1 &&
-              row_ptrs.scalar_type() == at::kLong && row_ptrs.is_contiguous(), "fastclt::clt_by_target: row_ptrs "
-              "must be a contiguous [L >= 1, B + 1] int64 tensor, got ", row_ptrs.scalar_type(), " ", row_ptrs.sizes());
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kInt && index.is_contiguous(),
-              "fastclt::clt_by_target: index must be a contiguous 1-D int32 tensor, got ", index.scalar_type(), " ",
-              index.sizes());
-  TORCH_CHECK(row_ptrs.device().is_cpu() && index.device().is_cpu(), "fastclt::clt_by_target: CPU tensors "
-              "expected, got ", row_ptrs.device(), " and ", index.device());
-  const int64_t L = row_ptrs.size(0), B = row_ptrs.size(1) - 1, E = index.size(0);
-  TORCH_CHECK(n_features >= 0 && L * n_features <= INT32_MAX, "fastclt::clt_by_target: n_features must be in "
-              "[0, 2^31 / L) (L=", L, "), got ", n_features);
-  const int64_t* rps = row_ptrs.data_ptr<int64_t>();
-  std::vector<int64_t> off(L + 1, 0);  // where each source's entries start in index
-  for (int64_t s = 0; s < L; ++s) {
-    const int64_t* rp = rps + s * (B + 1);
-    TORCH_CHECK(rp[0] == 0, "fastclt::clt_by_target: row_ptrs[", s, "] must start at 0, got ", rp[0]);
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(rp[b] <= rp[b + 1], "fastclt::clt_by_target: row_ptrs[", s, "] must be non-decreasing (row ", b, ")");
-    off[s + 1] = off[s] + rp[B];
-  }
-  TORCH_CHECK(off[L] == E, "fastclt::clt_by_target: index must hold the sources' ", off[L], " entries (the sum of "
-              "row_ptrs[:, -1]), got ", E);
-  const int32_t* idx = index.data_ptr<int32_t>();
-  bool bad = false;
-  for (int64_t j = 0; j < E; ++j) bad = bad || idx[j] < 0 || idx[j] >= n_features;
-  TORCH_CHECK(!bad, "fastclt::clt_by_target: index must lie in [0, n_features=", n_features, ")");
-  auto row_ptr = new_output({L * B + 1}, row_ptrs.options());
-  int64_t* out_rp = row_ptr.data_ptr<int64_t>();
-  out_rp[0] = 0;
-  for (int64_t t = 0; t < L; ++t) {
-    for (int64_t b = 0; b < B; ++b) {
-      int64_t n = 0;
-      for (int64_t s = 0; s <= t; ++s) n += rps[s * (B + 1) + b + 1] - rps[s * (B + 1) + b];
-      out_rp[t * B + b + 1] = out_rp[t * B + b] + n;
-    }
-  }
-  const int64_t total = out_rp[L * B];
-  auto out_index = new_output({total}, index.options());
-  auto src = new_output({total}, row_ptrs.options());
-  int32_t* oi = out_index.data_ptr<int32_t>();
-  int64_t* os = src.data_ptr<int64_t>();
-#pragma omp parallel for schedule(static) if (total > kParallelWork)
-  for (int64_t r = 0; r < L * B; ++r) {
-    const int64_t t = r / B, b = r % B;
-    const int32_t shift = static_cast<int32_t>(t * n_features);
-    int64_t q = out_rp[r];
-    for (int64_t s = 0; s <= t; ++s) {
-      const int64_t* rp = rps + s * (B + 1);
-      for (int64_t j = off[s] + rp[b]; j < off[s] + rp[b + 1]; ++j, ++q) {
-        oi[q] = idx[j] + shift;
-        os[q] = j;
-      }
-    }
-  }
-  return {row_ptr, out_index, src};
-}
+// The layout of a per_target CLT's L sources as one CSR over the L·B rows (t, b): row (t, b) holds row
+// b's entries of every source s <= t, source after source. From row_ptrs [L, B + 1] int64 (each
+// source's CSR from 0), checked here: off[s], where source s's entries start in the sources'
+// concatenation, and start[t * B + b], where row (t, b) starts (start[L * B] = total).
+struct ByTarget {
+  int64_t L, B;
+  const int64_t* rps;
+  std::vector<int64_t> off, start;
+};
 
-// The backward of the values of clt_by_target's CSR: grad [total] holds the gradient of every copy
-// (row (t, b), source s <= t) in that CSR's order; dvalue [n_entries] (the sources' entries, one
-// after another) sums each entry's L - s copies, target after target, in fp32, rounded once. One
-// task per (source, token); no atomics, deterministic. Where autograd's backward of an index_select
-// is a serial index_add_ over every copy (163840 at the cpu-clt shape: 0.43 ms on the 2-core Xeon).
-at::Tensor clt_by_target_backward_cpu(const at::Tensor& row_ptrs, const at::Tensor& grad, int64_t n_entries) {
-  const char* op = "clt_by_target_backward";
+ByTarget by_target_layout(const at::Tensor& row_ptrs, const char* op) {
   TORCH_CHECK(row_ptrs.dim() == 2 && row_ptrs.size(0) >= 1 && row_ptrs.size(1) >= 1 &&
               row_ptrs.scalar_type() == at::kLong && row_ptrs.is_contiguous(), "fastclt::", op, ": row_ptrs "
               "must be a contiguous [L >= 1, B + 1] int64 tensor, got ", row_ptrs.scalar_type(), " ", row_ptrs.sizes());
-  TORCH_CHECK(grad.dim() == 1, "fastclt::", op, ": grad must be 1-D, got shape ", grad.sizes());
-  check_float_tensor(grad, op, "grad");
-  TORCH_CHECK(row_ptrs.device().is_cpu() && grad.device().is_cpu(), "fastclt::", op, ": CPU tensors expected, got ",
-              row_ptrs.device(), " and ", grad.device());
-  const int64_t L = row_ptrs.size(0), B = row_ptrs.size(1) - 1;
-  const int64_t* rps = row_ptrs.data_ptr<int64_t>();
-  std::vector<int64_t> off(L + 1, 0);  // where each source's entries start in dvalue
-  int64_t total = 0;
+  TORCH_CHECK(row_ptrs.device().is_cpu(), "fastclt::", op, ": CPU tensors expected, got ", row_ptrs.device());
+  ByTarget t{row_ptrs.size(0), row_ptrs.size(1) - 1, row_ptrs.data_ptr<int64_t>(), {}, {}};
+  const int64_t L = t.L, B = t.B;
+  t.off.assign(L + 1, 0);
   for (int64_t s = 0; s < L; ++s) {
-    const int64_t* rp = rps + s * (B + 1);
+    const int64_t* rp = t.rps + s * (B + 1);
     TORCH_CHECK(rp[0] == 0, "fastclt::", op, ": row_ptrs[", s, "] must start at 0, got ", rp[0]);
     for (int64_t b = 0; b < B; ++b)
       TORCH_CHECK(rp[b] <= rp[b + 1], "fastclt::", op, ": row_ptrs[", s, "] must be non-decreasing (row ", b, ")");
-    off[s + 1] = off[s] + rp[B];
-    total += rp[B] * (L - s);
+    t.off[s + 1] = t.off[s] + rp[B];
   }
-  TORCH_CHECK(off[L] == n_entries, "fastclt::", op, ": n_entries must be the sources' ", off[L],
+  t.start.assign(L * B + 1, 0);
+  for (int64_t tt = 0; tt < L; ++tt)
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t n = 0;
+      for (int64_t s = 0; s <= tt; ++s) n += t.rps[s * (B + 1) + b + 1] - t.rps[s * (B + 1) + b];
+      t.start[tt * B + b + 1] = t.start[tt * B + b] + n;
+    }
+  return t;
+}
+
+// A per_target CLT's L sources as one CSR over the L·B rows (t, b) (fastclt/ops/ext/clt_decode.py;
+// layout: by_target_layout), each feature shifted to t·F + f, each value copied: index [E] int32 and
+// value [E] (fp32 or bf16) the sources' entries one after another. One pass per output row (rows in
+// parallel): O(L·B + total).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clt_by_target_cpu(const at::Tensor& row_ptrs, const at::Tensor& index,
+                                                                 const at::Tensor& value, int64_t n_features) {
+  const char* op = "clt_by_target";
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kInt && index.is_contiguous() && index.device().is_cpu(),
+              "fastclt::clt_by_target: index must be a contiguous 1-D int32 CPU tensor, got ", index.scalar_type(), " ",
+              index.sizes(), " on ", index.device());
+  TORCH_CHECK(value.dim() == 1 && value.size(0) == index.size(0) && value.device().is_cpu(), "fastclt::clt_by_target: "
+              "value must be a 1-D CPU tensor of index's length ", index.size(0), ", got ", value.sizes(), " on ",
+              value.device());
+  check_float_tensor(value, op, "value");
+  const ByTarget lay = by_target_layout(row_ptrs, op);
+  const int64_t L = lay.L, B = lay.B, E = index.size(0);
+  TORCH_CHECK(n_features >= 0 && L * n_features <= INT32_MAX, "fastclt::clt_by_target: n_features must be in "
+              "[0, 2^31 / L) (L=", L, "), got ", n_features);
+  TORCH_CHECK(lay.off[L] == E, "fastclt::clt_by_target: index must hold the sources' ", lay.off[L], " entries (the "
+              "sum of row_ptrs[:, -1]), got ", E);
+  const int32_t* idx = index.data_ptr<int32_t>();
+  TORCH_CHECK(!any_outside(idx, E, n_features), "fastclt::clt_by_target: index must lie in [0, n_features=",
+              n_features, ")");
+  auto row_ptr = new_output({L * B + 1}, row_ptrs.options());
+  std::copy(lay.start.begin(), lay.start.end(), row_ptr.data_ptr<int64_t>());
+  const int64_t total = lay.start[L * B];
+  auto out_index = new_output({total}, index.options());
+  auto out_value = new_output({total}, value.options());
+  int32_t* oi = out_index.data_ptr<int32_t>();
+  dispatch_float(value.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* v = value.data_ptr<T>();
+    T* ov = out_value.data_ptr<T>();
+#pragma omp parallel for schedule(static) if (total > kParallelWork)
+    for (int64_t r = 0; r < L * B; ++r) {
+      const int64_t t = r / B, b = r % B;
+      const int32_t shift = static_cast<int32_t>(t * n_features);
+      int64_t q = lay.start[r];
+      for (int64_t s = 0; s <= t; ++s) {
+        const int64_t* rp = lay.rps + s * (B + 1);
+        for (int64_t j = lay.off[s] + rp[b]; j < lay.off[s] + rp[b + 1]; ++j, ++q) {
+          oi[q] = idx[j] + shift;
+          ov[q] = v[j];
+        }
+      }
+    }
+  });
+  return {row_ptr, out_index, out_value};
+}
+
+// The backward of clt_by_target's values: grad [total] holds the gradient of every copy (row (t, b),
+// source s <= t) in that CSR's order; dvalue [n_entries] (the sources' entries, one after another)
+// sums each entry's L - s copies, target after target, in fp32, rounded once. One task per token; no
+// atomics, deterministic. (Autograd's backward of a gather through positions is a serial index_add_
+// over every copy: 163840 at the cpu-clt shape, 0.43 ms on the 2-core Xeon; this, 0.09 ms.)
+at::Tensor clt_by_target_backward_cpu(const at::Tensor& row_ptrs, const at::Tensor& grad, int64_t n_entries) {
+  const char* op = "clt_by_target_backward";
+  TORCH_CHECK(grad.dim() == 1 && grad.device().is_cpu(), "fastclt::", op, ": grad must be a 1-D CPU tensor, got ",
+              "shape ", grad.sizes(), " on ", grad.device());
+  check_float_tensor(grad, op, "grad");
+  const ByTarget lay = by_target_layout(row_ptrs, op);
+  const int64_t L = lay.L, B = lay.B, total = lay.start[L * B];
+  TORCH_CHECK(lay.off[L] == n_entries, "fastclt::", op, ": n_entries must be the sources' ", lay.off[L],
               " entries (the sum of row_ptrs[:, -1]), got ", n_entries);
   TORCH_CHECK(grad.size(0) == total, "fastclt::", op, ": grad must hold the ", total, " copies of clt_by_target's "
               "CSR, got ", grad.size(0));
-  // the CSR's row starts, as clt_by_target lays them out: row (t, b) holds row b of every source s <= t
-  std::vector<int64_t> start(L * B + 1, 0);
-  for (int64_t t = 0; t < L; ++t)
-    for (int64_t b = 0; b < B; ++b) {
-      int64_t n = 0;
-      for (int64_t s = 0; s <= t; ++s) n += rps[s * (B + 1) + b + 1] - rps[s * (B + 1) + b];
-      start[t * B + b + 1] = start[t * B + b] + n;
-    }
   auto dvalue = new_output({n_entries}, grad.options());
   dispatch_float(grad.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -704,12 +715,12 @@ at::Tensor clt_by_target_backward_cpu(const at::Tensor& row_ptrs, const at::Tens
     for (int64_t b = 0; b < B; ++b) {
       int64_t before = 0;  // row b's entries in the sources before s
       for (int64_t s = 0; s < L; ++s) {
-        const int64_t* rp = rps + s * (B + 1);
+        const int64_t* rp = lay.rps + s * (B + 1);
         const int64_t n = rp[b + 1] - rp[b];
         for (int64_t i = 0; i < n; ++i) {
           float acc = 0.f;
-          for (int64_t t = s; t < L; ++t) acc += static_cast<float>(g[start[t * B + b] + before + i]);
-          dv[off[s] + rp[b] + i] = T(acc);
+          for (int64_t t = s; t < L; ++t) acc += static_cast<float>(g[lay.start[t * B + b] + before + i]);
+          dv[lay.off[s] + rp[b] + i] = T(acc);
         }
         before += n;
       }
@@ -738,10 +749,8 @@ std::tuple<at::Tensor, at::Tensor> code_stats_cpu(at::TensorList index, at::Tens
                 "] must be a 1-D CPU tensor of index[", l, "]'s length ", i.size(0), ", got ", v.sizes(), " on ",
                 v.device());
     check_float_tensor(v, "code_stats", "value");
-    const int32_t* idx = i.data_ptr<int32_t>();
-    bool bad = false;
-    for (int64_t j = 0; j < i.size(0); ++j) bad = bad || idx[j] < 0 || idx[j] >= n_features;
-    TORCH_CHECK(!bad, "fastclt::code_stats: index[", l, "] must lie in [0, n_features=", n_features, ")");
+    TORCH_CHECK(!any_outside(i.data_ptr<int32_t>(), i.size(0), n_features), "fastclt::code_stats: index[", l,
+                "] must lie in [0, n_features=", n_features, ")");
     total += i.size(0);
   }
   auto opts = at::TensorOptions().device(at::kCPU);

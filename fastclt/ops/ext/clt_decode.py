@@ -169,9 +169,8 @@ def _by_target(codes, F: int, *, device_ops: bool = False) -> SparseCodes:
     """L sources' codes (B rows each) → one CSR over the L·B rows (t, b): row (t, b) holds the entries
     of row b of every source s ≤ t, source after source, each in its order, with feature t·F + f.
 
-    On the CPU one pass of ``fastclt::clt_by_target`` (csrc/cpu/sparse_cpu.cpp), which also gives each
-    output entry's position among the sources' concatenated values: the values are gathered from
-    there (``_ByTargetValues``: their backward sums each entry's L − s gradients in target order,
+    On the CPU one pass of ``fastclt::clt_by_target`` (csrc/cpu/sparse_cpu.cpp), which copies the values
+    too (``_ByTarget``: their backward sums each entry's L − s gradients in target order, in fp32,
     deterministic). Elsewhere (or ``device_ops``), device ops whose sizes are known on the host (no
     sync): an entry of source s lands at one position per target t ≥ s — the start of row (t, b),
     plus row b's entries in the sources before s, plus its place in its own row — and the values
@@ -179,8 +178,9 @@ def _by_target(codes, F: int, *, device_ops: bool = False) -> SparseCodes:
     L, B = len(codes), codes[0].batch_size
     if codes[0].row_ptr.device.type == "cpu" and not device_ops:
         rps = torch.stack([c.row_ptr for c in codes])
-        row_ptr, index, src = ops().clt_by_target(rps, torch.cat([c.index for c in codes]), F)
-        return SparseCodes(row_ptr, index, _ByTargetValues.apply(torch.cat([c.value for c in codes]), src, rps), L * F)
+        row_ptr, index, value = _ByTarget.apply(rps, torch.cat([c.index for c in codes]), F,
+                                                torch.cat([c.value for c in codes]))
+        return SparseCodes(row_ptr, index, value, L * F)
     dev = codes[0].row_ptr.device
     nnzs = [c.nnz for c in codes]
     rps = torch.stack([c.row_ptr for c in codes])  # [L, B + 1]
@@ -201,23 +201,25 @@ def _by_target(codes, F: int, *, device_ops: bool = False) -> SparseCodes:
     return SparseCodes(row_ptr, index, _Spread.apply(flat, pos, *(c.value for c in codes)), L * F)
 
 
-class _ByTargetValues(torch.autograd.Function):
-    """The sources' concatenated values → their copies in ``clt_by_target``'s CSR (``values[src]``); the
-    backward sums each entry's L − s copies in fp32, target after target, one task per token
-    (``fastclt::clt_by_target_backward``) — autograd's own, an ``index_add_`` over every copy, runs on
-    one thread (0.43 ms a step at the cpu-clt shape, 2-core Xeon)."""
+class _ByTarget(torch.autograd.Function):
+    """(row_ptrs [L, B + 1], the sources' indices and values concatenated, F) → the by-target CSR
+    (row_ptr, index, value) of ``fastclt::clt_by_target``; differentiable in the values: the backward
+    sums each entry's L − s copies in fp32, target after target, one task per token
+    (``fastclt::clt_by_target_backward``)."""
 
     @staticmethod
-    def forward(ctx, values, src, row_ptrs):
+    def forward(ctx, row_ptrs, index, F, values):
+        row_ptr, out_index, out_value = ops().clt_by_target(row_ptrs, index, values.contiguous(), F)
         ctx.save_for_backward(row_ptrs)
         ctx.n = values.shape[0]
-        return values.index_select(0, src)
+        ctx.mark_non_differentiable(row_ptr, out_index)
+        return row_ptr, out_index, out_value
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, _, __, grad):
         (row_ptrs,) = ctx.saved_tensors
-        return ops().clt_by_target_backward(row_ptrs, grad.contiguous(), ctx.n), None, None
+        return None, None, None, ops().clt_by_target_backward(row_ptrs, grad.contiguous(), ctx.n)
 
 
 class _Spread(torch.autograd.Function):

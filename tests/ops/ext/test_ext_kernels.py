@@ -593,7 +593,7 @@ def _by_target_sources(B, F, lens, gen):
 @pytest.mark.parametrize("case", ["random", "empty_source", "empty_rows", "no_rows", "one_source"])
 def test_clt_by_target_matches_its_definition_and_the_device_ops(case, gen):
     """fastclt::clt_by_target: row (t, b) holds row b's entries of sources 0..t, source after source,
-    features shifted by t·F, src pointing at each entry's value; the same CSR and values as the
+    features shifted by t·F, each with its value; the same CSR and values as the
     device-op builder of fastclt/ops/ext/clt_decode.py (CUDA's), and value gradients that sum each
     entry's L − s gradients. Outputs NaN/-1-poisoned."""
     from fastclt.ops.ext import clt_decode as ext_clt
@@ -608,7 +608,8 @@ def test_clt_by_target_matches_its_definition_and_the_device_ops(case, gen):
             lens[s][3] = 0
     codes = _by_target_sources(B, F, lens, gen)
     rps = torch.stack([c.row_ptr for c in codes])
-    row_ptr, index, src = torch.ops.fastclt.clt_by_target(rps, torch.cat([c.index for c in codes]), F)
+    values = torch.cat([c.value for c in codes])
+    row_ptr, index, value = torch.ops.fastclt.clt_by_target(rps, torch.cat([c.index for c in codes]), values, F)
     offs = [0]
     for c in codes:
         offs.append(offs[-1] + c.nnz)
@@ -622,7 +623,8 @@ def test_clt_by_target_matches_its_definition_and_the_device_ops(case, gen):
             want_rp.append(len(want_idx))
     assert row_ptr.tolist() == want_rp
     assert index.dtype == torch.int32 and index.tolist() == want_idx
-    assert src.tolist() == want_src
+    src = torch.tensor(want_src, dtype=torch.int64)
+    assert torch.equal(value, values[src])
     grads = []
     for device_ops in (False, True):
         vals = [c.value.clone().requires_grad_(True) for c in codes]
@@ -646,7 +648,9 @@ def test_clt_by_target_backward_sums_the_copies(gen, dtype, B, L, F, max_len):
     lens = [[int(n) for n in torch.randint(0, max_len + 1, (B,), generator=gen)] for _ in range(L)]
     codes = _by_target_sources(B, F, lens, gen)
     rps = torch.stack([c.row_ptr for c in codes])
-    _, _, src = torch.ops.fastclt.clt_by_target(rps, torch.cat([c.index for c in codes]), F)
+    positions = torch.arange(sum(c.nnz for c in codes), dtype=torch.float32)  # each entry's own position
+    _, _, src = torch.ops.fastclt.clt_by_target(rps, torch.cat([c.index for c in codes]), positions, F)
+    src = src.long()
     n = sum(c.nnz for c in codes)
     g = torch.randn(src.shape[0], generator=gen).to(dtype)
     dv = torch.ops.fastclt.clt_by_target_backward(rps, g, n)
@@ -674,25 +678,31 @@ def test_clt_by_target_bad_input_and_opcheck(gen):
     op = torch.ops.fastclt.clt_by_target
     codes = _by_target_sources(5, 11, [[1, 2, 0, 3, 1], [2, 2, 2, 0, 1]], gen)
     rps, index = torch.stack([c.row_ptr for c in codes]), torch.cat([c.index for c in codes])
+    value = torch.cat([c.value for c in codes])
     with pytest.raises(RuntimeError, match="row_ptrs must be a contiguous"):
-        op(rps.int(), index, 11)
+        op(rps.int(), index, value, 11)
     with pytest.raises(RuntimeError, match="index must be a contiguous 1-D int32"):
-        op(rps, index.long(), 11)
+        op(rps, index.long(), value, 11)
+    with pytest.raises(RuntimeError, match="value must be a 1-D CPU tensor of index's length 14"):
+        op(rps, index, value[:-1], 11)
+    with pytest.raises(RuntimeError, match="value must be float32 or bfloat16"):
+        op(rps, index, value.double(), 11)
     with pytest.raises(RuntimeError, match="index must lie in"):
-        op(rps, index, 5)
+        op(rps, index, value, 5)
     with pytest.raises(RuntimeError, match="index must hold the sources' 14 entries"):
-        op(rps, index[:-1].contiguous(), 11)
+        op(rps, index[:-1].contiguous(), value[:-1].contiguous(), 11)
     bad = rps.clone()
     bad[1, 2] = 1
     with pytest.raises(RuntimeError, match=r"row_ptrs\[1\] must be non-decreasing"):
-        op(bad, index, 11)
+        op(bad, index, value, 11)
     bad = rps.clone()
     bad[0, 0] = 1
     with pytest.raises(RuntimeError, match=r"row_ptrs\[0\] must start at 0"):
-        op(bad, index, 11)
+        op(bad, index, value, 11)
     with pytest.raises(RuntimeError, match="n_features must be in"):
-        op(rps, index, 2 ** 31)
-    torch.library.opcheck(op, (rps, index, 11))
+        op(rps, index, value, 2 ** 31)
+    torch.library.opcheck(op, (rps, index, value, 11))
+    torch.library.opcheck(op, (rps, index, value.bfloat16(), 11))
     bwd = torch.ops.fastclt.clt_by_target_backward
     g = torch.randn(21, generator=gen)  # source 0's 7 entries twice (targets 0 and 1), source 1's once
     assert bwd(rps, g, 14).shape == (14,)
