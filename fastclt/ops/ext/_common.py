@@ -87,7 +87,7 @@ def h_out(x: torch.Tensor, *shape: int) -> Optional[torch.Tensor]:
 
 def packed_rows(G: torch.Tensor, n_entries: int) -> torch.Tensor:
     """G: [B, D] or [G', B', D] with contiguous rows, for ``fastclt::feature_scatter``, which gathers a
-    row per entry → G itself, or its rows packed into a contiguous [B, D] copy (a host-pool block)
+    row per entry → G itself, or its rows packed into a contiguous [B, D] copy (``host_empty``)
     where they lie apart (a joined encoder's x seen layer-major) and the entries read each row at
     least twice on average. At the cpu-clt shape (x [1024, 4, 256]: 1 KB rows at a 4 KB stride, 16
     entries a row) the joined encoder's dW_enc scatter took 2.58 ms on the strided rows and 2.00 ms
