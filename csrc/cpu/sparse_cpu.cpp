@@ -143,6 +143,20 @@ bool decode_blocked(const int64_t* rp, const int32_t* idx, const V* val, const T
   return true;
 }
 
+// acc[0:D) += sum over n entries of val[j] * W[idx[j]] (W's rows D apart), in gather_axpy's order; rows and
+// coef are the caller's scratch (the entries' rows widened, their values in fp32).
+template <typename T, typename V>
+inline void axpy_entries(float* acc, const T* W, const int32_t* idx, const V* val, int64_t n, int64_t D,
+                         std::vector<int64_t>& rows, std::vector<float>& coef) {
+  rows.resize(n);
+  coef.resize(n);
+  for (int64_t j = 0; j < n; ++j) {
+    rows[j] = idx[j];
+    coef[j] = static_cast<float>(val[j]);
+  }
+  simd::gather_axpy(acc, W, rows.data(), coef.data(), n, D, D);
+}
+
 // val: T, or fp32 with bf16 weights (an encoder backward's dh, not rounded before the sum).
 template <typename T, typename V>
 void decode_impl(const int64_t* rp, const int32_t* idx, const V* val, const T* W, const T* bias,
@@ -154,15 +168,8 @@ void decode_impl(const int64_t* rp, const int32_t* idx, const V* val, const T* W
     std::vector<int64_t> rows;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t start = rp[b], n = rp[b + 1] - rp[b];
-      rows.resize(n);
-      coef.resize(n);
-      for (int64_t j = 0; j < n; ++j) {
-        rows[j] = idx[start + j];
-        coef[j] = static_cast<float>(val[start + j]);
-      }
       for (int64_t d = 0; d < D; ++d) acc[d] = bias ? static_cast<float>(bias[d]) : 0.f;
-      simd::gather_axpy(acc.data(), W, rows.data(), coef.data(), n, D, D);
+      axpy_entries(acc.data(), W, idx + rp[b], val + rp[b], rp[b + 1] - rp[b], D, rows, coef);
       T* out = y + b * D;
       for (int64_t d = 0; d < D; ++d) out[d] = T(acc[d]);
     }
@@ -229,16 +236,9 @@ void untied_impl(const std::vector<UntiedSource<T, V>>& src, const T* bias, int6
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t c = 0; c < D; ++c) acc[c] = bias ? static_cast<float>(bias[c]) : 0.f;
-      for (const auto& s : src) {
-        const int64_t start = s.rp[b], n = s.rp[b + 1] - start, width = (L - s.shift) * d;
-        rows.resize(n);
-        coef.resize(n);
-        for (int64_t j = 0; j < n; ++j) {
-          rows[j] = s.idx[start + j];
-          coef[j] = static_cast<float>(s.val[start + j]);
-        }
-        simd::gather_axpy(acc.data() + s.shift * d, s.W, rows.data(), coef.data(), n, width, width);
-      }
+      for (const auto& s : src)
+        axpy_entries(acc.data() + s.shift * d, s.W, s.idx + s.rp[b], s.val + s.rp[b], s.rp[b + 1] - s.rp[b],
+                     (L - s.shift) * d, rows, coef);
       T* out = y + b * D;
       for (int64_t c = 0; c < D; ++c) out[c] = T(acc[c]);
     }

@@ -1030,13 +1030,9 @@ def _untied_inputs(B, L, F, d, dtype, value_dtype, gen, sources=None, per_row=3)
     sources = list(range(L)) if sources is None else sources
     flat = []
     for s in sources:
-        lens = torch.randint(0, per_row + 1, (B,), generator=gen)
-        row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
-        index = torch.cat([torch.randperm(F, generator=gen)[:int(n)].sort().values for n in lens]).to(torch.int32) \
-            if B else torch.zeros(0, dtype=torch.int32)
-        value = (torch.rand(index.shape[0], generator=gen) + 0.1).to(value_dtype)
-        W = torch.randn(F, (L - s) * d, generator=gen).to(dtype)
-        flat.append((row_ptr, index, value, W))
+        c = _by_target_sources(B, F, [[int(n) for n in torch.randint(0, per_row + 1, (B,), generator=gen)]], gen)[0]
+        value = (torch.rand(c.nnz, generator=gen) + 0.1).to(value_dtype)
+        flat.append((c.row_ptr, c.index, value, torch.randn(F, (L - s) * d, generator=gen).to(dtype)))
     return sources, flat
 
 
