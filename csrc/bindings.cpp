@@ -25,6 +25,16 @@ TORCH_LIBRARY(fastclt, m) {
         " -> (Tensor row_ptr, Tensor index, Tensor value)");
   // h [B, F] -> CSR of the entries with h > threshold[f] or |h - threshold[f]| < half_band (the
   // difference rounded to h's dtype; no threshold: h > 0); value fp32 = h there. CPU.
+  // a fp32 [R, d] -> (a rounded to bf16 [R, d], norms fp32 [2, R]: ‖â_r‖ and ‖a_r − â_r‖, rounded up). CPU.
+  m.def("bf16_split(Tensor a) -> (Tensor hi, Tensor norms)");
+  // TopK / BatchTopK of h = x Wᵀ + bias (fp32 x [B, d], W [F, d]) from A = bf16 product of bf16_split's
+  // parts [B, F] and their norms: the entries whose bound reaches the k-th lower bound rescored in fp32;
+  // outputs as topk_bias's / batch_topk_bias's, plus status (int32: 0 screened; 1 a bound not finite;
+  // 2 a rescored entry outside its bounds — the outputs are then not valid). CPU.
+  m.def("screened_topk(Tensor A, Tensor x, Tensor W, Tensor? bias, Tensor x_norms, Tensor w_norms, int k)"
+        " -> (Tensor index, Tensor value, Tensor status)");
+  m.def("screened_batch_topk(Tensor A, Tensor x, Tensor W, Tensor? bias, Tensor x_norms, Tensor w_norms,"
+        " int k_total) -> (Tensor row_ptr, Tensor index, Tensor value, Tensor status)");
   m.def("threshold_compact(Tensor h, Tensor? threshold, float half_band)"
         " -> (Tensor row_ptr, Tensor index, Tensor value)");
   // out fp32 [n] (contiguous) = n draws of N(0, std^2) from the counter-based generator of (seed, stream):

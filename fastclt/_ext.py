@@ -17,7 +17,7 @@ OPS = ("topk", "topk_bias", "batch_topk_histogram", "batch_topk_compact", "batch
        "threshold_compact", "sparse_decode", "clt_decode_untied", "sparse_dot", "feature_scatter",
        "feature_scatter_dot", "jumprelu_dense",
        "jumprelu_dense_backward", "normal_philox_", "code_stats", "clt_by_target", "clt_by_target_backward",
-       "fvu_terms", "prefix_sum", "prefix_sum_backward")
+       "fvu_terms", "prefix_sum", "prefix_sum_backward", "bf16_split", "screened_topk", "screened_batch_topk")
 
 BUILD_HINT = {
     "cpu": "the C++ kernels of fastclt._C are not built: with a C++ compiler present, run "
@@ -130,6 +130,20 @@ def _register_fakes() -> None:
         L, B = h.shape[0], h.shape[1]
         return (h.new_empty(L * B + 1, dtype=torch.int64), h.new_empty(L * k_total, dtype=torch.int32),
                 h.new_empty(L * k_total))
+
+    @torch.library.register_fake("fastclt::bf16_split")
+    def _(a):
+        return a.new_empty(a.shape, dtype=torch.bfloat16), a.new_empty(2, a.shape[0])
+
+    @torch.library.register_fake("fastclt::screened_topk")
+    def _(A, x, W, bias, x_norms, w_norms, k):
+        return (x.new_empty(A.shape[0], k, dtype=torch.int32), x.new_empty(A.shape[0], k),
+                x.new_empty((), dtype=torch.int32))
+
+    @torch.library.register_fake("fastclt::screened_batch_topk")
+    def _(A, x, W, bias, x_norms, w_norms, k_total):
+        return (x.new_empty(A.shape[0] + 1, dtype=torch.int64), x.new_empty(k_total, dtype=torch.int32),
+                x.new_empty(k_total), x.new_empty((), dtype=torch.int32))
 
     @torch.library.register_fake("fastclt::normal_philox_")
     def _(out, seed, stream, std):

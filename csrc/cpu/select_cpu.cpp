@@ -515,35 +515,12 @@ void two_pass_candidates(const T* h, const RowSpans& spans, int64_t n, int64_t k
   });
 }
 
-// Exact BatchTopK on one device in about one read of h (csrc/README.md). The candidates are the
-// entries whose key is at or above a lower bound t of the k_total-th largest key, in flat order
-// (fixed parts of h, so the order does not depend on the threads). t and the candidates come from
-//   a. (fp32 h of more than 2^18 entries, on a CPU with AVX-512F) a bound sampled from h's rows
-//      (sampled_bound) and one pass over h collecting the entries >= t (collect_all_at_least_avx512).
-//      When they are at least k_total (nearly always) they hold the top k_total — exact whatever
-//      the sample; otherwise, or past 4 k_total of them (t far too low), b. runs;
-//   b. two passes: 1. the key maxima of the numel/64 blocks of 64 entries (one vectorised pass):
-//      they belong to distinct entries, so their k_total-th largest is such a bound t; 2. the
-//      entries >= t, read from only the blocks whose maximum is >= t (about k_total blocks: ~1/8 of
-//      h at k = 32 of 16384): about 1.1 k_total candidates on random data, never fewer than k_total;
-// then the k_total-th largest candidate key K (kth_largest_key), and the candidates above K and
-// the first ones equal to K in flat order (ties to the lowest flat index: the rule of
-// batch_topk_compact) are written as CSR, k_total in all. The path changes the time, never the
-// result. In b., blocks are smaller when k_total > numel / 256 (about 4 k_total blocks), down to
-// one entry.
-// With a bias (fp32 only: batch_topk_bias) the keys are those of h + bias[column]; in b. the block
-// is the largest divisor of F not above that size, so that no block straddles two rows: each
-// row's span of a part is then one aligned call of the biased block scans.
+// The end of an exact BatchTopK from its candidates (each part's in flat order, the parts in order,
+// their keys those of the entries' values): the k_total-th largest key K, then CSR over the R rows
+// of every candidate above K and the first ones equal to K in flat order; values from the keys.
 template <typename T>
-void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_t k_total, int64_t* row_ptr,
-                     int32_t* out_index, T* out_value) {
-  const int64_t R = n / F, grain = n > kParallelEntries ? 1 : kParts;
-  const char* nan_msg = bias != nullptr ? "batch_topk: h + bias contains NaN" : "batch_topk: h contains NaN";
-  const RowSpans spans{bias, F};
-  Parts parts(kParts);
-  if (!sampled_candidates(h, spans, n, k_total, grain, nan_msg, parts))
-    two_pass_candidates(h, spans, n, k_total, grain, nan_msg, parts);
-
+void keep_top_candidates(const std::vector<std::vector<simd::Candidate>>& parts, int64_t R, int64_t F,
+                         int64_t k_total, int64_t* row_ptr, int32_t* out_index, T* out_value) {
   // the k_total-th largest candidate key K; the kept: every candidate above K, and the first
   // (k_total - those) candidates equal to K in flat order (the lowest indices)
   size_t n_cand = 0;
@@ -584,6 +561,38 @@ void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_
   }
   TORCH_CHECK(out == k_total, "fastclt::batch_topk: internal error: kept ", out, " of k_total=", k_total);
   while (row < R) row_ptr[++row] = out;
+}
+
+// Exact BatchTopK on one device in about one read of h (csrc/README.md). The candidates are the
+// entries whose key is at or above a lower bound t of the k_total-th largest key, in flat order
+// (fixed parts of h, so the order does not depend on the threads). t and the candidates come from
+//   a. (fp32 h of more than 2^18 entries, on a CPU with AVX-512F) a bound sampled from h's rows
+//      (sampled_bound) and one pass over h collecting the entries >= t (collect_all_at_least_avx512).
+//      When they are at least k_total (nearly always) they hold the top k_total — exact whatever
+//      the sample; otherwise, or past 4 k_total of them (t far too low), b. runs;
+//   b. two passes: 1. the key maxima of the numel/64 blocks of 64 entries (one vectorised pass):
+//      they belong to distinct entries, so their k_total-th largest is such a bound t; 2. the
+//      entries >= t, read from only the blocks whose maximum is >= t (about k_total blocks: ~1/8 of
+//      h at k = 32 of 16384): about 1.1 k_total candidates on random data, never fewer than k_total;
+// then the k_total-th largest candidate key K (kth_largest_key), and the candidates above K and
+// the first ones equal to K in flat order (ties to the lowest flat index: the rule of
+// batch_topk_compact) are written as CSR, k_total in all. The path changes the time, never the
+// result. In b., blocks are smaller when k_total > numel / 256 (about 4 k_total blocks), down to
+// one entry.
+// With a bias (fp32 only: batch_topk_bias) the keys are those of h + bias[column]; in b. the block
+// is the largest divisor of F not above that size, so that no block straddles two rows: each
+// row's span of a part is then one aligned call of the biased block scans.
+template <typename T>
+void batch_topk_impl(const T* h, const float* bias, int64_t n, int64_t F, int64_t k_total, int64_t* row_ptr,
+                     int32_t* out_index, T* out_value) {
+  const int64_t R = n / F, grain = n > kParallelEntries ? 1 : kParts;
+  const char* nan_msg = bias != nullptr ? "batch_topk: h + bias contains NaN" : "batch_topk: h contains NaN";
+  const RowSpans spans{bias, F};
+  Parts parts(kParts);
+  if (!sampled_candidates(h, spans, n, k_total, grain, nan_msg, parts))
+    two_pass_candidates(h, spans, n, k_total, grain, nan_msg, parts);
+
+  keep_top_candidates(parts, R, F, k_total, row_ptr, out_index, out_value);
 }
 
 // batch_topk and batch_topk_bias after their own checks: the outputs, then batch_topk_impl (bias:
@@ -768,6 +777,328 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_compact_cpu(const at::T
   return out;
 }
 
+
+// ---------------------------------------------------------------- screened selections
+// TopK / BatchTopK of h = x Wᵀ + bias (fp32) from a bf16 screen (csrc/README.md, docs/DESIGN.md):
+// A = bf16(x̂ Ŵᵀ), with x̂, Ŵ the operands rounded to bf16 (bf16_split) and the product summed in fp32
+// (the CPU's bf16 GEMM), is within E of h at every entry, E from the norms of the operands' bf16
+// parts and remainders. The k-th (k_total-th) largest lower bound A + bias − E is a lower bound of
+// the k-th largest h, so every entry of the top k has an upper bound A + bias + E at or above it:
+// those candidates (about 1.5–2 k on random data) are rescored exactly in fp32 and the selection
+// runs on them. Same entries and values as the selection of the fp32 product (its summation order
+// aside: the rescored values are dot products of x and W's rows summed in another order).
+
+// bf16_split: a fp32 [R, d] -> (â bf16 [R, d], a rounded to nearest even; norms fp32 [2, R]: ‖â_r‖
+// and ‖a_r − â_r‖, each rounded up). NaN stays NaN (its remainder is NaN).
+FASTCLT_SIMD_CLONES static void split_row(const float* __restrict__ a, uint16_t* __restrict__ hi, int64_t d,
+                                          float* s_hi, float* s_lo) {
+  float sh = 0.f, sl = 0.f;
+#pragma omp simd reduction(+ : sh, sl)
+  for (int64_t i = 0; i < d; ++i) {
+    const uint32_t u = simd::f32_bits(a[i]);
+    const uint32_t nan = uint32_t((u & 0x7FFFFFFFu) > 0x7F800000u);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint16_t h = uint16_t(nan ? 0x7FC0u : r);
+    hi[i] = h;
+    const float hf = simd::bf16_bits_to_f32(h), lo = a[i] - hf;  // exact: a's low mantissa bits
+    sh += hf * hf;
+    sl += lo * lo;
+  }
+  *s_hi = sh;
+  *s_lo = sl;
+}
+
+// A norm from an fp32 sum of d squares, rounded up: the sum's error is at most γ_d (~d·2^-24) of it
+// (terms >= 0) plus, for squares below the normal range (rounded as denormals, or flushed to zero
+// where the FPU flushes), 2^-126 each. A square past the fp32 range makes the norm Inf (the screen
+// then hands back).
+inline float norm_up(float sum_sq, int64_t d) {
+  const double bound = double(sum_sq) * (1.0 + 1.01 * double(d + 1) * std::ldexp(1.0, -24)) +
+                       double(d) * std::ldexp(1.0, -126);
+  return std::nextafter(float(std::sqrt(bound)), INFINITY);
+}
+
+std::tuple<at::Tensor, at::Tensor> bf16_split_cpu(const at::Tensor& a) {
+  TORCH_CHECK(a.dim() == 2, "fastclt::bf16_split: a must be 2-D [R, d], got shape ", a.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat, "fastclt::bf16_split: a must be float32, got ", a.scalar_type());
+  TORCH_CHECK(a.device().is_cpu(), "fastclt::bf16_split: CPU kernel called on ", a.device());
+  const at::Tensor ac = a.contiguous();
+  const int64_t R = a.size(0), d = a.size(1);
+  auto hi = new_output({R, d}, a.options().dtype(at::kBFloat16));
+  auto norms = new_output({2, R}, a.options());
+  const float* src = ac.data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(hi.data_ptr<at::BFloat16>());
+  float* nrm = norms.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, kParallelEntries / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float sh, sl;
+      split_row(src + r * d, dst + r * d, d, &sh, &sl);
+      nrm[r] = norm_up(sh, d);
+      nrm[R + r] = norm_up(sl, d);
+    }
+  });
+  return {hi, norms};
+}
+
+// The screen's operands: A bf16 [B, F] (row-major), x fp32 [B, d], W fp32 [F, d], bias fp32 [F] or
+// null, xn [2, B] and wn [2, F] (bf16_split's norms).
+struct Screen {
+  const uint16_t* A;
+  const float* x;
+  const float* W;
+  const float* bias;
+  const float* xn;
+  const float* wn;
+  int64_t B, F, d;
+  float gamma2;  // 2.02 · d · 2^-24: twice the fp32 summation error bound γ_d, with room
+};
+
+// The bound E(b, f) on |h − (A + bias)| (h: x_b · W_f + bias_f summed in fp32, in any order):
+//   x·w − x̂·ŵ = x̂·(w − ŵ) + (x − x̂)·ŵ + (x − x̂)·(w − ŵ)    (Cauchy–Schwarz on each term: the norms)
+//   + γ_d Σ|x̂ ŵ| for A's fp32 sum and γ_d Σ|x w| for h's, both ≤ γ_d (‖x̂‖ + ‖x − x̂‖)(‖ŵ‖ + ‖w − ŵ‖)
+//   + 2^-8 |A| for A's rounding to bf16, + 2^-100 (‖x̂‖ + ‖ŵ‖ + 1) for denormals flushed to zero
+//   (a bf16 GEMM may flush them), + 2^-21 (|A| + |bias|) for the fp32 roundings of h + bias, of
+//   A + bias and of the bound's own ± (with the factor 1.01 on the rest).
+constexpr float kBoundSlack = 1.01f;
+constexpr float kBf16Out = 0.00395f;           // 2^-8 · 1.01
+constexpr float kRound32 = 4.76837158e-07f;    // 2^-21
+constexpr float kTiny = 7.88860905e-31f;       // 2^-100
+
+// lb[f] = A + bias − E and ub[f] = A + bias + E over row b (ub may be null: the lower bounds only);
+// returns nonzero when a bound is not finite (NaN or ±Inf: the caller then falls back to the fp32
+// product).
+template <bool kBias, bool kUpper>
+FASTCLT_ALWAYS_INLINE uint32_t row_bounds_impl(const Screen& s, int64_t b, float* __restrict__ lb,
+                                               float* __restrict__ ub) {
+  const float p = s.xn[b], q = s.xn[s.B + b], g = s.gamma2;
+  const float* __restrict__ wh = s.wn;
+  const float* __restrict__ wl = s.wn + s.F;
+  const uint16_t* __restrict__ a = s.A + b * s.F;
+  const float* __restrict__ bias = s.bias;
+  const float tiny_row = kTiny * (p + 1.f);
+  uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t f = 0; f < s.F; ++f) {
+    const float av = simd::bf16_bits_to_f32(a[f]);
+    const float bv = kBias ? bias[f] : 0.f;
+    const float c = av + bv;
+    const float e = kBoundSlack * (p * wl[f] + q * wh[f] + q * wl[f] + g * (p + q) * (wh[f] + wl[f])) +
+                    kTiny * wh[f] + tiny_row + kBf16Out * std::fabs(av) + kRound32 * (std::fabs(av) + std::fabs(bv));
+    const float lo = c - e, hi = c + e;
+    lb[f] = lo;
+    if (kUpper) ub[f] = hi;
+    bad |= uint32_t(!(std::fabs(lo) <= 3.40282347e+38f)) | uint32_t(!(std::fabs(hi) <= 3.40282347e+38f));
+  }
+  return bad;
+}
+
+FASTCLT_SIMD_CLONES static uint32_t row_bounds(const Screen& s, int64_t b, float* lb, float* ub) {
+  if (ub == nullptr)
+    return s.bias != nullptr ? row_bounds_impl<true, false>(s, b, lb, ub) : row_bounds_impl<false, false>(s, b, lb, ub);
+  return s.bias != nullptr ? row_bounds_impl<true, true>(s, b, lb, ub) : row_bounds_impl<false, true>(s, b, lb, ub);
+}
+
+// The f with ub[f] >= tau, in increasing f, appended to rows (a vectorised test skips the blocks of
+// kBlock entries holding none).
+FASTCLT_SIMD_CLONES static void collect_reaching(const float* __restrict__ ub, int64_t F, float tau,
+                                                 std::vector<int64_t>& rows) {
+  for (int64_t block = 0; block < F; block += kBlock) {
+    const int64_t end = std::min(F, block + kBlock);
+    uint32_t any = 0;
+    for (int64_t f = block; f < end; ++f) any |= uint32_t(ub[f] >= tau);
+    if (!any) continue;
+    for (int64_t f = block; f < end; ++f)
+      if (ub[f] >= tau) rows.push_back(f);
+  }
+}
+
+// Status of a screened selection (its last output): the selection is valid only with kScreened.
+constexpr int32_t kScreened = 0, kNonFinite = 1, kBoundBroken = 2;
+
+// Row b's entries whose upper bound (in ub, over the row) is at least tau, rescored: h = x_b · W_f
+// (fp32) + bias_f, appended to `out` as (key of h, base + f) in increasing f. Returns kBoundBroken
+// when a rescored h lies outside its bounds (lb over the row, t.ub the row's upper bounds).
+struct RescoreScratch {
+  std::vector<int64_t> rows;
+  std::vector<float> dots, lb, ub;
+};
+
+int32_t rescore_row(const Screen& s, int64_t b, const float* lb, float tau, int64_t base, RescoreScratch& t,
+                    std::vector<simd::Candidate>& out) {
+  t.rows.clear();
+  const float* ub = t.ub.data();
+  collect_reaching(ub, s.F, tau, t.rows);
+  const int64_t n = int64_t(t.rows.size());
+  t.dots.resize(n);
+  simd::gather_dot(s.x + b * s.d, s.W, t.rows.data(), t.dots.data(), n, s.d);
+  int32_t status = kScreened;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t f = t.rows[j];
+    const float h = s.bias != nullptr ? t.dots[j] + s.bias[f] : t.dots[j];
+    if (!(h >= lb[f] && h <= ub[f])) status = kBoundBroken;
+    out.push_back({float_key(h), base + f});
+  }
+  return status;
+}
+
+void check_screen_args(const at::Tensor& A, const at::Tensor& x, const at::Tensor& W,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& xn, const at::Tensor& wn,
+                       const char* op) {
+  TORCH_CHECK(A.dim() == 2 && A.scalar_type() == at::kBFloat16 && A.is_contiguous(), "fastclt::", op,
+              ": A must be a contiguous bfloat16 [B, F] matrix, got ", A.scalar_type(), " of shape ", A.sizes());
+  TORCH_CHECK(A.device().is_cpu(), "fastclt::", op, ": CPU kernel called on ", A.device());
+  const int64_t B = A.size(0), F = A.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.scalar_type() == at::kFloat && x.is_contiguous(), "fastclt::", op,
+              ": x must be a contiguous float32 [B=", B, ", d] matrix, got ", x.scalar_type(), " of shape ",
+              x.sizes());
+  TORCH_CHECK(W.dim() == 2 && W.size(0) == F && W.size(1) == x.size(1) && W.scalar_type() == at::kFloat &&
+                  W.is_contiguous(),
+              "fastclt::", op, ": W must be a contiguous float32 [F=", F, ", d=", x.size(1), "] matrix, got ",
+              W.scalar_type(), " of shape ", W.sizes());
+  TORCH_CHECK(x.size(1) <= (int64_t(1) << 16), "fastclt::", op, ": d must be at most 65536, got ", x.size(1));
+  TORCH_CHECK(F <= INT32_MAX, "fastclt::", op, ": F must fit in int32, got ", F);
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == F && bias->scalar_type() == at::kFloat && bias->is_contiguous(),
+                "fastclt::", op, ": bias must be a contiguous float32 [F=", F, "] vector, got ", bias->scalar_type(),
+                " of shape ", bias->sizes());
+  TORCH_CHECK(xn.dim() == 2 && xn.size(0) == 2 && xn.size(1) == B && xn.scalar_type() == at::kFloat &&
+                  xn.is_contiguous(),
+              "fastclt::", op, ": x_norms must be a contiguous float32 [2, B=", B, "] (bf16_split's), got shape ",
+              xn.sizes());
+  TORCH_CHECK(wn.dim() == 2 && wn.size(0) == 2 && wn.size(1) == F && wn.scalar_type() == at::kFloat &&
+                  wn.is_contiguous(),
+              "fastclt::", op, ": w_norms must be a contiguous float32 [2, F=", F, "] (bf16_split's), got shape ",
+              wn.sizes());
+  for (const at::Tensor* t : {&x, &W, &xn, &wn}) check_device(*t, A, op, "x, W and the norms", "A");
+  if (bias.has_value()) check_device(*bias, A, op, "bias", "A");
+}
+
+Screen make_screen(const at::Tensor& A, const at::Tensor& x, const at::Tensor& W,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& xn, const at::Tensor& wn) {
+  const int64_t d = x.size(1);
+  return Screen{reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>()), x.data_ptr<float>(),
+                W.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr, xn.data_ptr<float>(),
+                wn.data_ptr<float>(), A.size(0), A.size(1), d, float(2.02 * double(d) * std::ldexp(1.0, -24))};
+}
+
+at::Tensor status_tensor(int32_t status) { return at::full({}, status, at::TensorOptions().dtype(at::kInt)); }
+
+// TopK of each row of h = x Wᵀ + bias from the screen: (index int32 [B, k] ascending, value fp32
+// [B, k] = relu(h) there, status int32 []). Per row: its lower bounds, their k-th largest t (topk_row),
+// the entries whose upper bound reaches t rescored, the top k of those (ties: lowest index).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_topk_cpu(const at::Tensor& A, const at::Tensor& x,
+                                                                 const at::Tensor& W,
+                                                                 const std::optional<at::Tensor>& bias,
+                                                                 const at::Tensor& x_norms, const at::Tensor& w_norms,
+                                                                 int64_t k) {
+  check_screen_args(A, x, W, bias, x_norms, w_norms, "screened_topk");
+  check_topk_args(A, k, "screened_topk");
+  const Screen s = make_screen(A, x, W, bias, x_norms, w_norms);
+  const int64_t B = s.B, F = s.F;
+  auto index = new_output({B, k}, x.options().dtype(at::kInt));
+  auto value = new_output({B, k}, x.options());
+  int32_t* out_index = index.data_ptr<int32_t>();
+  float* out_value = value.data_ptr<float>();
+  std::atomic<int32_t> status{kScreened};
+#pragma omp parallel if (B * F > kParallelEntries)
+  {
+    RowScratch scratch;
+    RescoreScratch t;
+    t.lb.resize(F);
+    t.ub.resize(F);
+    std::vector<int32_t> chosen;
+    std::vector<simd::Candidate> cand;
+    bool nan = false;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      if (status.load(std::memory_order_relaxed) != kScreened) continue;
+      if (row_bounds(s, b, t.lb.data(), t.ub.data())) {
+        status = kNonFinite;
+        continue;
+      }
+      topk_row(t.lb.data(), nullptr, F, k, scratch, chosen, nan);
+      float tau = INFINITY;
+      for (int32_t i : chosen) tau = std::min(tau, t.lb[i]);
+      cand.clear();
+      if (rescore_row(s, b, t.lb.data(), tau, 0, t, cand) != kScreened || int64_t(cand.size()) < k) {
+        status = kBoundBroken;
+        continue;
+      }
+      std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), simd::RanksBefore{});
+      std::sort(cand.begin(), cand.begin() + k, [](const simd::Candidate& u, const simd::Candidate& v) {
+        return u.index < v.index;
+      });
+      for (int64_t i = 0; i < k; ++i) {
+        out_index[b * k + i] = int32_t(cand[i].index);
+        out_value[b * k + i] = relu(key_float(cand[i].key));
+      }
+    }
+  }
+  return {index, value, status_tensor(status.load())};
+}
+
+// BatchTopK (k_total over the batch) of h = x Wᵀ + bias from the screen: (row_ptr, index, value as
+// batch_topk_bias's; status int32 []). The lower bounds of all entries in one buffer, their
+// k_total-th largest t (batch_topk's own selection), then per row the entries whose upper bound
+// reaches t rescored, and batch_topk's end on those candidates (ties: lowest flat index).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> screened_batch_topk_cpu(
+    const at::Tensor& A, const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+    const at::Tensor& x_norms, const at::Tensor& w_norms, int64_t k_total) {
+  check_screen_args(A, x, W, bias, x_norms, w_norms, "screened_batch_topk");
+  const Screen s = make_screen(A, x, W, bias, x_norms, w_norms);
+  const int64_t B = s.B, F = s.F, n = B * F;
+  TORCH_CHECK_VALUE(k_total >= 0 && k_total <= n, "fastclt::screened_batch_topk: k_total must be in [0, B·F=", n,
+                    "], got ", k_total);
+  auto row_ptr = new_output({B + 1}, x.options().dtype(at::kLong));
+  auto index = new_output({k_total}, x.options().dtype(at::kInt));
+  auto value = new_output({k_total}, x.options());
+  if (k_total == 0) {
+    row_ptr.zero_();
+    return {row_ptr, index, value, status_tensor(kScreened)};
+  }
+  at::Tensor lb_t = new_output({B, F}, x.options());
+  float* lb = lb_t.data_ptr<float>();
+  std::atomic<int32_t> status{kScreened};
+  at::parallel_for(0, B, n > kParallelEntries ? 1 : B, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      if (row_bounds(s, b, lb + b * F, nullptr)) status = kNonFinite;
+  });
+  if (status.load() != kScreened) return {row_ptr, index, value, status_tensor(status.load())};
+  float tau;
+  {
+    std::vector<int64_t> rp(B + 1);
+    std::vector<int32_t> idx(k_total);
+    std::vector<float> val(k_total);
+    batch_topk_impl<float>(lb, nullptr, n, F, k_total, rp.data(), idx.data(), val.data());
+    tau = INFINITY;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = rp[b]; j < rp[b + 1]; ++j) tau = std::min(tau, lb[b * F + idx[j]]);
+  }
+  std::vector<std::vector<simd::Candidate>> parts(B);
+#pragma omp parallel if (n > kParallelEntries)
+  {
+    RescoreScratch t;
+    t.lb.resize(F);
+    t.ub.resize(F);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      if (status.load(std::memory_order_relaxed) != kScreened) continue;
+      if (row_bounds(s, b, t.lb.data(), t.ub.data())) {
+        status = kNonFinite;
+        continue;
+      }
+      if (rescore_row(s, b, lb + b * F, tau, b * F, t, parts[b]) != kScreened) status = kBoundBroken;
+    }
+  }
+  int64_t n_cand = 0;
+  for (const auto& part : parts) n_cand += int64_t(part.size());
+  if (status.load() == kScreened && n_cand < k_total) status = kBoundBroken;
+  if (status.load() != kScreened) return {row_ptr, index, value, status_tensor(status.load())};
+  keep_top_candidates(parts, B, F, k_total, row_ptr.data_ptr<int64_t>(), index.data_ptr<int32_t>(),
+                      value.data_ptr<float>());
+  return {row_ptr, index, value, status_tensor(kScreened)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
@@ -779,6 +1110,9 @@ TORCH_LIBRARY_IMPL(fastclt, CPU, m) {
   m.impl("batch_topk_bias", &batch_topk_bias_cpu);
   m.impl("batch_topk_bias_layers", &batch_topk_bias_layers_cpu);
   m.impl("threshold_compact", &threshold_compact_cpu);
+  m.impl("bf16_split", &bf16_split_cpu);
+  m.impl("screened_topk", &screened_topk_cpu);
+  m.impl("screened_batch_topk", &screened_batch_topk_cpu);
 }
 
 }  // namespace fastclt

@@ -16,6 +16,7 @@ import torch
 from fastclt.codes import SparseCodes
 from fastclt.ops import density, sharded
 from fastclt.ops.encoder_backward import encode_codes
+from fastclt.ops.ext import screen
 from fastclt.ops.ext import select as ext_select
 from fastclt.ops.ext._common import EXT_KERNELS, h_out, ops
 from fastclt.ops.reference.activation import band_mask
@@ -77,8 +78,18 @@ def _entries(x, W_enc, b_enc, activation, k, threshold, bandwidth, pre_bias, sha
         # x − pre_bias once, for the GEMM and (fp32: the same numbers) for dW_enc in the backward
         if pre_bias is not None and x.dtype == torch.float32:
             centered = x.detach() - pre_bias.detach().to(x.dtype)
-        h = preacts(x.detach() if centered is None else centered, W_enc.detach(),
-                    None if b_enc is None or fold else b_enc.detach(),
+        xs = x.detach() if centered is None else centered
+        # on CPUs with bf16 matrix units, a bf16 screen and the candidates rescored in fp32 (fastclt/ops/ext/screen.py)
+        product = screen.product(xs, W_enc.detach()) if fold and screen.applies(xs, W_enc, b_enc, activation, k) \
+            else None
+    picked = None if product is None else screen.select(product, b_enc.detach(), activation, k)
+    del product
+    if picked is not None:
+        c = SparseCodes.from_topk(*picked, W_enc.shape[0]) if activation == "topk" else \
+            SparseCodes(*picked, W_enc.shape[0])
+        return c.row_ptr, None, c.index, c.value, centered
+    with phase("encoder_gemm"):
+        h = preacts(xs, W_enc.detach(), None if b_enc is None or fold else b_enc.detach(),
                     None if pre_bias is None or centered is not None else pre_bias.detach(),
                     out=h_out(x, x.shape[0], W_enc.shape[0]))
     if fold:
@@ -111,7 +122,8 @@ def encode_layers(x: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Te
         if not joined:
             return [encode(x_l, W_l, b_l, activation="batchtopk", k=k, pre_bias=pre_bias)
                     for x_l, W_l, b_l in zip(xs, Ws, bs)]
-        if _folds(x, b_enc) and B * F <= _SMALL_LAYER:  # the L selections in one call, the bias folded in
+        if _folds(x, b_enc) and B * F <= _SMALL_LAYER and not screen.applies(xs[0], Ws[0], bs[0], "batchtopk", k):
+            # the L selections in one call, the bias folded in (unless each layer's is screened)
             with torch.no_grad():
                 with phase("encoder_gemm"):
                     h = preacts_layers(x.detach(), W_enc.detach(), None, out=h_out(x, L, B, F))
