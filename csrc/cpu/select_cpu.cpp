@@ -840,94 +840,178 @@ std::tuple<at::Tensor, at::Tensor> bf16_split_cpu(const at::Tensor& a) {
   return {hi, norms};
 }
 
+// The bound E(b, f) on |h − (A + bias)| (h: x_b · W_f + bias_f summed in fp32, in any order):
+//   x·w − x̂·ŵ = x̂·(w − ŵ) + (x − x̂)·ŵ + (x − x̂)·(w − ŵ)    (Cauchy–Schwarz on each term: the norms)
+//   + γ_d Σ|x̂ ŵ| for A's fp32 sum and γ_d Σ|x w| for h's, both ≤ γ_d (‖x̂‖ + ‖x − x̂‖)(‖ŵ‖ + ‖w − ŵ‖)
+//   + 2^-8 |A| for A's rounding to bf16, + 2^-100 (‖x̂‖ + ‖ŵ‖ + 1) for denormals flushed to zero
+//   (a bf16 GEMM may flush them), + 2^-21 (|A| + |bias|) for the fp32 roundings of h + bias, of
+//   A + bias and of the bound's own terms and ± (with the factor 1.01 on the rest).
+// Per feature the terms in ‖x̂‖ = p and ‖x − x̂‖ = q are folded into E = p·u_f + q·v_f + z_f +
+// 2^-100 (p + 1) + (2^-8·1.01 + 2^-21)|A|, u_f = 1.01 (‖w̃‖ + 2γ(‖ŵ‖ + ‖w̃‖)), v_f = 1.01 (‖ŵ‖ + ‖w̃‖ +
+// 2γ(‖ŵ‖ + ‖w̃‖)), z_f = 2^-100 ‖ŵ‖ + 2^-21 |bias_f| (the roundings of that folding are a few 2^-24
+// of the terms, inside the 1.01).
+constexpr float kBoundSlack = 1.01f;
+constexpr float kAbsA = 0.00395f + 4.76837158e-07f;  // 2^-8 · 1.01 + 2^-21
+constexpr float kRound32 = 4.76837158e-07f;           // 2^-21
+constexpr float kTiny = 7.88860905e-31f;              // 2^-100
+constexpr float kFiniteBound = 3.0e38f;               // |A + bias| + E below it: both bounds finite
+
 // The screen's operands: A bf16 [B, F] (row-major), x fp32 [B, d], W fp32 [F, d], bias fp32 [F] or
-// null, xn [2, B] and wn [2, F] (bf16_split's norms).
+// null, xn [2, B] (bf16_split's norms of x), and the per-feature coefficients u, v, z [F] above.
 struct Screen {
   const uint16_t* A;
   const float* x;
   const float* W;
   const float* bias;
   const float* xn;
-  const float* wn;
+  const float *u, *v, *z;
   int64_t B, F, d;
-  float gamma2;  // 2.02 · d · 2^-24: twice the fp32 summation error bound γ_d, with room
 };
 
-// The bound E(b, f) on |h − (A + bias)| (h: x_b · W_f + bias_f summed in fp32, in any order):
-//   x·w − x̂·ŵ = x̂·(w − ŵ) + (x − x̂)·ŵ + (x − x̂)·(w − ŵ)    (Cauchy–Schwarz on each term: the norms)
-//   + γ_d Σ|x̂ ŵ| for A's fp32 sum and γ_d Σ|x w| for h's, both ≤ γ_d (‖x̂‖ + ‖x − x̂‖)(‖ŵ‖ + ‖w − ŵ‖)
-//   + 2^-8 |A| for A's rounding to bf16, + 2^-100 (‖x̂‖ + ‖ŵ‖ + 1) for denormals flushed to zero
-//   (a bf16 GEMM may flush them), + 2^-21 (|A| + |bias|) for the fp32 roundings of h + bias, of
-//   A + bias and of the bound's own ± (with the factor 1.01 on the rest).
-constexpr float kBoundSlack = 1.01f;
-constexpr float kBf16Out = 0.00395f;           // 2^-8 · 1.01
-constexpr float kRound32 = 4.76837158e-07f;    // 2^-21
-constexpr float kTiny = 7.88860905e-31f;       // 2^-100
-
-// lb[f] = A + bias − E and ub[f] = A + bias + E over row b (ub may be null: the lower bounds only);
-// returns nonzero when a bound is not finite (NaN or ±Inf: the caller then falls back to the fp32
-// product).
-template <bool kBias, bool kUpper>
-FASTCLT_ALWAYS_INLINE uint32_t row_bounds_impl(const Screen& s, int64_t b, float* __restrict__ lb,
-                                               float* __restrict__ ub) {
-  const float p = s.xn[b], q = s.xn[s.B + b], g = s.gamma2;
-  const float* __restrict__ wh = s.wn;
-  const float* __restrict__ wl = s.wn + s.F;
-  const uint16_t* __restrict__ a = s.A + b * s.F;
-  const float* __restrict__ bias = s.bias;
+// lo[i] = A + bias − E and hi[i] = A + bias + E for the N entries f0.. of row b; returns nonzero
+// when one is not finite (NaN or ±Inf: the caller then hands back). N a constant (a full chunk) or
+// n at run time (a partial one).
+template <bool kBias, int64_t N>
+FASTCLT_ALWAYS_INLINE uint32_t bounds_impl(const Screen& s, int64_t b, int64_t f0, int64_t n, float* __restrict__ lo,
+                                           float* __restrict__ hi) {
+  const float p = s.xn[b], q = s.xn[s.B + b];
   const float tiny_row = kTiny * (p + 1.f);
+  const float* __restrict__ u = s.u + f0;
+  const float* __restrict__ v = s.v + f0;
+  const float* __restrict__ z = s.z + f0;
+  const uint16_t* __restrict__ a = s.A + b * s.F + f0;
+  const float* __restrict__ bias = kBias ? s.bias + f0 : nullptr;
+  const int64_t m = N > 0 ? N : n;
   uint32_t bad = 0;
 #pragma omp simd reduction(| : bad)
-  for (int64_t f = 0; f < s.F; ++f) {
-    const float av = simd::bf16_bits_to_f32(a[f]);
-    const float bv = kBias ? bias[f] : 0.f;
-    const float c = av + bv;
-    const float e = kBoundSlack * (p * wl[f] + q * wh[f] + q * wl[f] + g * (p + q) * (wh[f] + wl[f])) +
-                    kTiny * wh[f] + tiny_row + kBf16Out * std::fabs(av) + kRound32 * (std::fabs(av) + std::fabs(bv));
-    const float lo = c - e, hi = c + e;
-    lb[f] = lo;
-    if (kUpper) ub[f] = hi;
-    bad |= uint32_t(!(std::fabs(lo) <= 3.40282347e+38f)) | uint32_t(!(std::fabs(hi) <= 3.40282347e+38f));
+  for (int64_t i = 0; i < m; ++i) {
+    const float av = simd::bf16_bits_to_f32(a[i]);
+    const float c = kBias ? av + bias[i] : av;
+    const float e = p * u[i] + q * v[i] + z[i] + tiny_row + kAbsA * std::fabs(av);
+    lo[i] = c - e;
+    hi[i] = c + e;
+    bad |= uint32_t(!(std::fabs(c) + e <= kFiniteBound));
   }
   return bad;
 }
 
-FASTCLT_SIMD_CLONES static uint32_t row_bounds(const Screen& s, int64_t b, float* lb, float* ub) {
-  if (ub == nullptr)
-    return s.bias != nullptr ? row_bounds_impl<true, false>(s, b, lb, ub) : row_bounds_impl<false, false>(s, b, lb, ub);
-  return s.bias != nullptr ? row_bounds_impl<true, true>(s, b, lb, ub) : row_bounds_impl<false, true>(s, b, lb, ub);
+// The screen works on chunks of kChunk entries of a row, each seen as kLanes lanes: lane i of the
+// chunk at f0 holds the entries f0 + i + kLanes·t. A lane's largest lower bound (its "lane
+// maximum") belongs to one entry, and lanes hold distinct entries: the k-th largest lane maximum is
+// a lower bound of the k-th largest lower bound, hence of the k-th largest h (needs k lanes: k ≤ F
+// / kLanes), and a chunk none of whose lanes' largest upper bounds reaches it holds no entry of the
+// top k. The lane maxima are vertical maxima over the chunk's kChunk / kLanes vectors (no
+// horizontal reduction per block).
+constexpr int64_t kLanes = 8;
+constexpr int64_t kChunk = 64;
+
+// The bounds of the chunk at f0 (n = min(kChunk, F − f0) entries; the rest of lo / hi −Inf).
+FASTCLT_SIMD_CLONES static uint32_t chunk_bounds(const Screen& s, int64_t b, int64_t f0, float* lo, float* hi) {
+  const int64_t n = std::min(kChunk, s.F - f0);
+  if (n < kChunk) {
+    std::fill(lo + n, lo + kChunk, -INFINITY);
+    std::fill(hi + n, hi + kChunk, -INFINITY);
+    return s.bias != nullptr ? bounds_impl<true, 0>(s, b, f0, n, lo, hi) : bounds_impl<false, 0>(s, b, f0, n, lo, hi);
+  }
+  return s.bias != nullptr ? bounds_impl<true, kChunk>(s, b, f0, n, lo, hi)
+                           : bounds_impl<false, kChunk>(s, b, f0, n, lo, hi);
 }
 
-// The f with ub[f] >= tau, in increasing f, appended to rows (a vectorised test skips the blocks of
-// kBlock entries holding none).
-FASTCLT_SIMD_CLONES static void collect_reaching(const float* __restrict__ ub, int64_t F, float tau,
-                                                 std::vector<int64_t>& rows) {
-  for (int64_t block = 0; block < F; block += kBlock) {
-    const int64_t end = std::min(F, block + kBlock);
-    uint32_t any = 0;
-    for (int64_t f = block; f < end; ++f) any |= uint32_t(ub[f] >= tau);
-    if (!any) continue;
-    for (int64_t f = block; f < end; ++f)
-      if (ub[f] >= tau) rows.push_back(f);
+// Row b's lane maxima: lbmax / ubmax [n_chunks · kLanes], chunk after chunk. Nonzero when a bound of
+// the row is not finite.
+template <bool kBias>
+FASTCLT_ALWAYS_INLINE uint32_t row_lane_maxima_impl(const Screen& s, int64_t b, float* __restrict__ lbmax,
+                                                    float* __restrict__ ubmax) {
+  alignas(64) float lo[kChunk], hi[kChunk];
+  uint32_t bad = 0;
+  const int64_t full = s.F / kChunk;
+  for (int64_t c = 0; c <= full; ++c) {
+    const int64_t f0 = c * kChunk;
+    if (c < full) {
+      bad |= bounds_impl<kBias, kChunk>(s, b, f0, kChunk, lo, hi);
+    } else {
+      if (f0 == s.F) break;
+      std::fill(lo, lo + kChunk, -INFINITY);
+      std::fill(hi, hi + kChunk, -INFINITY);
+      bad |= bounds_impl<kBias, 0>(s, b, f0, s.F - f0, lo, hi);
+    }
+    float* __restrict__ lm = lbmax + c * kLanes;
+    float* __restrict__ um = ubmax + c * kLanes;
+#pragma omp simd
+    for (int64_t i = 0; i < kLanes; ++i) {
+      float l = lo[i], h = hi[i];
+      for (int64_t t = 1; t < kChunk / kLanes; ++t) {
+        l = lo[t * kLanes + i] > l ? lo[t * kLanes + i] : l;
+        h = hi[t * kLanes + i] > h ? hi[t * kLanes + i] : h;
+      }
+      lm[i] = l;
+      um[i] = h;
+    }
   }
+  return bad;
+}
+
+FASTCLT_SIMD_CLONES static uint32_t row_lane_maxima(const Screen& s, int64_t b, float* lbmax, float* ubmax) {
+  return s.bias != nullptr ? row_lane_maxima_impl<true>(s, b, lbmax, ubmax)
+                           : row_lane_maxima_impl<false>(s, b, lbmax, ubmax);
+}
+
+// A lower bound of the k-th largest lower bound of a row from its lane maxima (lanes = n_chunks ·
+// kLanes of them): the k-th largest chunk maximum when k <= n_chunks (the top k chunks each hold a
+// lane at least that large; cheaper, and about as tight when k is small next to the chunks), else
+// the k-th largest lane maximum when k <= lanes, else −Inf (every entry is then a candidate).
+float row_bound(const float* lbmax, int64_t lanes, int64_t k, std::vector<float>& sel) {
+  const int64_t chunks = lanes / kLanes;
+  if (k <= chunks) {
+    sel.resize(chunks);
+    for (int64_t c = 0; c < chunks; ++c) {
+      float m = lbmax[c * kLanes];
+      for (int64_t i = 1; i < kLanes; ++i) m = lbmax[c * kLanes + i] > m ? lbmax[c * kLanes + i] : m;
+      sel[c] = m;
+    }
+  } else if (k <= lanes) {
+    sel.assign(lbmax, lbmax + lanes);
+  } else {
+    return -INFINITY;
+  }
+  std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<float>());
+  return sel[k - 1];
 }
 
 // Status of a screened selection (its last output): the selection is valid only with kScreened.
 constexpr int32_t kScreened = 0, kNonFinite = 1, kBoundBroken = 2;
 
-// Row b's entries whose upper bound (in ub, over the row) is at least tau, rescored: h = x_b · W_f
-// (fp32) + bias_f, appended to `out` as (key of h, base + f) in increasing f. Returns kBoundBroken
-// when a rescored h lies outside its bounds (lb over the row, t.ub the row's upper bounds).
+// Row b's candidates: in every chunk with a lane whose largest upper bound (ubmax, the row's) reaches
+// tau, the entries whose upper bound does, rescored — h = x_b · W_f (fp32) + bias_f — and appended
+// to `out` as (key of h, base + f) in increasing f. Returns kBoundBroken when a rescored h lies
+// outside its bounds.
 struct RescoreScratch {
   std::vector<int64_t> rows;
-  std::vector<float> dots, lb, ub;
+  std::vector<float> dots, lb, ub, heap;
 };
 
-int32_t rescore_row(const Screen& s, int64_t b, const float* lb, float tau, int64_t base, RescoreScratch& t,
+int32_t rescore_row(const Screen& s, int64_t b, const float* ubmax, float tau, int64_t base, RescoreScratch& t,
                     std::vector<simd::Candidate>& out) {
+  alignas(64) float lo[kChunk], hi[kChunk];
   t.rows.clear();
-  const float* ub = t.ub.data();
-  collect_reaching(ub, s.F, tau, t.rows);
+  t.lb.clear();
+  t.ub.clear();
+  for (int64_t f0 = 0, c = 0; f0 < s.F; f0 += kChunk, ++c) {
+    uint32_t lanes = 0;  // bit i: lane i's largest upper bound reaches tau
+    for (int64_t i = 0; i < kLanes; ++i) lanes |= uint32_t(ubmax[c * kLanes + i] >= tau) << i;
+    if (!lanes) continue;
+    chunk_bounds(s, b, f0, lo, hi);
+    uint64_t hits = 0;  // bit j: entry f0 + j reaches tau (only the reaching lanes' entries are tested)
+    for (int64_t i = 0; i < kLanes; ++i)
+      if (lanes >> i & 1u)
+        for (int64_t j = i; j < kChunk; j += kLanes) hits |= uint64_t(hi[j] >= tau) << j;
+    for (; hits; hits &= hits - 1) {  // in increasing f
+      const int j = __builtin_ctzll(hits);
+      t.rows.push_back(f0 + j);
+      t.lb.push_back(lo[j]);
+      t.ub.push_back(hi[j]);
+    }
+  }
   const int64_t n = int64_t(t.rows.size());
   t.dots.resize(n);
   simd::gather_dot(s.x + b * s.d, s.W, t.rows.data(), t.dots.data(), n, s.d);
@@ -935,7 +1019,7 @@ int32_t rescore_row(const Screen& s, int64_t b, const float* lb, float tau, int6
   for (int64_t j = 0; j < n; ++j) {
     const int64_t f = t.rows[j];
     const float h = s.bias != nullptr ? t.dots[j] + s.bias[f] : t.dots[j];
-    if (!(h >= lb[f] && h <= ub[f])) status = kBoundBroken;
+    if (!(h >= t.lb[j] && h <= t.ub[j])) status = kBoundBroken;
     out.push_back({float_key(h), base + f});
   }
   return status;
@@ -973,19 +1057,41 @@ void check_screen_args(const at::Tensor& A, const at::Tensor& x, const at::Tenso
   if (bias.has_value()) check_device(*bias, A, op, "bias", "A");
 }
 
-Screen make_screen(const at::Tensor& A, const at::Tensor& x, const at::Tensor& W,
-                   const std::optional<at::Tensor>& bias, const at::Tensor& xn, const at::Tensor& wn) {
-  const int64_t d = x.size(1);
-  return Screen{reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>()), x.data_ptr<float>(),
-                W.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr, xn.data_ptr<float>(),
-                wn.data_ptr<float>(), A.size(0), A.size(1), d, float(2.02 * double(d) * std::ldexp(1.0, -24))};
+// The screen of a call, with the per-feature coefficients (u, v, z) in its own storage.
+struct ScreenData {
+  std::vector<float> u, v, z;
+  Screen s;
+};
+
+void make_screen(const at::Tensor& A, const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& xn, const at::Tensor& wn, ScreenData& out) {
+  const int64_t F = A.size(1), d = x.size(1);
+  const float g = float(2.02 * double(d) * std::ldexp(1.0, -24));  // 2γ_d with room
+  const float* wh = wn.data_ptr<float>();
+  const float* wl = wh + F;
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  out.u.resize(F);
+  out.v.resize(F);
+  out.z.resize(F);
+  for (int64_t f = 0; f < F; ++f) {
+    const float gw = g * (wh[f] + wl[f]);
+    out.u[f] = kBoundSlack * (wl[f] + gw);
+    out.v[f] = kBoundSlack * (wh[f] + wl[f] + gw);
+    out.z[f] = kTiny * wh[f] + (bp != nullptr ? kRound32 * std::fabs(bp[f]) : 0.f);
+  }
+  out.s = Screen{reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>()), x.data_ptr<float>(),
+                 W.data_ptr<float>(), bp, xn.data_ptr<float>(), out.u.data(), out.v.data(), out.z.data(),
+                 A.size(0), F, d};
 }
 
 at::Tensor status_tensor(int32_t status) { return at::full({}, status, at::TensorOptions().dtype(at::kInt)); }
 
+int64_t lane_count(int64_t F) { return (F + kChunk - 1) / kChunk * kLanes; }
+
 // TopK of each row of h = x Wᵀ + bias from the screen: (index int32 [B, k] ascending, value fp32
-// [B, k] = relu(h) there, status int32 []). Per row: its lower bounds, their k-th largest t (topk_row),
-// the entries whose upper bound reaches t rescored, the top k of those (ties: lowest index).
+// [B, k] = relu(h) there, status int32 []). Per row: its lane maxima, a lower bound t of its k-th
+// largest lower bound (row_bound), the candidates of the chunks that reach t rescored (rescore_row),
+// their top k (ties: lowest index).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_topk_cpu(const at::Tensor& A, const at::Tensor& x,
                                                                  const at::Tensor& W,
                                                                  const std::optional<at::Tensor>& bias,
@@ -993,8 +1099,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_topk_cpu(const at::Tenso
                                                                  int64_t k) {
   check_screen_args(A, x, W, bias, x_norms, w_norms, "screened_topk");
   check_topk_args(A, k, "screened_topk");
-  const Screen s = make_screen(A, x, W, bias, x_norms, w_norms);
-  const int64_t B = s.B, F = s.F;
+  ScreenData data;
+  make_screen(A, x, W, bias, x_norms, w_norms, data);
+  const Screen& s = data.s;
+  const int64_t B = s.B, F = s.F, lanes = lane_count(F);
   auto index = new_output({B, k}, x.options().dtype(at::kInt));
   auto value = new_output({B, k}, x.options());
   int32_t* out_index = index.data_ptr<int32_t>();
@@ -1002,25 +1110,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_topk_cpu(const at::Tenso
   std::atomic<int32_t> status{kScreened};
 #pragma omp parallel if (B * F > kParallelEntries)
   {
-    RowScratch scratch;
     RescoreScratch t;
-    t.lb.resize(F);
-    t.ub.resize(F);
-    std::vector<int32_t> chosen;
+    std::vector<float> lbmax(lanes), ubmax(lanes);
     std::vector<simd::Candidate> cand;
-    bool nan = false;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       if (status.load(std::memory_order_relaxed) != kScreened) continue;
-      if (row_bounds(s, b, t.lb.data(), t.ub.data())) {
+      if (row_lane_maxima(s, b, lbmax.data(), ubmax.data())) {
         status = kNonFinite;
         continue;
       }
-      topk_row(t.lb.data(), nullptr, F, k, scratch, chosen, nan);
-      float tau = INFINITY;
-      for (int32_t i : chosen) tau = std::min(tau, t.lb[i]);
+      const float tau = row_bound(lbmax.data(), lanes, k, t.heap);
       cand.clear();
-      if (rescore_row(s, b, t.lb.data(), tau, 0, t, cand) != kScreened || int64_t(cand.size()) < k) {
+      if (rescore_row(s, b, ubmax.data(), tau, 0, t, cand) != kScreened || int64_t(cand.size()) < k) {
         status = kBoundBroken;
         continue;
       }
@@ -1038,15 +1140,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_topk_cpu(const at::Tenso
 }
 
 // BatchTopK (k_total over the batch) of h = x Wᵀ + bias from the screen: (row_ptr, index, value as
-// batch_topk_bias's; status int32 []). The lower bounds of all entries in one buffer, their
-// k_total-th largest t (batch_topk's own selection), then per row the entries whose upper bound
-// reaches t rescored, and batch_topk's end on those candidates (ties: lowest flat index).
+// batch_topk_bias's; status int32 []). Every row's lane maxima into [B, lanes] buffers, the
+// k_total-th largest lower one t (batch_topk's own selection over them; −Inf when there are fewer
+// lanes than k_total), then per row the candidates of the chunks that reach t rescored, and
+// batch_topk's end on those (ties: lowest flat index).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> screened_batch_topk_cpu(
     const at::Tensor& A, const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
     const at::Tensor& x_norms, const at::Tensor& w_norms, int64_t k_total) {
   check_screen_args(A, x, W, bias, x_norms, w_norms, "screened_batch_topk");
-  const Screen s = make_screen(A, x, W, bias, x_norms, w_norms);
-  const int64_t B = s.B, F = s.F, n = B * F;
+  ScreenData data;
+  make_screen(A, x, W, bias, x_norms, w_norms, data);
+  const Screen& s = data.s;
+  const int64_t B = s.B, F = s.F, n = B * F, lanes = lane_count(F);
   TORCH_CHECK_VALUE(k_total >= 0 && k_total <= n, "fastclt::screened_batch_topk: k_total must be in [0, B·F=", n,
                     "], got ", k_total);
   auto row_ptr = new_output({B + 1}, x.options().dtype(at::kLong));
@@ -1056,38 +1161,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> screened_batch_topk_c
     row_ptr.zero_();
     return {row_ptr, index, value, status_tensor(kScreened)};
   }
-  at::Tensor lb_t = new_output({B, F}, x.options());
-  float* lb = lb_t.data_ptr<float>();
+  at::Tensor lbmax_t = new_output({B, lanes}, x.options()), ubmax_t = new_output({B, lanes}, x.options());
+  float* lbmax = lbmax_t.data_ptr<float>();
+  float* ubmax = ubmax_t.data_ptr<float>();
   std::atomic<int32_t> status{kScreened};
   at::parallel_for(0, B, n > kParallelEntries ? 1 : B, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      if (row_bounds(s, b, lb + b * F, nullptr)) status = kNonFinite;
+      if (row_lane_maxima(s, b, lbmax + b * lanes, ubmax + b * lanes)) status = kNonFinite;
   });
   if (status.load() != kScreened) return {row_ptr, index, value, status_tensor(status.load())};
-  float tau;
-  {
+  float tau = -INFINITY;
+  if (k_total <= B * lanes) {
     std::vector<int64_t> rp(B + 1);
     std::vector<int32_t> idx(k_total);
     std::vector<float> val(k_total);
-    batch_topk_impl<float>(lb, nullptr, n, F, k_total, rp.data(), idx.data(), val.data());
+    batch_topk_impl<float>(lbmax, nullptr, B * lanes, lanes, k_total, rp.data(), idx.data(), val.data());
     tau = INFINITY;
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = rp[b]; j < rp[b + 1]; ++j) tau = std::min(tau, lb[b * F + idx[j]]);
+      for (int64_t j = rp[b]; j < rp[b + 1]; ++j) tau = std::min(tau, lbmax[b * lanes + idx[j]]);
   }
   std::vector<std::vector<simd::Candidate>> parts(B);
 #pragma omp parallel if (n > kParallelEntries)
   {
     RescoreScratch t;
-    t.lb.resize(F);
-    t.ub.resize(F);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       if (status.load(std::memory_order_relaxed) != kScreened) continue;
-      if (row_bounds(s, b, t.lb.data(), t.ub.data())) {
-        status = kNonFinite;
-        continue;
-      }
-      if (rescore_row(s, b, lb + b * F, tau, b * F, t, parts[b]) != kScreened) status = kBoundBroken;
+      if (rescore_row(s, b, ubmax + b * lanes, tau, b * F, t, parts[b]) != kScreened) status = kBoundBroken;
     }
   }
   int64_t n_cand = 0;
