@@ -49,15 +49,16 @@ from typing import Callable, Optional
 
 import torch
 
-from benchmarks.bench_train_step import _adam, _autocast, _build_fastclt, _name, _resolved, fastclt_impl
+from benchmarks.bench_train_step import _adam, _autocast, _build_fastclt, _env, _name, _resolved, fastclt_impl, screens
 from benchmarks.harness import Case, Runner, _percentile, time_fns
 from benchmarks.shapes import Shape
 
-__all__ = ["PHASES", "ProfileCase", "profile_cases", "attribute", "write_profile_plot", "STEP_MODE"]
+__all__ = ["PHASES", "ProfileCase", "profile_cases", "attribute", "write_profile_plot", "STEP_MODE", "NO_SCREEN_MODE"]
 
 PHASES = ("encoder_gemm", "selection", "decode_fwd", "decode_bwd", "encoder_bwd", "losses", "optimizer", "other")
 STEP_MODE = "step"
 PROFILED_MODE = "step (profiled)"
+NO_SCREEN_MODE = "step (screen off)"
 STEP_RANGE = "fastclt.profile::step"
 _EVAL = "autograd::engine::evaluate_function: "
 # a mark → (its forward phase, the phase of the backward of what ran under it)
@@ -250,8 +251,14 @@ class ProfileCase(Case):
         # floors: the bare GEMM and the bare Adam step (the model's own optimizer on the gradients the
         # step left), timed alternating with the step, round by round
         rounds = self.goal_rounds_quick if runner.quick else self.goal_rounds
-        alt = alternated({"step": step, "gemm": _bare_gemm(model, x, device), "adam": opt.step}, device, rounds,
-                         self.goal_reps)
+        fns = {"step": step, "gemm": _bare_gemm(model, x, device), "adam": opt.step}
+        screened = screens(family, act, s, device)
+        if screened:  # the same step with the encoders' fp32 GEMM (FASTCLT_SCREEN=0), in the same rounds
+            def step_no_screen():
+                with _env("FASTCLT_SCREEN", "0"):
+                    step()
+            fns["no_screen"] = step_no_screen
+        alt = alternated(fns, device, rounds, self.goal_reps)
         gemm_ms, adam_ms = statistics.median(alt["gemm"]), statistics.median(alt["adam"])
         e = 2 if device.type == "cuda" else 4
         floors = {"encoder_gemm": gemm_ms, "optimizer": adam_ms, **_roofline_floors(family, tying, s, e, runner.peaks)}
@@ -280,6 +287,14 @@ class ProfileCase(Case):
                  p80_ms=_percentile(alt["step"], 0.8), n_runs=len(alt["step"]), floor_ms=goal_floor,
                  frac_roofline=goal_floor / step_ms)
         rows.append(r)
+        if screened:
+            ns_ms = statistics.median(alt["no_screen"])
+            r = runner.row(self, "ok", "the step with the encoders' bf16 screen off (FASTCLT_SCREEN=0: their fp32 "
+                                       "GEMM), timed in the same rounds; the same floor")
+            r.update(mode=NO_SCREEN_MODE, median_ms=ns_ms, p20_ms=_percentile(alt["no_screen"], 0.2),
+                     p80_ms=_percentile(alt["no_screen"], 0.8), n_runs=len(alt["no_screen"]), floor_ms=goal_floor,
+                     frac_roofline=goal_floor / ns_ms)
+            rows.append(r)
         return rows
 
 

@@ -34,24 +34,33 @@ from benchmarks.bench_ops import molt_config, molt_flops
 from benchmarks.harness import Case
 from benchmarks.shapes import Shape
 
-__all__ = ["fastclt_impl", "train_cases", "sparsify_available", "TRAIN_IMPLS"]
+__all__ = ["fastclt_impl", "train_cases", "sparsify_available", "TRAIN_IMPLS", "NO_SCREEN", "screens"]
 
 TRAIN_IMPLS = ("reference", "auto")
+# "auto" with the CPU encoders' bf16 screen off (their fp32 GEMM): beside "auto" where it screens
+NO_SCREEN = "auto-no-screen"
 SPARSIFY = "eai-sparsify"
 
 
 @contextlib.contextmanager
-def fastclt_impl(impl: str) -> Iterator[None]:
-    """Set ``FASTCLT_IMPL`` for the duration of the block and restore what was there before."""
-    old = os.environ.get("FASTCLT_IMPL")
-    os.environ["FASTCLT_IMPL"] = impl
+def _env(name: str, value: Optional[str]) -> Iterator[None]:
+    """Set the environment variable ``name`` to ``value`` for the duration of the block (None: leave it
+    as it is) and restore what was there before."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("FASTCLT_IMPL", None)
-        else:
-            os.environ["FASTCLT_IMPL"] = old
+        if value is not None and old is None:
+            os.environ.pop(name, None)
+        elif value is not None:
+            os.environ[name] = old
+
+
+def fastclt_impl(impl: str):
+    """Set ``FASTCLT_IMPL`` for the duration of the block and restore what was there before."""
+    return _env("FASTCLT_IMPL", impl)
 
 
 def _adam(params) -> torch.optim.Adam:
@@ -196,19 +205,34 @@ def _resolved(device: torch.device) -> str:
 
 
 def _make_fastclt(family, act, tying, s, device, impl, prefixes=0) -> Callable[[int], Callable[[], None]]:
+    """impl: an implementation of ``FASTCLT_IMPL``, or ``NO_SCREEN`` ("auto" with the CPU encoders'
+    bf16 screen off: their fp32 GEMM, fastclt/ops/ext/screen.py)."""
+    screen = "0" if impl == NO_SCREEN else None
+    impl = "auto" if impl == NO_SCREEN else impl
+
     def make(seed: int):
         model, x, y, _ = _build_fastclt(family, act, tying, s, device, seed, prefixes)
         opt = _adam(model.parameters())
 
         def step():
             opt.zero_grad(set_to_none=True)
-            with fastclt_impl(impl):
+            with fastclt_impl(impl), _env("FASTCLT_SCREEN", screen):
                 with _autocast(device):
                     out = model.loss(x, y)
                 out.loss.backward()
             opt.step()
         return step
     return make
+
+
+def screens(family: str, act: str, s: Shape, device: torch.device) -> bool:
+    """Whether the encoders of this variant screen their selection at this shape
+    (fastclt/ops/ext/screen.py: by default on a CPU with AMX, TopK / BatchTopK, large enough products;
+    ``FASTCLT_SCREEN`` as set)."""
+    if device.type != "cpu" or act not in ("topk", "batchtopk") or family == "molt":
+        return False
+    from fastclt.ops.ext import screen
+    return screen.applies(torch.empty(s.B, s.d), torch.empty(s.F, s.d), torch.empty(s.F), act, s.k)
 
 
 def _make_sparsify(s: Shape, device: torch.device) -> Callable[[int], Callable[[], None]]:
@@ -287,8 +311,12 @@ def train_cases(shape: Shape, device: torch.device, *, priority_of: Callable[...
         byts = 28.0 * P + 3 * s.B * L * s.d * e
         variant = _name(family, act, tying, prefixes)
         # a Matryoshka step is compared with the plain step of the same kernels: no eager row
-        for impl in ("auto",) if prefixes else TRAIN_IMPLS:
-            note = _resolved(device) if impl == "auto" else ""
+        impls = ("auto",) if prefixes else TRAIN_IMPLS
+        if not prefixes and screens(family, act, s, device):
+            impls += (NO_SCREEN,)
+        for impl in impls:
+            note = _resolved(device) if impl == "auto" else \
+                "auto with the bf16 screen off (FASTCLT_SCREEN=0): the encoders' fp32 GEMM" if impl == NO_SCREEN else ""
             if prefixes:
                 note = f"prefixes {_prefixes(s.F, prefixes)}" + (f"; {note}" if note else "")
             cases.append(Case(suite="train", op="train_step", variant=variant, mode="fwd+bwd+adam", shape=s.name,

@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks import goals
-from benchmarks.bench_profile import PHASES, STEP_MODE, STEP_RANGE, alternated, attribute
+from benchmarks.bench_profile import NO_SCREEN_MODE, PHASES, STEP_MODE, STEP_RANGE, alternated, attribute
 from benchmarks.harness import read_csv
 from benchmarks.run import run_suites
 from benchmarks.shapes import get_shapes
@@ -88,12 +88,18 @@ def profile_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_profile")
     threads = torch.get_num_threads()
     old = os.environ.get("FASTCLT_IMPL")
+    old_screen = os.environ.get("FASTCLT_SCREEN")
     torch.set_num_threads(1)
+    os.environ["FASTCLT_SCREEN"] = "1"  # the encoders' bf16 screen on at the tiny shape: its row too
     try:
         res = run_suites(["profile"], get_shapes("tiny,demo"), out, device=torch.device("cpu"), quick=True,
                          log=lambda line: None)
     finally:
         torch.set_num_threads(threads)
+        if old_screen is None:
+            os.environ.pop("FASTCLT_SCREEN", None)
+        else:
+            os.environ["FASTCLT_SCREEN"] = old_screen
         if old is None:
             os.environ.pop("FASTCLT_IMPL", None)
         else:
@@ -108,7 +114,7 @@ def test_profile_rows(profile_run):
     variants = {"sae-topk", "clt-none-batchtopk", "clt-per_source-batchtopk", "clt-per_target-batchtopk"}
     for v in variants:
         by = {r["mode"]: r for r in rows if r["op"] == "step_phases" and r["variant"] == v}
-        assert set(by) == set(PHASES) | {STEP_MODE, "step (profiled)"}, v
+        assert set(by) == set(PHASES) | {STEP_MODE, "step (profiled)", NO_SCREEN_MODE}, v
         # every named phase of the step was seen, and has a floor
         for p in PHASES[:-1]:
             assert by[p]["median_ms"] > 0, (v, p)
@@ -119,6 +125,7 @@ def test_profile_rows(profile_run):
         step = by[STEP_MODE]
         assert step["floor_ms"] == pytest.approx(by["encoder_gemm"]["floor_ms"] + by["optimizer"]["floor_ms"])
         assert math.isfinite(step["median_ms"]) and step["median_ms"] > 0
+        assert by[NO_SCREEN_MODE]["floor_ms"] == step["floor_ms"] and by[NO_SCREEN_MODE]["median_ms"] > 0
     loops = {r["impl"]: r for r in rows if r["op"] == "trainer_loop"}
     assert set(loops) == {"fastclt-trainer", "fastclt-trainer-auxk", "bare-eager"}
     assert all(r["median_ms"] > 0 for r in loops.values())

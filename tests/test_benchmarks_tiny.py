@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import goals
 from benchmarks.bench_ops import OPS, molt_config, ops_cases, shape_ops
-from benchmarks.bench_train_step import fastclt_impl
+from benchmarks.bench_train_step import NO_SCREEN, fastclt_impl, train_cases
 from benchmarks.harness import ROW_FIELDS, read_csv
 from benchmarks.run import main, run_suites
 from benchmarks.shapes import SHAPES, default_shapes, get_shapes
@@ -240,3 +240,18 @@ def test_density_calibration_and_gaps():
     res = {g.name: g.check(rows, {"peak_flops": 1e11}) for g in goals.GOALS if g.shape == "density-cpu"}
     assert res["density sweep: adaptive vs the better of sparse and dense"][1] is False  # 1.2× at ρ = 0.1
     assert "crosslayer-coding" in res["JumpReLU CLT step at 48% density vs crosslayer-coding"][2]
+
+
+def test_train_cases_add_a_screen_off_row_where_the_encoders_screen(monkeypatch):
+    """Beside "auto", the train suite times the same step with the CPU encoders' bf16 screen off where
+    they screen (TopK / BatchTopK; forced on here at the tiny shape), and only there."""
+    from benchmarks.shapes import get_shapes
+
+    tiny = get_shapes("tiny")[0]
+    monkeypatch.setenv("FASTCLT_SCREEN", "1")
+    impls = {(c.variant, c.impl) for c in train_cases(tiny, torch.device("cpu"))}
+    assert {("sae-topk", NO_SCREEN), ("sae-batchtopk", NO_SCREEN), ("clt-none-batchtopk", NO_SCREEN)} <= impls
+    assert ("plt-jumprelu", NO_SCREEN) not in impls and ("clt-none-jumprelu", NO_SCREEN) not in impls
+    assert not any(i == NO_SCREEN and "matryoshka" in v for v, i in impls)
+    monkeypatch.setenv("FASTCLT_SCREEN", "0")
+    assert not any(c.impl == NO_SCREEN for c in train_cases(tiny, torch.device("cpu")))
