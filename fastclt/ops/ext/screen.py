@@ -16,8 +16,8 @@ which raises its own errors; one that finds a rescored value outside its bounds 
 not sum in fp32) turns screening off for the process, with a warning, and hands back too.
 
 ``FASTCLT_SCREEN``: ``0`` turns screening off, ``1`` screens every eligible call (fp32 CPU
-operands, TopK / BatchTopK, k ≤ F / 8) whatever its size and the CPU; unset, calls of at least
-``MIN_WORK`` multiply-adds screen on CPUs with AMX.
+operands, TopK / BatchTopK, k ≤ F / 32) whatever its size and the CPU; unset, calls of at least
+``MIN_WORK`` multiply-adds with d ≥ ``MIN_D`` screen on CPUs with AMX.
 """
 from __future__ import annotations
 
@@ -30,12 +30,18 @@ import torch
 
 from fastclt.ops.ext._common import ops
 
-__all__ = ["ENV", "MIN_WORK", "applies", "product", "select", "enabled"]
+__all__ = ["ENV", "MIN_WORK", "MIN_D", "KEEP_SHARE", "applies", "product", "select", "enabled"]
 
 ENV = "FASTCLT_SCREEN"
-# B·F·d of the smallest product screened by default: below it the fp32 GEMM is a few ms at most and
-# the screen's fixed passes take back much of what the bf16 GEMM saves.
+# When the screen pays (2-core Xeon with AMX; the screened selection against the fp32 GEMM and its
+# selection, B = 1024, F = 4096): its passes over the [B, F] bounds and the rescoring cost about what
+# the bf16 GEMM saves at d = 64 (0.86× as fast), and less from d = 128 (1.21×; 1.92× at d = 512, F = 8192);
+# with k = F/16 the candidates' rescoring takes it all back (0.98× at d = 256), with k = F/8 far more
+# (the lane bound then admits every entry). Default: products of at least MIN_WORK multiply-adds with
+# d >= MIN_D; always: k <= F / KEEP_SHARE.
 MIN_WORK = 1 << 26
+MIN_D = 128
+KEEP_SHARE = 32
 
 _broken = False  # set when a kernel saw a rescored value outside its bounds
 
@@ -70,9 +76,9 @@ def applies(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], activat
         return False
     B, d = x.shape
     F = W.shape[0]
-    if B == 0 or F == 0 or d == 0 or d > 1 << 16 or F >= 1 << 31 or 8 * k > F:
+    if B == 0 or F == 0 or d == 0 or d > 1 << 16 or F >= 1 << 31 or KEEP_SHARE * k > F:
         return False
-    return on is True or (B * F * d >= MIN_WORK and _bf16_units())
+    return on is True or (B * F * d >= MIN_WORK and d >= MIN_D and _bf16_units())
 
 
 @torch.no_grad()

@@ -166,7 +166,7 @@ def test_applies_follows_the_switch(monkeypatch):
     x, W = torch.randn(4, 8), torch.randn(64, 8)
     monkeypatch.setenv(screen.ENV, "1")
     assert screen.applies(x, W, None, "topk", 2)
-    assert not screen.applies(x, W, None, "topk", 9)  # k > F / 8
+    assert not screen.applies(x, W, None, "topk", 3)  # k > F / 32
     assert not screen.applies(x, W, None, "relu", 2)
     assert not screen.applies(x.double(), W.double(), None, "topk", 2)
     monkeypatch.setenv(screen.ENV, "0")
