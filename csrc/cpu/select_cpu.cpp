@@ -822,7 +822,9 @@ std::tuple<at::Tensor, at::Tensor> bf16_split_cpu(const at::Tensor& a) {
   TORCH_CHECK(a.dim() == 2, "fastclt::bf16_split: a must be 2-D [R, d], got shape ", a.sizes());
   TORCH_CHECK(a.scalar_type() == at::kFloat, "fastclt::bf16_split: a must be float32, got ", a.scalar_type());
   TORCH_CHECK(a.device().is_cpu(), "fastclt::bf16_split: CPU kernel called on ", a.device());
-  const at::Tensor ac = a.contiguous();
+  // rows may lie apart (a layer of [B, L, d] activations): read in place when each row is contiguous
+  const at::Tensor ac = a.size(1) <= 1 || a.stride(1) == 1 ? a : a.contiguous();
+  const int64_t lda = ac.size(1) <= 1 ? ac.size(1) : ac.stride(0);
   const int64_t R = a.size(0), d = a.size(1);
   auto hi = new_output({R, d}, a.options().dtype(at::kBFloat16));
   auto norms = new_output({2, R}, a.options());
@@ -832,7 +834,7 @@ std::tuple<at::Tensor, at::Tensor> bf16_split_cpu(const at::Tensor& a) {
   at::parallel_for(0, R, std::max<int64_t>(1, kParallelEntries / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float sh, sl;
-      split_row(src + r * d, dst + r * d, d, &sh, &sl);
+      split_row(src + r * lda, dst + r * d, d, &sh, &sl);
       nrm[r] = norm_up(sh, d);
       nrm[R + r] = norm_up(sl, d);
     }
@@ -856,7 +858,7 @@ constexpr float kRound32 = 4.76837158e-07f;           // 2^-21
 constexpr float kTiny = 7.88860905e-31f;              // 2^-100
 constexpr float kFiniteBound = 3.0e38f;               // |A + bias| + E below it: both bounds finite
 
-// The screen's operands: A bf16 [B, F] (row-major), x fp32 [B, d], W fp32 [F, d], bias fp32 [F] or
+// The screen's operands: A bf16 [B, F] (row-major), x fp32 [B, d] (rows ldx apart), W fp32 [F, d], bias fp32 [F] or
 // null, xn [2, B] (bf16_split's norms of x), and the per-feature coefficients u, v, z [F] above.
 struct Screen {
   const uint16_t* A;
@@ -866,6 +868,7 @@ struct Screen {
   const float* xn;
   const float *u, *v, *z;
   int64_t B, F, d;
+  int64_t ldx;  // x's row stride
 };
 
 // lo[i] = A + bias − E and hi[i] = A + bias + E for the N entries f0.. of row b; returns nonzero
@@ -1014,7 +1017,7 @@ int32_t rescore_row(const Screen& s, int64_t b, const float* ubmax, float tau, i
   }
   const int64_t n = int64_t(t.rows.size());
   t.dots.resize(n);
-  simd::gather_dot(s.x + b * s.d, s.W, t.rows.data(), t.dots.data(), n, s.d);
+  simd::gather_dot(s.x + b * s.ldx, s.W, t.rows.data(), t.dots.data(), n, s.d);
   int32_t status = kScreened;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t f = t.rows[j];
@@ -1032,9 +1035,10 @@ void check_screen_args(const at::Tensor& A, const at::Tensor& x, const at::Tenso
               ": A must be a contiguous bfloat16 [B, F] matrix, got ", A.scalar_type(), " of shape ", A.sizes());
   TORCH_CHECK(A.device().is_cpu(), "fastclt::", op, ": CPU kernel called on ", A.device());
   const int64_t B = A.size(0), F = A.size(1);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.scalar_type() == at::kFloat && x.is_contiguous(), "fastclt::", op,
-              ": x must be a contiguous float32 [B=", B, ", d] matrix, got ", x.scalar_type(), " of shape ",
-              x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.scalar_type() == at::kFloat &&
+                  (x.size(1) <= 1 || x.stride(1) == 1) && (B <= 1 || x.stride(0) >= x.size(1)),
+              "fastclt::", op, ": x must be a float32 [B=", B, ", d] matrix with contiguous, non-overlapping rows, got ",
+              x.scalar_type(), " of shape ", x.sizes(), " and strides ", x.strides());
   TORCH_CHECK(W.dim() == 2 && W.size(0) == F && W.size(1) == x.size(1) && W.scalar_type() == at::kFloat &&
                   W.is_contiguous(),
               "fastclt::", op, ": W must be a contiguous float32 [F=", F, ", d=", x.size(1), "] matrix, got ",
@@ -1081,7 +1085,7 @@ void make_screen(const at::Tensor& A, const at::Tensor& x, const at::Tensor& W, 
   }
   out.s = Screen{reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>()), x.data_ptr<float>(),
                  W.data_ptr<float>(), bp, xn.data_ptr<float>(), out.u.data(), out.v.data(), out.z.data(),
-                 A.size(0), F, d};
+                 A.size(0), F, d, x.size(0) <= 1 ? d : x.stride(0)};
 }
 
 at::Tensor status_tensor(int32_t status) { return at::full({}, status, at::TensorOptions().dtype(at::kInt)); }

@@ -87,7 +87,9 @@ def product(x: torch.Tensor, W: torch.Tensor) -> tuple:
     product of their bf16 parts summed in fp32 (``fastclt::bf16_split``, then the CPU's bf16 GEMM)."""
     from fastclt import _ext
 
-    x, W = x.contiguous(), W.contiguous()
+    if x.stride(-1) != 1:  # rows apart are read in place (a CLT layer of x [B, L, d]); each row contiguous
+        x = x.contiguous()
+    W = W.contiguous()
     x_hi, x_norms = ops().bf16_split(x)
     W_hi, W_norms = ops().bf16_split(W)
     # A in a host-pool block, as the fp32 path's h (a fresh one costs its page faults every step)

@@ -119,6 +119,22 @@ def test_screened_ties_go_to_the_lowest_index(gen, batch):
 
 
 @pytest.mark.parametrize("batch", [False, True])
+def test_screen_reads_row_strided_x_in_place(gen, batch):
+    """x a layer of [B, L, d] activations (rows L·d apart, as a per-layer CLT encodes them): bf16_split
+    and the screened selections read it in place, with the results of a contiguous copy."""
+    xs = torch.randn(40, 3, 48, generator=gen)
+    _, W, bias = _operands(40, 48, 512, gen)
+    x = xs[:, 1]
+    assert not x.is_contiguous()
+    for got, want in zip(ops.bf16_split(x), ops.bf16_split(x.contiguous())):
+        assert torch.equal(got, want)
+    got, want = _screen(x, W, bias, 4, batch), _screen(x.contiguous(), W, bias, 4, batch)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    (_assert_batch if batch else _assert_topk)(x, W, bias, 4, got)
+
+
+@pytest.mark.parametrize("batch", [False, True])
 def test_screen_hands_back_on_nonfinite_and_broken_bounds(gen, batch):
     x, W, bias = _operands(16, 32, 256, gen)
     x_hi, x_norms = ops.bf16_split(x)
