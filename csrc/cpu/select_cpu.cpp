@@ -824,8 +824,8 @@ std::tuple<at::Tensor, at::Tensor> bf16_split_cpu(const at::Tensor& a) {
   TORCH_CHECK(a.device().is_cpu(), "fastclt::bf16_split: CPU kernel called on ", a.device());
   // rows may lie apart (a layer of [B, L, d] activations): read in place when each row is contiguous
   const at::Tensor ac = a.size(1) <= 1 || a.stride(1) == 1 ? a : a.contiguous();
-  const int64_t lda = ac.size(1) <= 1 ? ac.size(1) : ac.stride(0);
   const int64_t R = a.size(0), d = a.size(1);
+  const int64_t lda = R <= 1 ? d : ac.stride(0);
   auto hi = new_output({R, d}, a.options().dtype(at::kBFloat16));
   auto norms = new_output({2, R}, a.options());
   const float* src = ac.data_ptr<float>();

@@ -3,7 +3,9 @@
 Forward: the dense encoder GEMM (the CPU BLAS / cuBLAS) outside autograd, the entries found by the
 extension's exact selections (``fastclt.ops.ext.select``) or, for ReLU and JumpReLU, by
 ``fastclt::threshold_compact`` on the CPU (a mask elsewhere); h is gathered at the entries and the
-dense h freed. Backward: the sparse encoder backward (``fastclt.ops.encoder_backward``) on
+dense h freed. Where the CPU's TopK / BatchTopK screens (``fastclt.ops.ext.screen``), a bf16 GEMM
+with a proven error bound and the candidates rescored in fp32 replace the fp32 GEMM: the same codes.
+Backward: the sparse encoder backward (``fastclt.ops.encoder_backward``) on
 ``fastclt::feature_scatter`` and ``fastclt::sparse_decode`` — no dense [B, F] gradient and no
 backward GEMM. ``return_preacts`` keeps h in autograd and returns it too. Same codes as the reference.
 """

@@ -87,7 +87,8 @@ def product(x: torch.Tensor, W: torch.Tensor) -> tuple:
     product of their bf16 parts summed in fp32 (``fastclt::bf16_split``, then the CPU's bf16 GEMM)."""
     from fastclt import _ext
 
-    if x.stride(-1) != 1:  # rows apart are read in place (a CLT layer of x [B, L, d]); each row contiguous
+    # rows apart are read in place (a CLT layer of x [B, L, d]), each row contiguous and its own
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
         x = x.contiguous()
     W = W.contiguous()
     x_hi, x_norms = ops().bf16_split(x)

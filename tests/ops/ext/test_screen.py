@@ -132,6 +132,8 @@ def test_screen_reads_row_strided_x_in_place(gen, batch):
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     (_assert_batch if batch else _assert_topk)(x, W, bias, 4, got)
+    col = xs[:, :, 5]  # [B, L] with one-element rows apart: still read in place
+    assert torch.equal(ops.bf16_split(col[:, :1])[1], ops.bf16_split(col[:, :1].contiguous())[1])
 
 
 @pytest.mark.parametrize("batch", [False, True])
