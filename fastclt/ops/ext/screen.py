@@ -1,4 +1,4 @@
-"""The bf16-screened encoder selection of the CPU (docs/DESIGN.md §7, csrc/README.md).
+"""The bf16-screened encoder selection of the CPU (docs/DESIGN.md §8, csrc/README.md).
 
 A TopK / BatchTopK encoder needs only the k (k·B) largest pre-activations h = x W_encᵀ + b_enc of its
 dense [B, F] product. On CPUs with bf16 matrix units (AMX) the product of the operands rounded to
