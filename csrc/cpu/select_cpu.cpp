@@ -909,15 +909,17 @@ constexpr int64_t kLanes = 8;
 constexpr int64_t kChunk = 64;
 
 // The bounds of the chunk at f0 (n = min(kChunk, F − f0) entries; the rest of lo / hi −Inf).
-FASTCLT_SIMD_CLONES static uint32_t chunk_bounds(const Screen& s, int64_t b, int64_t f0, float* lo, float* hi) {
+template <bool kBias>
+FASTCLT_ALWAYS_INLINE uint32_t chunk_bounds_impl(const Screen& s, int64_t b, int64_t f0, float* lo, float* hi) {
   const int64_t n = std::min(kChunk, s.F - f0);
-  if (n < kChunk) {
-    std::fill(lo + n, lo + kChunk, -INFINITY);
-    std::fill(hi + n, hi + kChunk, -INFINITY);
-    return s.bias != nullptr ? bounds_impl<true, 0>(s, b, f0, n, lo, hi) : bounds_impl<false, 0>(s, b, f0, n, lo, hi);
-  }
-  return s.bias != nullptr ? bounds_impl<true, kChunk>(s, b, f0, n, lo, hi)
-                           : bounds_impl<false, kChunk>(s, b, f0, n, lo, hi);
+  if (n == kChunk) return bounds_impl<kBias, kChunk>(s, b, f0, n, lo, hi);
+  std::fill(lo + n, lo + kChunk, -INFINITY);
+  std::fill(hi + n, hi + kChunk, -INFINITY);
+  return bounds_impl<kBias, 0>(s, b, f0, n, lo, hi);
+}
+
+FASTCLT_SIMD_CLONES static uint32_t chunk_bounds(const Screen& s, int64_t b, int64_t f0, float* lo, float* hi) {
+  return s.bias != nullptr ? chunk_bounds_impl<true>(s, b, f0, lo, hi) : chunk_bounds_impl<false>(s, b, f0, lo, hi);
 }
 
 // Row b's lane maxima: lbmax / ubmax [n_chunks · kLanes], chunk after chunk. Nonzero when a bound of
@@ -927,17 +929,8 @@ FASTCLT_ALWAYS_INLINE uint32_t row_lane_maxima_impl(const Screen& s, int64_t b, 
                                                     float* __restrict__ ubmax) {
   alignas(64) float lo[kChunk], hi[kChunk];
   uint32_t bad = 0;
-  const int64_t full = s.F / kChunk;
-  for (int64_t c = 0; c <= full; ++c) {
-    const int64_t f0 = c * kChunk;
-    if (c < full) {
-      bad |= bounds_impl<kBias, kChunk>(s, b, f0, kChunk, lo, hi);
-    } else {
-      if (f0 == s.F) break;
-      std::fill(lo, lo + kChunk, -INFINITY);
-      std::fill(hi, hi + kChunk, -INFINITY);
-      bad |= bounds_impl<kBias, 0>(s, b, f0, s.F - f0, lo, hi);
-    }
+  for (int64_t f0 = 0, c = 0; f0 < s.F; f0 += kChunk, ++c) {
+    bad |= chunk_bounds_impl<kBias>(s, b, f0, lo, hi);
     float* __restrict__ lm = lbmax + c * kLanes;
     float* __restrict__ um = ubmax + c * kLanes;
 #pragma omp simd
@@ -990,7 +983,7 @@ constexpr int32_t kScreened = 0, kNonFinite = 1, kBoundBroken = 2;
 // outside its bounds.
 struct RescoreScratch {
   std::vector<int64_t> rows;
-  std::vector<float> dots, lb, ub, heap;
+  std::vector<float> dots, lb, ub, sel;  // sel: row_bound's scratch
 };
 
 int32_t rescore_row(const Screen& s, int64_t b, const float* ubmax, float tau, int64_t base, RescoreScratch& t,
@@ -1124,7 +1117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_topk_cpu(const at::Tenso
         status = kNonFinite;
         continue;
       }
-      const float tau = row_bound(lbmax.data(), lanes, k, t.heap);
+      const float tau = row_bound(lbmax.data(), lanes, k, t.sel);
       cand.clear();
       if (rescore_row(s, b, ubmax.data(), tau, 0, t, cand) != kScreened || int64_t(cand.size()) < k) {
         status = kBoundBroken;
