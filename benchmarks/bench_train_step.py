@@ -45,16 +45,16 @@ SPARSIFY = "eai-sparsify"
 @contextlib.contextmanager
 def _env(name: str, value: Optional[str]) -> Iterator[None]:
     """Set the environment variable ``name`` to ``value`` for the duration of the block (None: leave it
-    as it is) and restore what was there before."""
+    as it is), then restore what was there before."""
     old = os.environ.get(name)
     if value is not None:
         os.environ[name] = value
     try:
         yield
     finally:
-        if value is not None and old is None:
+        if old is None:
             os.environ.pop(name, None)
-        elif value is not None:
+        else:
             os.environ[name] = old
 
 

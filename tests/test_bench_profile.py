@@ -4,7 +4,6 @@ suite at tiny shapes on the CPU, its rows, plot and goals. No timing is asserted
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks import goals
 from benchmarks.bench_profile import NO_SCREEN_MODE, PHASES, STEP_MODE, STEP_RANGE, alternated, attribute
+from benchmarks.bench_train_step import _env
 from benchmarks.harness import read_csv
 from benchmarks.run import run_suites
 from benchmarks.shapes import get_shapes
@@ -87,23 +87,14 @@ def test_attribute_follows_backward_nodes_to_their_forward_mark():
 def profile_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_profile")
     threads = torch.get_num_threads()
-    old = os.environ.get("FASTCLT_IMPL")
-    old_screen = os.environ.get("FASTCLT_SCREEN")
     torch.set_num_threads(1)
-    os.environ["FASTCLT_SCREEN"] = "1"  # the encoders' bf16 screen on at the tiny shape: its row too
+    # FASTCLT_IMPL as it was afterwards; the encoders' bf16 screen on at the tiny shape: its row too
     try:
-        res = run_suites(["profile"], get_shapes("tiny,demo"), out, device=torch.device("cpu"), quick=True,
-                         log=lambda line: None)
+        with _env("FASTCLT_IMPL", None), _env("FASTCLT_SCREEN", "1"):
+            res = run_suites(["profile"], get_shapes("tiny,demo"), out, device=torch.device("cpu"), quick=True,
+                             log=lambda line: None)
     finally:
         torch.set_num_threads(threads)
-        if old_screen is None:
-            os.environ.pop("FASTCLT_SCREEN", None)
-        else:
-            os.environ["FASTCLT_SCREEN"] = old_screen
-        if old is None:
-            os.environ.pop("FASTCLT_IMPL", None)
-        else:
-            os.environ["FASTCLT_IMPL"] = old
     return out, res
 
 
