@@ -208,7 +208,8 @@ def _model_run(model, x, y, monkeypatch, mode):
 @pytest.mark.parametrize("family", ["sae-topk", "clt-batchtopk"])
 def test_screened_encoders_match_the_fp32_path(family, monkeypatch, gen):
     """A TopK SAE and a per-layer BatchTopK CLT (layers screened one by one) with the screen forced on:
-    the same codes as the fp32 path, values and every gradient within fp32 summation order."""
+    the same codes as the fp32 path and as the pure-PyTorch reference, values, loss and every
+    gradient within fp32 summation order."""
     torch.manual_seed(0)
     if family == "sae-topk":
         model = fastclt.SparseAutoencoder(fastclt.SAEConfig(d_in=48, n_features=512, activation="topk", k=6))
@@ -219,6 +220,8 @@ def test_screened_encoders_match_the_fp32_path(family, monkeypatch, gen):
                                                                activation="batchtopk", k=5))
         x = torch.randn(61, 3, 40, generator=gen)
         y = torch.randn(61, 3, 40, generator=gen)
+    model.impl = "reference"
+    oracle, oracle_g = _model_run(model, x, y, monkeypatch, "1")
     model.impl = "cpu"
     ref, ref_g = _model_run(model, x, y, monkeypatch, "0")
     screened = []
@@ -234,6 +237,15 @@ def test_screened_encoders_match_the_fp32_path(family, monkeypatch, gen):
     assert ref_g.keys() == got_g.keys()
     for n in ref_g:
         torch.testing.assert_close(ref_g[n], got_g[n], rtol=1e-4, atol=1e-6, msg=n)
+    for a, b in zip(oracle.codes if isinstance(oracle.codes, list) else [oracle.codes],
+                    got.codes if isinstance(got.codes, list) else [got.codes]):
+        # the reference's TopK lists a row's entries by value: compare the codes as [B, F]
+        assert torch.equal(a.to_dense() != 0, b.to_dense() != 0)
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(oracle.loss, got.loss, rtol=1e-5, atol=1e-6)
+    assert oracle_g.keys() == got_g.keys()
+    for n in oracle_g:
+        torch.testing.assert_close(oracle_g[n], got_g[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_broken_bound_turns_screening_off(monkeypatch, gen):
